@@ -1,0 +1,2 @@
+// cache family: CPU kernels (placeholder until the family lands).
+#include <torch/library.h>

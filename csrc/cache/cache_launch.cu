@@ -1,0 +1,2 @@
+// cache family: torch-free launchers (placeholder until the family lands).
+#include "common/cuda_utils.cuh"

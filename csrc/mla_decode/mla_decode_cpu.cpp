@@ -1,0 +1,2 @@
+// mla_decode family: CPU kernels (placeholder until the family lands).
+#include <torch/library.h>

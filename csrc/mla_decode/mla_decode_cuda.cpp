@@ -1,0 +1,2 @@
+// mla_decode family: CUDA glue (placeholder until the family lands).
+#include <torch/library.h>

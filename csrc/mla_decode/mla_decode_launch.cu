@@ -1,0 +1,2 @@
+// mla_decode family: torch-free launchers (placeholder until the family lands).
+#include "common/cuda_utils.cuh"

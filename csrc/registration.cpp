@@ -1,0 +1,29 @@
+// The one place that declares every dsa:: op schema (SPEC section 3). The CPU and CUDA kernels
+// are registered next to their code (csrc/<family>/<family>_{cpu,cuda}.cpp); fake kernels and
+// autograd live in the Python package (dsa_ext/ops/<family>.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(dsa, m) {
+  // ---- quantisation and caches (csrc/cache) ----
+  m.def("fp8_quantize(Tensor x, int block_size=128, bool ue8m0=True) -> (Tensor x_fp8, Tensor scale)");
+  m.def("indexer_k_cache_write(Tensor k, Tensor slot_mapping, Tensor(a!) kv_cache, bool ue8m0=True) -> ()");
+  m.def("indexer_k_cache_gather(Tensor kv_cache, Tensor block_table, Tensor seq_lens) -> (Tensor k_fp8, Tensor k_scale)");
+  m.def("mla_kv_cache_write(Tensor kv, Tensor slot_mapping, Tensor(a!) kv_cache) -> ()");
+  m.def("mla_kv_cache_gather(Tensor kv_cache, Tensor slots) -> Tensor");
+
+  // ---- lightning indexer (csrc/indexer) ----
+  m.def("indexer_logits(Tensor q, Tensor k, Tensor k_scale, Tensor weights, Tensor ks, Tensor ke, bool clean_logits=True) -> Tensor");
+  m.def("paged_indexer_logits(Tensor q, Tensor kv_cache, Tensor weights, Tensor context_lens, Tensor block_table, int max_context_len, bool clean_logits=True) -> Tensor");
+  m.def("indexer_topk(Tensor q, Tensor k, Tensor k_scale, Tensor weights, Tensor ks, Tensor ke, int topk, bool sorted=False, int max_workspace_bytes=268435456) -> Tensor");
+
+  // ---- top-k (csrc/topk) ----
+  m.def("topk_indices(Tensor logits, int k, Tensor? ks=None, Tensor? ke=None, bool sorted=False) -> Tensor");
+  m.def("topk_slot_ids(Tensor indices, Tensor block_table, int block_size) -> Tensor");
+
+  // ---- sparse MLA attention, prefill and training (csrc/sparse_mla) ----
+  m.def("sparse_mla_fwd(Tensor q, Tensor kv, Tensor indices, float sm_scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None) -> (Tensor out, Tensor lse)");
+  m.def("sparse_mla_bwd(Tensor q, Tensor kv, Tensor out, Tensor dout, Tensor indices, Tensor lse, float sm_scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None, bool deterministic=False) -> (Tensor dq, Tensor dkv)");
+
+  // ---- sparse MLA decode over a paged cache (csrc/mla_decode) ----
+  m.def("sparse_mla_decode(Tensor q, Tensor kv_cache, Tensor indices, float sm_scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None) -> (Tensor out, Tensor lse)");
+}

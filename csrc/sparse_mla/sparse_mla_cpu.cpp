@@ -1,0 +1,2 @@
+// sparse_mla family: CPU kernels (placeholder until the family lands).
+#include <torch/library.h>

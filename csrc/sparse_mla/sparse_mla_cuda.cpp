@@ -1,0 +1,2 @@
+// sparse_mla family: CUDA glue (placeholder until the family lands).
+#include <torch/library.h>

@@ -1,0 +1,2 @@
+// topk family: CUDA glue (placeholder until the family lands).
+#include <torch/library.h>

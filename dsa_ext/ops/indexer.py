@@ -1,0 +1,2 @@
+"""indexer op family (placeholder until it lands)."""
+__all__ = []

@@ -1,0 +1,2 @@
+"""mla_decode op family (placeholder until it lands)."""
+__all__ = []

@@ -1,0 +1,2 @@
+"""sparse_mla op family (placeholder until it lands)."""
+__all__ = []

@@ -1,0 +1,2 @@
+"""Dense masked DSA step (placeholder until it lands)."""
+__all__ = []

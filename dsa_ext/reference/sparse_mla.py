@@ -1,0 +1,2 @@
+"""Reference (oracle) for the sparse_mla op family (placeholder until it lands)."""
+__all__ = []

@@ -1,0 +1,2 @@
+"""Reference (oracle) for the topk op family (placeholder until it lands)."""
+__all__ = []

@@ -1,0 +1,26 @@
+"""The package loads, every op of SPEC section 3 has a schema and a CPU kernel, and the build
+reports itself."""
+import torch
+
+import dsa_ext
+
+
+def test_build_info_reports_versions():
+    info = dsa_ext.build_info()
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert set(info["ops"]) == set(dsa_ext.OP_NAMES)
+    if info["with_cuda"]:
+        assert info["cuda_archs"]
+
+
+def test_every_op_has_schema_and_cpu_kernel():
+    for name in dsa_ext.OP_NAMES:
+        assert hasattr(torch.ops.dsa, name), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dsa::{name}", "CPU"), name
+
+
+def test_every_op_has_fake_kernel():
+    for name in dsa_ext.OP_NAMES:
+        op = getattr(torch.ops.dsa, name).default
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta") or \
+            torch._library.simple_registry.singleton.find(op.name()).fake_impl.kernel is not None, name
