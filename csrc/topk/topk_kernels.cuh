@@ -1,0 +1,300 @@
+// topk family: torch-free CUDA kernels.
+//
+// topk_radix_kernel: exact top-k per row by radix select over the order-preserving uint32 key
+// of topk_key.h. A row is split over a thread-block cluster of `cs` CTAs (cs = 1 for many
+// rows; up to 8 for few long rows). Each CTA reads its slice of the row from global memory
+// once, caching the keys in shared memory when the slice fits (else it re-reads global memory
+// every pass: slower, never wrong). Four passes of 8-bit digits (shifts 24, 16, 8, 0): every
+// CTA builds a 256-bin histogram of the keys still matching the prefix, the cluster sums the
+// histograms through distributed shared memory, and every CTA picks the same threshold bin by a
+// suffix scan; a pass whose bin is taken whole ends the search. There is no candidate buffer,
+// so nothing can overflow: the slice itself is the candidate set. Output: elements above the
+// threshold prefix go out through a shared atomic counter at a per-CTA offset; elements equal
+// to it are taken in index order (block prefix scan, CTA offsets in rank order) until the
+// count needed is reached — unless the whole tie class is taken, when order does not matter.
+// sorted=true: CTA 0 then sorts the k selected (key, index) pairs with a bitonic sort.
+#pragma once
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/cuda_utils.cuh"
+#include "topk/topk_key.h"
+
+namespace dsa {
+namespace topk {
+
+constexpr int kBlock = 512;
+constexpr int kWarps = kBlock / 32;
+constexpr int kBins = 256;
+constexpr int kMaxCluster = 8;      // portable cluster size
+constexpr int kMaxCacheKeys = 24576;  // 96 KiB of keys per CTA: two CTAs per SM
+constexpr int kMaxSortK = 4096;
+
+struct TopkParams {
+  const float* logits;
+  int64_t row_stride;  // elements
+  int64_t S;
+  const int32_t* ks;   // may be null: 0
+  const int32_t* ke;   // may be null: S
+  int32_t* out;        // [T, k] contiguous
+  int k;
+  int cache_keys;      // per-CTA key cache capacity (elements)
+  bool sorted;
+};
+
+// ---- cluster primitives (a cluster of one CTA where clusters do not exist) ----------------
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ unsigned cluster_rank() { return cooperative_groups::this_cluster().block_rank(); }
+__device__ __forceinline__ unsigned cluster_size() { return cooperative_groups::this_cluster().num_blocks(); }
+__device__ __forceinline__ void cluster_sync() { cooperative_groups::this_cluster().sync(); }
+template <typename T>
+__device__ __forceinline__ T* cluster_peer(T* p, unsigned rank) {
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+}
+#else
+__device__ __forceinline__ unsigned cluster_rank() { return 0; }
+__device__ __forceinline__ unsigned cluster_size() { return 1; }
+__device__ __forceinline__ void cluster_sync() { __syncthreads(); }
+template <typename T>
+__device__ __forceinline__ T* cluster_peer(T* p, unsigned) { return p; }
+#endif
+
+__device__ __forceinline__ uint32_t load_key(const float* x, int64_t col) {
+  return topk_key_from_bits(__float_as_uint(__ldg(x + col)));
+}
+
+struct TopkShared {
+  uint32_t local_hist[2][kBins];  // this CTA's histogram (double-buffered: peers read it)
+  uint32_t hist[kBins];           // the cluster's histogram
+  uint32_t warp_tot[kWarps];
+  uint32_t counts[2];             // this CTA's (above, equal) counts, read by peers
+  uint32_t above_ctr, equal_ctr, running, my_above;
+  uint32_t above_off, equal_off;
+  uint32_t sel_above;
+  int sel_bin;
+};
+
+// Threshold bin of hist (all threads call): the bin b with
+// sum(hist[b+1..]) < need <= sum(hist[b..]); also the count strictly above it.
+__device__ __forceinline__ void select_threshold_bin(TopkShared& sh, uint32_t need) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const uint32_t v = tid < kBins ? sh.hist[tid] : 0u;
+  uint32_t x = v;  // becomes sum of v over lanes >= lane of this warp
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint32_t y = __shfl_down_sync(0xFFFFFFFFu, x, off);
+    if (lane + off < 32) x += y;
+  }
+  if (lane == 0 && warp < kBins / 32) sh.warp_tot[warp] = x;
+  __syncthreads();
+  if (tid < kBins) {
+    uint32_t s = x;
+    for (int w = warp + 1; w < kBins / 32; ++w) s += sh.warp_tot[w];
+    const uint32_t above = s - v;
+    if (above < need && need <= s) {
+      sh.sel_bin = tid;
+      sh.sel_above = above;
+    }
+  }
+  __syncthreads();
+}
+
+// CTA 0 of a row, after the cluster barrier: sort out[0, m) (all valid) by descending key,
+// ascending index. buf holds next_pow2(m) <= kMaxSortK 64-bit (key, ~index) pairs.
+__device__ __forceinline__ void sort_selected(const float* x, int32_t* out, int m, uint64_t* buf) {
+  int P = 1;
+  while (P < m) P <<= 1;
+  for (int j = threadIdx.x; j < P; j += kBlock) {
+    uint64_t v = 0;  // padding sorts last: (key 0, index 0xFFFFFFFF) is below every real pair
+    if (j < m) {
+      const uint32_t idx = static_cast<uint32_t>(out[j]);
+      v = (static_cast<uint64_t>(load_key(x, idx)) << 32) | (0xFFFFFFFFu - idx);
+    }
+    buf[j] = v;
+  }
+  __syncthreads();
+  for (int size = 2; size <= P; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int t = threadIdx.x; t < P / 2; t += kBlock) {
+        const int i = 2 * t - (t & (stride - 1));
+        const int j = i + stride;
+        const bool desc = (i & size) == 0;
+        const uint64_t a = buf[i], b = buf[j];
+        if ((a < b) == desc) {
+          buf[i] = b;
+          buf[j] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int j = threadIdx.x; j < m; j += kBlock)
+    out[j] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(buf[j]));
+}
+
+__global__ void __launch_bounds__(kBlock, 2) topk_radix_kernel(const TopkParams p) {
+  extern __shared__ __align__(16) unsigned char topk_dyn_smem[];
+  uint32_t* cache = reinterpret_cast<uint32_t*>(topk_dyn_smem);
+  __shared__ TopkShared sh;
+
+  const int tid = threadIdx.x;
+  const unsigned cs = cluster_size(), rank = cluster_rank();
+  const int64_t row = blockIdx.x / cs;
+  int64_t lo, hi;
+  topk_row_range(p.ks, p.ke, row, p.S, lo, hi);
+  const int64_t n = hi - lo;
+  const int64_t chunk = ceil_div<int64_t>(n, cs);
+  const int64_t c0 = min(hi, lo + static_cast<int64_t>(rank) * chunk);
+  const int64_t len = min(hi, c0 + chunk) - c0;
+  const float* x = p.logits + row * p.row_stride;
+  int32_t* out = p.out + row * static_cast<int64_t>(p.k);
+  const int k = p.k;
+
+  if (n <= k) {  // every column in range is selected (same branch for the whole cluster)
+    for (int64_t i = tid; i < len; i += kBlock) out[c0 - lo + i] = static_cast<int32_t>(c0 + i);
+    for (int64_t j = n + static_cast<int64_t>(rank) * kBlock + tid; j < k; j += int64_t(cs) * kBlock)
+      out[j] = -1;
+    if (p.sorted) {
+      cluster_sync();  // release/acquire at cluster scope: CTA 0 sees the peers' output
+      if (rank == 0 && n > 1) sort_selected(x, out, static_cast<int>(n), reinterpret_cast<uint64_t*>(cache));
+    }
+    return;
+  }
+
+  const bool cached = len <= p.cache_keys;
+  uint32_t prefix = 0, mask = 0, need = static_cast<uint32_t>(k);
+  uint32_t above_acc = 0;  // this CTA's elements above the threshold (thread < kBins partial)
+  uint32_t last_local = 0;
+  int bin = 0;
+  if (tid == 0) sh.my_above = 0;
+  for (int pass = 0; pass < 4; ++pass) {
+    const int shift = 24 - 8 * pass;
+    uint32_t* lh = sh.local_hist[pass & 1];
+    for (int b = tid; b < kBins; b += kBlock) lh[b] = 0;
+    __syncthreads();
+    if (pass == 0) {
+      constexpr int kUnroll = 4;
+      for (int64_t i0 = tid; i0 < len; i0 += kUnroll * kBlock) {
+        float v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t i = i0 + u * kBlock;
+          v[u] = i < len ? __ldg(x + c0 + i) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t i = i0 + u * kBlock;
+          if (i < len) {
+            const uint32_t key = topk_key_from_bits(__float_as_uint(v[u]));
+            if (cached) cache[i] = key;
+            atomicAdd(&lh[key >> 24], 1u);
+          }
+        }
+      }
+    } else {
+      for (int64_t i = tid; i < len; i += kBlock) {
+        const uint32_t key = cached ? cache[i] : load_key(x, c0 + i);
+        if ((key & mask) == prefix) atomicAdd(&lh[(key >> shift) & 0xFFu], 1u);
+      }
+    }
+    cluster_sync();  // every CTA's histogram of this pass is complete
+    if (tid < kBins) {
+      uint32_t s = 0;
+      for (unsigned r = 0; r < cs; ++r) s += cluster_peer(lh, r)[tid];
+      sh.hist[tid] = s;
+    }
+    __syncthreads();
+    select_threshold_bin(sh, need);
+    bin = sh.sel_bin;
+    need -= sh.sel_above;
+    prefix |= static_cast<uint32_t>(bin) << shift;
+    mask |= 0xFFu << shift;
+    if (tid < kBins) {
+      if (tid > bin) above_acc += lh[tid];
+      if (tid == bin) last_local = lh[tid];
+    }
+    if (sh.hist[bin] == need) break;  // the whole tie class at this prefix is taken
+  }
+  const uint32_t total_equal = sh.hist[bin];
+  if (above_acc) atomicAdd(&sh.my_above, above_acc);
+  __syncthreads();
+  if (tid == bin) {
+    sh.counts[0] = sh.my_above;
+    sh.counts[1] = last_local;
+  }
+  cluster_sync();  // every CTA's counts are published
+  if (tid == 0) {
+    uint32_t a = 0, e = 0;
+    for (unsigned r = 0; r < rank; ++r) {
+      const uint32_t* c = cluster_peer(sh.counts, r);
+      a += c[0];
+      e += c[1];
+    }
+    sh.above_off = a;
+    sh.equal_off = e;
+    sh.running = e;
+    sh.above_ctr = 0;
+    sh.equal_ctr = 0;
+  }
+  __syncthreads();
+  const uint32_t k_above = static_cast<uint32_t>(k) - need;  // cluster-wide count above
+  const uint32_t above_off = sh.above_off, equal_off = sh.equal_off;
+
+  if (total_equal == need || equal_off >= need) {
+    // No partial tie class in this CTA: every equal element is taken, or none is.
+    const bool take_equal = total_equal == need;
+    for (int64_t i = tid; i < len; i += kBlock) {
+      const uint32_t m = (cached ? cache[i] : load_key(x, c0 + i)) & mask;
+      if (m > prefix) {
+        out[above_off + atomicAdd(&sh.above_ctr, 1u)] = static_cast<int32_t>(c0 + i);
+      } else if (m == prefix && take_equal) {
+        out[k_above + equal_off + atomicAdd(&sh.equal_ctr, 1u)] = static_cast<int32_t>(c0 + i);
+      }
+    }
+  } else {
+    // Ties at the threshold: take the first (need - equal_off) equal elements of this CTA in
+    // index order, one tile of kBlock consecutive columns at a time.
+    const int lane = tid & 31, warp = tid >> 5;
+    for (int64_t base = 0; base < len; base += kBlock) {
+      const int64_t i = base + tid;
+      const bool valid = i < len;
+      const uint32_t m = valid ? ((cached ? cache[i] : load_key(x, c0 + i)) & mask) : 0u;
+      if (valid && m > prefix)
+        out[above_off + atomicAdd(&sh.above_ctr, 1u)] = static_cast<int32_t>(c0 + i);
+      const bool eq = valid && m == prefix;
+      const uint32_t ballot = __ballot_sync(0xFFFFFFFFu, eq);
+      if (lane == 0) sh.warp_tot[warp] = __popc(ballot);
+      __syncthreads();
+      uint32_t before = sh.running + __popc(ballot & ((1u << lane) - 1u));
+      uint32_t tile_total = 0;
+      for (int w = 0; w < kWarps; ++w) {
+        const uint32_t c = sh.warp_tot[w];
+        if (w < warp) before += c;
+        tile_total += c;
+      }
+      if (eq && before < need) out[k_above + before] = static_cast<int32_t>(c0 + i);
+      __syncthreads();
+      if (tid == 0) sh.running += tile_total;
+      __syncthreads();
+    }
+  }
+  cluster_sync();  // peers are done reading our counts; CTA 0 sees the whole output row
+  if (p.sorted && rank == 0) sort_selected(x, out, k, reinterpret_cast<uint64_t*>(cache));
+}
+
+__global__ void topk_slot_ids_kernel(const int32_t* __restrict__ indices, int64_t R, int64_t K,
+                                     const int32_t* __restrict__ block_table, int64_t M,
+                                     int64_t rows_per_seq, int64_t block_size,
+                                     int32_t* __restrict__ out) {
+  const int64_t total = R * K;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = e / K;
+    out[e] = topk_slot_id(__ldg(indices + e), block_table + (r / rows_per_seq) * M, M, block_size);
+  }
+}
+
+}  // namespace topk
+}  // namespace dsa
