@@ -269,12 +269,16 @@ class DSAPath(nn.Module):
 
     def decode_step(self, x: torch.Tensor, qr: torch.Tensor, q_latent: torch.Tensor, kv_latent: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor, cache: PagedDSACache, seq_ids: Sequence[int],
-                    n_new: int = 1) -> DSAOutput:
+                    n_new: int = 1, slot_mapping: Optional[torch.Tensor] = None) -> DSAOutput:
         """`n_new` new tokens for each of B sequences (inputs `[B * n_new, ...]`, sequence-major):
-        writes their indexer keys and latent rows into `cache`, then selects and attends."""
+        writes their indexer keys and latent rows into `cache`, then selects and attends.
+        Slots are reserved here unless the scheduler already did (`slot_mapping` from
+        `cache.reserve(seq_ids, n_new)`)."""
         B = len(seq_ids)
         q, k = self.indexer.project(x, qr, cos, sin)
-        cache.append(seq_ids, n_new, k, kv_latent)
+        if slot_mapping is None:
+            slot_mapping = cache.reserve(seq_ids, n_new)
+        cache.write(slot_mapping, k, kv_latent)
         slots = self.indexer.decode_slots(x, q, cache, seq_ids, n_new)
         out, lse = self.attention.decode(q_latent.view(B, n_new, *q_latent.shape[1:]), cache.kv_cache, slots)
         return DSAOutput(out, lse, slots)
