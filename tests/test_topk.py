@@ -249,6 +249,19 @@ def test_slot_ids(device, gen, B, N, K, block_size):
                 assert want[r, j] == table[b, p // block_size] * block_size + p % block_size
 
 
+def test_slot_ids_3d(device, gen):
+    B, N, K, bs, M = 3, 2, 50, 16, 6
+    table = torch.randperm(100, generator=gen)[: B * M].reshape(B, M).int()
+    idx = torch.randint(-1, M * bs + 5, (B, N, K), generator=gen, dtype=torch.int32)
+    got = dsa_ext.topk_slot_ids(idx.to(device), table.to(device), bs)
+    assert got.shape == (B, N, K)
+    flat = dsa_ext.topk_slot_ids(idx.reshape(B * N, K).to(device), table.to(device), bs)
+    assert torch.equal(got.reshape(B * N, K).cpu(), flat.cpu())
+    assert torch.equal(got.cpu(), ref.topk_slot_ids(idx, table, bs))
+    with pytest.raises(RuntimeError, match="indices"):
+        dsa_ext.topk_slot_ids(idx[:2].to(device), table.to(device), bs)  # size(0) != B
+
+
 def test_slot_ids_from_topk(device, gen):
     B, N, S, bs = 2, 2, 1000, 64
     x = randn(B * N, S, gen=gen, device=device)
@@ -278,6 +291,11 @@ def test_bad_inputs_slot_ids(device):
         dsa_ext.topk_slot_ids(idx, table, 0)
     with pytest.raises(RuntimeError, match="indices"):
         dsa_ext.topk_slot_ids(idx[0], table, 64)
+    with pytest.raises(RuntimeError, match="indices"):
+        dsa_ext.topk_slot_ids(idx.t(), table, 64)  # not contiguous
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="block_table"):
+            dsa_ext.topk_slot_ids(idx, table.cpu(), 64)
 
 
 # ---------------------------------------------------------------- indexer_topk

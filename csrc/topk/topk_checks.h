@@ -44,10 +44,17 @@ inline void check_topk_indices(const at::Tensor& logits, int64_t k,
   check_topk_range_tensor(ke, "ke", logits);
 }
 
-// indices [R, K] int32, block_table [B, M] int32, R % B == 0 (row r -> sequence r / (R / B)).
+// Rows of the [R, K] view of indices ([R, K] or [B, N, K]).
+inline int64_t topk_slot_rows(const at::Tensor& indices) {
+  return indices.dim() == 3 ? indices.size(0) * indices.size(1) : indices.size(0);
+}
+
+// indices [R, K] (or [B, N, K], R = B * N) int32, block_table [B, M] int32, R % B == 0:
+// row r of the flattened [R, K] view belongs to sequence r / (R / B).
 inline void check_topk_slot_ids(const at::Tensor& indices, const at::Tensor& block_table,
                                 int64_t block_size) {
-  check_dim(indices, "indices", 2, "[R, K]");
+  TORCH_CHECK(indices.dim() == 2 || indices.dim() == 3,
+              "indices must be 2-D [R, K] or 3-D [B, N, K], got shape ", indices.sizes());
   check_dtype(indices, "indices", at::kInt);
   check_contiguous(indices, "indices");
   check_same_device(block_table, "block_table", indices, "indices");
@@ -55,10 +62,13 @@ inline void check_topk_slot_ids(const at::Tensor& indices, const at::Tensor& blo
   check_dtype(block_table, "block_table", at::kInt);
   check_contiguous(block_table, "block_table");
   TORCH_CHECK_VALUE(block_size >= 1, "block_size must be >= 1, got ", block_size);
-  const int64_t R = indices.size(0), B = block_table.size(0);
+  const int64_t B = block_table.size(0);
+  if (indices.dim() == 3)
+    check_size(indices, "indices", 0, B, "B, the rows of block_table, for [B, N, K] indices");
+  const int64_t R = topk_slot_rows(indices);
   TORCH_CHECK(B >= 1 || R == 0, "block_table must have at least one row (B >= 1), got shape ",
               block_table.sizes());
-  TORCH_CHECK(B == 0 || R % B == 0, "indices.size(0) (", R,
+  TORCH_CHECK(B == 0 || R % B == 0, "indices rows (", R,
               ") must be a multiple of block_table.size(0) (", B,
               "): row r of indices belongs to sequence r / (R / B)");
 }

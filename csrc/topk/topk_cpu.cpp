@@ -114,9 +114,9 @@ at::Tensor topk_indices_cpu(const at::Tensor& logits, int64_t k,
 at::Tensor topk_slot_ids_cpu(const at::Tensor& indices, const at::Tensor& block_table,
                              int64_t block_size) {
   check_topk_slot_ids(indices, block_table, block_size);
-  const int64_t R = indices.size(0), K = indices.size(1);
+  const int64_t R = topk_slot_rows(indices), K = indices.size(-1);
   const int64_t B = block_table.size(0), M = block_table.size(1);
-  at::Tensor out = at::empty({R, K}, indices.options());
+  at::Tensor out = at::empty(indices.sizes(), indices.options());
   if (R == 0 || K == 0) return out;
   const int64_t rows_per_seq = R / B;
   const int32_t* idx = indices.data_ptr<int32_t>();

@@ -33,8 +33,8 @@ at::Tensor topk_slot_ids_cuda(const at::Tensor& indices, const at::Tensor& block
   check_topk_slot_ids(indices, block_table, block_size);
   TORCH_CHECK(indices.is_cuda(), "indices must be a CUDA tensor, got ", indices.device());
   c10::cuda::CUDAGuard guard(indices.device());
-  const int64_t R = indices.size(0), K = indices.size(1);
-  at::Tensor out = at::empty({R, K}, indices.options());
+  const int64_t R = topk_slot_rows(indices), K = indices.size(-1);
+  at::Tensor out = at::empty(indices.sizes(), indices.options());
   if (R == 0 || K == 0) return out;
   DSA_CHECK_CUDA(topk_slot_ids_launch(indices.data_ptr<int32_t>(), R, K,
                                       block_table.data_ptr<int32_t>(), block_table.size(0),

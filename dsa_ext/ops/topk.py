@@ -42,14 +42,17 @@ def topk_slot_ids(indices: torch.Tensor, block_table: torch.Tensor, block_size: 
     """Map selected token positions to global paged-cache slot ids (for decode).
 
     Args:
-        indices: ``[R, K]`` int32 token positions (e.g. from :func:`topk_indices`).
+        indices: ``[R, K]`` or ``[B, N, K]`` int32 token positions (e.g. from
+            :func:`topk_indices`), contiguous.
         block_table: ``[B, max_blocks]`` int32 physical block ids; ``R % B == 0`` and row r of
-            ``indices`` belongs to sequence ``b = r // (R // B)`` (R = B * N for N query tokens
-            per sequence, as in ``paged_indexer_logits``' ``[B*N, ...]`` rows).
+            the ``[R, K]`` view of ``indices`` belongs to sequence ``b = r // (R // B)``
+            (R = B * N for N query tokens per sequence, as in ``paged_indexer_logits``'
+            ``[B*N, ...]`` rows); a 3-D ``indices`` must have ``size(0) == B``.
         block_size: tokens per cache block.
 
     Returns:
-        ``[R, K]`` int32 ``block_table[b, idx // block_size] * block_size + idx % block_size``.
+        int32 of the shape of ``indices``:
+        ``block_table[b, idx // block_size] * block_size + idx % block_size``.
         ``-1`` stays ``-1``; a negative position, a position whose block lies past the table,
         a negative block-table entry, or a slot id that does not fit int32 also gives ``-1``.
     """
@@ -85,7 +88,8 @@ def _topk_indices_fake(logits, k, ks=None, ke=None, sorted=False):
 
 @torch.library.register_fake("dsa::topk_slot_ids")
 def _topk_slot_ids_fake(indices, block_table, block_size):
-    torch._check(indices.dim() == 2, lambda: f"indices must be 2-D [R, K], got {indices.dim()}-D")
+    torch._check(indices.dim() in (2, 3),
+                 lambda: f"indices must be 2-D [R, K] or 3-D [B, N, K], got {indices.dim()}-D")
     torch._check(indices.dtype == torch.int32, lambda: f"indices must be int32, got {indices.dtype}")
     return torch.empty_like(indices, memory_format=torch.contiguous_format)
 

@@ -62,15 +62,17 @@ def topk_indices(logits: torch.Tensor, k: int, ks: Optional[torch.Tensor] = None
 def topk_slot_ids(indices: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
     """Map token positions to global cache slot ids through a block table.
 
-    indices [R, K] int32 positions; block_table [B, M] int32 with R % B == 0: row r belongs to
-    sequence b = r // (R // B) (e.g. R = B * N for N query tokens per sequence). Returns [R, K]
-    int32 `block_table[b, idx // block_size] * block_size + idx % block_size`; -1 (and any
+    indices [R, K] (or [B, N, K], R = B * N) int32 positions; block_table [B, M] int32 with
+    R % B == 0: row r of the [R, K] view belongs to sequence b = r // (R // B) (R = B * N for N
+    query tokens per sequence). Returns int32 of the shape of indices: `block_table[b, idx // block_size] * block_size + idx % block_size`; -1 (and any
     negative position, any position whose block lies past the table, any negative block-table
     entry) gives -1.
     """
-    R, K = indices.shape
+    shape = indices.shape
+    K = shape[-1]
+    R = indices.numel() // K if K else (shape[0] if indices.dim() == 2 else shape[0] * shape[1])
     B, M = block_table.shape
-    idx = indices.cpu().to(torch.int64)
+    idx = indices.cpu().to(torch.int64).reshape(R, K)
     table = block_table.cpu().to(torch.int64)
     rows_per_seq = R // B if B > 0 else 1
     b = (torch.arange(R) // max(rows_per_seq, 1))[:, None].expand(R, K)
@@ -82,7 +84,7 @@ def topk_slot_ids(indices: torch.Tensor, block_table: torch.Tensor, block_size: 
     slot = phys * block_size + idx.remainder(block_size)
     valid = valid & (slot < 2**31)
     out = torch.where(valid, slot, torch.full_like(slot, -1)).to(torch.int32)
-    return out.to(indices.device)
+    return out.reshape(shape).to(indices.device)
 
 
 def indexer_topk(q, k, k_scale, weights, ks, ke, topk: int, sorted: bool = False,
