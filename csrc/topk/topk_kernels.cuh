@@ -2,10 +2,12 @@
 //
 // topk_radix_kernel: exact top-k per row by radix select over the order-preserving uint32 key
 // of topk_key.h. A row is split over a thread-block cluster of `cs` CTAs (cs = 1 for many
-// rows; up to 8 for few long rows). Each CTA reads its slice of the row from global memory
+// rows; up to 16 for few long rows). Each CTA reads its slice of the row from global memory
 // once, caching the keys in shared memory when the slice fits (else it re-reads global memory
-// every pass: slower, never wrong). Four passes of 8-bit digits (shifts 24, 16, 8, 0): every
-// CTA builds a 256-bin histogram of the keys still matching the prefix, the cluster sums the
+// every pass: slower, never wrong). Three passes of 11-, 11- and 10-bit digits (an 8-bit top
+// digit of an fp32 key puts most real logits into a handful of bins and serialises the
+// shared-memory atomics; 11 bits spread them over the mantissa's top bits too): every
+// CTA builds a histogram (2048 or 1024 bins) of the keys still matching the prefix, the cluster sums the
 // histograms through distributed shared memory, and every CTA picks the same threshold bin by a
 // suffix scan; a pass whose bin is taken whole ends the search. There is no candidate buffer,
 // so nothing can overflow: the slice itself is the candidate set. Output: elements above the
@@ -27,10 +29,15 @@ namespace topk {
 
 constexpr int kBlock = 512;
 constexpr int kWarps = kBlock / 32;
-constexpr int kBins = 256;
-constexpr int kMaxCluster = 8;      // portable cluster size
-constexpr int kMaxCacheKeys = 24576;  // 96 KiB of keys per CTA: two CTAs per SM
+constexpr int kMaxBins = 2048;
+constexpr int kPasses = 3;            // digits of 11, 11 and 10 bits over the 32-bit key
+constexpr int kPortableCluster = 8;
+constexpr int kMaxCluster = 16;       // non-portable; used only where the device accepts it
+constexpr int kMaxCacheKeys = 20480;  // 80 KiB of keys per CTA (+24 KiB histograms): 2 CTAs/SM
 constexpr int kMaxSortK = 4096;
+
+__host__ __device__ constexpr int pass_shift(int pass) { return pass == 0 ? 21 : pass == 1 ? 10 : 0; }
+__host__ __device__ constexpr int pass_bins(int pass) { return pass == 2 ? 1024 : 2048; }
 
 struct TopkParams {
   const float* logits;
@@ -40,7 +47,7 @@ struct TopkParams {
   const int32_t* ke;   // may be null: S
   int32_t* out;        // [T, k] contiguous
   int k;
-  int cache_keys;      // per-CTA key cache capacity (elements)
+  int cache_keys;      // per-CTA key cache capacity (elements); the buffer holds 3 more
   bool sorted;
 };
 
@@ -66,36 +73,45 @@ __device__ __forceinline__ uint32_t load_key(const float* x, int64_t col) {
 }
 
 struct TopkShared {
-  uint32_t local_hist[2][kBins];  // this CTA's histogram (double-buffered: peers read it)
-  uint32_t hist[kBins];           // the cluster's histogram
+  uint32_t local_hist[2][kMaxBins];  // this CTA's histogram (double-buffered: peers read it)
+  uint32_t hist[kMaxBins];           // the cluster's histogram
   uint32_t warp_tot[kWarps];
-  uint32_t counts[2];             // this CTA's (above, equal) counts, read by peers
+  uint32_t counts[2];                // this CTA's (above, equal) counts, read by peers
   uint32_t above_ctr, equal_ctr, running, my_above;
   uint32_t above_off, equal_off;
   uint32_t sel_above;
   int sel_bin;
 };
 
-// Threshold bin of hist (all threads call): the bin b with
-// sum(hist[b+1..]) < need <= sum(hist[b..]); also the count strictly above it.
-__device__ __forceinline__ void select_threshold_bin(TopkShared& sh, uint32_t need) {
+// Threshold bin of sh.hist[0, nbins) (all threads call): the bin b with
+// sum(hist[b+1..]) < need <= sum(hist[b..]), and the count strictly above it. Thread t owns
+// the contiguous bins [t*per, (t+1)*per); a block suffix scan of the per-thread sums locates
+// the one thread whose range holds b.
+__device__ __forceinline__ void select_threshold_bin(TopkShared& sh, int nbins, uint32_t need) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const uint32_t v = tid < kBins ? sh.hist[tid] : 0u;
+  const int per = nbins / kBlock;
+  uint32_t v = 0;
+  for (int j = 0; j < per; ++j) v += sh.hist[tid * per + j];
   uint32_t x = v;  // becomes sum of v over lanes >= lane of this warp
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
     const uint32_t y = __shfl_down_sync(0xFFFFFFFFu, x, off);
     if (lane + off < 32) x += y;
   }
-  if (lane == 0 && warp < kBins / 32) sh.warp_tot[warp] = x;
+  if (lane == 0) sh.warp_tot[warp] = x;
   __syncthreads();
-  if (tid < kBins) {
-    uint32_t s = x;
-    for (int w = warp + 1; w < kBins / 32; ++w) s += sh.warp_tot[w];
-    const uint32_t above = s - v;
-    if (above < need && need <= s) {
-      sh.sel_bin = tid;
-      sh.sel_above = above;
+  uint32_t s = x;  // sum of hist over bins >= tid * per
+  for (int w = warp + 1; w < kWarps; ++w) s += sh.warp_tot[w];
+  uint32_t running = s - v;  // sum over bins above this thread's range
+  if (running < need && need <= s) {
+    for (int b = tid * per + per - 1; b >= tid * per; --b) {
+      const uint32_t h = sh.hist[b];
+      if (need <= running + h) {
+        sh.sel_bin = b;
+        sh.sel_above = running;
+        break;
+      }
+      running += h;
     }
   }
   __syncthreads();
@@ -134,6 +150,53 @@ __device__ __forceinline__ void sort_selected(const float* x, int32_t* out, int 
     out[j] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(buf[j]));
 }
 
+// First pass: read the CTA's slice [0, len) of xr from global memory once (16-byte loads on
+// the aligned body), build the histogram of the top digit, and cache the keys in ck if cached.
+// ck is offset so that ck + head is 16-byte aligned, head = elements before xr's first
+// 16-byte boundary.
+__device__ __forceinline__ void first_pass(const float* xr, int64_t len, bool cached, uint32_t* ck,
+                                           int head, uint32_t* lh) {
+  constexpr int shift = pass_shift(0);
+  const int tid = threadIdx.x;
+  if (tid < head) {
+    const uint32_t key = load_key(xr, tid);
+    if (cached) ck[tid] = key;
+    atomicAdd(&lh[key >> shift], 1u);
+  }
+  const int64_t nvec = (len - head) >> 2;
+  const float4* xv = reinterpret_cast<const float4*>(xr + head);
+  uint4* cv = reinterpret_cast<uint4*>(ck + head);
+  constexpr int kUnroll = 2;
+  for (int64_t j0 = tid; j0 < nvec; j0 += kUnroll * kBlock) {
+    float4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = j0 + u * kBlock;
+      if (j < nvec) v[u] = __ldg(xv + j);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = j0 + u * kBlock;
+      if (j < nvec) {
+        const uint4 key = make_uint4(topk_key_from_bits(__float_as_uint(v[u].x)),
+                                     topk_key_from_bits(__float_as_uint(v[u].y)),
+                                     topk_key_from_bits(__float_as_uint(v[u].z)),
+                                     topk_key_from_bits(__float_as_uint(v[u].w)));
+        if (cached) cv[j] = key;
+        atomicAdd(&lh[key.x >> shift], 1u);
+        atomicAdd(&lh[key.y >> shift], 1u);
+        atomicAdd(&lh[key.z >> shift], 1u);
+        atomicAdd(&lh[key.w >> shift], 1u);
+      }
+    }
+  }
+  for (int64_t i = head + 4 * nvec + tid; i < len; i += kBlock) {
+    const uint32_t key = load_key(xr, i);
+    if (cached) ck[i] = key;
+    atomicAdd(&lh[key >> shift], 1u);
+  }
+}
+
 __global__ void __launch_bounds__(kBlock, 2) topk_radix_kernel(const TopkParams p) {
   extern __shared__ __align__(16) unsigned char topk_dyn_smem[];
   uint32_t* cache = reinterpret_cast<uint32_t*>(topk_dyn_smem);
@@ -163,66 +226,52 @@ __global__ void __launch_bounds__(kBlock, 2) topk_radix_kernel(const TopkParams 
     return;
   }
 
+  // Key i of the slice lives at ck[i]; the offset makes the 16-byte-aligned body of the
+  // slice land on 16-byte-aligned cache words.
+  const float* xr = x + c0;
+  const int64_t to_aligned = (4 - ((reinterpret_cast<uintptr_t>(xr) >> 2) & 3)) & 3;
+  const int head = static_cast<int>(len < to_aligned ? len : to_aligned);
+  uint32_t* ck = cache + ((4 - head) & 3);
   const bool cached = len <= p.cache_keys;
   uint32_t prefix = 0, mask = 0, need = static_cast<uint32_t>(k);
-  uint32_t above_acc = 0;  // this CTA's elements above the threshold (thread < kBins partial)
-  uint32_t last_local = 0;
-  int bin = 0;
+  uint32_t above_acc = 0;  // this thread's share of the CTA's count above the threshold
+  int bin = 0, last_pass = 0;
   if (tid == 0) sh.my_above = 0;
-  for (int pass = 0; pass < 4; ++pass) {
-    const int shift = 24 - 8 * pass;
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const int shift = pass_shift(pass), nbins = pass_bins(pass);
     uint32_t* lh = sh.local_hist[pass & 1];
-    for (int b = tid; b < kBins; b += kBlock) lh[b] = 0;
+    for (int b = tid; b < nbins; b += kBlock) lh[b] = 0;
     __syncthreads();
     if (pass == 0) {
-      constexpr int kUnroll = 4;
-      for (int64_t i0 = tid; i0 < len; i0 += kUnroll * kBlock) {
-        float v[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t i = i0 + u * kBlock;
-          v[u] = i < len ? __ldg(x + c0 + i) : 0.f;
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t i = i0 + u * kBlock;
-          if (i < len) {
-            const uint32_t key = topk_key_from_bits(__float_as_uint(v[u]));
-            if (cached) cache[i] = key;
-            atomicAdd(&lh[key >> 24], 1u);
-          }
-        }
-      }
+      first_pass(xr, len, cached, ck, head, lh);
     } else {
       for (int64_t i = tid; i < len; i += kBlock) {
-        const uint32_t key = cached ? cache[i] : load_key(x, c0 + i);
-        if ((key & mask) == prefix) atomicAdd(&lh[(key >> shift) & 0xFFu], 1u);
+        const uint32_t key = cached ? ck[i] : load_key(xr, i);
+        if ((key & mask) == prefix) atomicAdd(&lh[(key >> shift) & (nbins - 1)], 1u);
       }
     }
     cluster_sync();  // every CTA's histogram of this pass is complete
-    if (tid < kBins) {
+    for (int b = tid; b < nbins; b += kBlock) {
       uint32_t s = 0;
-      for (unsigned r = 0; r < cs; ++r) s += cluster_peer(lh, r)[tid];
-      sh.hist[tid] = s;
+      for (unsigned r = 0; r < cs; ++r) s += cluster_peer(lh, r)[b];
+      sh.hist[b] = s;
     }
     __syncthreads();
-    select_threshold_bin(sh, need);
+    select_threshold_bin(sh, nbins, need);
     bin = sh.sel_bin;
     need -= sh.sel_above;
     prefix |= static_cast<uint32_t>(bin) << shift;
-    mask |= 0xFFu << shift;
-    if (tid < kBins) {
-      if (tid > bin) above_acc += lh[tid];
-      if (tid == bin) last_local = lh[tid];
-    }
+    mask |= static_cast<uint32_t>(nbins - 1) << shift;
+    for (int b = bin + 1 + tid; b < nbins; b += kBlock) above_acc += lh[b];
+    last_pass = pass;
     if (sh.hist[bin] == need) break;  // the whole tie class at this prefix is taken
   }
   const uint32_t total_equal = sh.hist[bin];
   if (above_acc) atomicAdd(&sh.my_above, above_acc);
   __syncthreads();
-  if (tid == bin) {
+  if (tid == 0) {
     sh.counts[0] = sh.my_above;
-    sh.counts[1] = last_local;
+    sh.counts[1] = sh.local_hist[last_pass & 1][bin];
   }
   cluster_sync();  // every CTA's counts are published
   if (tid == 0) {
@@ -246,7 +295,7 @@ __global__ void __launch_bounds__(kBlock, 2) topk_radix_kernel(const TopkParams 
     // No partial tie class in this CTA: every equal element is taken, or none is.
     const bool take_equal = total_equal == need;
     for (int64_t i = tid; i < len; i += kBlock) {
-      const uint32_t m = (cached ? cache[i] : load_key(x, c0 + i)) & mask;
+      const uint32_t m = (cached ? ck[i] : load_key(xr, i)) & mask;
       if (m > prefix) {
         out[above_off + atomicAdd(&sh.above_ctr, 1u)] = static_cast<int32_t>(c0 + i);
       } else if (m == prefix && take_equal) {
@@ -260,7 +309,7 @@ __global__ void __launch_bounds__(kBlock, 2) topk_radix_kernel(const TopkParams 
     for (int64_t base = 0; base < len; base += kBlock) {
       const int64_t i = base + tid;
       const bool valid = i < len;
-      const uint32_t m = valid ? ((cached ? cache[i] : load_key(x, c0 + i)) & mask) : 0u;
+      const uint32_t m = valid ? ((cached ? ck[i] : load_key(xr, i)) & mask) : 0u;
       if (valid && m > prefix)
         out[above_off + atomicAdd(&sh.above_ctr, 1u)] = static_cast<int32_t>(c0 + i);
       const bool eq = valid && m == prefix;
