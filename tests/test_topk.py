@@ -163,20 +163,37 @@ def test_large_k_any_cpu(gen):
     _check(x, 5000, sorted=True)  # k > 4096 is fine on CPU
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+needs_cuda = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+
 @pytest.mark.parametrize("name", ["random", "all_equal", "low_10_bits", "few_distinct", "nan_mix"])
-@pytest.mark.parametrize("T,S", [(1, 131072), (64, 131072), (200, 32768), (3, 300000)])
-def test_cuda_long_rows(gen, name, T, S):
+@pytest.mark.parametrize("T,S", [(1, 131072), (64, 131072), (300, 32768), (3, 400000)])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_cuda_long_rows(gen, name, T, S, ragged):
+    """Both CUDA regimes (one CTA per row; a cluster of CTAs per row) and the streaming
+    fallback (S = 400000: slices larger than the shared-memory key cache)."""
     x = randn(T, S, gen=gen) if name == "random" else _adversarial(name, T, S, gen)
-    x = x.cuda()
-    for k, sorted in ((2048, False), (2048, True), (4096, False), (64, True)):
-        got = dsa_ext.topk_indices(x, k, sorted=sorted).cpu()
-        want = ref.topk_indices(x.cpu(), k)
+    ks = ke = None
+    if ragged:
+        ks = torch.randint(-5, S // 3, (T,), generator=gen, dtype=torch.int32)
+        ke = ks + torch.randint(0, S, (T,), generator=gen, dtype=torch.int32)
+    # the sorted reference top-k is a prefix of the sorted reference top-4096
+    want_all = ref.topk_indices(x, 4096, ks, ke)
+    xc = x.cuda()
+    kc = None if ks is None else ks.cuda()
+    ec = None if ke is None else ke.cuda()
+    for k, sorted in ((2048, False), (2048, True), (4096, False), (64, True), (1, False)):
+        got = dsa_ext.topk_indices(xc, k, kc, ec, sorted=sorted).cpu()
+        want = want_all[:, :k]
         if sorted:
-            assert torch.equal(got, want)
+            assert torch.equal(got, want), (name, T, S, k)
         else:
-            assert torch.equal(got.sort(1).values, want.sort(1).values)
+            assert torch.equal(got.sort(1).values, want.sort(1).values), (name, T, S, k)
+
+
+for _m in needs_cuda:
+    test_cuda_long_rows = _m(test_cuda_long_rows)
 
 
 @pytest.mark.cuda
@@ -189,6 +206,22 @@ def test_cuda_matches_cpu_ragged(gen):
     a = dsa_ext.topk_indices(x, 2048, ks, ke, sorted=True)
     b = dsa_ext.topk_indices(x.cuda(), 2048, ks.cuda(), ke.cuda(), sorted=True).cpu()
     assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graph_capture(gen):
+    x = randn(8, 65536, gen=gen, device="cuda")
+    ke = torch.full((8,), 60000, dtype=torch.int32, device="cuda")
+    want = dsa_ext.topk_indices(x, 2048, None, ke, sorted=True)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = dsa_ext.topk_indices(x, 2048, None, ke, sorted=True)
+    x.copy_(randn(8, 65536, gen=gen, device="cuda"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref.topk_indices(x.cpu(), 2048, None, ke.cpu()).cuda())
+    assert not torch.equal(out, want)
 
 
 # ---------------------------------------------------------------- opcheck and bad input
