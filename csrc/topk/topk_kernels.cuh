@@ -38,6 +38,10 @@ constexpr int kMaxSortK = 4096;
 
 __host__ __device__ constexpr int pass_shift(int pass) { return pass == 0 ? 21 : pass == 1 ? 10 : 0; }
 __host__ __device__ constexpr int pass_bins(int pass) { return pass == 2 ? 1024 : 2048; }
+static_assert(pass_bins(0) == 4 * kBlock && pass_bins(1) == 4 * kBlock && pass_bins(2) == 2 * kBlock,
+              "each thread owns 4 (or 2) contiguous histogram bins");
+static_assert(pass_shift(0) + 11 == 32 && pass_shift(1) + 11 == pass_shift(0) && pass_shift(2) + 10 == pass_shift(1),
+              "the digits tile the 32-bit key");
 
 struct TopkParams {
   const float* logits;
@@ -73,8 +77,8 @@ __device__ __forceinline__ uint32_t load_key(const float* x, int64_t col) {
 }
 
 struct TopkShared {
-  uint32_t local_hist[2][kMaxBins];  // this CTA's histogram (double-buffered: peers read it)
-  uint32_t hist[kMaxBins];           // the cluster's histogram
+  alignas(16) uint32_t local_hist[2][kMaxBins];  // this CTA's histogram (double-buffered: peers read it)
+  alignas(16) uint32_t hist[kMaxBins];           // the cluster's histogram
   uint32_t warp_tot[kWarps];
   uint32_t counts[2];                // this CTA's (above, equal) counts, read by peers
   uint32_t above_ctr, equal_ctr, running, my_above;
@@ -83,15 +87,51 @@ struct TopkShared {
   int sel_bin;
 };
 
-// Threshold bin of sh.hist[0, nbins) (all threads call): the bin b with
-// sum(hist[b+1..]) < need <= sum(hist[b..]), and the count strictly above it. Thread t owns
-// the contiguous bins [t*per, (t+1)*per); a block suffix scan of the per-thread sums locates
-// the one thread whose range holds b.
-__device__ __forceinline__ void select_threshold_bin(TopkShared& sh, int nbins, uint32_t need) {
+// Thread t owns the PER contiguous bins [t*PER, (t+1)*PER) of a pass's histogram.
+template <int PER>
+struct BinVec;
+template <>
+struct BinVec<4> {
+  using type = uint4;
+  __device__ static void add(uint32_t (&h)[4], const uint4 v) { h[0] += v.x; h[1] += v.y; h[2] += v.z; h[3] += v.w; }
+  __device__ static uint4 pack(const uint32_t (&h)[4]) { return make_uint4(h[0], h[1], h[2], h[3]); }
+};
+template <>
+struct BinVec<2> {
+  using type = uint2;
+  __device__ static void add(uint32_t (&h)[4], const uint2 v) { h[0] += v.x; h[1] += v.y; }
+  __device__ static uint2 pack(const uint32_t (&h)[4]) { return make_uint2(h[0], h[1]); }
+};
+
+// Cluster-wide histogram: this thread's bins summed over the local histograms of every CTA of
+// the cluster (distributed shared memory, 16- or 8-byte loads, four ranks in flight), stored
+// to sh.hist and returned in h.
+template <int PER>
+__device__ __forceinline__ void reduce_cluster_hist(TopkShared& sh, uint32_t* lh, unsigned cs,
+                                                    uint32_t (&h)[4]) {
+  using V = typename BinVec<PER>::type;
+  const int off = threadIdx.x * PER;
+  h[0] = h[1] = h[2] = h[3] = 0;
+  unsigned r = 0;
+  for (; r + 4 <= cs; r += 4) {
+    V v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = *reinterpret_cast<const V*>(cluster_peer(lh, r + u) + off);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) BinVec<PER>::add(h, v[u]);
+  }
+  for (; r < cs; ++r) BinVec<PER>::add(h, *reinterpret_cast<const V*>(cluster_peer(lh, r) + off));
+  *reinterpret_cast<V*>(sh.hist + off) = BinVec<PER>::pack(h);
+}
+
+// Threshold bin of the cluster histogram (all threads call; thread t holds bins
+// [t*per, (t+1)*per) in h): the bin b with sum(hist[b+1..]) < need <= sum(hist[b..]), and the
+// count strictly above it, into sh.sel_bin / sh.sel_above. A block suffix scan of the
+// per-thread sums locates the one thread whose range holds b.
+__device__ __forceinline__ void select_threshold_bin(TopkShared& sh, const uint32_t (&h)[4], int per,
+                                                     uint32_t need) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int per = nbins / kBlock;
-  uint32_t v = 0;
-  for (int j = 0; j < per; ++j) v += sh.hist[tid * per + j];
+  const uint32_t v = h[0] + h[1] + h[2] + h[3];  // bins a thread does not own are 0
   uint32_t x = v;  // becomes sum of v over lanes >= lane of this warp
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
@@ -104,14 +144,13 @@ __device__ __forceinline__ void select_threshold_bin(TopkShared& sh, int nbins, 
   for (int w = warp + 1; w < kWarps; ++w) s += sh.warp_tot[w];
   uint32_t running = s - v;  // sum over bins above this thread's range
   if (running < need && need <= s) {
-    for (int b = tid * per + per - 1; b >= tid * per; --b) {
-      const uint32_t h = sh.hist[b];
-      if (need <= running + h) {
-        sh.sel_bin = b;
+#pragma unroll
+    for (int j = 3; j >= 0; --j) {
+      if (j < per && running < need && need <= running + h[j]) {
+        sh.sel_bin = tid * per + j;
         sh.sel_above = running;
-        break;
       }
-      running += h;
+      if (j < per) running += h[j];
     }
   }
   __syncthreads();
@@ -251,13 +290,14 @@ __global__ void __launch_bounds__(kBlock, 2) topk_radix_kernel(const TopkParams 
       }
     }
     cluster_sync();  // every CTA's histogram of this pass is complete
-    for (int b = tid; b < nbins; b += kBlock) {
-      uint32_t s = 0;
-      for (unsigned r = 0; r < cs; ++r) s += cluster_peer(lh, r)[b];
-      sh.hist[b] = s;
+    uint32_t h[4];
+    if (nbins == 4 * kBlock) {
+      reduce_cluster_hist<4>(sh, lh, cs, h);
+      select_threshold_bin(sh, h, 4, need);
+    } else {
+      reduce_cluster_hist<2>(sh, lh, cs, h);
+      select_threshold_bin(sh, h, 2, need);
     }
-    __syncthreads();
-    select_threshold_bin(sh, nbins, need);
     bin = sh.sel_bin;
     need -= sh.sel_above;
     prefix |= static_cast<uint32_t>(bin) << shift;
