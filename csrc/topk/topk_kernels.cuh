@@ -15,13 +15,22 @@
 // to it are taken in index order (block prefix scan, CTA offsets in rank order) until the
 // count needed is reached — unless the whole tie class is taken, when order does not matter.
 // sorted=true: CTA 0 then sorts the k selected (key, index) pairs with a bitonic sort.
+//
+// DSA_TOPK_HOST_EMULATION (csrc/topk/emulation, tests only): the same source compiled by a
+// host C++ compiler, CTAs and clusters emulated with threads, so the kernel's logic runs in CI
+// machines without a GPU. It swaps in the shim's CUDA subset, shared memory and cluster
+// primitives; device builds never define it.
 #pragma once
+#if defined(DSA_TOPK_HOST_EMULATION)
+#include "topk/emulation/cuda_host_shim.h"
+#else
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include "common/cuda_utils.cuh"
+#endif
 #include <cstdint>
 
-#include "common/cuda_utils.cuh"
 #include "topk/topk_key.h"
 
 namespace dsa {
@@ -56,7 +65,14 @@ struct TopkParams {
 };
 
 // ---- cluster primitives (a cluster of one CTA where clusters do not exist) ----------------
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(DSA_TOPK_HOST_EMULATION)
+unsigned cluster_rank();
+unsigned cluster_size();
+void cluster_sync();
+void* emulated_peer(void* p, unsigned rank);
+template <typename T>
+T* cluster_peer(T* p, unsigned rank) { return static_cast<T*>(emulated_peer(p, rank)); }
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ unsigned cluster_rank() { return cooperative_groups::this_cluster().block_rank(); }
 __device__ __forceinline__ unsigned cluster_size() { return cooperative_groups::this_cluster().num_blocks(); }
 __device__ __forceinline__ void cluster_sync() { cooperative_groups::this_cluster().sync(); }
@@ -86,6 +102,11 @@ struct TopkShared {
   uint32_t sel_above;
   int sel_bin;
 };
+
+#if defined(DSA_TOPK_HOST_EMULATION)
+uint32_t* emulated_dynamic_smem();
+TopkShared& emulated_shared();
+#endif
 
 // Thread t owns the PER contiguous bins [t*PER, (t+1)*PER) of a pass's histogram.
 template <int PER>
@@ -237,9 +258,14 @@ __device__ __forceinline__ void first_pass(const float* xr, int64_t len, bool ca
 }
 
 __global__ void __launch_bounds__(kBlock, 2) topk_radix_kernel(const TopkParams p) {
+#if defined(DSA_TOPK_HOST_EMULATION)
+  uint32_t* cache = emulated_dynamic_smem();
+  TopkShared& sh = emulated_shared();
+#else
   extern __shared__ __align__(16) unsigned char topk_dyn_smem[];
   uint32_t* cache = reinterpret_cast<uint32_t*>(topk_dyn_smem);
   __shared__ TopkShared sh;
+#endif
 
   const int tid = threadIdx.x;
   const unsigned cs = cluster_size(), rank = cluster_rank();
