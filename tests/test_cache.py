@@ -52,8 +52,12 @@ def fp8_error_bound(x, s):
 # ---------------------------------------------------------------------------------------------
 # fp8_quantize
 # ---------------------------------------------------------------------------------------------
+# Block sizes cover every CUDA configuration: 1..32 lanes per group, 2/4/8 chunks per lane
+# (512, 1024, 2048) and the scalar fallback (3, 4096).
 @pytest.mark.parametrize("shape,block_size", [((7, 256), 128), ((2, 3, 512), 128), ((5, 96), 32),
-                                              ((4, 128), 64), ((3, 40), 8), ((1, 6), 3), ((0, 128), 128)])
+                                              ((4, 128), 64), ((3, 40), 8), ((1, 6), 3), ((0, 128), 128),
+                                              ((3, 1024), 512), ((2, 2048), 1024), ((2, 2048), 2048),
+                                              ((2, 4096), 4096), ((3, 16), 16)])
 @pytest.mark.parametrize("ue8m0", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fp8_quantize_matches_reference(device, gen, shape, block_size, ue8m0, dtype):
@@ -74,6 +78,16 @@ def test_fp8_quantize_matches_reference(device, gen, shape, block_size, ue8m0, d
     assert ((deq - x.float()).abs() <= fp8_error_bound(x.float(), sg)).all()
     if ue8m0 and s.numel():
         assert torch.equal(torch.exp2(torch.log2(s.cpu()).round()), s.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_quantize_misaligned_input(device, gen, dtype):
+    """A contiguous view starting one element into its storage (not 16-byte aligned)."""
+    buf = randn(1 + 4 * 256, gen=gen, dtype=dtype, device=device)
+    x = buf[1:].view(4, 256)
+    q, s = dsa_ext.fp8_quantize(x, 128)
+    q_ref, s_ref = ref.fp8_quantize(x.cpu(), 128)
+    assert torch.equal(bytes_of(q), bytes_of(q_ref)) and torch.equal(bytes_of(s), bytes_of(s_ref))
 
 
 def test_fp8_quantize_default_args(device, gen):
@@ -124,7 +138,9 @@ def test_fp8_quantize_inf_gives_inf_scale(device):
 # ---------------------------------------------------------------------------------------------
 # Indexer K cache
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("nb,bs,D", [(6, 64, 128), (3, 128, 128), (5, 16, 64), (4, 7, 20), (2, 1, 32)])
+# (5, 128) and (7, 20) take the CUDA scalar path (odd block size / head_dim % 8 != 0).
+@pytest.mark.parametrize("nb,bs,D", [(6, 64, 128), (3, 128, 128), (5, 16, 64), (4, 7, 20), (2, 1, 32),
+                                     (3, 5, 128), (2, 4, 512)])
 @pytest.mark.parametrize("ue8m0", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
@@ -270,6 +286,17 @@ def test_mla_kv_cache_write_matches_reference(device, gen, fp8, nb, bs, dtype, s
     dsa_ext.mla_kv_cache_write(kv.to(device), slots.to(device), cache)
     ref.mla_kv_cache_write(kv, slots, cache_ref)
     assert torch.equal(bytes_of(cache), bytes_of(cache_ref))
+
+
+def test_mla_kv_cache_write_misaligned_kv(device, gen):
+    buf = randn(1 + 3 * 576, gen=gen, dtype=torch.bfloat16, device=device)
+    kv = buf[1:].view(3, 576)
+    slots = torch.tensor([4, -1, 0], device=device)
+    cache = random_mla_cache(1, 8, True, gen, device)
+    cache_ref = cache.cpu().clone()
+    dsa_ext.mla_kv_cache_write(kv, slots, cache)
+    ref.mla_kv_cache_write(kv.cpu(), slots.cpu(), cache_ref)
+    assert torch.equal(cache.cpu(), cache_ref)
 
 
 def test_mla_fp8_record_layout(device, gen):
