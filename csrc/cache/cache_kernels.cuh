@@ -58,14 +58,24 @@ __device__ __forceinline__ uint8_t fp8x1(float a) {
 
 // Quantise 8 values with scale s and store their 8 FP8 bytes (8-byte aligned, global memory:
 // st.global, since a pointer taken from a struct argument would otherwise become a generic store).
-__device__ __forceinline__ void store8_fp8(uint8_t* dst, const float (&v)[kChunk], float s) {
+// pow2: s is a power of two, so x * (1 / s) replaces the per-element IEEE division (the same
+// bits; see fp8_prequant_pow2). The division would cost ~20 instructions per element, enough
+// to make these memory-bound kernels issue-bound.
+__device__ __forceinline__ void store8_fp8(uint8_t* dst, const float (&v)[kChunk], float s,
+                                           bool pow2) {
+  float q[kChunk];
+  if (pow2) {
+    const float inv_s = 1.0f / s;
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) q[i] = fp8_prequant_pow2(v[i], inv_s);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) q[i] = fp8_prequant(v[i], s);
+  }
   uint32_t w[2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const uint32_t lo = fp8x2(fp8_prequant(v[4 * h], s), fp8_prequant(v[4 * h + 1], s));
-    const uint32_t hi = fp8x2(fp8_prequant(v[4 * h + 2], s), fp8_prequant(v[4 * h + 3], s));
-    w[h] = lo | (hi << 16);
-  }
+  for (int h = 0; h < 2; ++h)
+    w[h] = fp8x2(q[4 * h], q[4 * h + 1]) | (fp8x2(q[4 * h + 2], q[4 * h + 3]) << 16);
   __stcg(reinterpret_cast<uint2*>(dst), make_uint2(w[0], w[1]));
 }
 
@@ -100,12 +110,16 @@ __device__ __forceinline__ unsigned subwarp_mask(int lane) {
 }
 
 // ---- scale rules (common/quant_rules.h) ---------------------------------------------------------
+// A rule maps a group's abs-max to its scale; pow2() says whether every scale it gives is a
+// power of two.
 struct IndexerScaleRule {
   bool ue8m0;
   __device__ __forceinline__ float operator()(float amax) const { return indexer_scale(amax, ue8m0); }
+  __device__ __forceinline__ bool pow2() const { return ue8m0; }
 };
 struct MlaScaleRule {
   __device__ __forceinline__ float operator()(float amax) const { return mla_tile_scale(amax); }
+  __device__ __forceinline__ bool pow2() const { return true; }
 };
 
 // One group of n_chunks * 8 values quantised by the TPG lanes of a sub-warp (lane_in_group in
@@ -129,7 +143,7 @@ __device__ __forceinline__ float quantize_group_vec(const T* src, int n_chunks, 
 #pragma unroll
   for (int c = 0; c < CPL; ++c) {
     const int chunk = lane_in_group + c * TPG;
-    if (chunk < n_chunks) store8_fp8(dst + chunk * kChunk, v[c], s);
+    if (chunk < n_chunks) store8_fp8(dst + chunk * kChunk, v[c], s, rule.pow2());
   }
   return s;
 }
@@ -203,44 +217,52 @@ __global__ void __launch_bounds__(256) quantize_groups_scalar_kernel(const T* __
     float amax = 0.f;
     for (int64_t e = lane; e < group_size; e += kWarpSize) amax = fmaxf(amax, fabsf(to_float(x[e])));
     const float s = rule(subwarp_max<kWarpSize>(amax, 0xffffffffu));
-    for (int64_t e = lane; e < group_size; e += kWarpSize)
-      d.values[e] = fp8x1(fp8_prequant(to_float(x[e]), s));
+    const float inv_s = 1.0f / s;
+    for (int64_t e = lane; e < group_size; e += kWarpSize) {
+      const float xe = to_float(x[e]);
+      d.values[e] = fp8x1(rule.pow2() ? fp8_prequant_pow2(xe, inv_s) : fp8_prequant(xe, s));
+    }
     if (lane == 0) store_f32_bytes(d.scale, s);
   }
 }
 
 // ---- indexer K cache gather ------------------------------------------------------------------------
-// One thread per VEC-byte chunk of an output token (plus the scale, by the chunk-0 thread).
-// cu_seqlens [B+1] (int64, on the device) maps output rows to (sequence, position).
+// A sub-warp of tpg lanes (a power of two, log2 given) per output token, one VEC-byte chunk
+// per lane per step; lane 0 also copies the scale. cu_seqlens [B+1] (int64, on the device) maps
+// output rows to (sequence, position); positions fit in 32 bits (seq_lens is int32), so the
+// per-token block lookup divides in 32 bits.
 template <int VEC>
 __global__ void __launch_bounds__(256) indexer_gather_kernel(
-    const uint8_t* __restrict__ cache, int64_t num_blocks, int64_t block_size, int64_t head_dim,
+    const uint8_t* __restrict__ cache, int64_t num_blocks, int block_size, int head_dim,
     const int32_t* __restrict__ block_table, int64_t max_blocks,
-    const int64_t* __restrict__ cu_seqlens, int64_t batch, int64_t total,
+    const int64_t* __restrict__ cu_seqlens, int64_t batch, int64_t total, int log2_tpg,
     uint8_t* __restrict__ out, float* __restrict__ out_scale) {
   using Vec = typename std::conditional<VEC == 16, uint4, uint8_t>::type;
-  const int64_t chunks = head_dim / VEC;
-  const int64_t items = total * chunks;
-  for (int64_t it = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; it < items;
-       it += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = it / chunks, c = it % chunks;
-    int64_t lo = 0, hi = batch;  // last sequence b with cu_seqlens[b] <= t
+  const int tpg = 1 << log2_tpg;
+  const int chunks = head_dim / VEC;
+  const int lane_in_group = threadIdx.x & (tpg - 1);
+  const int64_t stride = (int64_t(gridDim.x) * blockDim.x) >> log2_tpg;
+  for (int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> log2_tpg; t < total;
+       t += stride) {
+    int64_t lo = 0, hi = batch;  // the last sequence b with cu_seqlens[b] <= t
     while (hi - lo > 1) {
       const int64_t mid = (lo + hi) / 2;
-      if (cu_seqlens[mid] <= t) lo = mid; else hi = mid;
+      if (__ldg(cu_seqlens + mid) <= t) lo = mid; else hi = mid;
     }
-    const int64_t pos = t - cu_seqlens[lo];
-    const int64_t blk = block_table[lo * max_blocks + pos / block_size], off = pos % block_size;
-    Vec* dst = reinterpret_cast<Vec*>(out + t * head_dim) + c;
-    if (blk < 0 || blk >= num_blocks) {
-      *dst = Vec{};
-      if (c == 0) out_scale[t] = 0.f;
+    const uint32_t pos = uint32_t(t - __ldg(cu_seqlens + lo));
+    const uint32_t blk_idx = pos / uint32_t(block_size), off = pos - blk_idx * uint32_t(block_size);
+    const int64_t blk = __ldg(block_table + lo * max_blocks + blk_idx);
+    Vec* dst = reinterpret_cast<Vec*>(out + t * head_dim);
+    if (blk < 0 || blk >= num_blocks) {  // untrusted block id: zeros, never read
+      for (int c = lane_in_group; c < chunks; c += tpg) dst[c] = Vec{};
+      if (lane_in_group == 0) out_scale[t] = 0.f;
       continue;
     }
     const uint8_t* block = cache + blk * block_size * (head_dim + 4);
-    *dst = reinterpret_cast<const Vec*>(block + off * head_dim)[c];
-    if (c == 0) {
-      const uint8_t* sp = block + block_size * head_dim + 4 * off;
+    const Vec* src = reinterpret_cast<const Vec*>(block + int64_t(off) * head_dim);
+    for (int c = lane_in_group; c < chunks; c += tpg) dst[c] = src[c];
+    if (lane_in_group == 0) {
+      const uint8_t* sp = block + int64_t(block_size) * head_dim + 4 * off;
       uint32_t b = 0;
 #pragma unroll
       for (int i = 0; i < 4; ++i) b |= uint32_t(sp[i]) << (8 * i);

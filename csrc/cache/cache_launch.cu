@@ -103,16 +103,20 @@ cudaError_t launch_indexer_k_cache_gather(const void* cache, int64_t num_blocks,
   if (total == 0) return cudaSuccess;
   const auto* src = static_cast<const uint8_t*>(cache);
   auto* dst = static_cast<uint8_t*>(k_fp8);
-  if (head_dim % 16 == 0 && (block_size * (head_dim + 4)) % 16 == 0 && aligned(cache, 16) &&
-      aligned(k_fp8, 16)) {
-    indexer_gather_kernel<16><<<grid_for(total * (head_dim / 16)), kThreads, 0, stream>>>(
-        src, num_blocks, block_size, head_dim, block_table, max_blocks, cu_seqlens, batch, total,
-        dst, k_scale);
-  } else {
-    indexer_gather_kernel<1><<<grid_for(total * head_dim), kThreads, 0, stream>>>(
-        src, num_blocks, block_size, head_dim, block_table, max_blocks, cu_seqlens, batch, total,
-        dst, k_scale);
-  }
+  const bool vec16 = head_dim % 16 == 0 && (block_size * (head_dim + 4)) % 16 == 0 &&
+                     aligned(cache, 16) && aligned(k_fp8, 16);
+  const int64_t chunks = vec16 ? head_dim / 16 : head_dim;
+  int log2_tpg = 0;  // lanes per token: the chunk count rounded up to a power of two, <= 32
+  while ((int64_t(1) << log2_tpg) < std::min<int64_t>(chunks, kWarpSize)) ++log2_tpg;
+  const unsigned grid = grid_for(total << log2_tpg);
+  if (vec16)
+    indexer_gather_kernel<16><<<grid, kThreads, 0, stream>>>(
+        src, num_blocks, int(block_size), int(head_dim), block_table, max_blocks, cu_seqlens,
+        batch, total, log2_tpg, dst, k_scale);
+  else
+    indexer_gather_kernel<1><<<grid, kThreads, 0, stream>>>(
+        src, num_blocks, int(block_size), int(head_dim), block_table, max_blocks, cu_seqlens,
+        batch, total, log2_tpg, dst, k_scale);
   return last_launch_error();
 }
 
