@@ -431,6 +431,27 @@ def test_fake_shapes_and_compile(gen):
         dsa_ext.mla_kv_cache_write(kv, slots, cache)
         return dsa_ext.mla_kv_cache_gather(cache, slots)
 
+    @torch.compile(fullgraph=True, backend="eager")
+    def quantize_write_gather(x, k, slots, icache, table, lens):
+        q, s = dsa_ext.fp8_quantize(x)
+        dsa_ext.indexer_k_cache_write(k, slots, icache)
+        k_fp8, k_scale = dsa_ext.indexer_k_cache_gather(icache, table, lens)
+        return q, s, k_fp8, k_scale
+
+    x = randn(3, 256, gen=gen, dtype=torch.bfloat16)
+    k = randn(5, 128, gen=gen, dtype=torch.bfloat16)
+    icache = ref.new_indexer_k_cache(2, 4)
+    table = torch.tensor([[1, 0]], dtype=torch.int32)
+    lens = torch.tensor([6], dtype=torch.int32)
+    q, s, k_fp8, k_scale = quantize_write_gather(x, k, torch.tensor([4, 5, 6, 7, 0]), icache, table, lens)
+    q_ref, s_ref = ref.fp8_quantize(x)
+    kq_ref, ks_ref = ref.fp8_quantize(k, 128)
+    assert torch.equal(bytes_of(q), bytes_of(q_ref)) and torch.equal(s, s_ref)
+    # Positions 0-3 are block 1 (slots 4-7 = k[0:4]), 4-5 block 0 (slot 0 = k[4], slot 1 unwritten).
+    assert k_fp8.shape == (6, 128)
+    assert torch.equal(bytes_of(k_fp8)[:5], bytes_of(kq_ref)) and torch.equal(k_scale[:5], ks_ref[:, 0])
+    assert k_scale[5] == 0 and (bytes_of(k_fp8)[5] == 0).all()
+
     kv = randn(6, 576, gen=gen, dtype=torch.bfloat16)
     cache = ref.new_mla_kv_cache(2, 8)
     slots = torch.tensor([0, 3, 9, 15, 2, 8])
@@ -486,6 +507,39 @@ def test_bad_inputs(device, i):
     name, build, exc, match = BAD_INPUTS[i]
     with pytest.raises(exc, match=match):
         getattr(torch.ops.dsa, name)(*build(device))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_writers_and_mla_gather_are_cuda_graph_safe(gen):
+    """The writers and mla_kv_cache_gather never synchronise: they capture into a CUDA graph,
+    out-of-range slots included, and replays give the eager results."""
+    kv = randn(16, 576, gen=gen, dtype=torch.bfloat16, device="cuda")
+    k = randn(16, 128, gen=gen, dtype=torch.bfloat16, device="cuda")
+    slots = torch.randperm(128, generator=gen)[:16].cuda()
+    slots[3] = 10 ** 6                                   # skipped in-kernel on CUDA
+    slots[5] = -1
+    mcache = ref.new_mla_kv_cache(2, 64, device="cuda")
+    icache = ref.new_indexer_k_cache(2, 64, 128, device="cuda")
+    x = randn(4, 512, gen=gen, dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dsa_ext.mla_kv_cache_write(kv, slots, mcache)
+        dsa_ext.indexer_k_cache_write(k, slots, icache)
+        rows = dsa_ext.mla_kv_cache_gather(mcache, slots)
+        q, s = dsa_ext.fp8_quantize(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    keep = slots.cpu().clone()
+    keep[3] = -1
+    m_ref, i_ref = ref.new_mla_kv_cache(2, 64), ref.new_indexer_k_cache(2, 64, 128)
+    ref.mla_kv_cache_write(kv.cpu(), keep, m_ref)
+    ref.indexer_k_cache_write(k.cpu(), keep, i_ref)
+    assert torch.equal(mcache.cpu(), m_ref) and torch.equal(icache.cpu(), i_ref)
+    assert torch.equal(bytes_of(rows), bytes_of(ref.mla_kv_cache_gather(m_ref, slots.cpu())))
+    q_ref, s_ref = ref.fp8_quantize(x.cpu())
+    assert torch.equal(bytes_of(q), bytes_of(q_ref)) and torch.equal(s.cpu(), s_ref)
 
 
 def test_mixed_devices_rejected():

@@ -11,7 +11,15 @@ Cache layouts (byte-compatible with DeepGEMM / vLLM / FlashMLA; see
 Slot id of (block, offset) is ``block * block_size + offset``. Writers skip negative slots. A
 slot at or past ``num_blocks * block_size`` raises ``ValueError`` on the CPU; the CUDA kernels
 skip it instead (checking would cost a device synchronisation). Readers return zeros for
-any slot or block id outside the cache. Inputs may be bf16 or fp32.
+any slot or block id outside the cache. Inputs may be bf16 or fp32; on CUDA an MLA cache must
+start on a 16-byte boundary (any whole-block slice of a cache does).
+
+Non-finite values: the abs-max of a group ignores NaN, a NaN value is stored as the e4m3 NaN,
+and an infinite value gives its group an infinite scale (the group then reads back as NaN/0).
+The sign and payload of NaNs in bf16 outputs are not specified.
+
+Everything here except ``indexer_k_cache_gather`` is free of host synchronisation (CUDA-graph
+safe).
 """
 from __future__ import annotations
 
