@@ -108,6 +108,7 @@ def test_fp8_quantize_edge_groups(device, ue8m0):
         torch.tensor([float("nan"), 1.0, -2.0] + [0.5] * (g - 3)),        # NaN ignored by amax
         torch.tensor([7.0] + [-7.0] * (g - 1)),                # amax / 448 an exact power of two
         torch.tensor([1e-30, -3e-38] + [2e-39] * (g - 2)),     # denormal-ish inputs
+        torch.tensor([3e38, -1.0, 1e-30, -1e-40] + [5e37] * (g - 4)),   # scale near 2^121
     ]
     x = torch.stack(rows)
     q, s = dsa_ext.fp8_quantize(x.to(device), g, ue8m0)

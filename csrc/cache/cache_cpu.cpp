@@ -52,9 +52,16 @@ float abs_max(const T* x, int64_t n) {
   return m;
 }
 
+// pow2: s is a power of two (ue8m0, MLA tiles), so x * (1 / s) gives the bits of x / s
+// (fp8_prequant_pow2) without a division per element; the CUDA kernels do the same.
 template <typename T>
-void quantize_into(const T* x, int64_t n, float s, uint8_t* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = fp8_bits(fp8_prequant(static_cast<float>(x[i]), s));
+void quantize_into(const T* x, int64_t n, float s, bool pow2, uint8_t* dst) {
+  if (pow2) {
+    const float inv_s = 1.0f / s;
+    for (int64_t i = 0; i < n; ++i) dst[i] = fp8_bits(fp8_prequant_pow2(static_cast<float>(x[i]), inv_s));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = fp8_bits(fp8_prequant(static_cast<float>(x[i]), s));
+  }
 }
 
 // bf16 values of x, rounded to nearest even when x is fp32, written as raw bytes.
@@ -98,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> fp8_quantize_cpu(const at::Tensor& x_in, int6
         const T* xg = src + g * block_size;
         const float sg = indexer_scale(abs_max(xg, block_size), ue8m0);
         s[g] = sg;
-        quantize_into(xg, block_size, sg, q + g * block_size);
+        quantize_into(xg, block_size, sg, ue8m0, q + g * block_size);
       }
     });
   });
@@ -127,7 +134,7 @@ void indexer_k_cache_write_cpu(const at::Tensor& k_in, const at::Tensor& slot_in
           const int64_t off = slot % bs;
           const T* row = src + i * D;
           const float s = indexer_scale(abs_max(row, D), ue8m0);
-          quantize_into(row, D, s, block + off * D);
+          quantize_into(row, D, s, ue8m0, block + off * D);
           std::memcpy(block + bs * D + 4 * off, &s, 4);
         }
       });
@@ -205,7 +212,7 @@ void mla_kv_cache_write_cpu(const at::Tensor& kv_in, const at::Tensor& slot_in,
           for (int64_t tile = 0; tile < kMlaNopeDim / kMlaTile; ++tile) {
             const T* x = row + tile * kMlaTile;
             const float s = mla_tile_scale(abs_max(x, kMlaTile));
-            quantize_into(x, kMlaTile, s, rec + tile * kMlaTile);
+            quantize_into(x, kMlaTile, s, /*pow2=*/true, rec + tile * kMlaTile);
             std::memcpy(rec + kMlaNopeDim + 4 * tile, &s, 4);
           }
           store_bf16(row + kMlaNopeDim, kMlaRopeDim, rec + kMlaNopeDim + 16);
