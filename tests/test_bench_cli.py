@@ -142,3 +142,16 @@ def test_plot_e2e(tmp_path):
     else:
         assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "no e2e rows" in plot_e2e([], str(path))
+
+
+@pytest.mark.parametrize("T,S,chunk_bytes", [(40, 40, 1 << 12), (40, 40, 1 << 30), (1, 70, 1 << 30), (9, 33, 1 << 10)])
+def test_e2e_dense_baseline_is_causal_attention(T, S, chunk_bytes, gen):
+    """The dense baseline the e2e speedups are measured against computes the right thing."""
+    from dsa_ext.bench.e2e import dense_mla_attention
+    from dsa_ext.reference.dense import causal_ranges, dense_masked_mla_attention, ranges_to_mask
+    q = torch.randn(T, 3, 576, generator=gen).bfloat16()
+    kv = torch.randn(S, 576, generator=gen).bfloat16()
+    out = dense_mla_attention(q, kv, 0.05, 512, chunk_bytes)
+    ref, _ = dense_masked_mla_attention(q, kv, ranges_to_mask(*causal_ranges(T, S), S), 0.05)
+    assert out.shape == (T, 3, 512) and out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
