@@ -155,3 +155,16 @@ def test_e2e_dense_baseline_is_causal_attention(T, S, chunk_bytes, gen):
     ref, _ = dense_masked_mla_attention(q, kv, ranges_to_mask(*causal_ranges(T, S), S), 0.05)
     assert out.shape == (T, 3, 512) and out.dtype == torch.bfloat16
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_e2e_summary_names_the_crossover():
+    from dsa_ext.bench.e2e import summarize
+
+    def row(name, L, speedup):
+        return {"family": "e2e", "name": name, "shape": {"L": L},
+                "baselines": {"dense": {"us": 1.0, "speedup": speedup, "error": None}}}
+    rows = [row("dsa_prefill", L, s) for L, s in ((256, 0.5), (512, 1.3), (1024, 2.5))]
+    rows += [row("dsa_decode", L, s) for L, s in ((256, 0.2), (512, 0.4), (1024, 0.9))]
+    prefill, decode = summarize(rows)
+    assert "overtakes dense at L=512" in prefill and "2.50x at L=1024" in prefill
+    assert "does not overtake dense up to L=1024" in decode
