@@ -1,0 +1,222 @@
+"""sparse_mla_decode (SPEC section 3) against dsa_ext.reference: both MLA cache layouts, paged
+block sizes, every head count the kernels serve, ragged/invalid/empty rows, sinks, topk_length
+in both forms, opcheck, and bad inputs."""
+import math
+
+import pytest
+import torch
+
+import dsa_ext
+from dsa_ext import reference as ref
+from conftest import randn, rel_err
+
+D_QK, D_V = 576, 512
+
+
+def pack_mla_fp8_records(kv: torch.Tensor) -> torch.Tensor:
+    """kv [N, 576] -> uint8 [N, 656] FP8 MLA records (SPEC section 2, FlashMLA's quantiser):
+    per 128-value tile s = 2**ceil(log2(max(amax / 448, 1e-4))), stored clamp(x / s) in e4m3."""
+    kv = kv.float()
+    nope = kv[:, :512].view(-1, 4, 128)
+    amax = nope.abs().amax(dim=2)
+    scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / 448.0, min=1e-4))))
+    fp8 = torch.clamp(nope / scale[:, :, None], -448, 448).to(torch.float8_e4m3fn)
+    rope = kv[:, 512:].to(torch.bfloat16)
+    return torch.cat([fp8.reshape(-1, 512).view(torch.uint8), scale.contiguous().view(torch.uint8),
+                      rope.contiguous().view(torch.uint8)], dim=1)
+
+
+def make_cache(num_blocks, block_size, fp8, gen):
+    kv = randn(num_blocks * block_size, D_QK, gen=gen)
+    if fp8:
+        return pack_mla_fp8_records(kv).view(num_blocks, block_size, 1, 656)
+    return kv.to(torch.bfloat16).view(num_blocks, block_size, 1, D_QK)
+
+
+def make_indices(B, s_q, K, num_slots, gen, invalid_frac=0.2):
+    """Random slots, with -1, other negatives and out-of-range slots sprinkled in."""
+    idx = torch.randint(0, num_slots, (B, s_q, K), generator=gen, dtype=torch.int32)
+    r = torch.rand(B, s_q, K, generator=gen)
+    idx[r < invalid_frac] = -1
+    idx[(r >= invalid_frac) & (r < invalid_frac * 1.25)] = num_slots        # just out of range
+    idx[(r >= invalid_frac * 1.25) & (r < invalid_frac * 1.5)] = -7
+    idx[(r >= invalid_frac * 1.5) & (r < invalid_frac * 1.6)] = 2**31 - 1
+    return idx
+
+
+def check(q, cache, idx, sm_scale, device, sink=None, topk_length=None):
+    to = lambda t: None if t is None else t.to(device)
+    out, lse = dsa_ext.sparse_mla_decode(to(q), to(cache), to(idx), sm_scale, 512, to(sink),
+                                         to(topk_length))
+    ro, rl = ref.sparse_mla_decode(q, cache, idx, sm_scale, 512, sink, topk_length)
+    assert out.shape == ro.shape and out.dtype == torch.bfloat16
+    assert lse.shape == rl.shape and lse.dtype == torch.float32
+    out, lse = out.cpu(), lse.cpu()
+    empty = torch.isneginf(rl)
+    assert torch.equal(torch.isneginf(lse), empty), "empty rows must give lse = -inf exactly"
+    assert torch.all(out[empty] == 0), "empty rows must give out = 0"
+    if (~empty).any():
+        tol = 8e-3 if device == "cpu" else 2e-2
+        assert rel_err(out[~empty], ro[~empty]) < tol
+        assert (lse[~empty] - rl[~empty]).abs().max().item() < (1e-3 if device == "cpu" else 1e-2)
+    return out, lse
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("B,s_q,H,K", [(2, 1, 16, 64), (1, 2, 32, 128), (2, 3, 64, 64), (1, 4, 128, 96)])
+def test_matches_reference(device, gen, fp8, block_size, B, s_q, H, K):
+    cache = make_cache(7, block_size, fp8, gen)
+    q = randn(B, s_q, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(B, s_q, K, 7 * block_size, gen)
+    check(q, cache, idx, D_QK ** -0.5, device)
+
+
+@pytest.mark.parametrize("block_size", [1, 32])
+def test_other_block_sizes_and_repeats(device, gen, block_size):
+    cache = make_cache(50, block_size, True, gen)
+    q = randn(2, 2, 16, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(2, 2, 64, 50 * block_size, gen)
+    idx[0, 0, 10:20] = 3     # a repeated slot counts once per occurrence
+    check(q, cache, idx, 0.1, device)
+
+
+def test_empty_and_ragged_rows(device, gen):
+    cache = make_cache(4, 64, True, gen)
+    q = randn(3, 2, 16, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(3, 2, 128, 256, gen)
+    idx[0, 1] = -1                     # all -1
+    idx[1, 0] = 256                    # all out of range
+    idx[2, 1, 1:] = -1                 # a single valid entry
+    idx[2, 1, 0] = 5
+    out, lse = check(q, cache, idx, D_QK ** -0.5, device)
+    assert torch.isneginf(lse[0, 1]).all() and torch.isneginf(lse[1, 0]).all()
+    assert torch.isfinite(lse[2, 1]).all()
+
+
+@pytest.mark.parametrize("per_query", [False, True], ids=["len[B]", "len[B,s_q]"])
+def test_topk_length(device, gen, per_query):
+    B, s_q, H, K = 3, 2, 32, 128
+    cache = make_cache(5, 64, True, gen)
+    q = randn(B, s_q, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(B, s_q, K, 320, gen, invalid_frac=0.05)
+    if per_query:
+        lengths = torch.tensor([[0, 1], [64, 77], [128, 500]], dtype=torch.int32)
+    else:
+        lengths = torch.tensor([0, 65, 128], dtype=torch.int32)
+    out, lse = check(q, cache, idx, D_QK ** -0.5, device, topk_length=lengths)
+    assert torch.isneginf(lse[0, 0]).all()
+    # entries past topk_length must not matter, even if they are valid slots
+    full, _ = dsa_ext.sparse_mla_decode(q.to(device), cache.to(device), idx.to(device), D_QK ** -0.5,
+                                        topk_length=lengths.to(device))
+    idx2 = idx.clone()
+    idx2[1, :, 100:] = 0
+    cut, _ = dsa_ext.sparse_mla_decode(q.to(device), cache.to(device), idx2.to(device), D_QK ** -0.5,
+                                       topk_length=lengths.to(device))
+    assert torch.equal(full.cpu(), cut.cpu())
+
+
+def test_attn_sink(device, gen):
+    B, s_q, H, K = 2, 2, 16, 64
+    cache = make_cache(3, 64, True, gen)
+    q = randn(B, s_q, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(B, s_q, K, 192, gen)
+    idx[1, 1] = -1
+    sink = randn(H, gen=gen, scale=3.0)
+    out, lse = check(q, cache, idx, D_QK ** -0.5, device, sink=sink)
+    plain, plain_lse = dsa_ext.sparse_mla_decode(q.to(device), cache.to(device), idx.to(device), D_QK ** -0.5)
+    # lse excludes the sink; out shrinks by exactly the sink's share of the denominator
+    torch.testing.assert_close(lse, plain_lse.cpu())
+    shrink = torch.exp(plain_lse.cpu() - torch.logaddexp(plain_lse.cpu(), sink.expand_as(plain_lse)))
+    valid = torch.isfinite(plain_lse.cpu())
+    expect = plain.cpu().float() * shrink[..., None]
+    assert rel_err(out[valid], expect[valid]) < 1e-2
+
+
+def test_scores_with_large_range(device, gen):
+    """Peaky softmax (large sm_scale) must not overflow the online softmax."""
+    cache = make_cache(2, 64, False, gen)
+    q = randn(1, 2, 16, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(1, 2, 128, 128, gen)
+    check(q, cache, idx, 2.0, device)
+
+
+def test_k_zero_and_empty_batch(device, gen):
+    cache = make_cache(2, 64, True, gen).to(device)
+    q = randn(2, 1, 16, D_QK, gen=gen, dtype=torch.bfloat16).to(device)
+    out, lse = dsa_ext.sparse_mla_decode(q, cache, torch.empty(2, 1, 0, dtype=torch.int32, device=device), 0.1)
+    assert torch.all(out == 0) and torch.isneginf(lse).all()
+    out, lse = dsa_ext.sparse_mla_decode(q[:0], cache, torch.empty(0, 1, 64, dtype=torch.int32, device=device), 0.1)
+    assert out.shape == (0, 1, 16, 512) and lse.shape == (0, 1, 16)
+
+
+def test_reference_dequantises_records_exactly(gen):
+    kv = randn(8, D_QK, gen=gen) * torch.linspace(0.01, 100, 8)[:, None]
+    rec = pack_mla_fp8_records(kv)
+    deq = ref.dequantize_mla_records(rec.view(8, 1, 1, 656))
+    fp8 = rec[:, :512].view(torch.float8_e4m3fn).float().view(8, 4, 128)
+    scale = rec[:, 512:528].view(torch.float32)
+    assert torch.equal(deq[:, :512], (fp8 * scale[:, :, None]).view(8, 512))
+    assert torch.equal(deq[:, 512:], kv[:, 512:].to(torch.bfloat16).float())
+    # FP8 with a per-tile scale: relative error within e4m3's half-ulp (2^-4) of the tile max
+    err = (deq[:, :512] - kv[:, :512]).abs().view(8, 4, 128).amax(2)
+    assert torch.all(err <= kv[:, :512].abs().view(8, 4, 128).amax(2) * 2**-3)
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+def test_opcheck(device, gen, fp8):
+    cache = make_cache(3, 16, fp8, gen).to(device)
+    q = randn(2, 2, 16, D_QK, gen=gen, dtype=torch.bfloat16).to(device)
+    idx = make_indices(2, 2, 64, 48, gen).to(device)
+    sink = randn(16, gen=gen).to(device)
+    lengths = torch.tensor([40, 64], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.dsa.sparse_mla_decode.default, (q, cache, idx, 0.05, 512, sink, lengths))
+    torch.library.opcheck(torch.ops.dsa.sparse_mla_decode.default, (q, cache, idx, 0.05))
+
+
+def _args(device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    q = randn(2, 1, 16, D_QK, gen=g, dtype=torch.bfloat16).to(device)
+    cache = make_cache(2, 16, True, g).to(device)
+    idx = make_indices(2, 1, 64, 32, g).to(device)
+    return dict(q=q, kv_cache=cache, indices=idx, sm_scale=0.1)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(q=a["q"].float()), "q must be bfloat16"),
+    (lambda a: a.update(q=a["q"][..., :512].contiguous()), "q.size"),
+    (lambda a: a.update(q=a["q"][0]), "q must be 4-D"),
+    (lambda a: a.update(q=a["q"].transpose(0, 2)), r"indices.size\(0\)|q must be contiguous"),
+    (lambda a: a.update(kv_cache=a["kv_cache"][..., :640].contiguous()), "kv_cache.size"),
+    (lambda a: a.update(kv_cache=torch.zeros(2, 16, 1, 576, dtype=torch.float16)), "kv_cache must be uint8 or bfloat16"),
+    (lambda a: a.update(kv_cache=torch.zeros(2, 16, 1, 656, dtype=torch.bfloat16)), "kv_cache.size"),
+    (lambda a: a.update(kv_cache=torch.zeros(2, 16, 2, 656, dtype=torch.uint8)), "kv_cache.size"),
+    (lambda a: a.update(kv_cache=torch.zeros(32, 656, dtype=torch.uint8)), "kv_cache must be 4-D"),
+    (lambda a: a.update(indices=a["indices"].long()), "indices must be int32, got int64"),
+    (lambda a: a.update(indices=a["indices"][:1]), "indices.size"),
+    (lambda a: a.update(indices=a["indices"].expand(2, 3, 64).contiguous()), "indices.size"),
+    (lambda a: a.update(indices=a["indices"][0]), "indices must be 3-D"),
+    (lambda a: a.update(indices=a["indices"].repeat(1, 1, 2)[..., ::2]), "indices must be contiguous"),
+    (lambda a: a.update(d_v=448), "d_v"),
+    (lambda a: a.update(attn_sink=torch.zeros(8)), "attn_sink.size"),
+    (lambda a: a.update(attn_sink=torch.zeros(16, dtype=torch.float64)), "attn_sink must be float32"),
+    (lambda a: a.update(topk_length=torch.zeros(3, dtype=torch.int32)), "topk_length.size"),
+    (lambda a: a.update(topk_length=torch.zeros(2, 2, dtype=torch.int32)), "topk_length.size"),
+    (lambda a: a.update(topk_length=torch.zeros(2, dtype=torch.int64)), "topk_length must be int32"),
+    (lambda a: a.update(topk_length=torch.zeros(2, 1, 1, dtype=torch.int32)), "topk_length must be 1-D"),
+    (lambda a: a.update(sm_scale=float("nan")), "sm_scale"),
+])
+def test_bad_inputs(change, match):
+    a = _args()
+    change(a)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        dsa_ext.sparse_mla_decode(**a)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_mixed_devices_rejected():
+    a = _args("cuda")
+    a["indices"] = a["indices"].cpu()
+    with pytest.raises(RuntimeError, match="indices must be on the same device"):
+        dsa_ext.sparse_mla_decode(**a)
