@@ -197,7 +197,7 @@ class LightningIndexer(nn.Module):
         visible = context_lens[:, None] - n_new + 1 + torch.arange(n_new, device=context_lens.device, dtype=torch.int32)
         ke = visible.reshape(-1)
         positions = torch.ops.dsa.topk_indices(logits, min(self.topk, max_len), torch.zeros_like(ke), ke, False)
-        return torch.ops.dsa.topk_slot_ids(positions.view(B, n_new, -1), block_table, cache.block_size)
+        return torch.ops.dsa.topk_slot_ids(positions, block_table, cache.block_size).view(B, n_new, -1)
 
     @staticmethod
     def _ranges(x, ks, ke):
