@@ -220,3 +220,64 @@ def test_mixed_devices_rejected():
     a["indices"] = a["indices"].cpu()
     with pytest.raises(RuntimeError, match="indices must be on the same device"):
         dsa_ext.sparse_mla_decode(**a)
+
+
+@pytest.mark.parametrize("B,s_q,H,K", [
+    (1, 1, 64, 1024),    # few CTAs: K split over many CTAs, partials merged by lse
+    (1, 2, 16, 640),     # split with a ragged last split
+    (70, 2, 16, 128),    # enough CTAs to fill the GPU: no split
+])
+def test_split_and_unsplit_work_plans(device, gen, B, s_q, H, K):
+    cache = make_cache(40, 64, True, gen)
+    q = randn(B, s_q, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(B, s_q, K, 40 * 64, gen)
+    sink = randn(H, gen=gen)
+    lengths = torch.randint(0, K + 1, (B, s_q), generator=gen, dtype=torch.int32)
+    lengths.view(-1)[0] = K
+    check(q, cache, idx, D_QK ** -0.5, device, sink=sink, topk_length=lengths)
+
+
+@pytest.mark.parametrize("H", [1, 8, 24, 48, 100])
+def test_head_counts_not_multiple_of_the_head_block(device, gen, H):
+    cache = make_cache(3, 64, True, gen)
+    q = randn(2, 1, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(2, 1, 192, 192, gen)
+    check(q, cache, idx, D_QK ** -0.5, device, sink=randn(H, gen=gen))
+
+
+def test_compiles_fullgraph(gen):
+    cache = make_cache(2, 64, True, gen)
+    q = randn(1, 2, 16, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(1, 2, 64, 128, gen)
+    f = torch.compile(lambda q, c, i: dsa_ext.sparse_mla_decode(q, c, i, 0.1), fullgraph=True,
+                      backend="eager")
+    out, lse = f(q, cache, idx)
+    eo, el = dsa_ext.sparse_mla_decode(q, cache, idx, 0.1)
+    assert torch.equal(out, eo) and torch.equal(lse, el)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("B", [1, 128])
+def test_cuda_graph_replay_follows_new_indices(gen, B):
+    """Captured once, replayed on new indices / lengths / cache contents: no host sync and no
+    data-dependent launch decisions."""
+    cache = make_cache(64, 64, True, gen).cuda()
+    q = randn(B, 2, 64, D_QK, gen=gen, dtype=torch.bfloat16).cuda()
+    idx = make_indices(B, 2, 512, 64 * 64, gen).cuda()
+    lengths = torch.full((B,), 512, dtype=torch.int32, device="cuda")
+    args = (q, cache, idx, D_QK ** -0.5, 512, None, lengths)
+    torch.ops.dsa.sparse_mla_decode(*args)   # warm up (kernel attributes, allocator)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = torch.ops.dsa.sparse_mla_decode(*args)
+    idx.copy_(make_indices(B, 2, 512, 64 * 64, gen).cuda())
+    lengths.copy_(torch.randint(0, 513, (B,), generator=gen, dtype=torch.int32).cuda())
+    cache.copy_(make_cache(64, 64, True, gen).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    ro, rl = ref.sparse_mla_decode(q.cpu(), cache.cpu(), idx.cpu(), D_QK ** -0.5, 512, None, lengths.cpu())
+    finite = torch.isfinite(rl)
+    assert torch.equal(torch.isneginf(lse.cpu()), ~finite)
+    assert rel_err(out.cpu()[finite], ro[finite]) < 2e-2
