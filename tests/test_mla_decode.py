@@ -13,23 +13,10 @@ from conftest import randn, rel_err
 D_QK, D_V = 576, 512
 
 
-def pack_mla_fp8_records(kv: torch.Tensor) -> torch.Tensor:
-    """kv [N, 576] -> uint8 [N, 656] FP8 MLA records (SPEC section 2, FlashMLA's quantiser):
-    per 128-value tile s = 2**ceil(log2(max(amax / 448, 1e-4))), stored clamp(x / s) in e4m3."""
-    kv = kv.float()
-    nope = kv[:, :512].view(-1, 4, 128)
-    amax = nope.abs().amax(dim=2)
-    scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / 448.0, min=1e-4))))
-    fp8 = torch.clamp(nope / scale[:, :, None], -448, 448).to(torch.float8_e4m3fn)
-    rope = kv[:, 512:].to(torch.bfloat16)
-    return torch.cat([fp8.reshape(-1, 512).view(torch.uint8), scale.contiguous().view(torch.uint8),
-                      rope.contiguous().view(torch.uint8)], dim=1)
-
-
 def make_cache(num_blocks, block_size, fp8, gen):
     kv = randn(num_blocks * block_size, D_QK, gen=gen)
     if fp8:
-        return pack_mla_fp8_records(kv).view(num_blocks, block_size, 1, 656)
+        return ref.quantize_mla_records(kv).view(num_blocks, block_size, 1, 656)
     return kv.to(torch.bfloat16).view(num_blocks, block_size, 1, D_QK)
 
 
@@ -150,17 +137,23 @@ def test_k_zero_and_empty_batch(device, gen):
     assert out.shape == (0, 1, 16, 512) and lse.shape == (0, 1, 16)
 
 
-def test_reference_dequantises_records_exactly(gen):
-    kv = randn(8, D_QK, gen=gen) * torch.linspace(0.01, 100, 8)[:, None]
-    rec = pack_mla_fp8_records(kv)
-    deq = ref.dequantize_mla_records(rec.view(8, 1, 1, 656))
-    fp8 = rec[:, :512].view(torch.float8_e4m3fn).float().view(8, 4, 128)
-    scale = rec[:, 512:528].view(torch.float32)
-    assert torch.equal(deq[:, :512], (fp8 * scale[:, :, None]).view(8, 512))
-    assert torch.equal(deq[:, 512:], kv[:, 512:].to(torch.bfloat16).float())
-    # FP8 with a per-tile scale: relative error within e4m3's half-ulp (2^-4) of the tile max
-    err = (deq[:, :512] - kv[:, :512]).abs().view(8, 4, 128).amax(2)
-    assert torch.all(err <= kv[:, :512].abs().view(8, 4, 128).amax(2) * 2**-3)
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+def test_agrees_with_written_and_gathered_cache(device, gen, fp8):
+    """Rows written by the cache family's writer, read back by its gather: decode must attend
+    to exactly those rows (cross-checks the 656-byte layout between the two families)."""
+    N, H = 200, 16
+    kv = randn(N, D_QK, gen=gen)
+    cache = ref.new_mla_kv_cache(4, 64, fp8=fp8)
+    slots = torch.randperm(256, generator=gen)[:N]
+    ref.mla_kv_cache_write(kv, slots, cache)
+    q = randn(1, 1, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = slots[torch.randint(0, N, (1, 1, 96), generator=gen)].to(torch.int32)
+    rows = ref.mla_kv_cache_gather(cache, idx.view(-1)).view(96, D_QK).double()
+    scores = q[0, 0].double() @ rows.T * 0.05
+    expect = torch.softmax(scores, dim=1) @ rows[:, :D_V]
+    out, lse = dsa_ext.sparse_mla_decode(q.to(device), cache.to(device), idx.to(device), 0.05)
+    assert rel_err(out.cpu()[0, 0], expect) < (8e-3 if device == "cpu" else 2e-2)
+    torch.testing.assert_close(lse.cpu()[0, 0].double(), torch.logsumexp(scores, 1), atol=1e-2, rtol=0)
 
 
 @pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])

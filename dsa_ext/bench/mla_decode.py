@@ -14,7 +14,7 @@ import torch
 
 from .common import Case
 from ..ops.mla_decode import sparse_mla_decode
-from ..reference.mla_decode import dequantize_mla_records
+from ..reference.cache import dequantize_mla_cache
 
 D_QK, D_V = 576, 512
 
@@ -35,7 +35,7 @@ def _gathered_attention(q, kv_cache, indices, sm_scale):
     flat = kv_cache.view(-1, kv_cache.shape[-1])
     valid = (indices >= 0) & (indices < flat.shape[0])
     rows = flat[torch.where(valid, indices, 0).view(-1).long()]
-    kv = (dequantize_mla_records(rows) if kv_cache.dtype == torch.uint8 else rows.float())
+    kv = dequantize_mla_cache(rows.view(-1, 1, 1, rows.shape[-1]))
     kv = kv.to(torch.bfloat16).view(B * s_q, K, D_QK)
     scores = torch.bmm(q.view(B * s_q, H, D_QK), kv.transpose(1, 2)).float() * sm_scale
     scores = scores.masked_fill(~valid.view(B * s_q, 1, K), float("-inf"))
