@@ -208,6 +208,21 @@ def test_bad_inputs(change, match):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("B,s_q,H,K", [(2, 2, 128, 256), (1, 1, 64, 1024), (80, 2, 64, 192)])
+def test_cuda_wgmma_kernel(monkeypatch, gen, fp8, B, s_q, H, K):
+    """The opt-in wgmma kernel (DSA_MLA_DECODE_WGMMA=1, 64-head blocks on sm_90a) against the
+    reference, split and unsplit."""
+    monkeypatch.setenv("DSA_MLA_DECODE_WGMMA", "1")
+    cache = make_cache(40, 64, fp8, gen)
+    q = randn(B, s_q, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(B, s_q, K, 40 * 64, gen)
+    lengths = torch.randint(0, K + 1, (B,), generator=gen, dtype=torch.int32)
+    check(q, cache, idx, D_QK ** -0.5, "cuda", sink=randn(H, gen=gen), topk_length=lengths)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_mixed_devices_rejected():
     a = _args("cuda")
     a["indices"] = a["indices"].cpu()

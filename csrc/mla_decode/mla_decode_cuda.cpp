@@ -5,6 +5,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "common/cuda_glue.h"
 #include "mla_decode/mla_decode_checks.h"
 #include "mla_decode/mla_decode_launch.h"
@@ -16,6 +19,17 @@ int sm_count(int device) {
   int n = 0;
   DSA_CHECK_CUDA(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
   return n;
+}
+
+// The wgmma kernel (64-head blocks, sm_90a) is opt-in with DSA_MLA_DECODE_WGMMA=1 until it has
+// been validated on hardware; the mma.sync kernel is the default. Read per call (host only, no
+// data dependence), so tests can exercise both.
+bool use_wgmma(int device) {
+  const char* env = std::getenv("DSA_MLA_DECODE_WGMMA");
+  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
+  int major = 0;
+  DSA_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major == 9;
 }
 
 void check_aligned16(const at::Tensor& t, const char* name) {
@@ -60,6 +74,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
   p.per_query_topk_length = sh.per_query_topk_length;
   p.sm_scale = static_cast<float>(sm_scale);
   p.plan = plan;
+  p.use_wgmma = use_wgmma(q.get_device());
   DSA_CHECK_CUDA(launch_sparse_mla_decode(p, current_stream(q)));
   return {out, lse};
 }

@@ -3,7 +3,7 @@
 // One CTA of 8 warps per (query row b*s_q+s, block of HB heads, split of the K entries).
 // Per step it gathers 64 selected cache records, dequantises them once into shared memory as
 // bf16 (shared by all HB heads), then runs S = Q K^T and O += P V on bf16 tensor cores
-// (mma.sync m16n8k16) with an online softmax. FP8 records are fetched with cp.async into a raw
+// (mma.sync m16n8k16, or wgmma on sm_90a for 64-head blocks) with an online softmax. FP8 records are fetched with cp.async into a raw
 // staging buffer one step ahead, so the gather of step t+1 overlaps the math of step t.
 // Invalid entries (negative, >= num_slots, past topk_length) are never read: their copies are
 // zero-filled (cp.async with 0 source bytes) and their scores masked to -inf.
@@ -18,6 +18,7 @@
 #include "mla_decode/mla_decode_launch.h"
 #include "mla_decode/mla_decode_layout.h"
 #include "mla_decode/mla_decode_mma.cuh"
+#include "mla_decode/mla_decode_wgmma.cuh"
 
 namespace dsa::mla_decode {
 
@@ -26,21 +27,30 @@ constexpr int kWarps = kThreads / 32;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// Element (r, c) of a bf16 tile of R rows kept as 8x8 "core matrices" (8 rows of 16 contiguous
+// bytes, 128 bytes each), column groups outermost. One ldmatrix 8x8 matrix is one core matrix
+// (bank-conflict free), and it is the no-swizzle layout wgmma descriptors describe: stride
+// between 8-row groups 128 bytes, between 8-column groups R * 16 bytes.
+template <int R>
+__device__ __forceinline__ int core_offset(int r, int c) {
+  return ((c >> 3) * (R / 8) + (r >> 3)) * 64 + (r & 7) * 8 + (c & 7);
+}
+template <int R>
+constexpr uint32_t core_column_group_bytes() { return R * 16; }
+constexpr uint32_t kCoreRowGroupBytes = 128;
+
 // Shared-memory layout of one CTA for a head block of HB heads (byte offsets, 16-aligned).
 template <int HB, bool kFp8>
 struct DecodeSmem {
-  // 576 bf16 + 8 pad: 1168-byte rows put the 8 rows of an ldmatrix in distinct bank groups.
-  static constexpr int kRowStride = kDQK + 8;
-  static constexpr int kSStride = kTokensPerTile + 4;   // fp32 scores
-  static constexpr int kPStride = kTokensPerTile + 8;   // bf16 probabilities (144-byte rows)
-  static constexpr size_t kQ = 0;
-  static constexpr size_t kKV = kQ + size_t(HB) * kRowStride * 2;
-  static constexpr size_t kS = kKV + size_t(kTokensPerTile) * kRowStride * 2;
-  static constexpr size_t kP = kS + size_t(HB) * kSStride * 4;
-  static constexpr size_t kRowAlpha = kP + size_t(HB) * kPStride * 2;   // per-row rescale
-  static constexpr size_t kRowFinal = kRowAlpha + HB * 4;               // per-row 1/denominator
-  static constexpr size_t kValid = kRowFinal + HB * 4;                  // per-token validity
-  static constexpr size_t kRaw = kValid + kTokensPerTile * 4;           // FP8 staging
+  static constexpr int kSStride = kTokensPerTile + 4;   // fp32 scores, row-major
+  static constexpr size_t kQ = 0;                                         // [HB x 576] core tiles
+  static constexpr size_t kKV = kQ + size_t(HB) * kDQK * 2;               // [64 x 576] core tiles
+  static constexpr size_t kS = kKV + size_t(kTokensPerTile) * kDQK * 2;
+  static constexpr size_t kP = kS + size_t(HB) * kSStride * 4;            // [HB x 64] core tiles
+  static constexpr size_t kRowAlpha = kP + size_t(HB) * kTokensPerTile * 2;   // per-row rescale
+  static constexpr size_t kRowFinal = kRowAlpha + HB * 4;                     // per-row 1/denominator
+  static constexpr size_t kValid = kRowFinal + HB * 4;                        // per-token validity
+  static constexpr size_t kRaw = kValid + kTokensPerTile * 4;                 // FP8 staging
   static constexpr size_t kBytes = kRaw + (kFp8 ? size_t(kTokensPerTile) * kFp8RecordBytes : 0);
 };
 
@@ -52,15 +62,19 @@ __device__ __forceinline__ int64_t entry_slot(const int32_t* row_indices, int j,
   return (slot >= 0 && slot < num_slots) ? slot : -1;
 }
 
-// Issue the copies of one 64-entry tile. Thread (token = tid / 4, part = tid % 4) copies a
-// quarter of its token's record: FP8 nope tile `part` (8 chunks), its tile's scale and 2 rope
-// chunks into the raw staging buffer, so each thread later reads only bytes it copied itself;
-// bf16 rows go straight to the KV buffer.
+// Thread -> (token, quarter of its record) for gathering and dequantising a tile. Consecutive
+// threads take consecutive tokens so their 16-byte shared stores hit distinct banks.
+__device__ __forceinline__ int tile_token() { return threadIdx.x % kTokensPerTile; }
+__device__ __forceinline__ int tile_part() { return threadIdx.x / kTokensPerTile; }
+
+// Issue the copies of one 64-entry tile. Each thread copies a quarter of its token's record:
+// FP8 nope tile `part` (8 chunks), its tile's scale and 2 rope chunks into the raw staging
+// buffer, so each thread later reads only bytes it copied itself; bf16 rows go straight to the
+// KV tile. Returns whether the token is valid (its copies zero-fill otherwise).
 template <bool kFp8>
 __device__ __forceinline__ bool issue_tile_copy(const DecodeParams& p, const int32_t* row_indices,
-                                                int tile, int len, uint8_t* raw,
-                                                __nv_bfloat16* kv, int row_stride) {
-  const int token = threadIdx.x / 4, part = threadIdx.x % 4;
+                                                int tile, int len, uint8_t* raw, __nv_bfloat16* kv) {
+  const int token = tile_token(), part = tile_part();
   const int64_t slot = entry_slot(row_indices, tile * kTokensPerTile + token, len, p.num_slots);
   const bool valid = slot >= 0;
   const int64_t safe_slot = valid ? slot : 0;   // address stays in range; nothing is read
@@ -76,23 +90,23 @@ __device__ __forceinline__ bool issue_tile_copy(const DecodeParams& p, const int
     }
     cp_async_4(dst + kScaleOffset + 4 * part, src + kScaleOffset + 4 * part, valid);
   } else {
-    const uint8_t* src = static_cast<const uint8_t*>(p.kv_cache) + safe_slot * kBf16RecordBytes;
-    uint8_t* dst = reinterpret_cast<uint8_t*>(kv + token * row_stride);
-    constexpr int kChunks = kBf16RecordBytes / 16 / 4;   // 18 per thread
+    const auto* src = static_cast<const __nv_bfloat16*>(p.kv_cache) + safe_slot * kDQK;
+    constexpr int kCols = kDQK / 4;   // 144 features, 18 chunks per thread
 #pragma unroll
-    for (int c = 0; c < kChunks; ++c) cp_async_16(dst + 16 * (part * kChunks + c), src + 16 * (part * kChunks + c), valid);
+    for (int c = 0; c < kCols / 8; ++c) {
+      const int col = part * kCols + 8 * c;
+      cp_async_16(kv + core_offset<kTokensPerTile>(token, col), src + col, valid);
+    }
   }
   cp_async_commit();
   return valid;
 }
 
-// FP8 staging -> bf16 KV rows: this thread's nope tile (128 values times its scale) and rope.
-__device__ __forceinline__ void dequantise_tile_part(const uint8_t* raw, __nv_bfloat16* kv,
-                                                     int row_stride) {
-  const int token = threadIdx.x / 4, part = threadIdx.x % 4;
+// FP8 staging -> bf16 KV tile: this thread's nope tile (128 values times its scale) and rope.
+__device__ __forceinline__ void dequantise_tile_part(const uint8_t* raw, __nv_bfloat16* kv) {
+  const int token = tile_token(), part = tile_part();
   const uint8_t* rec = raw + token * kFp8RecordBytes;
   const float scale = reinterpret_cast<const float*>(rec + kScaleOffset)[part];
-  __nv_bfloat16* row = kv + token * row_stride;
 #pragma unroll
   for (int c = 0; c < 8; ++c) {
     const uint4 v = *reinterpret_cast<const uint4*>(rec + part * kTile + 16 * c);
@@ -108,27 +122,36 @@ __device__ __forceinline__ void dequantise_tile_part(const uint8_t* raw, __nv_bf
       packed[2 * w] = pack_bf16x2(flo.x * scale, flo.y * scale);
       packed[2 * w + 1] = pack_bf16x2(fhi.x * scale, fhi.y * scale);
     }
-    uint4* dst = reinterpret_cast<uint4*>(row + part * kTile + 16 * c);
-    dst[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-    dst[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+    const int col = part * kTile + 16 * c;
+    *reinterpret_cast<uint4*>(kv + core_offset<kTokensPerTile>(token, col)) =
+        make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    *reinterpret_cast<uint4*>(kv + core_offset<kTokensPerTile>(token, col + 8)) =
+        make_uint4(packed[4], packed[5], packed[6], packed[7]);
   }
 #pragma unroll
   for (int c = 0; c < 2; ++c) {
-    const int off = 32 * part + 16 * c;   // bytes into the rope part
-    *reinterpret_cast<uint4*>(reinterpret_cast<uint8_t*>(row + kDNope) + off) =
-        *reinterpret_cast<const uint4*>(rec + kRopeOffset + off);
+    const int col = kDNope + 16 * part + 8 * c;
+    *reinterpret_cast<uint4*>(kv + core_offset<kTokensPerTile>(token, col)) =
+        *reinterpret_cast<const uint4*>(rec + kRopeOffset + 32 * part + 16 * c);
   }
 }
 
-template <int HB, bool kFp8>
+// kWgmma (HB = 64 only): the two warpgroups compute S = Q K^T (32 keys each) and O += P V (256
+// output columns each) with wgmma from shared memory; otherwise each warp issues mma.sync.
+// Accumulators are laid out alike: acc[(m * kAccN + n) * 4 + i] is the m16n8 fragment (m, n)
+// of the lane, rows acc_row0(m) + g (+8), columns acc_col0(n) + 2 t4 (+1).
+template <int HB, bool kFp8, bool kWgmma>
 __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const DecodeParams p) {
   using Smem = DecodeSmem<HB, kFp8>;
   constexpr int MT = HB / 16;                  // 16-row MMA tiles of heads
   constexpr int kTPR = kThreads / HB;          // softmax threads per head row
   constexpr int kVPT = kTokensPerTile / kTPR;  // scores per softmax thread
-  constexpr int kRS = Smem::kRowStride, kSS = Smem::kSStride, kPS = Smem::kPStride;
-  constexpr int kColsPerWarp = kDV / kWarps;   // 64 output columns per warp in P V
+  constexpr int kSS = Smem::kSStride;
+  constexpr int kColsPerWarp = kDV / kWarps;   // 64 output columns per warp (mma.sync P V)
+  constexpr int kAccM = kWgmma ? 1 : MT;
+  constexpr int kAccN = kWgmma ? kDV / 2 / 8 : kColsPerWarp / 8;
   static_assert(HB % 16 == 0 && kThreads % HB == 0 && kColsPerWarp == 64, "tile shape");
+  static_assert(!kWgmma || HB == 64, "the wgmma path covers 64 heads with two warpgroups");
 
   extern __shared__ __align__(128) uint8_t smem[];
   auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem + Smem::kQ);
@@ -146,6 +169,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
   const int h0 = blockIdx.y * HB;
   const int split = blockIdx.z;
   const int64_t b = row / p.s_q;
+  auto acc_row0 = [&](int m) { return kWgmma ? (warp % 4) * 16 : m * 16; };
+  auto acc_col0 = [&](int n) { return kWgmma ? (warp / 4) * (kDV / 2) + n * 8 : warp * kColsPerWarp + n * 8; };
 
   int len = static_cast<int>(p.topk);
   if (p.topk_length != nullptr)
@@ -157,75 +182,84 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
   // Q of the head block (rows past H are zero and never stored).
   {
     const auto* q_g = static_cast<const __nv_bfloat16*>(p.q) + (row * p.heads + h0) * kDQK;
-    constexpr int kChunksPerRow = kDQK / 8;
-    for (int c = tid; c < HB * kChunksPerRow; c += kThreads) {
-      const int r = c / kChunksPerRow, k = c % kChunksPerRow;
+    for (int c = tid; c < HB * (kDQK / 8); c += kThreads) {
+      const int r = c % HB, col = (c / HB) * 8;
       uint4 v = make_uint4(0, 0, 0, 0);
-      if (h0 + r < p.heads) v = __ldg(reinterpret_cast<const uint4*>(q_g + r * kDQK) + k);
-      *reinterpret_cast<uint4*>(q_s + r * kRS + k * 8) = v;
+      if (h0 + r < p.heads) v = __ldg(reinterpret_cast<const uint4*>(q_g + r * kDQK + col));
+      *reinterpret_cast<uint4*>(q_s + core_offset<HB>(r, col)) = v;
     }
   }
 
   const float score_scale = p.sm_scale * kLog2e;   // scores kept in log2 units
   const int soft_row = tid / kTPR, soft_part = tid % kTPR;
   float m_run = -INFINITY, l_run = 0.f;            // owned by the kTPR threads of soft_row
-  float acc[MT][8][4];
+  float acc[kAccM * kAccN * 4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+  for (int i = 0; i < kAccM * kAccN * 4; ++i) acc[i] = 0.f;
 
   bool pending_valid = false;
   if (tile_begin < tile_end)
-    pending_valid = issue_tile_copy<kFp8>(p, row_indices, tile_begin, len, raw_s, kv_s, kRS);
+    pending_valid = issue_tile_copy<kFp8>(p, row_indices, tile_begin, len, raw_s, kv_s);
 
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     cp_async_wait_all();
-    if (tid % 4 == 0) valid_s[tid / 4] = pending_valid;
+    if (tid < kTokensPerTile) valid_s[tid] = pending_valid;   // part-0 threads own the tokens
     if constexpr (kFp8) {
-      dequantise_tile_part(raw_s, kv_s, kRS);
+      dequantise_tile_part(raw_s, kv_s);
       // Each thread re-fills only staging bytes it alone reads, so the next copy can start now.
       if (tile + 1 < tile_end)
-        pending_valid = issue_tile_copy<kFp8>(p, row_indices, tile + 1, len, raw_s, kv_s, kRS);
+        pending_valid = issue_tile_copy<kFp8>(p, row_indices, tile + 1, len, raw_s, kv_s);
     }
+    if constexpr (kWgmma) fence_proxy_async_smem();   // Q / KV stores -> wgmma reads
     __syncthreads();
 
-    // S = Q K^T: warp -> one 16-head tile x MT 8-token tiles.
+    // S = Q K^T, scaled to log2 units, into s_s. Warp -> 16 heads x (8 * MT) keys.
     {
       const int mt = warp % MT, n0 = (warp / MT) * MT * 8;
-      float sacc[MT][4];
+      float sacc[MT * 4];
 #pragma unroll
-      for (int nt = 0; nt < MT; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) sacc[nt][i] = 0.f;
-      const __nv_bfloat16* a_ptr = q_s + (mt * 16 + lane % 16) * kRS + (lane / 16) * 8;
+      for (int i = 0; i < MT * 4; ++i) sacc[i] = 0.f;
+      if constexpr (kWgmma) {
+        // Warpgroup wg: all 64 heads x keys [32 wg, 32 wg + 32). K step 16 = 2 column groups.
+        const uint64_t a0 = wgmma_desc(q_s, core_column_group_bytes<HB>(), kCoreRowGroupBytes);
+        const uint64_t b0 = wgmma_desc(kv_s + core_offset<kTokensPerTile>(n0, 0),
+                                       core_column_group_bytes<kTokensPerTile>(), kCoreRowGroupBytes);
+        wgmma_fence();
+#pragma unroll   // all 36 issued back to back; one wait at the end
+        for (int ks = 0; ks < kDQK / 16; ++ks) {
+          wgmma_m64n32k16_kmajor_b(sacc, a0 + ((ks * 2 * core_column_group_bytes<HB>()) >> 4),
+                                   b0 + ((ks * 2 * core_column_group_bytes<kTokensPerTile>()) >> 4), ks > 0);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+      } else {
 #pragma unroll 4
-      for (int ks = 0; ks < kDQK / 16; ++ks) {
-        uint32_t a[4];
-        ldmatrix_x4(a, a_ptr + ks * 16);
-        if constexpr (MT == 1) {
-          uint32_t bb[2];
-          ldmatrix_x2(bb, kv_s + (n0 + lane % 8) * kRS + ks * 16 + ((lane / 8) % 2) * 8);
-          mma_bf16_16816(sacc[0], a, bb[0], bb[1]);
-        } else {
+        for (int ks = 0; ks < kDQK / 16; ++ks) {
+          uint32_t a[4];
+          ldmatrix_x4(a, q_s + core_offset<HB>(mt * 16 + lane % 16, ks * 16 + (lane / 16) * 8));
+          if constexpr (MT == 1) {
+            uint32_t bb[2];
+            ldmatrix_x2(bb, kv_s + core_offset<kTokensPerTile>(n0 + lane % 8, ks * 16 + ((lane / 8) % 2) * 8));
+            mma_bf16_16816(sacc, a, bb[0], bb[1]);
+          } else {
 #pragma unroll
-          for (int np = 0; np < MT / 2; ++np) {
-            uint32_t bb[4];
-            ldmatrix_x4(bb, kv_s + (n0 + np * 16 + (lane / 16) * 8 + lane % 8) * kRS + ks * 16 + ((lane / 8) % 2) * 8);
-            mma_bf16_16816(sacc[2 * np], a, bb[0], bb[1]);
-            mma_bf16_16816(sacc[2 * np + 1], a, bb[2], bb[3]);
+            for (int np = 0; np < MT / 2; ++np) {
+              uint32_t bb[4];
+              ldmatrix_x4(bb, kv_s + core_offset<kTokensPerTile>(n0 + np * 16 + (lane / 16) * 8 + lane % 8,
+                                                                 ks * 16 + ((lane / 8) % 2) * 8));
+              mma_bf16_16816(*reinterpret_cast<float(*)[4]>(sacc + 8 * np), a, bb[0], bb[1]);
+              mma_bf16_16816(*reinterpret_cast<float(*)[4]>(sacc + 8 * np + 4), a, bb[2], bb[3]);
+            }
           }
         }
       }
 #pragma unroll
       for (int nt = 0; nt < MT; ++nt) {
         float* s0 = s_s + (mt * 16 + g) * kSS + n0 + nt * 8 + 2 * t4;
-        s0[0] = sacc[nt][0] * score_scale;
-        s0[1] = sacc[nt][1] * score_scale;
-        s0[8 * kSS] = sacc[nt][2] * score_scale;
-        s0[8 * kSS + 1] = sacc[nt][3] * score_scale;
+        s0[0] = sacc[nt * 4 + 0] * score_scale;
+        s0[1] = sacc[nt * 4 + 1] * score_scale;
+        s0[8 * kSS] = sacc[nt * 4 + 2] * score_scale;
+        s0[8 * kSS + 1] = sacc[nt * 4 + 3] * score_scale;
       }
     }
     __syncthreads();
@@ -251,7 +285,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
         const float p0 = none ? 0.f : exp2f(sv[i] - m_new);
         const float p1 = none ? 0.f : exp2f(sv[i + 1] - m_new);
         sum += p0 + p1;
-        *reinterpret_cast<uint32_t*>(p_s + soft_row * kPS + soft_part * kVPT + i) = pack_bf16x2(p0, p1);
+        *reinterpret_cast<uint32_t*>(p_s + core_offset<HB>(soft_row, soft_part * kVPT + i)) = pack_bf16x2(p0, p1);
       }
 #pragma unroll
       for (int o = kTPR / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -259,34 +293,49 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
       m_run = m_new;
       if (soft_part == 0) alpha_s[soft_row] = alpha;
     }
+    if constexpr (kWgmma) fence_proxy_async_smem();   // P stores -> wgmma reads
     __syncthreads();
 
-    // O = alpha O + P V: warp -> 64 output columns of every head row.
+    // O = alpha O + P V.
     {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const float a_lo = alpha_s[mt * 16 + g], a_hi = alpha_s[mt * 16 + g + 8];
+      for (int m = 0; m < kAccM; ++m) {
+        const float a_lo = alpha_s[acc_row0(m) + g], a_hi = alpha_s[acc_row0(m) + g + 8];
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          acc[mt][nt][0] *= a_lo; acc[mt][nt][1] *= a_lo;
-          acc[mt][nt][2] *= a_hi; acc[mt][nt][3] *= a_hi;
+        for (int n = 0; n < kAccN; ++n) {
+          float* f = acc + (m * kAccN + n) * 4;
+          f[0] *= a_lo; f[1] *= a_lo; f[2] *= a_hi; f[3] *= a_hi;
         }
       }
-      const int col0 = warp * kColsPerWarp;
+      if constexpr (kWgmma) {
+        // Warpgroup wg: 64 heads x output columns [256 wg, 256 wg + 256); V is N-major.
+        const uint64_t a0 = wgmma_desc(p_s, core_column_group_bytes<HB>(), kCoreRowGroupBytes);
+        const uint64_t b0 = wgmma_desc(kv_s + core_offset<kTokensPerTile>(0, (warp / 4) * (kDV / 2)),
+                                       kCoreRowGroupBytes, core_column_group_bytes<kTokensPerTile>());
+        wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < kTokensPerTile / 16; ++ks) {
-        uint32_t a[MT][4];
+        for (int ks = 0; ks < kTokensPerTile / 16; ++ks)
+          wgmma_m64n256k16_nmajor_b(acc, a0 + ((ks * 2 * core_column_group_bytes<HB>()) >> 4),
+                                    b0 + ((ks * 2 * kCoreRowGroupBytes) >> 4), 1);
+        wgmma_commit();
+        wgmma_wait_all();
+      } else {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-          ldmatrix_x4(a[mt], p_s + (mt * 16 + lane % 16) * kPS + ks * 16 + (lane / 16) * 8);
+        for (int ks = 0; ks < kTokensPerTile / 16; ++ks) {
+          uint32_t a[MT][4];
 #pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          uint32_t bb[4];
-          ldmatrix_x4_trans(bb, kv_s + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kRS + col0 + np * 16 + (lane / 16) * 8);
+          for (int mt = 0; mt < MT; ++mt)
+            ldmatrix_x4(a[mt], p_s + core_offset<HB>(mt * 16 + lane % 16, ks * 16 + (lane / 16) * 8));
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            mma_bf16_16816(acc[mt][2 * np], a[mt], bb[0], bb[1]);
-            mma_bf16_16816(acc[mt][2 * np + 1], a[mt], bb[2], bb[3]);
+          for (int np = 0; np < 4; ++np) {
+            uint32_t bb[4];
+            ldmatrix_x4_trans(bb, kv_s + core_offset<kTokensPerTile>(ks * 16 + lane % 8 + ((lane / 8) % 2) * 8,
+                                                                     acc_col0(2 * np) + (lane / 16) * 8));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              mma_bf16_16816(*reinterpret_cast<float(*)[4]>(acc + (mt * kAccN + 2 * np) * 4), a[mt], bb[0], bb[1]);
+              mma_bf16_16816(*reinterpret_cast<float(*)[4]>(acc + (mt * kAccN + 2 * np + 1) * 4), a[mt], bb[2], bb[3]);
+            }
           }
         }
       }
@@ -294,7 +343,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
     __syncthreads();   // KV, P and alpha are rewritten by the next step
     if constexpr (!kFp8) {
       if (tile + 1 < tile_end)
-        pending_valid = issue_tile_copy<kFp8>(p, row_indices, tile + 1, len, raw_s, kv_s, kRS);
+        pending_valid = issue_tile_copy<kFp8>(p, row_indices, tile + 1, len, raw_s, kv_s);
     }
   }
 
@@ -318,23 +367,23 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
     }
   }
   __syncthreads();
-  const int col0 = warp * kColsPerWarp;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
+  for (int m = 0; m < kAccM; ++m) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int r = mt * 16 + g + 8 * half;
+      const int r = acc_row0(m) + g + 8 * half;
       if (h0 + r >= p.heads) continue;
       const float inv = final_s[r];
-      const int64_t o = (row * p.heads + h0 + r) * kDV + col0 + 2 * t4;
+      const int64_t o = (row * p.heads + h0 + r) * kDV + 2 * t4;
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const float v0 = acc[mt][nt][2 * half] * inv, v1 = acc[mt][nt][2 * half + 1] * inv;
+      for (int n = 0; n < kAccN; ++n) {
+        const float* f = acc + (m * kAccN + n) * 4;
+        const float v0 = f[2 * half] * inv, v1 = f[2 * half + 1] * inv;
         if (split_mode) {
-          float* dst = p.out_partial + int64_t(split) * p.batch * p.s_q * p.heads * kDV + o + nt * 8;
+          float* dst = p.out_partial + int64_t(split) * p.batch * p.s_q * p.heads * kDV + o + acc_col0(n);
           *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
         } else {
-          *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + o + nt * 8) = pack_bf16x2(v0, v1);
+          *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + o + acc_col0(n)) = pack_bf16x2(v0, v1);
         }
       }
     }

@@ -13,10 +13,10 @@ namespace {
 // smaller block rather than padding (rows past H are masked inside the kernel).
 int head_block(int64_t heads) { return heads >= 64 ? 64 : (heads > 16 ? 32 : 16); }
 
-template <int HB, bool kFp8>
+template <int HB, bool kFp8, bool kWgmma>
 cudaError_t launch_main(const DecodeParams& p, cudaStream_t stream) {
   constexpr size_t kSmem = DecodeSmem<HB, kFp8>::kBytes;
-  auto kernel = sparse_mla_decode_kernel<HB, kFp8>;
+  auto kernel = sparse_mla_decode_kernel<HB, kFp8, kWgmma>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(p.batch * p.s_q), static_cast<unsigned>(ceil_div<int64_t>(p.heads, HB)),
@@ -25,9 +25,9 @@ cudaError_t launch_main(const DecodeParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <int HB>
+template <int HB, bool kWgmma = false>
 cudaError_t launch_main_for_cache(const DecodeParams& p, cudaStream_t stream) {
-  return p.fp8_cache ? launch_main<HB, true>(p, stream) : launch_main<HB, false>(p, stream);
+  return p.fp8_cache ? launch_main<HB, true, kWgmma>(p, stream) : launch_main<HB, false, kWgmma>(p, stream);
 }
 
 }  // namespace
@@ -49,7 +49,9 @@ cudaError_t launch_sparse_mla_decode(const DecodeParams& p, cudaStream_t stream)
   if (p.batch * p.s_q == 0 || p.heads == 0) return cudaSuccess;
   cudaError_t err;
   switch (head_block(p.heads)) {
-    case 64: err = launch_main_for_cache<64>(p, stream); break;
+    case 64:
+      err = p.use_wgmma ? launch_main_for_cache<64, true>(p, stream) : launch_main_for_cache<64>(p, stream);
+      break;
     case 32: err = launch_main_for_cache<32>(p, stream); break;
     default: err = launch_main_for_cache<16>(p, stream); break;
   }

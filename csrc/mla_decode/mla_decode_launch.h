@@ -33,6 +33,8 @@ struct DecodeParams {
   bool per_query_topk_length;
   float sm_scale;
   SplitPlan plan;
+  // Head blocks of 64 on sm_90a: S = Q K^T and O += P V with wgmma instead of mma.sync.
+  bool use_wgmma;
 };
 
 cudaError_t launch_sparse_mla_decode(const DecodeParams& p, cudaStream_t stream);
