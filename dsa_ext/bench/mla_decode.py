@@ -8,6 +8,7 @@ records, dequantise them, and run PyTorch attention over them.
 from __future__ import annotations
 
 import math
+import os
 from typing import List
 
 import torch
@@ -45,7 +46,23 @@ def _gathered_attention(q, kv_cache, indices, sm_scale):
     return out.view(B, s_q, H, D_V), lse.view(B, s_q, H)
 
 
-def _case(device, B, s_q, H, K, fp8, block_size=64, invalid_frac=0.0) -> Case:
+def _with_wgmma(fn):
+    """Run fn with the opt-in wgmma kernel selected (the glue reads DSA_MLA_DECODE_WGMMA per call,
+    so under --graphs the choice is captured too)."""
+    def run():
+        old = os.environ.get("DSA_MLA_DECODE_WGMMA")
+        os.environ["DSA_MLA_DECODE_WGMMA"] = "1"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["DSA_MLA_DECODE_WGMMA"]
+            else:
+                os.environ["DSA_MLA_DECODE_WGMMA"] = old
+    return run
+
+
+def _case(device, B, s_q, H, K, fp8, block_size=64, invalid_frac=0.0, wgmma=False) -> Case:
     gen_slots = max(B * s_q * K, 64 * 1024)
     num_slots = math.ceil(gen_slots / block_size) * block_size
     if fp8:
@@ -59,11 +76,12 @@ def _case(device, B, s_q, H, K, fp8, block_size=64, invalid_frac=0.0) -> Case:
         indices[torch.rand(B, s_q, K, device=device) < invalid_frac] = -1
     sm_scale = D_QK ** -0.5
     record_bytes = 656 if fp8 else 2 * D_QK
+    op = lambda: sparse_mla_decode(q, cache, indices, sm_scale)
     return Case(
         family="decode",
-        name="sparse_mla_decode",
+        name="sparse_mla_decode[wgmma]" if wgmma else "sparse_mla_decode",
         shape=dict(B=B, s_q=s_q, H=H, K=K, fp8_cache=int(fp8), block_size=block_size),
-        fn=lambda: sparse_mla_decode(q, cache, indices, sm_scale),
+        fn=_with_wgmma(op) if wgmma else op,
         flops=2.0 * B * s_q * H * K * (D_QK + D_V),
         bytes=float(q.numel() * 2 + B * s_q * K * (record_bytes + 4) + B * s_q * H * (D_V * 2 + 4)),
         bound="compute",
@@ -84,4 +102,8 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
         _case(device, 8, 2, 128, 2048, True),
         _case(device, 1, 2, 128, 2048, True),
         _case(device, 64, 1, 16, 2048, True),      # TP-sharded heads
+        # the opt-in wgmma kernel (64-head blocks), same shapes
+        _case(device, 128, 2, 128, 2048, True, wgmma=True),
+        _case(device, 128, 2, 128, 2048, False, wgmma=True),
+        _case(device, 1, 2, 128, 2048, True, wgmma=True),
     ]
