@@ -223,6 +223,27 @@ def test_cuda_wgmma_kernel(monkeypatch, gen, fp8, B, s_q, H, K):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_slots_past_2gib_of_cache(gen):
+    """slot * 656 beyond 2^31 bytes: offsets must be 64-bit. The same records placed at the end
+    of a 2.2 GB cache and at the start of a small one must give identical results."""
+    block_size, big_blocks = 64, 52_000                   # 3.3M slots, 2.18 GB
+    small = make_cache(4, block_size, True, gen).cuda()
+    big = torch.zeros(big_blocks, block_size, 1, 656, dtype=torch.uint8, device="cuda")
+    base = (big_blocks - 4) * block_size
+    big.view(-1, 656)[base:] = small.view(-1, 656)
+    q = randn(2, 2, 64, D_QK, gen=gen, dtype=torch.bfloat16).cuda()
+    idx = make_indices(2, 2, 256, 4 * block_size, gen).cuda()
+    in_small = (idx >= 0) & (idx < 4 * block_size)
+    big_idx = torch.where(in_small, idx + base, idx)
+    big_idx[idx == 4 * block_size] = big_blocks * block_size   # just out of range, in both
+    out_s, lse_s = dsa_ext.sparse_mla_decode(q, small, idx, D_QK ** -0.5)
+    out_b, lse_b = dsa_ext.sparse_mla_decode(q, big, big_idx, D_QK ** -0.5)
+    assert torch.equal(out_s, out_b) and torch.equal(lse_s, lse_b)
+    del big
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_mixed_devices_rejected():
     a = _args("cuda")
     a["indices"] = a["indices"].cpu()
