@@ -40,6 +40,18 @@ def cases(device, quick: bool):
         baselines={"torch (reference)": lambda: ref.fp8_quantize(q, 128, True)},
     ))
 
+    # hadamard_fp8_quantize of the same queries: the rotation fused into the quantisation, against
+    # what V3.2's reference code runs (rotate in bf16, then quantise).
+    from dsa_ext.reference import hadamard as href
+    out.append(Case(
+        family="cache", name="hadamard_fp8_quantize",
+        shape=dict(T=tokens, H=heads, D=head_dim, block_size=128),
+        fn=lambda: dsa_ext.hadamard_fp8_quantize(q, 128, True),
+        bytes=2 * n + n + 4 * (n // 128),
+        baselines={"torch rotate + fp8_quantize": lambda: dsa_ext.fp8_quantize(
+            href.hadamard_transform(q).to(torch.bfloat16), 128, True)},
+    ))
+
     # Slots: every token into its own slot of a cache twice the needed size, in shuffled order
     # (as a paged allocator hands out blocks).
     num_blocks = 2 * (-(-tokens // block_size))
