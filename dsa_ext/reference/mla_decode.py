@@ -1,11 +1,8 @@
 """Reference (oracle) for the mla_decode op family: sparse MLA decode over a paged MLA cache.
 
-Decode is "dequantise the selected cache records, then sparse MLA attention per (b, s_q)".
-The pieces are written for clarity and exactness (fp32 dequantisation, fp64 softmax):
-
-- `dequantize_mla_records(kv_cache)`: every slot of an MLA cache (FP8 656-byte records or
-  bf16 576-value rows, SPEC section 2) as fp32 `[num_slots, 576]`.
-- `sparse_mla_decode(...)`: the op (SPEC section 3).
+Decode is "dequantise the cache (`reference.cache.dequantize_mla_cache`), then sparse MLA
+attention of every query row (b, s) over its selected slots". Written for clarity and
+exactness: fp32 dequantisation, fp64 softmax.
 """
 from __future__ import annotations
 
@@ -13,31 +10,9 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["dequantize_mla_records", "sparse_mla_decode"]
+from .cache import dequantize_mla_cache
 
-D_NOPE = 512          # FP8-quantised "nope" part of a latent row (also V)
-D_ROPE = 64           # rope part, kept bf16
-D_QK = D_NOPE + D_ROPE
-TILE = 128            # one fp32 scale per 128 nope values
-FP8_RECORD_BYTES = D_NOPE + 4 * (D_NOPE // TILE) + 2 * D_ROPE   # 512 + 16 + 128 = 656
-
-
-def dequantize_mla_records(kv_cache: torch.Tensor) -> torch.Tensor:
-    """All slots of an MLA cache as fp32 `[num_blocks * block_size, 576]`.
-
-    FP8 record (uint8 [.., 656]): bytes [0, 512) e4m3 nope values in 4 tiles of 128, bytes
-    [512, 528) the 4 fp32 tile scales, bytes [528, 656) the 64 bf16 rope values.
-    Dequantised nope value = fp8 * scale of its tile.
-    """
-    if kv_cache.dtype == torch.bfloat16:
-        return kv_cache.reshape(-1, D_QK).float()
-    assert kv_cache.dtype == torch.uint8 and kv_cache.shape[-1] == FP8_RECORD_BYTES
-    rec = kv_cache.reshape(-1, FP8_RECORD_BYTES)
-    nope_fp8 = rec[:, :D_NOPE].contiguous().view(torch.float8_e4m3fn).float()
-    scales = rec[:, D_NOPE:D_NOPE + 16].contiguous().view(torch.float32)        # [N, 4]
-    rope = rec[:, D_NOPE + 16:].contiguous().view(torch.bfloat16).float()       # [N, 64]
-    nope = (nope_fp8.view(-1, D_NOPE // TILE, TILE) * scales[:, :, None]).reshape(-1, D_NOPE)
-    return torch.cat([nope, rope], dim=1)
+__all__ = ["sparse_mla_decode"]
 
 
 def _attend(q: torch.Tensor, kv: torch.Tensor, sm_scale: float, d_v: int,
@@ -69,7 +44,7 @@ def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     """
     B, s_q, H, _ = q.shape
     K = indices.shape[-1]
-    kv = dequantize_mla_records(kv_cache.cpu())                       # [num_slots, 576]
+    kv = dequantize_mla_cache(kv_cache.cpu())                         # [num_slots, 576] fp32
     num_slots = kv.shape[0]
     idx = indices.cpu().long()
     if topk_length is not None:
