@@ -1,5 +1,6 @@
 // topk family: torch-free launchers.
 #include <algorithm>
+#include <atomic>
 
 #include "common/cuda_utils.cuh"
 #include "topk/topk_kernels.cuh"
@@ -10,19 +11,11 @@ namespace dsa {
 namespace {
 
 struct DeviceInfo {
-  int device = 0;
   int sms = 1;
   int major = 0;
+  int max_cs = 1;  // largest cluster size used on this device
+  std::atomic<bool> ready{false};
 };
-
-cudaError_t device_info(DeviceInfo& info) {
-  cudaError_t err = cudaGetDevice(&info.device);
-  if (err != cudaSuccess) return err;
-  const int dev = info.device;
-  err = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
-  return cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, dev);
-}
 
 // CTAs per row: enough that a row's slice fits the shared-memory key cache, and, for few rows,
 // enough to spread the rows over the SMs (slices of at least 2048 columns). Cluster sizes above
@@ -61,6 +54,40 @@ int max_cluster_size(size_t smem) {
   return clusters > 0 ? topk::kMaxCluster : topk::kPortableCluster;
 }
 
+// Bytes of dynamic shared memory for a slice of `slice` columns: the key cache (+3 words of
+// alignment slack), which CTA 0 reuses for the sort of up to kMaxSortK selected pairs.
+size_t smem_for(int64_t slice, int k, bool sorted) {
+  int sort_pairs = 1;
+  while (sort_pairs < k) sort_pairs <<= 1;
+  const int64_t keys = std::min<int64_t>(slice, topk::kMaxCacheKeys);
+  return std::max<size_t>(size_t(keys + 4) * sizeof(uint32_t),
+                          sorted ? size_t(sort_pairs) * sizeof(uint64_t) : 0);
+}
+
+// Per device, once: SM count, architecture, the kernel's shared-memory limit raised to the
+// largest footprint, and whether 16-CTA clusters fit (kernel attributes persist; concurrent
+// first calls repeat the same idempotent work).
+cudaError_t device_info(DeviceInfo*& out) {
+  static DeviceInfo table[64];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  DeviceInfo& info = table[dev & 63];
+  out = &info;
+  if (info.ready.load(std::memory_order_acquire)) return cudaSuccess;
+  err = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess) return err;
+  const size_t max_smem = smem_for(topk::kMaxCacheKeys, topk::kMaxSortK, true);
+  err = cudaFuncSetAttribute(topk::topk_radix_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(max_smem));
+  if (err != cudaSuccess) return err;
+  info.max_cs = info.major >= 9 ? max_cluster_size(max_smem) : 1;
+  info.ready.store(true, std::memory_order_release);
+  return cudaSuccess;
+}
+
 }  // namespace
 
 cudaError_t topk_indices_launch(const float* logits, int64_t T, int64_t S, int64_t row_stride,
@@ -68,29 +95,10 @@ cudaError_t topk_indices_launch(const float* logits, int64_t T, int64_t S, int64
                                 int32_t* out, cudaStream_t stream) {
   if (T == 0) return cudaSuccess;
   if (k < 1 || k > topk::kMaxSortK) return cudaErrorInvalidValue;
-  DeviceInfo info;
+  DeviceInfo* info = nullptr;
   cudaError_t err = device_info(info);
   if (err != cudaSuccess) return err;
-  int sort_pairs = 1;
-  while (sort_pairs < k) sort_pairs <<= 1;
-  // Shared memory for a slice of `slice` columns: the key cache (+3 words of alignment
-  // slack), which CTA 0 reuses for the sort of the selected pairs.
-  auto smem_for = [&](int64_t slice) {
-    const int64_t keys = std::min<int64_t>(slice, topk::kMaxCacheKeys);
-    return std::max<size_t>(size_t(keys + 4) * sizeof(uint32_t),
-                            sorted ? size_t(sort_pairs) * sizeof(uint64_t) : 0);
-  };
-  // Once per device: allow the largest shared-memory footprint, and learn whether 16-CTA
-  // clusters fit (kernel attributes persist; a concurrent first call repeats the same work).
-  static int max_cs_of_device[64] = {};
-  int& max_cs = max_cs_of_device[info.device & 63];
-  if (max_cs == 0) {
-    err = cudaFuncSetAttribute(topk::topk_radix_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem_for(topk::kMaxCacheKeys)));
-    if (err != cudaSuccess) return err;
-    max_cs = info.major >= 9 ? max_cluster_size(smem_for(topk::kMaxCacheKeys)) : 1;
-  }
-  const int cs = choose_cluster_size(T, S, info, max_cs);
+  const int cs = choose_cluster_size(T, S, *info, info->max_cs);
   if (T > (int64_t(INT32_MAX) / cs)) return cudaErrorInvalidConfiguration;
 
   topk::TopkParams p;
@@ -103,7 +111,7 @@ cudaError_t topk_indices_launch(const float* logits, int64_t T, int64_t S, int64
   p.k = k;
   p.sorted = sorted;
   p.cache_keys = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(S, cs), topk::kMaxCacheKeys));
-  const size_t smem = smem_for(ceil_div<int64_t>(S, cs));
+  const size_t smem = smem_for(ceil_div<int64_t>(S, cs), k, sorted);
 
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(T * cs));
@@ -112,7 +120,7 @@ cudaError_t topk_indices_launch(const float* logits, int64_t T, int64_t S, int64
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   cfg.numAttrs = 0;
-  if (info.major >= 9) {
+  if (info->major >= 9) {
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = static_cast<unsigned>(cs);
     attr[0].val.clusterDim.y = 1;
