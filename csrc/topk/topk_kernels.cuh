@@ -6,9 +6,9 @@
 // once, caching the keys in shared memory when the slice fits (else it re-reads global memory
 // every pass: slower, never wrong). Three passes of 11-, 11- and 10-bit digits (an 8-bit top
 // digit of an fp32 key puts most real logits into a handful of bins and serialises the
-// shared-memory atomics; 11 bits spread them over the mantissa's top bits too): every
-// CTA builds a histogram (2048 or 1024 bins) of the keys still matching the prefix, the cluster sums the
-// histograms through distributed shared memory, and every CTA picks the same threshold bin by a
+// shared-memory atomics; 11 bits spread them over the mantissa's top bits too): every CTA
+// builds a histogram (2048 or 1024 bins) of the keys still matching the prefix, the cluster
+// sums the histograms through distributed shared memory, and every CTA picks the same bin by a
 // suffix scan; a pass whose bin is taken whole ends the search. There is no candidate buffer,
 // so nothing can overflow: the slice itself is the candidate set. Output: elements above the
 // threshold prefix go out through a shared atomic counter at a per-CTA offset; elements equal
