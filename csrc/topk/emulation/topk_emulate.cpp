@@ -7,7 +7,7 @@
 // GPU memory ordering or performance.
 //
 //   g++ -std=c++20 -O1 -pthread -DDSA_TOPK_HOST_EMULATION -Icsrc \
-//       csrc/topk/emulation/topk_emulate.cpp -o topk_emulate && ./topk_emulate [quick|full]
+//       csrc/topk/emulation/topk_emulate.cpp -o topk_emulate && ./topk_emulate [quick|full|fuzz N]
 #include <barrier>
 #include <cmath>
 #include <cstdio>
@@ -142,6 +142,22 @@ int main(int argc, char** argv) {
     cases.push_back({3000, 4096, 0, true, 20480, 0, false, 4});
   }
   std::mt19937 rng(123);
+  if (argc > 2 && std::string(argv[1]) == "fuzz") {  // N random cases (clusters of 1-4 CTAs)
+    const int n = std::atoi(argv[2]);
+    cases.clear();
+    for (int i = 0; i < n; ++i) {
+      Case c;
+      c.S = 1 + rng() % 25000;
+      c.k = 1 + rng() % 4096;
+      c.kind = rng() % 5;
+      c.sorted = rng() % 2;
+      c.cache_keys = rng() % 3 == 0 ? 1 + rng() % 5000 : topk::kMaxCacheKeys;
+      c.pad = rng() % 9;
+      c.ragged = rng() % 2;
+      c.cs = 1u << (rng() % 3);
+      cases.push_back(c);
+    }
+  }
   const int T = 2;
   int fails = 0, rows = 0;
   for (const Case& c : cases) {
@@ -162,7 +178,7 @@ int main(int argc, char** argv) {
     }
     std::vector<int32_t> ks(T), ke(T);
     for (int t = 0; t < T; ++t) {
-      ks[t] = c.ragged ? static_cast<int32_t>(rng() % (c.S / 2)) - 3 : 0;
+      ks[t] = c.ragged ? static_cast<int32_t>(rng() % (c.S / 2 + 1)) - 3 : 0;
       ke[t] = c.ragged ? ks[t] + static_cast<int32_t>(rng() % c.S) : static_cast<int32_t>(c.S);
     }
     std::vector<int32_t> out(T * c.k + 64, -77);
