@@ -255,6 +255,19 @@ def test_opcheck_topk_indices(device, gen):
     torch.library.opcheck(torch.ops.dsa.topk_indices.default, (x, 16, None, None, False))
 
 
+def test_torch_compile_fullgraph(device, gen):
+    @torch.compile(fullgraph=True, dynamic=True)
+    def select_slots(x, ks, ke, table):
+        return dsa_ext.topk_slot_ids(dsa_ext.topk_indices(x * 2, 16, ks, ke, sorted=True), table, 4)
+
+    x = randn(4, 100, gen=gen, device=device)
+    ks = torch.tensor([0, 3, 50, 99], dtype=torch.int32, device=device)
+    ke = torch.tensor([90, 10, 100, 99], dtype=torch.int32, device=device)
+    table = torch.randperm(200, generator=gen)[:100].reshape(4, 25).int().to(device)
+    want = dsa_ext.topk_slot_ids(dsa_ext.topk_indices(x, 16, ks, ke, sorted=True), table, 4)
+    assert torch.equal(select_slots(x, ks, ke, table), want)
+
+
 def test_bad_inputs_topk_indices(device, gen):
     x = randn(4, 700, gen=gen, device=device)
     i32 = dict(dtype=torch.int32, device=device)
