@@ -64,9 +64,10 @@ def topk_slot_ids(indices: torch.Tensor, block_table: torch.Tensor, block_size: 
 
     indices [R, K] (or [B, N, K], R = B * N) int32 positions; block_table [B, M] int32 with
     R % B == 0: row r of the [R, K] view belongs to sequence b = r // (R // B) (R = B * N for N
-    query tokens per sequence). Returns int32 of the shape of indices: `block_table[b, idx // block_size] * block_size + idx % block_size`; -1 (and any
-    negative position, any position whose block lies past the table, any negative block-table
-    entry) gives -1.
+    query tokens per sequence). Returns int32 of the shape of indices:
+    `block_table[b, idx // block_size] * block_size + idx % block_size`; -1 (and any negative
+    position, any position whose block lies past the table, any negative block-table entry, any
+    slot id that does not fit int32) gives -1.
     """
     shape = indices.shape
     K = shape[-1]
