@@ -36,10 +36,11 @@ SplitPlan plan_splits(int64_t batch, int64_t s_q, int64_t heads, int64_t topk, i
   const int64_t tiles = std::max<int64_t>(ceil_div<int64_t>(topk, kTokensPerTile), 1);
   const int64_t ctas = batch * s_q * ceil_div<int64_t>(heads, head_block(heads));
   int64_t splits = 1;
-  if (ctas > 0 && ctas < num_sms) {
-    // Fill the SMs, but keep at least 2 tiles per split so the combine stays cheap.
+  if (ctas > 0 && 2 * ctas <= num_sms) {
+    // As many splits as fit in one wave (one CTA per SM), but at least 2 tiles per split so the
+    // fp32 partials and the combine stay cheap next to the main kernel.
     constexpr int64_t kMinTilesPerSplit = 2, kMaxSplits = 64;
-    splits = std::min({ceil_div<int64_t>(num_sms, ctas), ceil_div<int64_t>(tiles, kMinTilesPerSplit), kMaxSplits});
+    splits = std::max<int64_t>(1, std::min({num_sms / ctas, tiles / kMinTilesPerSplit, kMaxSplits}));
   }
   const int64_t per_split = ceil_div<int64_t>(tiles, splits);
   return SplitPlan{static_cast<int>(ceil_div<int64_t>(tiles, per_split)), static_cast<int>(per_split)};
