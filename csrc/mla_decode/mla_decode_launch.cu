@@ -16,6 +16,7 @@ int head_block(int64_t heads) { return heads >= 64 ? 64 : (heads > 16 ? 32 : 16)
 template <int HB, bool kFp8, bool kWgmma>
 cudaError_t launch_main(const DecodeParams& p, cudaStream_t stream) {
   constexpr size_t kSmem = DecodeSmem<HB, kFp8>::kBytes;
+  static_assert(kSmem <= 227 * 1024, "dynamic shared memory beyond an H100 SM's 227 KB");
   auto kernel = sparse_mla_decode_kernel<HB, kFp8, kWgmma>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem));
   if (err != cudaSuccess) return err;
