@@ -2,8 +2,10 @@
 
 - `LightningIndexer`: the V3.2 indexer: `wq_b` on the query latent `qr`, `wk` + LayerNorm
   `k_norm` on the hidden state, NeoX (non-interleaved) rope on the first `rope_dim` dims,
-  the orthonormal Hadamard rotation, FP8 quantisation (block 128, ue8m0) through
-  `dsa_ext.fp8_quantize`, the `weights_proj` head weights with q's scale folded in, then
+  the orthonormal Hadamard rotation and FP8 quantisation (block 128, ue8m0) -- fused in one
+  kernel for the queries (`dsa_ext.hadamard_fp8_quantize`), `hadamard_transform` then
+  `dsa_ext.fp8_quantize` (or the cache writer) for the keys -- the `weights_proj` head weights
+  with q's scale folded in, then
   indexer logits and top-k through the dsa ops (`indexer_topk` for prefill, which never holds
   the `[T, S]` scores; `paged_indexer_logits` + `topk_indices` + `topk_slot_ids` for decode).
 - `SparseMLAAttention`: attention of MLA latent queries over the selected latent rows
@@ -60,8 +62,10 @@ def hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """`scale * x @ H_n` over the last dim (n a power of two, Sylvester order, as the
     fast-hadamard-transform package V3.2 uses), by the fast Walsh-Hadamard butterflies:
     log2(n) passes of O(n) instead of an n x n matmul. Computed in fp32, returned in x's dtype.
-    Each pass is a separate PyTorch op over the whole tensor; a fused kernel (rotation +
-    quantisation in one pass) is future work."""
+    Each pass is a separate PyTorch op over the whole tensor. The indexer uses it for the keys
+    (one row per token, which the cache writer then quantises); the queries, 64 rows per token,
+    go through the fused kernel `dsa_ext.hadamard_fp8_quantize`. A fused rotate-and-write for
+    the keys is future work."""
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"hadamard_transform needs a power-of-two last dim, got {n}")
@@ -117,26 +121,30 @@ class LightningIndexer(nn.Module):
         self.weights_proj = nn.Linear(dim, n_heads, bias=False, device=device, dtype=torch.float32)
 
     def project(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Rotated (rope + Hadamard) queries `[T, H, D]` and keys `[T, D]`, before quantisation.
-        x `[T, dim]`, qr `[T, q_lora_rank]`, cos/sin `[T, rope_dim / 2]` for the tokens' positions."""
+        """Roped queries `[T, H, D]` (not yet rotated: `quantize_query` rotates and quantises in
+        one kernel) and rotated keys `[T, D]` (what the cache writer takes). x `[T, dim]`,
+        qr `[T, q_lora_rank]`, cos/sin `[T, rope_dim / 2]` for the tokens' positions."""
         T, r = x.shape[0], self.rope_dim
         q = self.wq_b(qr).view(T, self.n_heads, self.head_dim)
         k = self.k_norm(self.wk(x))
         q = torch.cat((apply_rope_neox(q[..., :r], cos, sin), q[..., r:]), dim=-1)
         k = torch.cat((apply_rope_neox(k[..., :r], cos, sin), k[..., r:]), dim=-1)
-        scale = self.head_dim ** -0.5
-        return hadamard_transform(q, scale), hadamard_transform(k, scale)
+        return q, hadamard_transform(k, self.head_dim ** -0.5)
 
+    @torch.no_grad()
     def quantize_query(self, x: torch.Tensor, q: torch.Tensor):
-        """FP8 queries `[T, H, D]` and the head weights `[T, H]` fp32 with q's dequantisation scale
-        and `H**-0.5 * D**-0.5` folded in (the indexer ops' `weights`)."""
-        q_fp8, q_scale = torch.ops.dsa.fp8_quantize(q, FP8_BLOCK, True)          # scale [T, H, 1]
+        """Rotate and FP8-quantise `project`'s queries `[T, H, D]` (one fused kernel); returns
+        them with the head weights `[T, H]` fp32, q's dequantisation scale and
+        `H**-0.5 * D**-0.5` folded in (the indexer ops' `weights`)."""
+        q_fp8, q_scale = torch.ops.dsa.hadamard_fp8_quantize(q.contiguous(), FP8_BLOCK, True)  # scale [T, H, 1]
         weights = self.weights_proj(x.float()) * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
         return q_fp8, weights * q_scale.squeeze(-1)
 
     @staticmethod
+    @torch.no_grad()
     def quantize_key(k: torch.Tensor):
-        """FP8 keys `[S, D]` and their scales `[S]` (the same bytes the indexer K cache stores)."""
+        """FP8 keys `[S, D]` and their scales `[S]` from rotated keys (the bytes the indexer K
+        cache stores for them)."""
         k_fp8, k_scale = torch.ops.dsa.fp8_quantize(k, FP8_BLOCK, True)
         return k_fp8, k_scale.squeeze(-1)
 
@@ -158,7 +166,7 @@ class LightningIndexer(nn.Module):
     @torch.no_grad()
     def select(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                ks: Optional[torch.Tensor] = None, ke: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Top-k key indices from rotated q `[T, H, D]` and k `[S, D]` (see `forward`)."""
+        """Top-k key indices from `project`'s q `[T, H, D]` and k `[S, D]` (see `forward`)."""
         q_fp8, weights = self.quantize_query(x, q)
         k_fp8, k_scale = self.quantize_key(k)
         ks, ke = self._ranges(x, ks, ke)
@@ -176,7 +184,7 @@ class LightningIndexer(nn.Module):
     def decode_slots(self, x: torch.Tensor, q: torch.Tensor, cache: PagedDSACache,
                      seq_ids: Sequence[int], n_new: int = 1) -> torch.Tensor:
         """Decode: the cache slot ids `[B, n_new, K]` (int32, `-1` = none) each new token attends
-        to. q `[B * n_new, H, D]` are the new tokens' rotated queries (from `project`), whose keys
+        to. q `[B * n_new, H, D]` are the new tokens' queries (from `project`), whose keys
         are already in `cache` (context_lens count them)."""
         B = len(seq_ids)
         q_fp8, weights = self.quantize_query(x, q)
@@ -189,7 +197,7 @@ class LightningIndexer(nn.Module):
         visible = context_lens[:, None] - n_new + 1 + torch.arange(n_new, device=context_lens.device, dtype=torch.int32)
         ke = visible.reshape(-1)
         positions = torch.ops.dsa.topk_indices(logits, min(self.topk, max_len), torch.zeros_like(ke), ke, False)
-        return torch.ops.dsa.topk_slot_ids(positions.view(B, n_new, -1), block_table, cache.block_size)
+        return torch.ops.dsa.topk_slot_ids(positions, block_table, cache.block_size).view(B, n_new, -1)
 
     @staticmethod
     def _ranges(x, ks, ke):

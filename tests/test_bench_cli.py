@@ -25,7 +25,7 @@ FAMILY_OPS = {
     "attn_fwd": ["sparse_mla_fwd"],
     "attn_bwd": ["sparse_mla_bwd"],
     "decode": ["sparse_mla_decode"],
-    "e2e": ["fp8_quantize", "indexer_topk", "sparse_mla_fwd", "indexer_k_cache_write", "mla_kv_cache_write",
+    "e2e": ["fp8_quantize", "hadamard_fp8_quantize", "indexer_topk", "sparse_mla_fwd", "indexer_k_cache_write", "mla_kv_cache_write",
             "paged_indexer_logits", "topk_indices", "topk_slot_ids", "sparse_mla_decode"],
 }
 
@@ -142,3 +142,29 @@ def test_plot_e2e(tmp_path):
     else:
         assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "no e2e rows" in plot_e2e([], str(path))
+
+
+@pytest.mark.parametrize("T,S,chunk_bytes", [(40, 40, 1 << 12), (40, 40, 1 << 30), (1, 70, 1 << 30), (9, 33, 1 << 10)])
+def test_e2e_dense_baseline_is_causal_attention(T, S, chunk_bytes, gen):
+    """The dense baseline the e2e speedups are measured against computes the right thing."""
+    from dsa_ext.bench.e2e import dense_mla_attention
+    from dsa_ext.reference.dense import causal_ranges, dense_masked_mla_attention, ranges_to_mask
+    q = torch.randn(T, 3, 576, generator=gen).bfloat16()
+    kv = torch.randn(S, 576, generator=gen).bfloat16()
+    out = dense_mla_attention(q, kv, 0.05, 512, chunk_bytes)
+    ref, _ = dense_masked_mla_attention(q, kv, ranges_to_mask(*causal_ranges(T, S), S), 0.05)
+    assert out.shape == (T, 3, 512) and out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_e2e_summary_names_the_crossover():
+    from dsa_ext.bench.e2e import summarize
+
+    def row(name, L, speedup):
+        return {"family": "e2e", "name": name, "shape": {"L": L},
+                "baselines": {"dense": {"us": 1.0, "speedup": speedup, "error": None}}}
+    rows = [row("dsa_prefill", L, s) for L, s in ((256, 0.5), (512, 1.3), (1024, 2.5))]
+    rows += [row("dsa_decode", L, s) for L, s in ((256, 0.2), (512, 0.4), (1024, 0.9))]
+    prefill, decode = summarize(rows)
+    assert "overtakes dense at L=512" in prefill and "2.50x at L=1024" in prefill
+    assert "does not overtake dense up to L=1024" in decode

@@ -118,7 +118,8 @@ def test_ragged_causal_ranges():
 
 
 def test_indexer_project_matches_v32_structure(gen):
-    """project() = wq_b / wk + k_norm, NeoX rope on the first 64 dims, Hadamard * 128**-0.5."""
+    """project() = wq_b / wk + k_norm, NeoX rope on the first 64 dims; keys also rotated by the
+    Hadamard transform * 128**-0.5 (the queries are rotated by the fused quantiser)."""
     torch.manual_seed(0)
     idx = LightningIndexer(**SMALL)
     x, qr, _, _, cos, sin = make_inputs(9, gen)
@@ -128,7 +129,7 @@ def test_indexer_project_matches_v32_structure(gen):
     kn = torch.nn.functional.layer_norm(x.double() @ idx.wk.weight.double().T, (128,),
                                         idx.k_norm.weight.double(), idx.k_norm.bias.double())
     rot = lambda t: torch.cat((apply_rope_neox(t[..., :64], cos.double(), sin.double()), t[..., 64:]), -1)
-    torch.testing.assert_close(q.double(), rot(qn) @ H / math.sqrt(128), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(q.double(), rot(qn), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(k.double(), rot(kn) @ H / math.sqrt(128), atol=1e-4, rtol=1e-4)
 
 
@@ -141,7 +142,22 @@ def test_indexer_rejects_bad_sizes():
 
 # ---------------------------------------------------------------- the indexer through the ops
 
-@needs_ops("fp8_quantize")
+@needs_ops("hadamard_fp8_quantize")
+def test_indexer_query_quantisation_is_rotation_then_fp8(gen):
+    """The fused rotate-and-quantise of the queries gives the bytes of hadamard_transform then
+    the reference fp8_quantize (block 128, ue8m0)."""
+    torch.manual_seed(3)
+    idx = LightningIndexer(**SMALL)
+    x, qr, _, _, cos, sin = make_inputs(10, gen)
+    q, _ = idx.project(x, qr, cos, sin)
+    q_fp8, w = idx.quantize_query(x, q)
+    ref_fp8, ref_scale = dsa_ext.reference.fp8_quantize(hadamard_transform(q.float(), 128 ** -0.5), 128, True)
+    assert torch.equal(q_fp8.view(torch.uint8), ref_fp8.view(torch.uint8))
+    torch.testing.assert_close(w, idx.weights_proj(x) * (4 ** -0.5 * 128 ** -0.5) * ref_scale[..., 0],
+                               atol=0, rtol=1e-6)
+
+
+@needs_ops("fp8_quantize", "hadamard_fp8_quantize")
 def test_indexer_quantisation_folds_scales(gen):
     """weights = weights_proj(x) * H**-0.5 * q_scale * D**-0.5: the FP8 logits approximate the
     unquantised ones computed with the plain head weights."""
@@ -155,13 +171,13 @@ def test_indexer_quantisation_folds_scales(gen):
     assert q_fp8.shape == (T, 4, 128) and k_fp8.shape == (T, 128) and k_scale.shape == (T,) and w.shape == (T, 4)
     quantised = dense_indexer_logits(q_fp8.float(), k_fp8.float(), w, k_scale)
     plain_w = idx.weights_proj(x) * (4 ** -0.5 * 128 ** -0.5)
-    exact = dense_indexer_logits(q.float(), k.float(), plain_w)
+    exact = dense_indexer_logits(hadamard_transform(q.float(), 128 ** -0.5), k.float(), plain_w)
     finite = exact.isfinite()
     assert torch.equal(finite, quantised.isfinite())
     assert rel_err(quantised[finite], exact[finite]) < 0.1
 
 
-@needs_ops("fp8_quantize", "indexer_logits", "indexer_topk")
+@needs_ops("fp8_quantize", "hadamard_fp8_quantize", "indexer_logits", "indexer_topk")
 @pytest.mark.parametrize("T,topk", [(40, 8), (17, 32)])
 def test_indexer_matches_dense_from_same_quantised_tensors(T, topk, gen):
     torch.manual_seed(2)
@@ -200,7 +216,7 @@ def test_sparse_attention_equals_dense_masked_given_same_indices(gen):
 
 
 @needs_sparse_mla
-@needs_ops("fp8_quantize", "indexer_logits", "indexer_topk", "sparse_mla_fwd")
+@needs_ops("fp8_quantize", "hadamard_fp8_quantize", "indexer_logits", "indexer_topk", "sparse_mla_fwd")
 def test_dsa_path_prefill_equals_dense_step(gen):
     T, topk = 48, 12
     path = make_path(gen, topk)
@@ -219,7 +235,7 @@ def test_dsa_path_prefill_equals_dense_step(gen):
 
 
 @needs_sparse_mla
-@needs_ops("fp8_quantize", "indexer_topk", "sparse_mla_fwd")
+@needs_ops("fp8_quantize", "hadamard_fp8_quantize", "indexer_topk", "sparse_mla_fwd")
 def test_dsa_path_ragged_batch_equals_separate_sequences(gen):
     path = make_path(gen, topk=6)
     lens = [13, 1, 20]
@@ -235,7 +251,7 @@ def test_dsa_path_ragged_batch_equals_separate_sequences(gen):
 
 
 @needs_sparse_mla
-@needs_ops("fp8_quantize", "indexer_topk", "sparse_mla_fwd")
+@needs_ops("fp8_quantize", "hadamard_fp8_quantize", "indexer_topk", "sparse_mla_fwd")
 def test_dsa_path_is_differentiable_in_the_latents(gen):
     path = make_path(gen, topk=6)
     x, qr, q_lat, kv_lat, cos, sin = make_inputs(20, gen)
@@ -310,7 +326,7 @@ def test_paged_cache_round_trip(kv_cache_dtype, gen):
 
 
 @needs_sparse_mla
-@needs_ops("fp8_quantize", "indexer_topk", "sparse_mla_fwd", "indexer_k_cache_write", "mla_kv_cache_write",
+@needs_ops("fp8_quantize", "hadamard_fp8_quantize", "indexer_topk", "sparse_mla_fwd", "indexer_k_cache_write", "mla_kv_cache_write",
            "paged_indexer_logits", "topk_indices", "topk_slot_ids", "sparse_mla_decode")
 @pytest.mark.parametrize("kv_cache_dtype,n_new", [("bf16", 1), ("bf16", 2), ("fp8", 1)])
 def test_decode_step_matches_prefill_last_rows(kv_cache_dtype, n_new, gen):

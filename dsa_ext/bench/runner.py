@@ -1,9 +1,11 @@
 """Timing, rooflines and reporting for `dsa-bench` (the CLI is dsa_ext/bench/cli.py).
 
-Timing: a warm-up call, one timed call to size the run, then the median of `reps` timed calls,
-`reps` chosen so one callable takes about `budget_s` (within [min_reps, max_reps]). On CUDA each
-call is timed with CUDA events (optionally a CUDA graph of the call, replayed, where launch
-overhead would dominate); on the CPU with time.perf_counter. Caches are not flushed between
+Timing: warm-up calls (the last one, timed by the wall clock, sizes the run), then the median
+of `reps` timed calls, `reps` chosen so one callable takes about `budget_s` (within
+[min_reps, max_reps]). On CUDA each
+call is timed with CUDA events (with `graphs`, calls under GRAPH_BELOW_S are captured once
+into a CUDA graph and the replay is timed: launch overhead would dominate them); on the CPU
+with time.perf_counter. Caches are not flushed between
 calls.
 
 Rooflines: datasheet peaks for the GPUs SPEC section 6 targets (dense tensor-core rates, no
@@ -97,13 +99,18 @@ def measure_roofline(device: torch.device) -> Roofline:
 
 # ---------------------------------------------------------------- timing
 
+# With --graphs, only calls shorter than this are replayed from a CUDA graph: that is where
+# launch overhead matters, and long multi-kernel workloads would only cost capture memory.
+GRAPH_BELOW_S = 2e-3
+
+
 @dataclass
 class TimingOptions:
     warmup: int = 1
     min_reps: int = 3
     max_reps: int = 100
     budget_s: float = 0.5        # wall time to aim for per timed callable
-    graphs: bool = False         # CUDA graphs (CUDA only)
+    graphs: bool = False         # CUDA graphs (CUDA only) for calls shorter than GRAPH_BELOW_S
 
 
 @dataclass
@@ -129,14 +136,25 @@ def _cuda_graph_of(fn: Callable[[], object]) -> Callable[[], object]:
 def time_callable(fn: Callable[[], object], device: torch.device, opts: TimingOptions) -> Timing:
     """Median seconds per call of fn (see the module docstring)."""
     cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    # Warm-up calls, timed by the wall clock: the last one sizes the run.
+    warm_s = 0.0
     for _ in range(max(opts.warmup, 1)):
+        sync()
+        start = time.perf_counter()
         fn()
+        sync()
+        warm_s = time.perf_counter() - start
     graphed = False
-    if cuda and opts.graphs:
+    if cuda and opts.graphs and warm_s < GRAPH_BELOW_S:
         try:
             fn, graphed = _cuda_graph_of(fn), True
         except Exception:  # not capturable (host sync, allocation policy): time it eagerly
-            torch.cuda.synchronize(device)
+            sync()
 
     if cuda:
         def timed_once() -> float:
@@ -146,15 +164,13 @@ def time_callable(fn: Callable[[], object], device: torch.device, opts: TimingOp
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
-        torch.cuda.synchronize(device)
     else:
         def timed_once() -> float:
             start = time.perf_counter()
             fn()
             return time.perf_counter() - start
 
-    first = timed_once()
-    reps = int(min(max(opts.budget_s / max(first, 1e-9), opts.min_reps), opts.max_reps))
+    reps = int(min(max(opts.budget_s / max(warm_s, 1e-9), opts.min_reps), opts.max_reps))
     samples = [timed_once() for _ in range(reps)]
     return Timing(statistics.median(samples), reps, graphed)
 

@@ -6,6 +6,9 @@ from .indexer import *  # noqa: F401,F403
 from .topk import *  # noqa: F401,F403
 from .sparse_mla import *  # noqa: F401,F403
 from .mla_decode import *  # noqa: F401,F403
-from . import cache, hadamard, indexer, topk, sparse_mla, mla_decode
+# `from .sparse_mla import *` binds the name `sparse_mla` to the function dsa_ext.sparse_mla,
+# which shadows the submodule: take the family modules from sys.modules.
+import sys as _sys
 
-__all__ = [n for m in (cache, hadamard, indexer, topk, sparse_mla, mla_decode) for n in m.__all__]
+FAMILIES = ("cache", "hadamard", "indexer", "topk", "sparse_mla", "mla_decode")
+__all__ = [n for f in FAMILIES for n in _sys.modules[f"{__name__}.{f}"].__all__]

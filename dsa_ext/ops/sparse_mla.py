@@ -1,2 +1,133 @@
-"""sparse_mla op family (placeholder until it lands)."""
-__all__ = []
+"""Sparse MLA attention for prefill and training (SPEC section 3): `sparse_mla_fwd`,
+`sparse_mla_bwd` and the differentiable `sparse_mla`.
+
+Differences from FlashMLA a user should know:
+- a query row with no valid index returns out = 0 and lse = **-inf** (FlashMLA returns +inf);
+  -inf is the value under which lse-weighted merging of partial results stays correct.
+- `attn_sink` joins the softmax denominator only; its gradient is not computed (autograd
+  returns None for it, i.e. it is treated as a constant).
+- the gradient that flows into `lse` is ignored by the backward (lse is an auxiliary output);
+  only `out` is differentiated.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["sparse_mla_fwd", "sparse_mla_bwd", "sparse_mla"]
+
+
+def sparse_mla_fwd(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, d_v: int = 512,
+                   attn_sink: Optional[Tensor] = None,
+                   topk_length: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Sparse MLA attention forward.
+
+    Args:
+        q: ``[T, H, d_qk]`` bf16 (CPU also float32 / float64). CUDA: d_qk = 576, H a multiple
+            of 16 (16, 32, 64, 128 for V3.2 tensor-parallel shards).
+        kv: ``[S, 1, d_qk]`` latent rows, q's dtype; the value is ``kv[..., :d_v]``.
+        indices: ``[T, 1, K]`` int32 rows of kv each query attends to. ``-1``, negative or
+            ``>= S`` entries are skipped (never read); a repeated index counts once per
+            occurrence.
+        sm_scale: softmax scale applied to q·k.
+        d_v: value width (512 on CUDA).
+        attn_sink: optional ``[H]`` float32; adds ``exp(attn_sink[h])`` to the softmax
+            denominator only (lse excludes it).
+        topk_length: optional ``[T]`` int32; row t uses only its first ``topk_length[t]``
+            entries (values are clamped to ``[0, K]``).
+
+    Returns:
+        ``out [T, H, d_v]`` in q's dtype and ``lse [T, H]`` float32, the natural-log
+        log-sum-exp of the scaled valid scores. A row with no valid entry gives out = 0 and
+        lse = -inf (FlashMLA returns +inf there).
+    """
+    return torch.ops.dsa.sparse_mla_fwd(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+
+
+def sparse_mla_bwd(q: Tensor, kv: Tensor, out: Tensor, dout: Tensor, indices: Tensor,
+                   lse: Tensor, sm_scale: float, d_v: int = 512,
+                   attn_sink: Optional[Tensor] = None, topk_length: Optional[Tensor] = None,
+                   deterministic: bool = False) -> Tuple[Tensor, Tensor]:
+    """Sparse MLA attention backward: the exact gradients of `sparse_mla_fwd`'s ``out``.
+
+    Takes the forward's inputs plus its ``out`` and ``lse`` and the gradient ``dout``
+    (``[T, H, d_v]``, q's dtype). P is recomputed from lse (and attn_sink, which must be the
+    forward's). Returns ``dq [T, H, d_qk]`` (q's dtype) and ``dkv [S, 1, d_qk]`` (kv's dtype),
+    accumulated in float32 over every query that selected a row; ``dkv[..., :d_v]`` holds both
+    the key and the value gradient. ``deterministic=True`` gives bitwise-identical results run
+    to run (the CPU kernel always does; CUDA otherwise uses float atomics). The gradient of
+    attn_sink is not computed.
+    """
+    return torch.ops.dsa.sparse_mla_bwd(q, kv, out, dout, indices, lse, sm_scale, d_v,
+                                        attn_sink, topk_length, deterministic)
+
+
+def sparse_mla(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, d_v: int = 512,
+               attn_sink: Optional[Tensor] = None, topk_length: Optional[Tensor] = None,
+               deterministic: bool = False) -> Tuple[Tensor, Tensor]:
+    """Differentiable sparse MLA attention: `sparse_mla_fwd` whose backward is
+    `sparse_mla_bwd` (gradients for q and kv; attn_sink and lse are treated as constants).
+    ``deterministic`` selects the bitwise-reproducible backward. Returns (out, lse)."""
+    if deterministic:
+        return _DeterministicSparseMLA.apply(q, kv, indices, sm_scale, d_v, attn_sink,
+                                             topk_length)
+    return torch.ops.dsa.sparse_mla_fwd(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+
+
+# ---- fake (meta) kernels ------------------------------------------------------------------------
+
+@torch.library.register_fake("dsa::sparse_mla_fwd")
+def _sparse_mla_fwd_fake(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None):
+    T, H, _ = q.shape
+    return q.new_empty((T, H, d_v)), q.new_empty((T, H), dtype=torch.float32)
+
+
+@torch.library.register_fake("dsa::sparse_mla_bwd")
+def _sparse_mla_bwd_fake(q, kv, out, dout, indices, lse, sm_scale, d_v=512, attn_sink=None,
+                         topk_length=None, deterministic=False):
+    return torch.empty_like(q), torch.empty_like(kv)
+
+
+# ---- autograd -----------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output, deterministic=False):
+    q, kv, indices, sm_scale, d_v, attn_sink, topk_length = inputs
+    out, lse = output
+    ctx.save_for_backward(q, kv, indices, out, lse, attn_sink, topk_length)
+    ctx.sm_scale = sm_scale
+    ctx.d_v = d_v
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, dout, dlse):
+    # dlse is ignored: lse is an auxiliary output (see the module docstring).
+    q, kv, indices, out, lse, attn_sink, topk_length = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None, None
+    dq, dkv = torch.ops.dsa.sparse_mla_bwd(q, kv, out, dout.contiguous(), indices, lse,
+                                           ctx.sm_scale, ctx.d_v, attn_sink, topk_length,
+                                           ctx.deterministic)
+    return dq, dkv, None, None, None, None, None
+
+
+torch.library.register_autograd("dsa::sparse_mla_fwd", _backward, setup_context=_setup_context)
+
+
+class _DeterministicSparseMLA(torch.autograd.Function):
+    """`sparse_mla(..., deterministic=True)`: the op's forward with the deterministic backward
+    (the op schema has no `deterministic` argument to carry into register_autograd)."""
+
+    @staticmethod
+    def forward(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
+        return torch.ops.dsa.sparse_mla_fwd(q, kv, indices, sm_scale, d_v, attn_sink,
+                                            topk_length)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output, deterministic=True)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse)
