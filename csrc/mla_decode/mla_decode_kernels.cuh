@@ -5,8 +5,8 @@
 // bf16 (shared by all HB heads), then runs S = Q K^T and O += P V on bf16 tensor cores
 // (mma.sync m16n8k16, or wgmma on sm_90a for 64-head blocks) with an online softmax. FP8 records are fetched with cp.async into a raw
 // staging buffer one step ahead, so the gather of step t+1 overlaps the math of step t.
-// Invalid entries (negative, >= num_slots, past topk_length) are never read: their copies are
-// zero-filled (cp.async with 0 source bytes) and their scores masked to -inf.
+// Invalid entries (negative, >= num_slots, past topk_length) are never read: their shared-memory
+// rows are zero-filled and their scores masked to -inf.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -77,7 +77,7 @@ __device__ __forceinline__ bool issue_tile_copy(const DecodeParams& p, const int
   const int token = tile_token(), part = tile_part();
   const int64_t slot = entry_slot(row_indices, tile * kTokensPerTile + token, len, p.num_slots);
   const bool valid = slot >= 0;
-  const int64_t safe_slot = valid ? slot : 0;   // address stays in range; nothing is read
+  const int64_t safe_slot = valid ? slot : 0;   // an invalid entry is zero-filled, never read
   if constexpr (kFp8) {
     const uint8_t* src = static_cast<const uint8_t*>(p.kv_cache) + safe_slot * kFp8RecordBytes;
     uint8_t* dst = raw + token * kFp8RecordBytes;
