@@ -156,6 +156,16 @@ def test_agrees_with_written_and_gathered_cache(device, gen, fp8):
     torch.testing.assert_close(lse.cpu()[0, 0].double(), torch.logsumexp(scores, 1), atol=1e-2, rtol=0)
 
 
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+def test_empty_cache(device, gen, fp8):
+    """A cache with no blocks: every slot is out of range, nothing is read."""
+    cache = make_cache(0, 64, fp8, gen).to(device)
+    q = randn(1, 2, 16, D_QK, gen=gen, dtype=torch.bfloat16).to(device)
+    idx = torch.tensor([0, 1, -1, 63] * 16, dtype=torch.int32).view(1, 1, 64).expand(1, 2, 64).contiguous()
+    out, lse = dsa_ext.sparse_mla_decode(q, cache, idx.to(device), 0.1)
+    assert torch.all(out.cpu() == 0) and torch.isneginf(lse.cpu()).all()
+
+
 @pytest.mark.parametrize("per_query", [False, True], ids=["len[B]", "len[B,s_q]"])
 def test_equals_sparse_mla_fwd_on_dequantised_cache(device, gen, per_query):
     """Decode = the sparse_mla_fwd op over the dequantised cache with (b, s_q) flattened."""
