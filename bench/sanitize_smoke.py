@@ -59,8 +59,10 @@ dsa_ext.sparse_mla_bwd(q, kv, out, rn(T, Ha, 512), ind, lse, 576 ** -0.5, determ
 for cache in (torch.zeros(nb, bs, 1, 656, dtype=torch.uint8, device=dev),
               torch.zeros(nb, bs, 1, 576, dtype=torch.bfloat16, device=dev)):
     dsa_ext.mla_kv_cache_write(rn(nb * bs, 576), torch.arange(nb * bs, device=dev), cache)
-    dsa_ext.sparse_mla_decode(rn(2, 2, Ha, 576, scale=0.3), cache, ri(-1, nb * bs + 20, 2, 2, K),
-                              576 ** -0.5)
+    # H=16 (small head block, split-KV over few rows) and H=128 (64-head blocks)
+    for heads, topk in ((Ha, K), (128, 1024)):
+        dsa_ext.sparse_mla_decode(rn(2, 2, heads, 576, scale=0.3), cache,
+                                  ri(-1, nb * bs + 20, 2, 2, topk), 576 ** -0.5)
 if dev.type == "cuda":
     torch.cuda.synchronize()
 print("sanitize smoke: all ops ran on", dev)

@@ -157,6 +157,43 @@ def test_agrees_with_written_and_gathered_cache(device, gen, fp8):
 
 
 @pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+def test_empty_cache(device, gen, fp8):
+    """A cache with no blocks: every slot is out of range, nothing is read."""
+    cache = make_cache(0, 64, fp8, gen).to(device)
+    q = randn(1, 2, 16, D_QK, gen=gen, dtype=torch.bfloat16).to(device)
+    idx = torch.tensor([0, 1, -1, 63] * 16, dtype=torch.int32).view(1, 1, 64).expand(1, 2, 64).contiguous()
+    out, lse = dsa_ext.sparse_mla_decode(q, cache, idx.to(device), 0.1)
+    assert torch.all(out.cpu() == 0) and torch.isneginf(lse.cpu()).all()
+
+
+@pytest.mark.parametrize("per_query", [False, True], ids=["len[B]", "len[B,s_q]"])
+def test_equals_sparse_mla_fwd_on_dequantised_cache(device, gen, per_query):
+    """Decode = the sparse_mla_fwd op over the dequantised cache with (b, s_q) flattened."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "dsa::sparse_mla_fwd", "CUDA" if device == "cuda" else "CPU"):
+        pytest.skip(f"sparse_mla_fwd has no {device} kernel in this build")
+    B, s_q, H, K = 2, 2, 64, 192
+    cache = make_cache(6, 32, True, gen)
+    q = randn(B, s_q, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(B, s_q, K, 6 * 32, gen)
+    sink = randn(H, gen=gen)
+    lengths = torch.randint(0, K + 1, (B, s_q) if per_query else (B,), generator=gen, dtype=torch.int32)
+    flat_len = (lengths if per_query else lengths[:, None].expand(B, s_q)).reshape(-1).contiguous()
+    kv = ref.dequantize_mla_cache(cache).to(torch.bfloat16).unsqueeze(1)   # exact: pow2 scales
+    fo, fl = dsa_ext.sparse_mla_fwd(q.reshape(B * s_q, H, D_QK).to(device), kv.to(device),
+                                    idx.reshape(B * s_q, 1, K).to(device), 0.05, 512,
+                                    sink.to(device), flat_len.to(device))
+    do, dl = dsa_ext.sparse_mla_decode(q.to(device), cache.to(device), idx.to(device), 0.05, 512,
+                                       sink.to(device), lengths.to(device))
+    fo, fl = fo.cpu().reshape(B, s_q, H, 512), fl.cpu().reshape(B, s_q, H)
+    do, dl = do.cpu(), dl.cpu()
+    empty = torch.isneginf(fl)
+    assert torch.equal(torch.isneginf(dl), empty)
+    assert rel_err(do[~empty], fo[~empty]) < 1e-2
+    assert (dl[~empty] - fl[~empty]).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
 def test_opcheck(device, gen, fp8):
     cache = make_cache(3, 16, fp8, gen).to(device)
     q = randn(2, 2, 16, D_QK, gen=gen, dtype=torch.bfloat16).to(device)
@@ -253,7 +290,7 @@ def test_mixed_devices_rejected():
 
 @pytest.mark.parametrize("B,s_q,H,K", [
     (1, 1, 64, 1024),    # few CTAs: K split over many CTAs, partials merged by lse
-    (1, 2, 16, 640),     # split with a ragged last split
+    (1, 2, 16, 704),     # split with a ragged last split (11 tiles)
     (70, 2, 16, 128),    # enough CTAs to fill the GPU: no split
 ])
 def test_split_and_unsplit_work_plans(device, gen, B, s_q, H, K):

@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -16,8 +18,12 @@ namespace dsa::mla_decode {
 namespace {
 
 int sm_count(int device) {
+  static std::array<std::atomic<int>, 64> cached{};   // per device; 0 = not asked yet
+  if (device >= 0 && device < 64 && cached[device].load(std::memory_order_relaxed) > 0)
+    return cached[device].load(std::memory_order_relaxed);
   int n = 0;
   DSA_CHECK_CUDA(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < 64) cached[device].store(n, std::memory_order_relaxed);
   return n;
 }
 

@@ -5,8 +5,8 @@
 // bf16 (shared by all HB heads), then runs S = Q K^T and O += P V on bf16 tensor cores
 // (mma.sync m16n8k16, or wgmma on sm_90a for 64-head blocks) with an online softmax. FP8 records are fetched with cp.async into a raw
 // staging buffer one step ahead, so the gather of step t+1 overlaps the math of step t.
-// Invalid entries (negative, >= num_slots, past topk_length) are never read: their copies are
-// zero-filled (cp.async with 0 source bytes) and their scores masked to -inf.
+// Invalid entries (negative, >= num_slots, past topk_length) are never read: their shared-memory
+// rows are zero-filled and their scores masked to -inf.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -77,7 +77,7 @@ __device__ __forceinline__ bool issue_tile_copy(const DecodeParams& p, const int
   const int token = tile_token(), part = tile_part();
   const int64_t slot = entry_slot(row_indices, tile * kTokensPerTile + token, len, p.num_slots);
   const bool valid = slot >= 0;
-  const int64_t safe_slot = valid ? slot : 0;   // address stays in range; nothing is read
+  const int64_t safe_slot = valid ? slot : 0;   // an invalid entry is zero-filled, never read
   if constexpr (kFp8) {
     const uint8_t* src = static_cast<const uint8_t*>(p.kv_cache) + safe_slot * kFp8RecordBytes;
     uint8_t* dst = raw + token * kFp8RecordBytes;
@@ -136,8 +136,8 @@ __device__ __forceinline__ void dequantise_tile_part(const uint8_t* raw, __nv_bf
   }
 }
 
-// kWgmma (HB = 64 only): the two warpgroups compute S = Q K^T (32 keys each) and O += P V (256
-// output columns each) with wgmma from shared memory; otherwise each warp issues mma.sync.
+// kWgmma (HB = 64 only): warpgroup 0 computes S = Q K^T and each warpgroup O += P V for 256
+// output columns, with wgmma from shared memory; otherwise each warp issues mma.sync.
 // Accumulators are laid out alike: acc[(m * kAccN + n) * 4 + i] is the m16n8 fragment (m, n)
 // of the lane, rows acc_row0(m) + g (+8), columns acc_col0(n) + 2 t4 (+1).
 template <int HB, bool kFp8, bool kWgmma>
@@ -213,25 +213,30 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
     if constexpr (kWgmma) fence_proxy_async_smem();   // Q / KV stores -> wgmma reads
     __syncthreads();
 
-    // S = Q K^T, scaled to log2 units, into s_s. Warp -> 16 heads x (8 * MT) keys.
+    // S = Q K^T, scaled to log2 units, into s_s. mma.sync: warp -> 16 heads x (8 * MT) keys.
+    // wgmma: warpgroup 0 alone -> 64 heads x 64 keys (n = 64 keeps the shared-memory operand
+    // traffic under the tensor cores' rate; n = 32 per warpgroup would not); warpgroup 1 waits.
     {
-      const int mt = warp % MT, n0 = (warp / MT) * MT * 8;
-      float sacc[MT * 4];
+      constexpr int kSNT = kWgmma ? kTokensPerTile / 8 : MT;   // 8-key tiles per warp
+      const int mt = warp % MT, n0 = kWgmma ? 0 : (warp / MT) * MT * 8;
+      const bool s_warp = !kWgmma || warp < 4;
+      float sacc[kSNT * 4];
 #pragma unroll
-      for (int i = 0; i < MT * 4; ++i) sacc[i] = 0.f;
+      for (int i = 0; i < kSNT * 4; ++i) sacc[i] = 0.f;
       if constexpr (kWgmma) {
-        // Warpgroup wg: all 64 heads x keys [32 wg, 32 wg + 32). K step 16 = 2 column groups.
-        const uint64_t a0 = wgmma_desc(q_s, core_column_group_bytes<HB>(), kCoreRowGroupBytes);
-        const uint64_t b0 = wgmma_desc(kv_s + core_offset<kTokensPerTile>(n0, 0),
-                                       core_column_group_bytes<kTokensPerTile>(), kCoreRowGroupBytes);
-        wgmma_fence();
+        if (s_warp) {   // warpgroup-uniform
+          const uint64_t a0 = wgmma_desc(q_s, core_column_group_bytes<HB>(), kCoreRowGroupBytes);
+          const uint64_t b0 = wgmma_desc(kv_s, core_column_group_bytes<kTokensPerTile>(), kCoreRowGroupBytes);
+          wgmma_fence();
 #pragma unroll   // all 36 issued back to back; one wait at the end
-        for (int ks = 0; ks < kDQK / 16; ++ks) {
-          wgmma_m64n32k16_kmajor_b(sacc, a0 + ((ks * 2 * core_column_group_bytes<HB>()) >> 4),
-                                   b0 + ((ks * 2 * core_column_group_bytes<kTokensPerTile>()) >> 4), ks > 0);
+          for (int ks = 0; ks < kDQK / 16; ++ks) {
+            // K step 16 = 2 column groups of both core-matrix tiles.
+            wgmma_m64n64k16_kmajor_b(sacc, a0 + ((ks * 2 * core_column_group_bytes<HB>()) >> 4),
+                                     b0 + ((ks * 2 * core_column_group_bytes<kTokensPerTile>()) >> 4), ks > 0);
+          }
+          wgmma_commit();
+          wgmma_wait_all();
         }
-        wgmma_commit();
-        wgmma_wait_all();
       } else {
 #pragma unroll 4
         for (int ks = 0; ks < kDQK / 16; ++ks) {
@@ -253,13 +258,15 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
           }
         }
       }
+      if (s_warp) {
 #pragma unroll
-      for (int nt = 0; nt < MT; ++nt) {
-        float* s0 = s_s + (mt * 16 + g) * kSS + n0 + nt * 8 + 2 * t4;
-        s0[0] = sacc[nt * 4 + 0] * score_scale;
-        s0[1] = sacc[nt * 4 + 1] * score_scale;
-        s0[8 * kSS] = sacc[nt * 4 + 2] * score_scale;
-        s0[8 * kSS + 1] = sacc[nt * 4 + 3] * score_scale;
+        for (int nt = 0; nt < kSNT; ++nt) {
+          float* s0 = s_s + (mt * 16 + g) * kSS + n0 + nt * 8 + 2 * t4;
+          s0[0] = sacc[nt * 4 + 0] * score_scale;
+          s0[1] = sacc[nt * 4 + 1] * score_scale;
+          s0[8 * kSS] = sacc[nt * 4 + 2] * score_scale;
+          s0[8 * kSS + 1] = sacc[nt * 4 + 3] * score_scale;
+        }
       }
     }
     __syncthreads();

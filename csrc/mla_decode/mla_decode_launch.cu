@@ -16,6 +16,7 @@ int head_block(int64_t heads) { return heads >= 64 ? 64 : (heads > 16 ? 32 : 16)
 template <int HB, bool kFp8, bool kWgmma>
 cudaError_t launch_main(const DecodeParams& p, cudaStream_t stream) {
   constexpr size_t kSmem = DecodeSmem<HB, kFp8>::kBytes;
+  static_assert(kSmem <= 227 * 1024, "dynamic shared memory beyond an H100 SM's 227 KB");
   auto kernel = sparse_mla_decode_kernel<HB, kFp8, kWgmma>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem));
   if (err != cudaSuccess) return err;
@@ -36,10 +37,11 @@ SplitPlan plan_splits(int64_t batch, int64_t s_q, int64_t heads, int64_t topk, i
   const int64_t tiles = std::max<int64_t>(ceil_div<int64_t>(topk, kTokensPerTile), 1);
   const int64_t ctas = batch * s_q * ceil_div<int64_t>(heads, head_block(heads));
   int64_t splits = 1;
-  if (ctas > 0 && ctas < num_sms) {
-    // Fill the SMs, but keep at least 2 tiles per split so the combine stays cheap.
+  if (ctas > 0 && 2 * ctas <= num_sms) {
+    // As many splits as fit in one wave (one CTA per SM), but at least 2 tiles per split so the
+    // fp32 partials and the combine stay cheap next to the main kernel.
     constexpr int64_t kMinTilesPerSplit = 2, kMaxSplits = 64;
-    splits = std::min({ceil_div<int64_t>(num_sms, ctas), ceil_div<int64_t>(tiles, kMinTilesPerSplit), kMaxSplits});
+    splits = std::max<int64_t>(1, std::min({num_sms / ctas, tiles / kMinTilesPerSplit, kMaxSplits}));
   }
   const int64_t per_split = ceil_div<int64_t>(tiles, splits);
   return SplitPlan{static_cast<int>(ceil_div<int64_t>(tiles, per_split)), static_cast<int>(per_split)};

@@ -36,14 +36,20 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// 16-byte global->shared copy that bypasses L1; src_bytes = 0 writes zeros and reads nothing.
+// 16-byte global->shared copy that bypasses L1. Without `read` nothing is read (src may be
+// anything) and the destination is zeroed by an ordinary store, visible to this thread after
+// cp_async_wait_all and to others after the next barrier, like the copy.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool read) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-               :: "r"(smem_addr(dst)), "l"(src), "r"(read ? 16 : 0) : "memory");
+  if (read)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(smem_addr(dst)), "l"(src) : "memory");
+  else
+    *static_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
 }
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool read) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
-               :: "r"(smem_addr(dst)), "l"(src), "r"(read ? 4 : 0) : "memory");
+  if (read)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" :: "r"(smem_addr(dst)), "l"(src) : "memory");
+  else
+    *static_cast<uint32_t*>(dst) = 0u;
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }

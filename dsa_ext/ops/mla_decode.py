@@ -36,6 +36,9 @@ def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
         partial results correct).
 
     CUDA-graph safe: no host synchronisation, and the work split depends on shapes only.
+    On CUDA, ``DSA_MLA_DECODE_WGMMA=1`` in the environment selects the Hopper wgmma kernel for
+    64-head blocks (H >= 64) instead of the default mma.sync kernel; it is opt-in until
+    validated on hardware.
     """
     return torch.ops.dsa.sparse_mla_decode(q, kv_cache, indices, sm_scale, d_v, attn_sink,
                                            topk_length)

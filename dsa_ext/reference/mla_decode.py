@@ -1,8 +1,9 @@
 """Reference (oracle) for the mla_decode op family: sparse MLA decode over a paged MLA cache.
 
-Decode is "dequantise the cache (`reference.cache.dequantize_mla_cache`), then sparse MLA
-attention of every query row (b, s) over its selected slots". Written for clarity and
-exactness: fp32 dequantisation, fp64 softmax.
+Decode is exactly "dequantise the cache, then sparse MLA attention": the cache is read back
+with `reference.cache.dequantize_mla_cache` (FP8 656-byte records: nope = fp8 * tile scale,
+rope bf16; or the bf16 rows), the (b, s_q) query rows are flattened to T = B * s_q tokens,
+and `reference.sparse_mla.sparse_mla_fwd` does the rest (float64 inside).
 """
 from __future__ import annotations
 
@@ -11,24 +12,9 @@ from typing import Optional, Tuple
 import torch
 
 from .cache import dequantize_mla_cache
+from .sparse_mla import sparse_mla_fwd
 
 __all__ = ["sparse_mla_decode"]
-
-
-def _attend(q: torch.Tensor, kv: torch.Tensor, sm_scale: float, d_v: int,
-            sink: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of q [H, 576] over the rows kv [n, 576] (all valid), fp64 inside.
-    Returns out [H, d_v] and the natural-log lse [H] of the scaled scores (-inf when n == 0);
-    the sink adds exp(sink[h]) to the denominator of out only."""
-    H = q.shape[0]
-    if kv.shape[0] == 0:
-        return q.new_zeros(H, d_v, dtype=torch.float64), \
-            torch.full((H,), float("-inf"), dtype=torch.float64)
-    scores = (q.double() @ kv.double().T) * sm_scale                 # [H, n]
-    lse = torch.logsumexp(scores, dim=1)                              # [H]
-    denom_log = lse if sink is None else torch.logaddexp(lse, sink.double())
-    p = torch.exp(scores - denom_log[:, None])
-    return p @ kv[:, :d_v].double(), lse
 
 
 def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor,
@@ -38,26 +24,21 @@ def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Oracle of `dsa_ext.sparse_mla_decode`: out [B, s_q, H, d_v] bf16, lse [B, s_q, H] fp32.
 
-    Row (b, s) attends to the cache slots `indices[b, s, j]` for j < topk_length (all K when
-    not given); a slot that is negative or >= num_slots is skipped; a repeated slot counts once
-    per occurrence. An empty row gives out 0 and lse -inf.
+    Row (b, s) attends to the cache slots `indices[b, s, j]` (global ids blk * block_size + off)
+    for j < topk_length ([B] or [B, s_q]; all K when not given); a slot that is negative or
+    >= num_blocks * block_size is skipped; a repeated slot counts once per occurrence. An empty
+    row gives out 0 and lse -inf; attn_sink [H] adds exp(sink) to the denominator only.
     """
-    B, s_q, H, _ = q.shape
+    B, s_q, H, D = q.shape
     K = indices.shape[-1]
-    kv = dequantize_mla_cache(kv_cache.cpu())                         # [num_slots, 576] fp32
-    num_slots = kv.shape[0]
-    idx = indices.cpu().long()
+    kv = dequantize_mla_cache(kv_cache.cpu()).unsqueeze(1)            # [num_slots, 1, 576] fp32
+    lengths = None
     if topk_length is not None:
-        lengths = topk_length.cpu().long()
-        lengths = lengths[:, None].expand(B, s_q) if lengths.dim() == 1 else lengths
-    else:
-        lengths = torch.full((B, s_q), K, dtype=torch.long)
-    sink = None if attn_sink is None else attn_sink.cpu()
-    out = torch.zeros(B, s_q, H, d_v, dtype=torch.float64)
-    lse = torch.empty(B, s_q, H, dtype=torch.float64)
-    for b in range(B):
-        for s in range(s_q):
-            row = idx[b, s, :max(0, min(K, int(lengths[b, s])))]
-            row = row[(row >= 0) & (row < num_slots)]
-            out[b, s], lse[b, s] = _attend(q[b, s].cpu().float(), kv[row], sm_scale, d_v, sink)
-    return out.to(torch.bfloat16).to(q.device), lse.float().to(q.device)
+        lengths = topk_length.cpu()
+        if lengths.dim() == 1:                                         # FlashMLA's per-request form
+            lengths = lengths[:, None].expand(B, s_q)
+        lengths = lengths.reshape(B * s_q)
+    out, lse = sparse_mla_fwd(q.cpu().reshape(B * s_q, H, D), kv,
+                              indices.cpu().reshape(B * s_q, 1, K), sm_scale, d_v,
+                              None if attn_sink is None else attn_sink.cpu(), lengths)
+    return out.reshape(B, s_q, H, d_v).to(q.device), lse.reshape(B, s_q, H).to(q.device)
