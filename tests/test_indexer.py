@@ -303,3 +303,24 @@ def test_cuda_rejects_unsupported_shapes(gen):
     paged = _paged_inputs(2, 1, 16, 128, 16, 40, gen, "cuda", False)
     with pytest.raises((RuntimeError, ValueError), match="q"):
         dsa_ext.paged_indexer_logits(*paged, 40)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("mma", ["sync", "default"])
+def test_cuda_mma_paths(gen, monkeypatch, mma):
+    """Both tensor-core paths (sm_90a wgmma by default, mma.sync with DSA_INDEXER_MMA=sync)
+    against the oracle, prefill and paged, long enough to run many pipeline stages."""
+    if mma == "sync":
+        monkeypatch.setenv("DSA_INDEXER_MMA", "sync")
+    else:
+        monkeypatch.delenv("DSA_INDEXER_MMA", raising=False)
+    for H in (32, 64):
+        args = _prefill_inputs(37, 1500, H, 128, gen, "cuda", "causal")
+        out = dsa_ext.indexer_logits(*args)
+        expected = ref.indexer_logits(*[a.cpu() for a in args])
+        _assert_in_range_close(out, expected, _key_mask(args[4], args[5], 1500), True)
+        paged = _paged_inputs(3, 2, H, 128, 64, 1100, gen, "cuda", False, bad_blocks=True)
+        out = dsa_ext.paged_indexer_logits(*paged, 1100)
+        expected = ref.paged_indexer_logits(*[a.cpu() for a in paged], 1100)
+        _assert_in_range_close(out, expected, _position_mask(paged[3], 2, 1100), True)

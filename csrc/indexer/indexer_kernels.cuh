@@ -44,7 +44,9 @@ constexpr int kSmemQBytes = kCols * kHeadDim;
 constexpr int kSmemKBytes = kTileKeys * kHeadDim;
 constexpr int kSmemScaleBytes = kTileKeys * 4;
 constexpr int kSmemOutBytes = kMaxQueriesPerCta * kTileKeys * 4;
-constexpr int kSmemBytes = kSmemQBytes + kStages * (kSmemKBytes + kSmemScaleBytes) + kSmemOutBytes;
+// + 1024: the tiles are placed at a 1024-byte aligned address (the 128B-swizzle atom that
+// wgmma descriptors assume); the dynamic shared window itself is only 16-byte aligned.
+constexpr int kSmemBytes = kSmemQBytes + kStages * (kSmemKBytes + kSmemScaleBytes) + kSmemOutBytes + 1024;
 
 // Everything both ops need; the fields of the other op are unused.
 struct LogitsParams {
@@ -112,6 +114,80 @@ __device__ __forceinline__ void mma_e4m3_16832(float (&d)[4], const uint32_t (&a
 #endif
 }
 
+// ---- sm_90a wgmma (FP8 QGMMA) --------------------------------------------------------------
+//
+// Shared-memory matrix descriptor (PTX 9.7.15.5.1.2.2) of a K-major tile with 128-byte rows
+// in the 128B-swizzle layout: start address >> 4 in bits 0-13, leading byte offset unused for
+// swizzled K-major (1), stride byte offset 1024 B (8 rows x 128 B) >> 4 in bits 32-45, base
+// offset 0 (tiles are 1024-byte aligned), swizzle mode 1 (128B) in bits 62-63. The XOR
+// swizzle of `swizzled()` below (chunk ^ (row & 7) within 1024-byte aligned 8-row groups) is
+// exactly this layout, so the cp.async fills serve both the ldmatrix and the wgmma paths.
+// A k32 step (32 bytes of K) advances the start address by 32 bytes, inside the first row.
+__device__ __forceinline__ uint64_t sw128_kmajor_desc(uint32_t smem_byte_addr) {
+  return static_cast<uint64_t>((smem_byte_addr & 0x3FFFFu) >> 4) | (uint64_t{1} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define DSA_INDEXER_HAS_WGMMA 1
+#else
+#define DSA_INDEXER_HAS_WGMMA 0   // the kernel then takes the mma.sync path
+#endif
+
+__device__ __forceinline__ void wgmma_fence() {
+#if DSA_INDEXER_HAS_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if DSA_INDEXER_HAS_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+#if DSA_INDEXER_HAS_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// Orders this thread's earlier generic-proxy shared writes (cp.async fills) before the
+// async-proxy reads of wgmma.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+#if DSA_INDEXER_HAS_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// d (64 fp32 per thread) = (accumulate ? d : 0) + A(64 x 32, desc_a) * B(32 x 128, desc_b).
+// The accumulator registers are in wgmma order: value i = 4 * n8_tile + r.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[16][4], uint64_t desc_a,
+                                                      uint64_t desc_b, int accumulate) {
+#if DSA_INDEXER_HAS_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+        "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
+        "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]),
+        "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+        "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]),
+        "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]),
+        "+f"(d[15][2]), "+f"(d[15][3])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+#else
+  __trap();   // never instantiated on a path that runs: see kWgmmaPath in the kernel
+#endif
+}
+
 // Byte offset of 16-byte chunk `chunk` of 128-byte row `row` in a swizzled shared tile.
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
   return static_cast<uint32_t>(row * kHeadDim + ((chunk ^ (row & 7)) << 4));
@@ -138,16 +214,85 @@ __device__ __forceinline__ bool locate_key(const LogitsParams& p, const int32_t*
   }
 }
 
+// ---- per-tile pieces -----------------------------------------------------------------------
+
+// mma.sync path: warp (warp_m, warp_n) computes keys [32 warp_m, +32) x columns [64 warp_n, +64)
+// of the tile into acc (m16n8 accumulator layout).
+__device__ __forceinline__ void tile_mma_sync(float (&acc)[kWarpMTiles][8][4], uint32_t k_base,
+                                              uint32_t q_base, int warp_m, int warp_n, int lane) {
+#pragma unroll
+  for (int i = 0; i < kWarpMTiles; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  // Not unrolled: on sm_90 ptxas unpacks every e4m3 fragment to f16 for HMMA, and unrolling
+  // the 4 k-steps keeps several steps' unpacked fragments live (255 registers, spills).
+#pragma unroll 1
+  for (int kk = 0; kk < kHeadDim / 32; ++kk) {
+    uint32_t a[kWarpMTiles][4];
+#pragma unroll
+    for (int i = 0; i < kWarpMTiles; ++i)
+      ldmatrix_x4(a[i], k_base + swizzled(warp_m * 16 * kWarpMTiles + i * 16 + (lane & 15),
+                                          2 * kk + (lane >> 4)));
+#pragma unroll
+    for (int jp = 0; jp < 4; ++jp) {
+      uint32_t b[4];
+      ldmatrix_x4(b, q_base + swizzled(warp_n * 64 + jp * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                       2 * kk + ((lane >> 3) & 1)));
+#pragma unroll
+      for (int i = 0; i < kWarpMTiles; ++i) {
+        mma_e4m3_16832(acc[i][2 * jp], a[i], b[0], b[1]);
+        mma_e4m3_16832(acc[i][2 * jp + 1], a[i], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// Epilogue part 1, shared by both MMA paths. acc[kMT][kNT][4] covers keys
+// [key_base, +16 kMT) x columns [col_base, +8 kNT) in the m16n8 accumulator layout (thread
+// lane: rows lane/4 and lane/4 + 8 of each m16 tile, columns 2 (lane%4) + {0, 1} of each n8
+// tile). Per key and query: sum over its heads of w * relu(acc); the quad's 4 lanes hold the
+// remaining heads, combined with two xor-shuffles. Result -> sums[query][key].
+template <int kHeads, int kMT, int kNT>
+__device__ __forceinline__ void reduce_heads(const float (&acc)[kMT][kNT][4], const float* w_smem,
+                                             float* sums, int key_base, int col_base, int lane) {
+  constexpr int kNTilesPerQuery = kHeads / 8;
+  constexpr int kQueries = kNT / kNTilesPerQuery;
+  const float* w_thread = w_smem + col_base + 2 * (lane & 3);
+#pragma unroll
+  for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+      for (int qw = 0; qw < kQueries; ++qw) {
+        float v = 0.f;
+#pragma unroll
+        for (int j = qw * kNTilesPerQuery; j < (qw + 1) * kNTilesPerQuery; ++j) {
+          v = fmaf(w_thread[j * 8], fmaxf(acc[i][j][2 * half], 0.f), v);
+          v = fmaf(w_thread[j * 8 + 1], fmaxf(acc[i][j][2 * half + 1], 0.f), v);
+        }
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if ((lane & 3) == 0)
+          sums[(col_base / kHeads + qw) * kTileKeys + key_base + i * 16 + half * 8 + (lane >> 2)] = v;
+      }
+    }
+  }
+}
+
 // ---- the kernel ----------------------------------------------------------------------------
 
-template <int kHeads, bool kPaged>
-__global__ void __launch_bounds__(kThreads, 1) indexer_logits_kernel(const LogitsParams p) {
+// kAllowWgmma: use wgmma where this is an sm_90a compile (else, and when false, mma.sync).
+template <int kHeads, bool kPaged, bool kAllowWgmma>
+__global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMMA) ? 2 : 1) indexer_logits_kernel(const LogitsParams p) {
   static_assert(kHeads == 32 || kHeads == 64, "CUDA indexer serves H in {32, 64}");
   constexpr int kQueriesPerCta = kCols / kHeads;
-  constexpr int kQueriesPerWarp = 64 / kHeads;
-  constexpr int kNTilesPerQuery = kHeads / 8;
+  constexpr bool kWgmmaPath = kAllowWgmma && DSA_INDEXER_HAS_WGMMA;
 
-  extern __shared__ __align__(1024) uint8_t smem[];
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   uint8_t* q_smem = smem;
   uint8_t* k_smem = smem + kSmemQBytes;
   float* scale_smem = reinterpret_cast<float*>(k_smem + kStages * kSmemKBytes);
@@ -268,6 +413,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_logits_kernel(const Logit
   const uint32_t q_base = smem_addr(q_smem);
   for (int64_t tile = 0; tile < num_tiles; ++tile) {
     cp_async_wait<kStages - 2>();
+    if constexpr (kWgmmaPath) fence_proxy_async_smem();
     __syncthreads();   // tile's bytes visible to all; everyone is done with tile - 1's stage
     {
       const int64_t next = tile + kStages - 1;
@@ -277,59 +423,27 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_logits_kernel(const Logit
     const int stage = static_cast<int>(tile % kStages);
     const uint32_t k_base = smem_addr(k_smem + stage * kSmemKBytes);
 
-    float acc[kWarpMTiles][8][4];
+    if constexpr (kWgmmaPath) {
+      // Warpgroup wg: keys [64 wg, +64) x all 128 columns, m64n128k32 x 4 k-steps, chained
+      // into fp32 (the first with scale-d = 0, so the accumulators need no zeroing).
+      float acc[16][4];
+      const uint32_t a_base = k_base + (warp >> 2) * 64 * kHeadDim;
+      wgmma_fence();
 #pragma unroll
-    for (int i = 0; i < kWarpMTiles; ++i)
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
-
-    // Not unrolled: on sm_90 ptxas unpacks every e4m3 fragment to f16 for HMMA, and unrolling
-    // the 4 k-steps keeps several steps' unpacked fragments live (255 registers, spills).
-#pragma unroll 1
-    for (int kk = 0; kk < kHeadDim / 32; ++kk) {
-      uint32_t a[kWarpMTiles][4];
-#pragma unroll
-      for (int i = 0; i < kWarpMTiles; ++i)
-        ldmatrix_x4(a[i], k_base + swizzled(warp_m * 16 * kWarpMTiles + i * 16 + (lane & 15),
-                                            2 * kk + (lane >> 4)));
-#pragma unroll
-      for (int jp = 0; jp < 4; ++jp) {
-        uint32_t b[4];
-        ldmatrix_x4(b, q_base + swizzled(warp_n * 64 + jp * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                         2 * kk + ((lane >> 3) & 1)));
-#pragma unroll
-        for (int i = 0; i < kWarpMTiles; ++i) {
-          mma_e4m3_16832(acc[i][2 * jp], a[i], b[0], b[1]);
-          mma_e4m3_16832(acc[i][2 * jp + 1], a[i], b[2], b[3]);
-        }
-      }
-    }
-
-    // Epilogue part 1: per key row and query, sum_h w * relu(acc) -> out_smem.
-    float* sums = out_smem;
-    const float* w_thread = w_smem + warp_n * 64 + 2 * (lane & 3);
-#pragma unroll
-    for (int i = 0; i < kWarpMTiles; ++i) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-#pragma unroll
-        for (int qw = 0; qw < kQueriesPerWarp; ++qw) {
-          float v = 0.f;
-#pragma unroll
-          for (int j = qw * kNTilesPerQuery; j < (qw + 1) * kNTilesPerQuery; ++j) {
-            v = fmaf(w_thread[j * 8], fmaxf(acc[i][j][2 * half], 0.f), v);
-            v = fmaf(w_thread[j * 8 + 1], fmaxf(acc[i][j][2 * half + 1], 0.f), v);
-          }
-          v += __shfl_xor_sync(0xffffffffu, v, 1);
-          v += __shfl_xor_sync(0xffffffffu, v, 2);
-          if ((lane & 3) == 0) {
-            const int key = warp_m * 16 * kWarpMTiles + i * 16 + half * 8 + (lane >> 2);
-            sums[(warp_n * kQueriesPerWarp + qw) * kTileKeys + key] = v;
-          }
-        }
-      }
+      for (int kk = 0; kk < kHeadDim / 32; ++kk)
+        wgmma_m64n128k32_e4m3(acc, sw128_kmajor_desc(a_base + 32 * kk),
+                              sw128_kmajor_desc(q_base + 32 * kk), kk > 0 ? 1 : 0);
+      wgmma_commit();
+      wgmma_wait_all();
+      // wgmma's accumulator rows: warp w of the CTA holds keys [16 w, +16); same per-thread
+      // pattern as one m16 tile of mma.sync over 16 n8 tiles.
+      reduce_heads<kHeads, 1, 16>(reinterpret_cast<const float(&)[1][16][4]>(acc), w_smem,
+                                  out_smem, warp * 16, 0, lane);
+    } else {
+      float acc[kWarpMTiles][8][4];
+      tile_mma_sync(acc, k_base, q_base, warp_m, warp_n, lane);
+      reduce_heads<kHeads, kWarpMTiles, 8>(acc, w_smem, out_smem, warp_m * 16 * kWarpMTiles,
+                                           warp_n * 64, lane);
     }
     __syncthreads();
 
@@ -345,7 +459,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_logits_kernel(const Logit
       float* dst = p.out + (row0 + q) * p.num_cols + pos;
       if (pos >= range_lo[q] && pos < range_hi[q]) {
         const float sc = scales[key];
-        *dst = sc == neg_inf ? neg_inf : sums[q * kTileKeys + key] * sc;
+        *dst = sc == neg_inf ? neg_inf : out_smem[q * kTileKeys + key] * sc;
       } else if (p.clean_logits) {
         *dst = neg_inf;
       }

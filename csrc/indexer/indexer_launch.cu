@@ -1,6 +1,9 @@
 // indexer family: torch-free host launchers. Grid: x = query blocks (128 / H query rows each),
 // y = splits of the key axis, so that short batches with long contexts still fill the GPU.
 // No host synchronisation (CUDA-graph safe): only launch configuration is computed here.
+#include <cstdlib>
+#include <cstring>
+
 #include "indexer/indexer_kernels.cuh"
 #include "indexer/indexer_launch.h"
 
@@ -26,9 +29,9 @@ int64_t split_cols(int64_t query_blocks, int64_t num_cols) {
   return chunk_tiles * kTileKeys;
 }
 
-template <int kHeads, bool kPaged>
+template <int kHeads, bool kPaged, bool kAllowWgmma>
 cudaError_t launch(const indexer::LogitsParams& p, int64_t query_blocks, cudaStream_t stream) {
-  auto kernel = indexer::indexer_logits_kernel<kHeads, kPaged>;
+  auto kernel = indexer::indexer_logits_kernel<kHeads, kPaged, kAllowWgmma>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, indexer::kSmemBytes);
   if (err != cudaSuccess) return err;
@@ -39,11 +42,24 @@ cudaError_t launch(const indexer::LogitsParams& p, int64_t query_blocks, cudaStr
   return cudaGetLastError();
 }
 
+// DSA_INDEXER_MMA=sync forces the mma.sync path on sm_90a (a fallback and a cross-check of the
+// wgmma path); the default uses wgmma wherever the build has sm_90a code.
+// Read on every call (a getenv costs far less than a launch) so tests can switch paths.
+bool allow_wgmma() {
+  const char* v = std::getenv("DSA_INDEXER_MMA");
+  return !(v != nullptr && std::strcmp(v, "sync") == 0);
+}
+
 template <bool kPaged>
 cudaError_t dispatch_heads(const indexer::LogitsParams& p, int64_t heads, int64_t query_blocks,
                            cudaStream_t stream) {
-  if (heads == 64) return launch<64, kPaged>(p, query_blocks, stream);
-  if (heads == 32) return launch<32, kPaged>(p, query_blocks, stream);
+  const bool wgmma = allow_wgmma();
+  if (heads == 64)
+    return wgmma ? launch<64, kPaged, true>(p, query_blocks, stream)
+                 : launch<64, kPaged, false>(p, query_blocks, stream);
+  if (heads == 32)
+    return wgmma ? launch<32, kPaged, true>(p, query_blocks, stream)
+                 : launch<32, kPaged, false>(p, query_blocks, stream);
   return cudaErrorInvalidValue;
 }
 
