@@ -257,7 +257,8 @@ __device__ __forceinline__ void tile_mma_sync(float (&acc)[kWarpMTiles][8][4], u
 // remaining heads, combined with two xor-shuffles. Result -> sums[query][key].
 template <int kHeads, int kMT, int kNT>
 __device__ __forceinline__ void reduce_heads(const float (&acc)[kMT][kNT][4], const float* w_smem,
-                                             float* sums, int key_base, int col_base, int lane) {
+                                             float* sums, int key_base, int col_base, int lane,
+                                             int64_t num_queries) {
   constexpr int kNTilesPerQuery = kHeads / 8;
   constexpr int kQueries = kNT / kNTilesPerQuery;
   const float* w_thread = w_smem + col_base + 2 * (lane & 3);
@@ -267,6 +268,7 @@ __device__ __forceinline__ void reduce_heads(const float (&acc)[kMT][kNT][4], co
     for (int half = 0; half < 2; ++half) {
 #pragma unroll
       for (int qw = 0; qw < kQueries; ++qw) {
+        if (col_base / kHeads + qw >= num_queries) continue;   // padding columns (warp-uniform)
         float v = 0.f;
 #pragma unroll
         for (int j = qw * kNTilesPerQuery; j < (qw + 1) * kNTilesPerQuery; ++j) {
@@ -438,12 +440,12 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
       // wgmma's accumulator rows: warp w of the CTA holds keys [16 w, +16); same per-thread
       // pattern as one m16 tile of mma.sync over 16 n8 tiles.
       reduce_heads<kHeads, 1, 16>(reinterpret_cast<const float(&)[1][16][4]>(acc), w_smem,
-                                  out_smem, warp * 16, 0, lane);
+                                  out_smem, warp * 16, 0, lane, nq);
     } else {
       float acc[kWarpMTiles][8][4];
       tile_mma_sync(acc, k_base, q_base, warp_m, warp_n, lane);
       reduce_heads<kHeads, kWarpMTiles, 8>(acc, w_smem, out_smem, warp_m * 16 * kWarpMTiles,
-                                           warp_n * 64, lane);
+                                           warp_n * 64, lane, nq);
     }
     __syncthreads();
 

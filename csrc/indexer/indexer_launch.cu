@@ -18,11 +18,13 @@ int sm_count() {
   return n;
 }
 
-// Keys per blockIdx.y split: enough CTAs for ~2 waves, whole tiles, at most 65535 splits.
+// Keys per blockIdx.y split, in whole tiles, at most 65535 splits: enough CTAs for ~4 waves of
+// 2 resident CTAs per SM, so that few query blocks over long contexts (decode) still fill the
+// GPU and the last wave's tail stays short.
 int64_t split_cols(int64_t query_blocks, int64_t num_cols) {
   using indexer::kTileKeys;
   const int64_t tiles = ceil_div<int64_t>(num_cols, kTileKeys);
-  int64_t splits = ceil_div<int64_t>(2 * sm_count(), query_blocks);
+  int64_t splits = ceil_div<int64_t>(8 * sm_count(), query_blocks);
   splits = splits < 1 ? 1 : (splits > tiles ? tiles : splits);
   int64_t chunk_tiles = ceil_div<int64_t>(tiles, splits);
   if (ceil_div<int64_t>(tiles, chunk_tiles) > 65535) chunk_tiles = ceil_div<int64_t>(tiles, 65535);
