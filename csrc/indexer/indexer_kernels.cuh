@@ -149,6 +149,17 @@ __device__ __forceinline__ void wgmma_wait_all() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
+// Pins an accumulator register in place relative to the surrounding asm (wgmma, wait): the
+// compiler otherwise may move ordinary reads of it above wgmma.wait_group, which is undefined.
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&acc)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) fence_operand(acc[j][e]);
+}
+
 // Orders this thread's earlier generic-proxy shared writes (cp.async fills) before the
 // async-proxy reads of wgmma.
 __device__ __forceinline__ void fence_proxy_async_smem() {
@@ -430,6 +441,7 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
       // into fp32 (the first with scale-d = 0, so the accumulators need no zeroing).
       float acc[16][4];
       const uint32_t a_base = k_base + (warp >> 2) * 64 * kHeadDim;
+      fence_operands(acc);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / 32; ++kk)
@@ -437,6 +449,7 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
                               sw128_kmajor_desc(q_base + 32 * kk), kk > 0 ? 1 : 0);
       wgmma_commit();
       wgmma_wait_all();
+      fence_operands(acc);
       // wgmma's accumulator rows: warp w of the CTA holds keys [16 w, +16); same per-thread
       // pattern as one m16 tile of mma.sync over 16 n8 tiles.
       reduce_heads<kHeads, 1, 16>(reinterpret_cast<const float(&)[1][16][4]>(acc), w_smem,
