@@ -324,3 +324,29 @@ def test_cuda_mma_paths(gen, monkeypatch, mma):
         out = dsa_ext.paged_indexer_logits(*paged, 1100)
         expected = ref.paged_indexer_logits(*[a.cpu() for a in paged], 1100)
         _assert_in_range_close(out, expected, _position_mask(paged[3], 2, 1100), True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_paged_rejects_unaligned_block_size(gen):
+    paged = _paged_inputs(2, 1, 64, 128, 6, 40, gen, "cuda", False)
+    with pytest.raises((RuntimeError, ValueError), match="block_size"):
+        dsa_ext.paged_indexer_logits(*paged, 40)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_paged_graph_capture(gen):
+    """Decode runs under CUDA graphs: no host synchronisation inside the op; a replay after
+    the inputs change in place gives the new result."""
+    q, cache, w, cl, bt = _paged_inputs(4, 2, 64, 128, 64, 700, gen, "cuda", False)
+    dsa_ext.paged_indexer_logits(q, cache, w, cl, bt, 700)   # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = dsa_ext.paged_indexer_logits(q, cache, w, cl, bt, 700)
+    cl.copy_(torch.tensor([700, 3, 350, 64], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = ref.paged_indexer_logits(q.cpu(), cache.cpu(), w.cpu(), cl.cpu(), bt.cpu(), 700)
+    _assert_in_range_close(out, expected, _position_mask(cl, 2, 700), True)
