@@ -6,20 +6,27 @@
 //
 // GEMM orientation (as DeepGEMM): M = keys (A operand, K-major rows of 128 FP8 bytes),
 // N = query-row x head columns (B operand: q rows are K-major too), K = D = 128 (4 k32 steps).
-// A CTA owns a block of kCols = 128 columns (128 / H query rows, all their heads) and streams
-// 128-key tiles through a 4-stage cp.async pipeline. 8 warps = 4 (keys, 32 each) x 2 (columns,
-// 64 each; 32 x 64 keeps the 64 fp32 accumulators plus the FP8->f16 unpacked fragments that
-// ptxas creates for sm_90 mma.sync e4m3 within 255 registers without spills); a warp's 64 columns hold all heads of 64 / H query rows, so the head reduction
-// never leaves the warp: ReLU, per-head weight, sum over the thread's heads, then shfl_xor
-// over the 4 lanes of a quad (which hold the remaining heads of the same key row).
-// The key scale is applied after the head sum (valid: scales are >= 0) when the tile is
-// written out, together with the per-row range mask (-inf cleaning), through a shared-memory
-// staging tile so that global stores are coalesced.
+// A CTA (256 threads) owns a block of kCols = 128 columns (128 / H query rows, all their heads;
+// the Q block stays in shared memory) and streams 128-key tiles through a 4-stage cp.async
+// pipeline (16-byte copies, zero-fill for positions that must not be read). grid.y splits the
+// key axis so that few query rows over a long context still fill the GPU.
 //
-// FP8 MMA: mma.sync m16n8k32 e4m3 (sm_89+). Fragments come from ldmatrix on 16-byte rows,
-// which for 8-bit K-major data yields exactly the A/B fragments of m16n8k32 (each thread gets
-// 4 consecutive K bytes of one row). Shared rows are 128 bytes, so the 16-byte chunks are
-// XOR-swizzled (chunk c of row r at c ^ (r & 7)) to keep ldmatrix conflict-free.
+// Two tensor-core paths fill the same per-thread accumulator pattern (m16n8 tiles: lane holds
+// rows lane/4 and lane/4 + 8, columns 2 (lane%4) + {0, 1} of each n8 tile):
+// - sm_90a (default): wgmma m64n128k32 e4m3 -> QGMMA. Warpgroup wg does keys [64 wg, +64) x all
+//   128 columns from shared-memory descriptors (128B swizzle, K-major); 64 accumulators per
+//   thread, ~120 registers, 2 CTAs per SM so one CTA's epilogue overlaps the other's MMAs.
+// - otherwise (sm_89, or DSA_INDEXER_MMA=sync): mma.sync m16n8k32 e4m3 with ldmatrix fragments;
+//   8 warps = 4 (keys, 32 each) x 2 (columns, 64 each). (On sm_90 ptxas lowers it to F2FP
+//   unpacks + HMMA.16816: there is no native FP8 mma.sync there.)
+// Either way a warp's columns hold all heads of whole query rows, so the head reduction never
+// leaves the warp: ReLU, per-head weight, sum over the thread's heads, then shfl_xor over the 4
+// lanes of a quad (which hold the remaining heads of the same key row). The key scale is
+// applied after the head sum (valid: scales are >= 0) when the tile is written out, together
+// with the per-row range mask (-inf cleaning), through a shared-memory staging tile so that
+// global stores are coalesced. Shared rows are 128 bytes with 16-byte chunk c of row r at
+// c ^ (r & 7) in 1024-byte aligned tiles: conflict-free for ldmatrix and exactly the 128B
+// swizzle layout wgmma's descriptors describe.
 #pragma once
 #include <cuda_runtime.h>
 
