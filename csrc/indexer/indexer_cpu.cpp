@@ -10,6 +10,7 @@
 #include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <limits>
@@ -55,6 +56,30 @@ inline float weighted_relu_sum(const float* q, const float* w, const float* k, i
   return acc;
 }
 
+// weighted_relu_sum for 4 consecutive decoded keys k[4][D]: every q element loaded once feeds
+// 4 dot products (the loop is load-bound otherwise). Same summation order per key as above.
+inline void weighted_relu_sum4(const float* q, const float* w, const float* k, int64_t H,
+                               int64_t D, float* out4) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t h = 0; h < H; ++h) {
+    const float* qh = q + h * D;
+    float part[4][8] = {};
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+      for (int l = 0; l < 8; ++l) {
+        const float qv = qh[d + l];
+        for (int j = 0; j < 4; ++j) part[j][l] += qv * k[j * D + d + l];
+      }
+    for (int j = 0; j < 4; ++j) {
+      const float* p = part[j];
+      float dot = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+      for (int64_t e = d; e < D; ++e) dot += qh[e] * k[j * D + e];
+      acc[j] += w[h] * (dot > 0.f ? dot : 0.f);
+    }
+  }
+  for (int j = 0; j < 4; ++j) out4[j] = acc[j];
+}
+
 at::Tensor indexer_logits_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_scale,
                               const at::Tensor& weights, const at::Tensor& ks,
                               const at::Tensor& ke, bool clean_logits) {
@@ -88,7 +113,12 @@ at::Tensor indexer_logits_cpu(const at::Tensor& q, const at::Tensor& k, const at
       if (range.lo == range.hi) continue;
       decode_fp8(q_bytes + t * H * D, q_dec.data(), H * D, lut);
       const float* w = w_ptr + t * H;
-      for (int64_t s = range.lo; s < range.hi; ++s)
+      int64_t s = range.lo;
+      for (float sums[4]; s + 4 <= range.hi; s += 4) {
+        weighted_relu_sum4(q_dec.data(), w, k_dec.data() + s * D, H, D, sums);
+        for (int j = 0; j < 4; ++j) row[s + j] = scale_ptr[s + j] * sums[j];
+      }
+      for (; s < range.hi; ++s)
         row[s] = scale_ptr[s] * weighted_relu_sum(q_dec.data(), w, k_dec.data() + s * D, H, D);
     }
   });
@@ -121,7 +151,9 @@ at::Tensor paged_indexer_logits_cpu(const at::Tensor& q, const at::Tensor& kv_ca
   constexpr int64_t kTile = 64;
   const int64_t tiles_per_seq = (P + kTile - 1) / kTile;
   at::parallel_for(0, B * tiles_per_seq, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> k_dec(static_cast<size_t>(D));
+    std::vector<float> k_tile(static_cast<size_t>(kTile * D));   // decoded keys of the tile
+    std::vector<float> scale(static_cast<size_t>(kTile));
+    std::vector<char> readable(static_cast<size_t>(kTile));
     std::vector<int64_t> lens(static_cast<size_t>(N));
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t b = item / tiles_per_seq;
@@ -133,22 +165,32 @@ at::Tensor paged_indexer_logits_cpu(const at::Tensor& q, const at::Tensor& kv_ca
         float* row = out_ptr + (b * N + j) * P;
         for (int64_t p = std::max(p0, lens[j]); p < p1; ++p) row[p] = kNegInf;
       }
+      const int64_t p_end = std::min(p1, longest);
       const int32_t* bt_row = bt_ptr + b * sh.block_table_stride;
-      for (int64_t p = p0; p < std::min(p1, longest); ++p) {
+      for (int64_t p = p0; p < p_end; ++p) {
+        const int64_t i = p - p0;
         const int64_t blk = indexer::physical_block(bt_row, p / bs, sh.max_blocks, sh.num_blocks);
-        float scale = 0.f;
+        readable[i] = blk >= 0;
         if (blk >= 0) {
-          decode_fp8(cache + indexer::k_value_offset(blk, p % bs, bs, D), k_dec.data(), D, lut);
-          std::memcpy(&scale, cache + indexer::k_scale_offset(blk, p % bs, bs, D), sizeof(float));
+          decode_fp8(cache + indexer::k_value_offset(blk, p % bs, bs, D), k_tile.data() + i * D, D, lut);
+          std::memcpy(&scale[i], cache + indexer::k_scale_offset(blk, p % bs, bs, D), sizeof(float));
+        } else {
+          std::fill_n(k_tile.data() + i * D, D, 0.f);   // scored, then overwritten with -inf
         }
-        for (int64_t j = 0; j < N; ++j) {
-          if (p >= lens[j]) continue;
-          const int64_t r = b * N + j;
-          out_ptr[r * P + p] =
-              blk < 0 ? kNegInf
-                      : scale * weighted_relu_sum(q_dec.data() + r * H * D, w_ptr + r * H,
-                                                  k_dec.data(), H, D);
+      }
+      for (int64_t j = 0; j < N; ++j) {
+        const int64_t r = b * N + j;
+        const float* qr = q_dec.data() + r * H * D;
+        const float* wr = w_ptr + r * H;
+        float* row = out_ptr + r * P;
+        const int64_t end = std::min(p_end, lens[j]);
+        int64_t p = p0;
+        for (float sums[4]; p + 4 <= end; p += 4) {
+          weighted_relu_sum4(qr, wr, k_tile.data() + (p - p0) * D, H, D, sums);
+          for (int e = 0; e < 4; ++e) row[p + e] = sums[e];
         }
+        for (; p < end; ++p) row[p] = weighted_relu_sum(qr, wr, k_tile.data() + (p - p0) * D, H, D);
+        for (p = p0; p < end; ++p) row[p] = readable[p - p0] ? row[p] * scale[p - p0] : kNegInf;
       }
     }
   });
