@@ -1,2 +1,82 @@
-// indexer family: CUDA glue (placeholder until the family lands).
+// indexer family: CUDA glue (checks, output allocation, launch on the current stream).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include "common/cuda_glue.h"
+#include "indexer/indexer_checks.h"
+#include "indexer/indexer_launch.h"
+
+namespace dsa {
+namespace {
+
+void check_cuda_indexer_shape(int64_t heads, int64_t head_dim) {
+  TORCH_CHECK_VALUE(indexer_cuda_supports(heads, head_dim),
+                    "q: the CUDA indexer kernels serve H in {32, 64} heads and D = 128, got H = ",
+                    heads, ", D = ", head_dim, " (the CPU kernels accept any H and D)");
+}
+
+void check_fp8_mma_device(const at::Tensor& q) {
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index());
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index());
+  TORCH_CHECK(major * 10 + minor >= 89, "q: the CUDA indexer kernels need FP8 tensor cores (sm_89 or newer), got sm_",
+              major, minor);
+}
+
+void check_aligned(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
+              " must start on a 16-byte boundary (got a view with an unaligned storage offset)");
+}
+
+at::Tensor indexer_logits_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_scale,
+                               const at::Tensor& weights, const at::Tensor& ks,
+                               const at::Tensor& ke, bool clean_logits) {
+  const auto sh = check_indexer_logits_inputs(q, k, k_scale, weights, ks, ke);
+  check_cuda_indexer_shape(sh.H, sh.D);
+  c10::cuda::CUDAGuard guard(q.device());
+  check_fp8_mma_device(q);
+  check_aligned(q, "q");
+  check_aligned(k, "k");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(k_scale.data_ptr()) % 4 == 0, "k_scale must be 4-byte aligned");
+  at::Tensor out = at::empty({sh.T, sh.S}, q.options().dtype(at::kFloat));
+  DSA_CHECK_CUDA(launch_indexer_logits(
+      reinterpret_cast<const uint8_t*>(q.data_ptr()), reinterpret_cast<const uint8_t*>(k.data_ptr()),
+      k_scale.data_ptr<float>(), weights.data_ptr<float>(), ks.data_ptr<int32_t>(),
+      ke.data_ptr<int32_t>(), out.data_ptr<float>(), sh.T, sh.S, sh.H, clean_logits,
+      current_stream(q)));
+  return out;
+}
+
+at::Tensor paged_indexer_logits_cuda(const at::Tensor& q, const at::Tensor& kv_cache,
+                                     const at::Tensor& weights, const at::Tensor& context_lens,
+                                     const at::Tensor& block_table, int64_t max_context_len,
+                                     bool clean_logits) {
+  const auto sh = check_paged_indexer_logits_inputs(q, kv_cache, weights, context_lens,
+                                                    block_table, max_context_len);
+  check_cuda_indexer_shape(sh.H, sh.D);
+  TORCH_CHECK_VALUE(sh.block_size % 4 == 0,
+                    "kv_cache: the CUDA kernel needs block_size % 4 == 0 (16-byte aligned token "
+                    "rows), got block_size = ", sh.block_size);
+  c10::cuda::CUDAGuard guard(q.device());
+  check_fp8_mma_device(q);
+  check_aligned(q, "q");
+  check_aligned(kv_cache, "kv_cache");
+  at::Tensor out = at::empty({sh.B * sh.N, max_context_len}, q.options().dtype(at::kFloat));
+  DSA_CHECK_CUDA(launch_paged_indexer_logits(
+      reinterpret_cast<const uint8_t*>(q.data_ptr()), kv_cache.data_ptr<uint8_t>(),
+      weights.data_ptr<float>(), context_lens.data_ptr<int32_t>(), sh.per_query_lens,
+      block_table.data_ptr<int32_t>(), sh.block_table_stride, out.data_ptr<float>(), sh.B, sh.N,
+      sh.H, sh.num_blocks, sh.block_size, sh.max_blocks, max_context_len, clean_logits,
+      current_stream(q)));
+  return out;
+}
+
+}  // namespace
+}  // namespace dsa
+
+TORCH_LIBRARY_IMPL(dsa, CUDA, m) {
+  m.impl("indexer_logits", &dsa::indexer_logits_cuda);
+  m.impl("paged_indexer_logits", &dsa::paged_indexer_logits_cuda);
+}

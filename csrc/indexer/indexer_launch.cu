@@ -1,2 +1,129 @@
-// indexer family: torch-free launchers (placeholder until the family lands).
-#include "common/cuda_utils.cuh"
+// indexer family: torch-free host launchers. Grid: x = query blocks (128 / H query rows each),
+// y = splits of the key axis, so that short batches with long contexts still fill the GPU.
+// No host synchronisation (CUDA-graph safe): only launch configuration is computed here.
+#include <cstdlib>
+#include <cstring>
+
+#include "indexer/indexer_kernels.cuh"
+#include "indexer/indexer_launch.h"
+
+namespace dsa {
+namespace {
+
+int sm_count() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
+    n = 132;
+  return n;
+}
+
+// Keys per blockIdx.y split, in whole tiles, at most 65535 splits: enough CTAs for ~4 waves of
+// 2 resident CTAs per SM, so that few query blocks over long contexts (decode) still fill the
+// GPU and the last wave's tail stays short.
+int64_t split_cols(int64_t query_blocks, int64_t num_cols) {
+  using indexer::kTileKeys;
+  const int64_t tiles = ceil_div<int64_t>(num_cols, kTileKeys);
+  int64_t splits = ceil_div<int64_t>(8 * sm_count(), query_blocks);
+  splits = splits < 1 ? 1 : (splits > tiles ? tiles : splits);
+  int64_t chunk_tiles = ceil_div<int64_t>(tiles, splits);
+  if (ceil_div<int64_t>(tiles, chunk_tiles) > 65535) chunk_tiles = ceil_div<int64_t>(tiles, 65535);
+  return chunk_tiles * kTileKeys;
+}
+
+template <int kHeads, bool kPaged, bool kAllowWgmma>
+cudaError_t launch(const indexer::LogitsParams& p, int64_t query_blocks, cudaStream_t stream) {
+  auto kernel = indexer::indexer_logits_kernel<kHeads, kPaged, kAllowWgmma>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, indexer::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int64_t splits = ceil_div<int64_t>(p.num_cols, p.chunk_cols);
+  if (query_blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  dim3 grid(static_cast<unsigned>(query_blocks), static_cast<unsigned>(splits));
+  kernel<<<grid, indexer::kThreads, indexer::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// DSA_INDEXER_MMA=sync forces the mma.sync path on sm_90a (a fallback and a cross-check of the
+// wgmma path); the default uses wgmma wherever the build has sm_90a code.
+// Read on every call (a getenv costs far less than a launch) so tests can switch paths.
+bool allow_wgmma() {
+  const char* v = std::getenv("DSA_INDEXER_MMA");
+  return !(v != nullptr && std::strcmp(v, "sync") == 0);
+}
+
+template <bool kPaged>
+cudaError_t dispatch_heads(const indexer::LogitsParams& p, int64_t heads, int64_t query_blocks,
+                           cudaStream_t stream) {
+  const bool wgmma = allow_wgmma();
+  if (heads == 64)
+    return wgmma ? launch<64, kPaged, true>(p, query_blocks, stream)
+                 : launch<64, kPaged, false>(p, query_blocks, stream);
+  if (heads == 32)
+    return wgmma ? launch<32, kPaged, true>(p, query_blocks, stream)
+                 : launch<32, kPaged, false>(p, query_blocks, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+bool indexer_cuda_supports(int64_t heads, int64_t head_dim) {
+  return (heads == 32 || heads == 64) && head_dim == indexer::kHeadDim;
+}
+
+cudaError_t launch_indexer_logits(const uint8_t* q, const uint8_t* k, const float* k_scale,
+                                  const float* weights, const int32_t* ks, const int32_t* ke,
+                                  float* out, int64_t T, int64_t S, int64_t heads,
+                                  bool clean_logits, cudaStream_t stream) {
+  if (!indexer_cuda_supports(heads, indexer::kHeadDim)) return cudaErrorInvalidValue;
+  if (T == 0 || S == 0) return cudaSuccess;
+  indexer::LogitsParams p{};
+  p.q = q;
+  p.weights = weights;
+  p.out = out;
+  p.rows = T;
+  p.num_cols = S;
+  p.clean_logits = clean_logits;
+  p.k = k;
+  p.k_scale = k_scale;
+  p.ks = ks;
+  p.ke = ke;
+  const int64_t query_blocks = ceil_div<int64_t>(T, indexer::kCols / heads);
+  p.chunk_cols = split_cols(query_blocks, S);
+  return dispatch_heads<false>(p, heads, query_blocks, stream);
+}
+
+cudaError_t launch_paged_indexer_logits(const uint8_t* q, const uint8_t* kv_cache,
+                                        const float* weights, const int32_t* context_lens,
+                                        bool per_query_lens, const int32_t* block_table,
+                                        int64_t block_table_stride, float* out, int64_t B,
+                                        int64_t N, int64_t heads, int64_t num_blocks,
+                                        int64_t block_size, int64_t max_blocks,
+                                        int64_t max_context_len, bool clean_logits,
+                                        cudaStream_t stream) {
+  if (!indexer_cuda_supports(heads, indexer::kHeadDim) || block_size <= 0 || block_size % 4 != 0)
+    return cudaErrorInvalidValue;
+  if (B == 0 || N == 0 || max_context_len == 0) return cudaSuccess;
+  indexer::LogitsParams p{};
+  p.q = q;
+  p.weights = weights;
+  p.out = out;
+  p.rows = B * N;
+  p.num_cols = max_context_len;
+  p.clean_logits = clean_logits;
+  p.cache = kv_cache;
+  p.block_table = block_table;
+  p.block_table_stride = block_table_stride;
+  p.max_blocks = max_blocks;
+  p.num_blocks = num_blocks;
+  p.block_size = block_size;
+  p.context_lens = context_lens;
+  p.per_query_lens = per_query_lens;
+  p.n_per_seq = N;
+  p.qblocks_per_seq = ceil_div<int64_t>(N, indexer::kCols / heads);
+  const int64_t query_blocks = B * p.qblocks_per_seq;
+  p.chunk_cols = split_cols(query_blocks, max_context_len);
+  return dispatch_heads<true>(p, heads, query_blocks, stream);
+}
+
+}  // namespace dsa

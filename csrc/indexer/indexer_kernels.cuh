@@ -1,0 +1,494 @@
+// indexer family: torch-free CUDA kernels for the lightning-indexer logits (SPEC section 3)
+//   I[row, s] = k_scale[s] * sum_h w[row, h] * relu(q[row, h, :] . k[s, :]),   D = 128, FP8.
+//
+// One kernel template serves both ops; only where a key's bytes come from differs (a dense
+// [S, D] tensor, or the paged DeepGEMM cache through the block table, read in place).
+//
+// GEMM orientation (as DeepGEMM): M = keys (A operand, K-major rows of 128 FP8 bytes),
+// N = query-row x head columns (B operand: q rows are K-major too), K = D = 128 (4 k32 steps).
+// A CTA (256 threads) owns a block of kCols = 128 columns (128 / H query rows, all their heads;
+// the Q block stays in shared memory) and streams 128-key tiles through a 4-stage cp.async
+// pipeline (16-byte copies, zero-fill for positions that must not be read). grid.y splits the
+// key axis so that few query rows over a long context still fill the GPU.
+//
+// Two tensor-core paths fill the same per-thread accumulator pattern (m16n8 tiles: lane holds
+// rows lane/4 and lane/4 + 8, columns 2 (lane%4) + {0, 1} of each n8 tile):
+// - sm_90a (default): wgmma m64n128k32 e4m3 -> QGMMA. Warpgroup wg does keys [64 wg, +64) x all
+//   128 columns from shared-memory descriptors (128B swizzle, K-major); 64 accumulators per
+//   thread, ~120 registers, 2 CTAs per SM so one CTA's epilogue overlaps the other's MMAs.
+// - otherwise (sm_89, or DSA_INDEXER_MMA=sync): mma.sync m16n8k32 e4m3 with ldmatrix fragments;
+//   8 warps = 4 (keys, 32 each) x 2 (columns, 64 each). (On sm_90 ptxas lowers it to F2FP
+//   unpacks + HMMA.16816: there is no native FP8 mma.sync there.)
+// Either way a warp's columns hold all heads of whole query rows, so the head reduction never
+// leaves the warp: ReLU, per-head weight, sum over the thread's heads, then shfl_xor over the 4
+// lanes of a quad (which hold the remaining heads of the same key row). The key scale is
+// applied after the head sum (valid: scales are >= 0) when the tile is written out, together
+// with the per-row range mask (-inf cleaning), through a shared-memory staging tile so that
+// global stores are coalesced. Shared rows are 128 bytes with 16-byte chunk c of row r at
+// c ^ (r & 7) in 1024-byte aligned tiles: conflict-free for ldmatrix and exactly the 128B
+// swizzle layout wgmma's descriptors describe.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/cuda_utils.cuh"
+#include "indexer/indexer_rules.h"
+
+namespace dsa {
+namespace indexer {
+
+constexpr int kHeadDim = 128;                   // D: bytes of one FP8 key/query-head row
+constexpr int kChunksPerRow = kHeadDim / 16;    // 16-byte chunks per row
+constexpr int kWarpMTiles = 2;                  // m16 key tiles per warp (32 keys)
+constexpr int kTileKeys = 4 * 16 * kWarpMTiles; // keys per pipeline stage (M of the CTA): 128
+constexpr int kCols = 128;                      // query-row x head columns per CTA (N)
+constexpr int kStages = 4;
+constexpr int kThreads = 256;
+constexpr int kMaxQueriesPerCta = kCols / 32;   // H >= 32
+
+constexpr int kSmemQBytes = kCols * kHeadDim;
+constexpr int kSmemKBytes = kTileKeys * kHeadDim;
+constexpr int kSmemScaleBytes = kTileKeys * 4;
+constexpr int kSmemOutBytes = kMaxQueriesPerCta * kTileKeys * 4;
+// + 1024: the tiles are placed at a 1024-byte aligned address (the 128B-swizzle atom that
+// wgmma descriptors assume); the dynamic shared window itself is only 16-byte aligned.
+constexpr int kSmemBytes = kSmemQBytes + kStages * (kSmemKBytes + kSmemScaleBytes) + kSmemOutBytes + 1024;
+
+// Everything both ops need; the fields of the other op are unused.
+struct LogitsParams {
+  const uint8_t* q;          // [rows, H, 128] FP8 bytes
+  const float* weights;      // [rows, H]
+  float* out;                // [rows, num_cols]
+  int64_t rows;              // T, or B * N
+  int64_t num_cols;          // S, or max_context_len
+  int64_t chunk_cols;        // keys per blockIdx.y split (multiple of kTileKeys)
+  bool clean_logits;
+  // dense keys (indexer_logits)
+  const uint8_t* k;          // [S, 128] FP8 bytes
+  const float* k_scale;      // [S]
+  const int32_t* ks;         // [T]
+  const int32_t* ke;         // [T]
+  // paged keys (paged_indexer_logits)
+  const uint8_t* cache;      // [num_blocks, block_size, 1, 132] bytes
+  const int32_t* block_table;
+  int64_t block_table_stride, max_blocks, num_blocks, block_size;
+  const int32_t* context_lens;
+  bool per_query_lens;
+  int64_t n_per_seq;         // N
+  int64_t qblocks_per_seq;   // ceil(N / queries per CTA)
+};
+
+// ---- PTX wrappers --------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global->shared copy; src_bytes = 0 zero-fills without reading src.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += a * b, m16n8k32, e4m3 x e4m3 -> fp32.
+__device__ __forceinline__ void mma_e4m3_16832(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  // FP8 MMA needs sm_89+; the host glue refuses older devices, so this is never reached.
+  __trap();
+#endif
+}
+
+// ---- sm_90a wgmma (FP8 QGMMA) --------------------------------------------------------------
+//
+// Shared-memory matrix descriptor (PTX 9.7.15.5.1.2.2) of a K-major tile with 128-byte rows
+// in the 128B-swizzle layout: start address >> 4 in bits 0-13, leading byte offset unused for
+// swizzled K-major (1), stride byte offset 1024 B (8 rows x 128 B) >> 4 in bits 32-45, base
+// offset 0 (tiles are 1024-byte aligned), swizzle mode 1 (128B) in bits 62-63. The XOR
+// swizzle of `swizzled()` below (chunk ^ (row & 7) within 1024-byte aligned 8-row groups) is
+// exactly this layout, so the cp.async fills serve both the ldmatrix and the wgmma paths.
+// A k32 step (32 bytes of K) advances the start address by 32 bytes, inside the first row.
+__device__ __forceinline__ uint64_t sw128_kmajor_desc(uint32_t smem_byte_addr) {
+  return static_cast<uint64_t>((smem_byte_addr & 0x3FFFFu) >> 4) | (uint64_t{1} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define DSA_INDEXER_HAS_WGMMA 1
+#else
+#define DSA_INDEXER_HAS_WGMMA 0   // the kernel then takes the mma.sync path
+#endif
+
+__device__ __forceinline__ void wgmma_fence() {
+#if DSA_INDEXER_HAS_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if DSA_INDEXER_HAS_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+#if DSA_INDEXER_HAS_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// Pins an accumulator register in place relative to the surrounding asm (wgmma, wait): the
+// compiler otherwise may move ordinary reads of it above wgmma.wait_group, which is undefined.
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&acc)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) fence_operand(acc[j][e]);
+}
+
+// Orders this thread's earlier generic-proxy shared writes (cp.async fills) before the
+// async-proxy reads of wgmma.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+#if DSA_INDEXER_HAS_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// d (64 fp32 per thread) = (accumulate ? d : 0) + A(64 x 32, desc_a) * B(32 x 128, desc_b).
+// The accumulator registers are in wgmma order: value i = 4 * n8_tile + r.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[16][4], uint64_t desc_a,
+                                                      uint64_t desc_b, int accumulate) {
+#if DSA_INDEXER_HAS_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+        "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
+        "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]),
+        "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+        "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]),
+        "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]),
+        "+f"(d[15][2]), "+f"(d[15][3])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+#else
+  __trap();   // never instantiated on a path that runs: see kWgmmaPath in the kernel
+#endif
+}
+
+// Byte offset of 16-byte chunk `chunk` of 128-byte row `row` in a swizzled shared tile.
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+  return static_cast<uint32_t>(row * kHeadDim + ((chunk ^ (row & 7)) << 4));
+}
+
+// ---- where a key's bytes live --------------------------------------------------------------
+
+// Sets the addresses of key `pos`'s 128 FP8 bytes and fp32 scale; false when the position
+// must not be read (paged: block-table entry missing or out of range).
+template <bool kPaged>
+__device__ __forceinline__ bool locate_key(const LogitsParams& p, const int32_t* bt_row, int64_t pos,
+                                           const uint8_t*& row, const void*& scale) {
+  if constexpr (kPaged) {
+    const int64_t blk = physical_block(bt_row, pos / p.block_size, p.max_blocks, p.num_blocks);
+    if (blk < 0) return false;
+    const int64_t off = pos % p.block_size;
+    row = p.cache + k_value_offset(blk, off, p.block_size, kHeadDim);
+    scale = p.cache + k_scale_offset(blk, off, p.block_size, kHeadDim);
+    return true;
+  } else {
+    row = p.k + pos * kHeadDim;
+    scale = p.k_scale + pos;
+    return true;
+  }
+}
+
+// ---- per-tile pieces -----------------------------------------------------------------------
+
+// mma.sync path: warp (warp_m, warp_n) computes keys [32 warp_m, +32) x columns [64 warp_n, +64)
+// of the tile into acc (m16n8 accumulator layout).
+__device__ __forceinline__ void tile_mma_sync(float (&acc)[kWarpMTiles][8][4], uint32_t k_base,
+                                              uint32_t q_base, int warp_m, int warp_n, int lane) {
+#pragma unroll
+  for (int i = 0; i < kWarpMTiles; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  // Not unrolled: on sm_90 ptxas unpacks every e4m3 fragment to f16 for HMMA, and unrolling
+  // the 4 k-steps keeps several steps' unpacked fragments live (255 registers, spills).
+#pragma unroll 1
+  for (int kk = 0; kk < kHeadDim / 32; ++kk) {
+    uint32_t a[kWarpMTiles][4];
+#pragma unroll
+    for (int i = 0; i < kWarpMTiles; ++i)
+      ldmatrix_x4(a[i], k_base + swizzled(warp_m * 16 * kWarpMTiles + i * 16 + (lane & 15),
+                                          2 * kk + (lane >> 4)));
+#pragma unroll
+    for (int jp = 0; jp < 4; ++jp) {
+      uint32_t b[4];
+      ldmatrix_x4(b, q_base + swizzled(warp_n * 64 + jp * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                       2 * kk + ((lane >> 3) & 1)));
+#pragma unroll
+      for (int i = 0; i < kWarpMTiles; ++i) {
+        mma_e4m3_16832(acc[i][2 * jp], a[i], b[0], b[1]);
+        mma_e4m3_16832(acc[i][2 * jp + 1], a[i], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// Epilogue part 1, shared by both MMA paths. acc[kMT][kNT][4] covers keys
+// [key_base, +16 kMT) x columns [col_base, +8 kNT) in the m16n8 accumulator layout (thread
+// lane: rows lane/4 and lane/4 + 8 of each m16 tile, columns 2 (lane%4) + {0, 1} of each n8
+// tile). Per key and query: sum over its heads of w * relu(acc); the quad's 4 lanes hold the
+// remaining heads, combined with two xor-shuffles. Result -> sums[query][key].
+template <int kHeads, int kMT, int kNT>
+__device__ __forceinline__ void reduce_heads(const float (&acc)[kMT][kNT][4], const float* w_smem,
+                                             float* sums, int key_base, int col_base, int lane,
+                                             int64_t num_queries) {
+  constexpr int kNTilesPerQuery = kHeads / 8;
+  constexpr int kQueries = kNT / kNTilesPerQuery;
+  const float* w_thread = w_smem + col_base + 2 * (lane & 3);
+#pragma unroll
+  for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+      for (int qw = 0; qw < kQueries; ++qw) {
+        if (col_base / kHeads + qw >= num_queries) continue;   // padding columns (warp-uniform)
+        float v = 0.f;
+#pragma unroll
+        for (int j = qw * kNTilesPerQuery; j < (qw + 1) * kNTilesPerQuery; ++j) {
+          v = fmaf(w_thread[j * 8], fmaxf(acc[i][j][2 * half], 0.f), v);
+          v = fmaf(w_thread[j * 8 + 1], fmaxf(acc[i][j][2 * half + 1], 0.f), v);
+        }
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if ((lane & 3) == 0)
+          sums[(col_base / kHeads + qw) * kTileKeys + key_base + i * 16 + half * 8 + (lane >> 2)] = v;
+      }
+    }
+  }
+}
+
+// ---- the kernel ----------------------------------------------------------------------------
+
+// kAllowWgmma: use wgmma where this is an sm_90a compile (else, and when false, mma.sync).
+template <int kHeads, bool kPaged, bool kAllowWgmma>
+__global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMMA) ? 2 : 1) indexer_logits_kernel(const LogitsParams p) {
+  static_assert(kHeads == 32 || kHeads == 64, "CUDA indexer serves H in {32, 64}");
+  constexpr int kQueriesPerCta = kCols / kHeads;
+  constexpr bool kWgmmaPath = kAllowWgmma && DSA_INDEXER_HAS_WGMMA;
+
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  uint8_t* q_smem = smem;
+  uint8_t* k_smem = smem + kSmemQBytes;
+  float* scale_smem = reinterpret_cast<float*>(k_smem + kStages * kSmemKBytes);
+  float* out_smem = scale_smem + kStages * kTileKeys;   // [kQueriesPerCta][kTileKeys] head sums
+  __shared__ int64_t range_lo[kMaxQueriesPerCta], range_hi[kMaxQueriesPerCta];
+  __shared__ float w_smem[kCols];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp & 3, warp_n = warp >> 2;
+
+  // Which query rows this CTA owns.
+  int64_t row0, nq, seq = 0;
+  if constexpr (kPaged) {
+    seq = blockIdx.x / p.qblocks_per_seq;
+    const int64_t j0 = (blockIdx.x % p.qblocks_per_seq) * kQueriesPerCta;
+    row0 = seq * p.n_per_seq + j0;
+    nq = min(static_cast<int64_t>(kQueriesPerCta), p.n_per_seq - j0);
+  } else {
+    row0 = static_cast<int64_t>(blockIdx.x) * kQueriesPerCta;
+    nq = min(static_cast<int64_t>(kQueriesPerCta), p.rows - row0);
+  }
+  const int32_t* bt_row = kPaged ? p.block_table + seq * p.block_table_stride : nullptr;
+
+  if (tid < kMaxQueriesPerCta) {
+    int64_t lo = 0, hi = 0;
+    if (tid < nq) {
+      if constexpr (kPaged) {
+        hi = visible_length(p.context_lens, p.per_query_lens, seq, row0 - seq * p.n_per_seq + tid,
+                            p.n_per_seq, p.num_cols);
+      } else {
+        const KeyRange r = clamped_key_range(p.ks[row0 + tid], p.ke[row0 + tid], p.num_cols);
+        lo = r.lo;
+        hi = r.hi;
+      }
+    }
+    range_lo[tid] = lo;
+    range_hi[tid] = hi;
+  }
+  __syncthreads();
+
+  // The union of the rows' ranges, cut to this CTA's key chunk.
+  const int64_t chunk_lo = static_cast<int64_t>(blockIdx.y) * p.chunk_cols;
+  const int64_t chunk_hi = min(p.num_cols, chunk_lo + p.chunk_cols);
+  int64_t union_lo = p.num_cols, union_hi = 0;
+  for (int q = 0; q < nq; ++q) {
+    if (range_lo[q] < range_hi[q]) {
+      union_lo = min(union_lo, range_lo[q]);
+      union_hi = max(union_hi, range_hi[q]);
+    }
+  }
+  const int64_t tiles_lo = max(union_lo, chunk_lo), tiles_hi = min(union_hi, chunk_hi);
+  const bool any_tiles = tiles_lo < tiles_hi;
+
+  // Columns of the chunk no tile covers: -inf when cleaning (else left unwritten).
+  if (p.clean_logits) {
+    const float neg_inf = -__int_as_float(0x7f800000);
+    for (int q = 0; q < nq; ++q) {
+      float* out_row = p.out + (row0 + q) * p.num_cols;
+      const int64_t a = any_tiles ? tiles_lo : chunk_hi;
+      for (int64_t c = chunk_lo + tid; c < a; c += kThreads) out_row[c] = neg_inf;
+      if (any_tiles)
+        for (int64_t c = tiles_hi + tid; c < chunk_hi; c += kThreads) out_row[c] = neg_inf;
+    }
+  }
+  if (!any_tiles) return;
+  const int64_t num_tiles = (tiles_hi - tiles_lo + kTileKeys - 1) / kTileKeys;
+
+  // Q block: kCols rows of 128 bytes (column = query * H + head), zero past the last query.
+  {
+    const uint8_t* q_src = p.q + row0 * kHeads * kHeadDim;
+#pragma unroll
+    for (int i = 0; i < kCols * kChunksPerRow / kThreads; ++i) {
+      const int idx = tid + i * kThreads, col = idx / kChunksPerRow, chunk = idx % kChunksPerRow;
+      const bool ok = col < nq * kHeads;
+      cp_async_16(smem_addr(q_smem + swizzled(col, chunk)),
+                  ok ? q_src + col * kHeadDim + chunk * 16 : p.q, ok ? 16u : 0u);
+    }
+  }
+
+  auto load_tile = [&](int64_t tile, int stage) {
+    const int64_t base = tiles_lo + tile * kTileKeys;
+    uint8_t* k_dst = k_smem + stage * kSmemKBytes;
+    float* s_dst = scale_smem + stage * kTileKeys;
+    const int chunk = tid % kChunksPerRow;
+#pragma unroll
+    for (int i = 0; i < kTileKeys * kChunksPerRow / kThreads; ++i) {
+      const int key = tid / kChunksPerRow + i * (kThreads / kChunksPerRow);
+      const int64_t pos = base + key;
+      const uint8_t* row = nullptr;
+      const void* scale = nullptr;
+      const bool in_tile = pos < tiles_hi;
+      const bool readable = in_tile && locate_key<kPaged>(p, bt_row, pos, row, scale);
+      cp_async_16(smem_addr(k_dst + swizzled(key, chunk)), readable ? row + chunk * 16 : p.q,
+                  readable ? 16u : 0u);
+      if (chunk == 0) {
+        if (readable) {
+          cp_async_4(smem_addr(s_dst + key), scale, 4u);
+        } else {
+          s_dst[key] = -__int_as_float(0x7f800000);   // marks "never read": logit -inf
+        }
+      }
+    }
+  };
+
+  // Weights of the CTA's columns, zero for missing queries (read from shared memory in the
+  // epilogue: holding them in registers would push the 128 accumulators into spills).
+  if (tid < kCols) {
+    const int q = tid / kHeads, h = tid % kHeads;
+    w_smem[tid] = q < nq ? p.weights[(row0 + q) * kHeads + h] : 0.f;
+  }
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_tiles) load_tile(s, s);
+    cp_async_commit();   // group 0 also carries the Q block
+  }
+
+  const uint32_t q_base = smem_addr(q_smem);
+  for (int64_t tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait<kStages - 2>();
+    if constexpr (kWgmmaPath) fence_proxy_async_smem();
+    __syncthreads();   // tile's bytes visible to all; everyone is done with tile - 1's stage
+    {
+      const int64_t next = tile + kStages - 1;
+      if (next < num_tiles) load_tile(next, static_cast<int>(next % kStages));
+      cp_async_commit();
+    }
+    const int stage = static_cast<int>(tile % kStages);
+    const uint32_t k_base = smem_addr(k_smem + stage * kSmemKBytes);
+
+    if constexpr (kWgmmaPath) {
+      // Warpgroup wg: keys [64 wg, +64) x all 128 columns, m64n128k32 x 4 k-steps, chained
+      // into fp32 (the first with scale-d = 0, so the accumulators need no zeroing).
+      float acc[16][4];
+      const uint32_t a_base = k_base + (warp >> 2) * 64 * kHeadDim;
+      fence_operands(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 32; ++kk)
+        wgmma_m64n128k32_e4m3(acc, sw128_kmajor_desc(a_base + 32 * kk),
+                              sw128_kmajor_desc(q_base + 32 * kk), kk > 0 ? 1 : 0);
+      wgmma_commit();
+      wgmma_wait_all();
+      fence_operands(acc);
+      // wgmma's accumulator rows: warp w of the CTA holds keys [16 w, +16); same per-thread
+      // pattern as one m16 tile of mma.sync over 16 n8 tiles.
+      reduce_heads<kHeads, 1, 16>(reinterpret_cast<const float(&)[1][16][4]>(acc), w_smem,
+                                  out_smem, warp * 16, 0, lane, nq);
+    } else {
+      float acc[kWarpMTiles][8][4];
+      tile_mma_sync(acc, k_base, q_base, warp_m, warp_n, lane);
+      reduce_heads<kHeads, kWarpMTiles, 8>(acc, w_smem, out_smem, warp_m * 16 * kWarpMTiles,
+                                           warp_n * 64, lane, nq);
+    }
+    __syncthreads();
+
+    // Epilogue part 2: scale, range mask, coalesced stores (64-bit offsets).
+    const int64_t base = tiles_lo + tile * kTileKeys;
+    const float* scales = scale_smem + stage * kTileKeys;
+    const float neg_inf = -__int_as_float(0x7f800000);
+#pragma unroll
+    for (int i = 0; i < kQueriesPerCta * kTileKeys / kThreads; ++i) {
+      const int idx = tid + i * kThreads, q = idx / kTileKeys, key = idx % kTileKeys;
+      const int64_t pos = base + key;
+      if (q >= nq || pos >= tiles_hi) continue;
+      float* dst = p.out + (row0 + q) * p.num_cols + pos;
+      if (pos >= range_lo[q] && pos < range_hi[q]) {
+        const float sc = scales[key];
+        *dst = sc == neg_inf ? neg_inf : out_smem[q * kTileKeys + key] * sc;
+      } else if (p.clean_logits) {
+        *dst = neg_inf;
+      }
+    }
+  }
+  cp_async_wait<0>();
+}
+
+}  // namespace indexer
+}  // namespace dsa

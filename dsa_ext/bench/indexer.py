@@ -1,0 +1,131 @@
+"""Benchmark cases of the indexer family (SPEC section 6).
+
+- ``indexer_logits`` (prefill, compute-bound, FP8 roofline): one sequence of S tokens whose
+  last T tokens are the queries, causal ranges (query t sees keys ``< S - T + t + 1``), H = 64,
+  D = 128. FLOPs ``2*H*D`` per in-range (t, s) pair.
+- ``paged_indexer_logits`` (decode, memory-bound): B sequences of ``ctx`` cached tokens in a
+  block-64 paged cache with shuffled blocks, N = 1 or 2 queries each. Bytes: the cached tokens'
+  132 bytes each, q, weights, block table, context lengths, and the ``[B*N, ctx]`` output.
+
+Baseline: what a user would otherwise run in PyTorch — dequantise to bf16, ``q @ k^T`` per
+head, ReLU, the weighted head sum as a batched matmul, times the key scale (paged: gather the
+keys through the block table first) — included only where its ``[T, H, S]`` bf16 score tensor
+fits in 16 GiB. ``quick`` / CPU: tiny shapes that run in a second or two.
+"""
+from __future__ import annotations
+
+import torch
+
+import dsa_ext
+from .common import Case
+
+__all__ = ["cases"]
+
+_FP8 = torch.float8_e4m3fn
+_BASELINE_SCORE_BYTES = 16 << 30
+
+
+def _torch_prefill(q, k, k_scale, weights, ks, ke):
+    """Dense PyTorch formulation: [T, H, S] bf16 scores."""
+    t_len, h_len, d_len = q.shape
+    s_len = k.shape[0]
+    scores = torch.matmul(q.to(torch.bfloat16).view(t_len * h_len, d_len), k.to(torch.bfloat16).t())
+    scores = scores.relu_().view(t_len, h_len, s_len)
+    logits = torch.bmm(weights.to(torch.bfloat16)[:, None, :], scores)[:, 0].float() * k_scale[None]
+    cols = torch.arange(s_len, device=q.device)[None]
+    return logits.masked_fill_((cols < ks[:, None]) | (cols >= ke[:, None]), float("-inf"))
+
+
+def _torch_paged(q, kv_cache, weights, context_lens, block_table, max_context_len):
+    """Gather the keys through the block table, then the dense formulation per sequence."""
+    b_len, n_len, h_len, d_len = q.shape
+    nb, bs = kv_cache.shape[:2]
+    flat = kv_cache.view(nb, bs * (d_len + 4))
+    k_fp8 = flat[:, : bs * d_len].reshape(nb * bs, d_len).view(_FP8)
+    k_scale = flat[:, bs * d_len:].contiguous().view(torch.float32).reshape(nb * bs)
+    pos = torch.arange(max_context_len, device=q.device)
+    slots = (block_table.long()[:, pos // bs] * bs + pos % bs)                     # [B, P]
+    k = k_fp8[slots].to(torch.bfloat16)                                            # [B, P, D]
+    scores = torch.matmul(q.to(torch.bfloat16).view(b_len, n_len * h_len, d_len), k.transpose(1, 2))
+    scores = scores.relu_().view(b_len * n_len, h_len, max_context_len)
+    logits = torch.bmm(weights.to(torch.bfloat16)[:, None, :], scores)[:, 0].float()
+    logits = logits * k_scale[slots].repeat_interleave(n_len, 0)
+    lens = (context_lens.long()[:, None] - n_len + 1 + torch.arange(n_len, device=q.device)).reshape(-1)
+    return logits.masked_fill_(pos[None] >= lens[:, None], float("-inf"))
+
+
+def _random_cache(g, num_blocks, block_size, head_dim, device):
+    """A full indexer K cache built on the device: random finite FP8 bytes (every e4m3fn byte
+    but 0x7f / 0xff, the NaNs) and positive scales, laid out as SPEC section 2."""
+    shape = (num_blocks, block_size * head_dim)
+    values = torch.randint(0, 0x7F, shape, dtype=torch.uint8, device=device, generator=g)
+    values |= torch.randint(0, 2, shape, dtype=torch.uint8, device=device, generator=g) << 7
+    scales = torch.rand(num_blocks, block_size, device=device, generator=g) * 0.1 + 0.01
+    return torch.cat([values, scales.view(torch.uint8)], dim=1).view(num_blocks, block_size, 1, head_dim + 4)
+
+
+def _fp8(g, device, *shape):
+    return (torch.randn(*shape, generator=g) * 2).to(_FP8).to(device)
+
+
+def cases(device, quick: bool):
+    device = torch.device(device)
+    small = quick or device.type != "cuda"
+    g = torch.Generator(device="cpu").manual_seed(0)
+    g_dev = torch.Generator(device=device).manual_seed(0)
+    heads, head_dim = (16 if device.type != "cuda" else 64), 128
+    out = []
+
+    # ---- prefill: indexer_logits ----
+    prefill = [(32, 512)] if small else [(4096, 8192), (4096, 32768), (4096, 131072)]
+    for t_len, s_len in prefill:
+        q = _fp8(g, device, t_len, heads, head_dim)
+        k = _fp8(g, device, s_len, head_dim)
+        k_scale = (torch.rand(s_len, generator=g) * 0.1 + 0.01).to(device)
+        weights = torch.randn(t_len, heads, generator=g).to(device)
+        ke = torch.arange(s_len - t_len + 1, s_len + 1, dtype=torch.int32).to(device)
+        ks = torch.zeros(t_len, dtype=torch.int32, device=device)
+        pairs = int((ke.long() - ks.long()).sum())
+        baselines = {}
+        if 2 * t_len * heads * s_len <= _BASELINE_SCORE_BYTES:
+            baselines["torch bf16 (dequant + matmul)"] = (
+                lambda q=q, k=k, s=k_scale, w=weights, ks=ks, ke=ke: _torch_prefill(q, k, s, w, ks, ke))
+        out.append(Case(
+            family="indexer", name="indexer_logits",
+            shape=dict(T=t_len, S=s_len, H=heads, D=head_dim),
+            fn=lambda q=q, k=k, s=k_scale, w=weights, ks=ks, ke=ke: dsa_ext.indexer_logits(q, k, s, w, ks, ke),
+            flops=2.0 * heads * head_dim * pairs,
+            bytes=q.numel() + k.numel() + 4 * s_len + 4 * weights.numel() + 8 * t_len + 4 * t_len * s_len,
+            bound="compute", flops_dtype="fp8",
+            baselines=baselines,
+            note="causal: query t sees keys < S - T + t + 1",
+        ))
+
+    # ---- decode: paged_indexer_logits ----
+    block_size = 64
+    decode = [(4, 1, 1024), (4, 2, 1024)] if small else [(64, 1, 131072), (64, 2, 131072), (128, 1, 32768), (128, 2, 131072)]
+    for b_len, n_len, ctx in decode:
+        blocks_per_seq = ctx // block_size
+        num_blocks = b_len * blocks_per_seq
+        cache = _random_cache(g_dev, num_blocks, block_size, head_dim, device)
+        block_table = torch.randperm(num_blocks, generator=g).view(b_len, blocks_per_seq).to(torch.int32).to(device)
+        context_lens = torch.full((b_len,), ctx, dtype=torch.int32, device=device)
+        q = _fp8(g, device, b_len, n_len, heads, head_dim)
+        weights = torch.randn(b_len * n_len, heads, generator=g).to(device)
+        visible = b_len * sum(ctx - n_len + 1 + j for j in range(n_len))
+        baselines = {}
+        if 2 * b_len * n_len * heads * ctx <= _BASELINE_SCORE_BYTES and 2 * b_len * ctx * head_dim <= _BASELINE_SCORE_BYTES:
+            baselines["torch bf16 (gather + dequant + matmul)"] = (
+                lambda q=q, c=cache, w=weights, cl=context_lens, bt=block_table, P=ctx: _torch_paged(q, c, w, cl, bt, P))
+        out.append(Case(
+            family="indexer", name="paged_indexer_logits",
+            shape=dict(B=b_len, N=n_len, ctx=ctx, H=heads, D=head_dim, block_size=block_size),
+            fn=lambda q=q, c=cache, w=weights, cl=context_lens, bt=block_table, P=ctx:
+                dsa_ext.paged_indexer_logits(q, c, w, cl, bt, P),
+            flops=2.0 * heads * head_dim * visible,
+            bytes=(b_len * ctx * (head_dim + 4) + q.numel() + 4 * weights.numel() + 4 * block_table.numel()
+                   + 4 * b_len + 4 * b_len * n_len * ctx),
+            bound="memory", flops_dtype="fp8",
+            baselines=baselines,
+        ))
+    return out
