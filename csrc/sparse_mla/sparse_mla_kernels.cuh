@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
       for (int hf = 0; hf < 2; ++hf) {
         const int r = 16 * wm + g + 8 * hf;
         const uint32_t addr = sP + swz(r, col >> 3, C::kBN / 8) + (col & 7) * 2;
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(pack_bf16x2(p[2 * hf], p[2 * hf + 1])));
+        st_shared_u32(addr, pack_bf16x2(p[2 * hf], p[2 * hf + 1]));
       }
     }
 #pragma unroll
@@ -505,6 +505,12 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
 // ======================= deterministic dKV reduction (inverse index) ===========================
 // Entries e = tl * K + j of one token chunk. row_counts / row_offsets / row_cursor: [S + 1].
 
+constexpr int kMaxChunkEntries = 131072;  // bitmap of 4096 words
+constexpr int kReduceThreads = 160;       // 144 float4 column owners
+constexpr int kReduceSmemBytes = (kMaxChunkEntries / 32 + kMaxChunkEntries / 1024) * 4;
+constexpr int kScanThreads = 1024;
+constexpr int kScanSmemBytes = kScanThreads * 4;
+
 __global__ void count_rows_kernel(const int32_t* __restrict__ indices,
                                   const int32_t* __restrict__ topk_length, int64_t t_begin,
                                   int64_t n_entries, int K, int64_t S, int32_t* row_counts) {
@@ -517,18 +523,19 @@ __global__ void count_rows_kernel(const int32_t* __restrict__ indices,
 
 // Exclusive scan of row_counts[0, S) into row_offsets[0, S] (one CTA of 1024 threads) and a
 // copy into row_cursor.
-__global__ void __launch_bounds__(1024) scan_rows_kernel(const int32_t* __restrict__ row_counts,
+__global__ void __launch_bounds__(kScanThreads) scan_rows_kernel(const int32_t* __restrict__ row_counts,
                                                          int64_t S, int32_t* row_offsets,
                                                          int32_t* row_cursor) {
-  __shared__ int32_t part[1024];
+  extern __shared__ __align__(128) uint8_t smem[];  // int32 [1024]
+  int32_t* part = reinterpret_cast<int32_t*>(smem);
   const int tid = threadIdx.x;
-  const int64_t per = (S + 1023) / 1024;
+  const int64_t per = (S + kScanThreads - 1) / kScanThreads;
   const int64_t b = tid * per, e = b + per < S ? b + per : S;
   int32_t sum = 0;
   for (int64_t i = b; i < e; ++i) sum += row_counts[i];
   part[tid] = sum;
   __syncthreads();
-  for (int off = 1; off < 1024; off <<= 1) {
+  for (int off = 1; off < kScanThreads; off <<= 1) {
     const int32_t v = tid >= off ? part[tid - off] : 0;
     __syncthreads();
     part[tid] += v;
@@ -540,7 +547,7 @@ __global__ void __launch_bounds__(1024) scan_rows_kernel(const int32_t* __restri
     row_cursor[i] = run;
     run += row_counts[i];
   }
-  if (tid == 1023) row_offsets[S] = part[1023];
+  if (tid == kScanThreads - 1) row_offsets[S] = part[kScanThreads - 1];
 }
 
 __global__ void fill_rows_kernel(const int32_t* __restrict__ indices,
@@ -554,8 +561,6 @@ __global__ void fill_rows_kernel(const int32_t* __restrict__ indices,
   if (r >= 0) entry_list[atomicAdd(row_cursor + r, 1)] = static_cast<int32_t>(e);
 }
 
-constexpr int kMaxChunkEntries = 131072;  // bitmap of 4096 words
-constexpr int kReduceThreads = 160;       // 144 float4 column owners
 
 // One CTA per dkv row: the row's entries (unordered in entry_list) are put in ascending order
 // through a bitmap over the chunk's entry ids, then summed in that order (head blocks inner).
@@ -563,8 +568,9 @@ __global__ void reduce_rows_kernel(
     const float* __restrict__ scratch, const int32_t* __restrict__ row_offsets,
     const int32_t* __restrict__ entry_list, int64_t n_entries, int64_t chunk_entries, int nhb,
     float* __restrict__ dkv_acc) {
-  __shared__ uint32_t bits[kMaxChunkEntries / 32];
-  __shared__ uint32_t summary[kMaxChunkEntries / 1024];
+  extern __shared__ __align__(128) uint8_t smem[];  // kReduceSmemBytes
+  uint32_t* bits = reinterpret_cast<uint32_t*>(smem);                // [kMaxChunkEntries / 32]
+  uint32_t* summary = bits + kMaxChunkEntries / 32;                   // [kMaxChunkEntries / 1024]
   const int64_t row = blockIdx.x;
   const int begin = row_offsets[row], end = row_offsets[row + 1];
   if (begin == end) return;

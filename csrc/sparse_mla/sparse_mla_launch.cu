@@ -89,11 +89,11 @@ cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream) {
     const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(n_entries, kThreads));
     count_rows_kernel<<<blocks, kThreads, 0, stream>>>(a.indices, a.topk_length, t0, n_entries,
                                                        a.K, a.S, a.row_counts);
-    scan_rows_kernel<<<1, 1024, 0, stream>>>(a.row_counts, a.S, a.row_offsets, a.row_cursor);
+    scan_rows_kernel<<<1, kScanThreads, kScanSmemBytes, stream>>>(a.row_counts, a.S, a.row_offsets, a.row_cursor);
     fill_rows_kernel<<<blocks, kThreads, 0, stream>>>(a.indices, a.topk_length, t0, n_entries,
                                                       a.K, a.S, a.row_cursor, a.entry_list);
     if (a.S > 0)
-      reduce_rows_kernel<<<static_cast<unsigned>(a.S), kReduceThreads, 0, stream>>>(
+      reduce_rows_kernel<<<static_cast<unsigned>(a.S), kReduceThreads, kReduceSmemBytes, stream>>>(
           a.scratch, a.row_offsets, a.entry_list, n_entries, chunk_entries, nhb, a.dkv_acc);
     err = last_launch_error();
     if (err != cudaSuccess) return err;
