@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <tuple>
 
 #include "common/cuda_glue.h"
@@ -38,6 +39,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd_cuda(const at::Tensor& q, cons
   c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty({sz.T, sz.H, d_v}, q.options());
   auto lse = at::empty({sz.T, sz.H}, q.options().dtype(at::kFloat));
+  if (sz.S == 0 || sz.K == 0) {  // every row is empty; kv may have no storage to point at
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
   sparse_mla::FwdArgs a{};
   a.q = q.data_ptr();
   a.kv = kv.data_ptr();
@@ -64,8 +70,15 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_cuda(
                                                attn_sink, topk_length);
   check_int32_sizes(sz);
   c10::cuda::CUDAGuard guard(q.device());
+  TORCH_CHECK(!deterministic || sz.K <= sparse_mla::kBwdDeterministicMaxK,
+              "indices.size(2) (K) must be <= ", sparse_mla::kBwdDeterministicMaxK,
+              " for deterministic=True on CUDA, got ", sz.K);
   auto dq = at::empty_like(q);
   auto dkv_acc = at::zeros({sz.S, sz.D}, kv.options().dtype(at::kFloat));
+  if (sz.S == 0 || sz.K == 0) {  // nothing selected: zero gradients
+    dq.zero_();
+    return std::make_tuple(dq, dkv_acc.to(kv.scalar_type()).view({sz.S, 1, sz.D}));
+  }
   sparse_mla::BwdArgs a{};
   a.q = q.data_ptr();
   a.kv = kv.data_ptr();

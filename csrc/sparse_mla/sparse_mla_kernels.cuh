@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
 // ======================= deterministic dKV reduction (inverse index) ===========================
 // Entries e = tl * K + j of one token chunk. row_counts / row_offsets / row_cursor: [S + 1].
 
-constexpr int kMaxChunkEntries = 131072;  // bitmap of 4096 words
+constexpr int kMaxChunkEntries = 131072;  // bitmap of 4096 words (= kBwdDeterministicMaxK)
 constexpr int kReduceThreads = 160;       // 144 float4 column owners
 constexpr int kReduceSmemBytes = (kMaxChunkEntries / 32 + kMaxChunkEntries / 1024) * 4;
 constexpr int kScanThreads = 1024;

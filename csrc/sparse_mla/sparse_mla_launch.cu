@@ -4,6 +4,8 @@
 #include "sparse_mla/sparse_mla_launch.h"
 
 namespace dsa::sparse_mla {
+static_assert(kMaxChunkEntries == kBwdDeterministicMaxK, "bitmap size and the glue's K check");
+
 namespace {
 
 // Largest head block (64, 32 or 16) dividing H; the glue guarantees H % 16 == 0.

@@ -54,6 +54,9 @@ struct BwdArgs {
   int32_t* row_cursor;  // [S + 1]
 };
 
+// Largest K the deterministic backward serves (one token's entries must fit one chunk).
+constexpr int64_t kBwdDeterministicMaxK = 131072;
+
 // Tokens per deterministic chunk: chunk_tokens * K <= 131072 entries (one 16 KB bitmap).
 int64_t sparse_mla_bwd_chunk_tokens(int64_t T, int K);
 // Rows of the deterministic scratch: (H / head_block) * chunk_tokens * K.

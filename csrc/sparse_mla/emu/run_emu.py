@@ -83,6 +83,12 @@ def case(T, H, S, K, sink=False, tl=None, det=False, seed=0, adversarial=False):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[2] == "quick":  # the pytest case: one per head block
+        results = [
+            case(2, 16, 90, 100, sink=True, tl=[100, 30], det=True, adversarial=True),
+            case(1, 64, 120, 64, det=False),
+        ]
+        sys.exit(0 if all(results) else 1)
     results = [
         case(2, 16, 150, 100),
         case(3, 16, 90, 64, sink=True, tl=[64, 0, 30], det=True, adversarial=True),
