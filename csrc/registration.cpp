@@ -11,6 +11,9 @@ TORCH_LIBRARY(dsa, m) {
   m.def("mla_kv_cache_write(Tensor kv, Tensor slot_mapping, Tensor(a!) kv_cache) -> ()");
   m.def("mla_kv_cache_gather(Tensor kv_cache, Tensor slots) -> Tensor");
 
+  // ---- the indexer's Hadamard rotation fused with FP8 quantisation (csrc/hadamard) ----
+  m.def("hadamard_fp8_quantize(Tensor x, int block_size=128, bool ue8m0=True) -> (Tensor x_fp8, Tensor scale)");
+
   // ---- lightning indexer (csrc/indexer) ----
   m.def("indexer_logits(Tensor q, Tensor k, Tensor k_scale, Tensor weights, Tensor ks, Tensor ke, bool clean_logits=True) -> Tensor");
   m.def("paged_indexer_logits(Tensor q, Tensor kv_cache, Tensor weights, Tensor context_lens, Tensor block_table, int max_context_len, bool clean_logits=True) -> Tensor");

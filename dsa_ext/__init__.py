@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 OP_NAMES = (
     "fp8_quantize", "indexer_k_cache_write", "indexer_k_cache_gather",
-    "mla_kv_cache_write", "mla_kv_cache_gather",
+    "mla_kv_cache_write", "mla_kv_cache_gather", "hadamard_fp8_quantize",
     "indexer_logits", "paged_indexer_logits", "indexer_topk",
     "topk_indices", "topk_slot_ids",
     "sparse_mla_fwd", "sparse_mla_bwd", "sparse_mla_decode",

@@ -12,8 +12,15 @@ for f in "${files[@]}"; do
   echo "=== $f"
   out=$($NVCC $ARCH -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc -Xptxas=-v,-warn-spills,-warn-lmem-usage \
         -c "$f" -o /dev/null 2>&1) || { echo "$out"; echo "FAILED to compile $f"; status=1; continue; }
-  # Keep the report readable: one "Function properties"/"Used" pair per kernel, demangled names.
-  echo "$out" | grep -E "Compiling entry|Function properties|spill|Used" | sed 's/^ptxas info    : //'
+  # One line per kernel: demangled name, registers, shared memory, stack, spills.
+  echo "$out" | awk '
+    /Compiling entry function/ { match($0, /\x27[^\x27]+\x27/); name = substr($0, RSTART + 1, RLENGTH - 2) }
+    /bytes stack frame/ { n = split($0, w, /[^0-9]+/); k = 0; for (i = 1; i <= n; i++) if (w[i] != "") v[++k] = w[i];
+      stack = v[1]; spill = v[2] "+" v[3] }
+    /Used [0-9]+ registers/ { match($0, /Used [0-9]+ registers/); regs = substr($0, RSTART + 5, RLENGTH - 15);
+      smem = "0"; if (match($0, /[0-9]+ bytes smem/)) smem = substr($0, RSTART, RLENGTH - 11);
+      printf "  regs %3s  smem %6s  stack %4s  spill(st+ld) %-7s %s\n", regs, smem, stack, spill, name }' |
+    c++filt 2>/dev/null || true
   if echo "$out" | grep -E "[1-9][0-9]* bytes spill (stores|loads)" >/dev/null; then
     echo "SPILLS in $f"; status=1
   fi

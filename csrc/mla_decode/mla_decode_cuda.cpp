@@ -1,2 +1,93 @@
-// mla_decode family: CUDA glue (placeholder until the family lands).
+// sparse_mla_decode on CUDA: tensor glue (checks, outputs, split workspace) around the
+// torch-free launcher. No host synchronisation: the split plan depends on shapes only.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "common/cuda_glue.h"
+#include "mla_decode/mla_decode_checks.h"
+#include "mla_decode/mla_decode_launch.h"
+
+namespace dsa::mla_decode {
+namespace {
+
+int sm_count(int device) {
+  static std::array<std::atomic<int>, 64> cached{};   // per device; 0 = not asked yet
+  if (device >= 0 && device < 64 && cached[device].load(std::memory_order_relaxed) > 0)
+    return cached[device].load(std::memory_order_relaxed);
+  int n = 0;
+  DSA_CHECK_CUDA(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < 64) cached[device].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+// The wgmma kernel (64-head blocks, sm_90a) is opt-in with DSA_MLA_DECODE_WGMMA=1 until it has
+// been validated on hardware; the mma.sync kernel is the default. Read per call (host only, no
+// data dependence), so tests can exercise both.
+bool use_wgmma(int device) {
+  const char* env = std::getenv("DSA_MLA_DECODE_WGMMA");
+  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
+  int major = 0;
+  DSA_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major == 9;
+}
+
+void check_aligned16(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0, name,
+              " must start at a 16-byte aligned address (the kernel reads it in 16-byte vectors)");
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
+    const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& indices, double sm_scale,
+    int64_t d_v, const c10::optional<at::Tensor>& attn_sink,
+    const c10::optional<at::Tensor>& topk_length) {
+  const DecodeShape sh = check_sparse_mla_decode(q, kv_cache, indices, sm_scale, d_v, attn_sink, topk_length);
+  check_aligned16(q, "q");
+  check_aligned16(kv_cache, "kv_cache");
+  TORCH_CHECK(sh.topk <= INT32_MAX, "indices.size(2) (K) must fit in int32, got ", sh.topk);
+  c10::cuda::CUDAGuard guard(q.device());
+
+  at::Tensor out = at::empty({sh.batch, sh.s_q, sh.heads, kDV}, q.options());
+  at::Tensor lse = at::empty({sh.batch, sh.s_q, sh.heads}, q.options().dtype(at::kFloat));
+  const SplitPlan plan = plan_splits(sh.batch, sh.s_q, sh.heads, sh.topk, sm_count(q.get_device()));
+  at::Tensor out_partial, lse_partial;
+  if (plan.num_splits > 1) {
+    out_partial = at::empty({plan.num_splits, sh.batch * sh.s_q, sh.heads, kDV}, q.options().dtype(at::kFloat));
+    lse_partial = at::empty({plan.num_splits, sh.batch * sh.s_q, sh.heads}, q.options().dtype(at::kFloat));
+  }
+  DecodeParams p{};
+  p.q = q.const_data_ptr();
+  p.kv_cache = kv_cache.const_data_ptr();
+  p.indices = indices.const_data_ptr<int32_t>();
+  p.attn_sink = attn_sink ? attn_sink->const_data_ptr<float>() : nullptr;
+  p.topk_length = topk_length ? topk_length->const_data_ptr<int32_t>() : nullptr;
+  p.out = out.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr<float>();
+  p.out_partial = plan.num_splits > 1 ? out_partial.mutable_data_ptr<float>() : nullptr;
+  p.lse_partial = plan.num_splits > 1 ? lse_partial.mutable_data_ptr<float>() : nullptr;
+  p.batch = sh.batch;
+  p.s_q = sh.s_q;
+  p.heads = sh.heads;
+  p.topk = sh.topk;
+  p.num_slots = sh.num_slots();
+  p.fp8_cache = sh.fp8_cache;
+  p.per_query_topk_length = sh.per_query_topk_length;
+  p.sm_scale = static_cast<float>(sm_scale);
+  p.plan = plan;
+  p.use_wgmma = use_wgmma(q.get_device());
+  DSA_CHECK_CUDA(launch_sparse_mla_decode(p, current_stream(q)));
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace dsa::mla_decode
+
+TORCH_LIBRARY_IMPL(dsa, CUDA, m) {
+  m.impl("sparse_mla_decode", &dsa::mla_decode::sparse_mla_decode_cuda);
+}

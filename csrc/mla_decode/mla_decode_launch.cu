@@ -1,2 +1,65 @@
-// mla_decode family: torch-free launchers (placeholder until the family lands).
+// sparse_mla_decode: torch-free host launchers (split plan, kernel choice, combine).
 #include "common/cuda_utils.cuh"
+#include "mla_decode/mla_decode_kernels.cuh"
+#include "mla_decode/mla_decode_launch.h"
+
+#include <algorithm>
+
+namespace dsa::mla_decode {
+
+namespace {
+
+// Heads per CTA: 64 shares each dequantised tile widely; fewer heads (TP shards) use a
+// smaller block rather than padding (rows past H are masked inside the kernel).
+int head_block(int64_t heads) { return heads >= 64 ? 64 : (heads > 16 ? 32 : 16); }
+
+template <int HB, bool kFp8, bool kWgmma>
+cudaError_t launch_main(const DecodeParams& p, cudaStream_t stream) {
+  constexpr size_t kSmem = DecodeSmem<HB, kFp8>::kBytes;
+  static_assert(kSmem <= 227 * 1024, "dynamic shared memory beyond an H100 SM's 227 KB");
+  auto kernel = sparse_mla_decode_kernel<HB, kFp8, kWgmma>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(p.batch * p.s_q), static_cast<unsigned>(ceil_div<int64_t>(p.heads, HB)),
+                  static_cast<unsigned>(p.plan.num_splits));
+  kernel<<<grid, kThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int HB, bool kWgmma = false>
+cudaError_t launch_main_for_cache(const DecodeParams& p, cudaStream_t stream) {
+  return p.fp8_cache ? launch_main<HB, true, kWgmma>(p, stream) : launch_main<HB, false, kWgmma>(p, stream);
+}
+
+}  // namespace
+
+SplitPlan plan_splits(int64_t batch, int64_t s_q, int64_t heads, int64_t topk, int num_sms) {
+  const int64_t tiles = std::max<int64_t>(ceil_div<int64_t>(topk, kTokensPerTile), 1);
+  const int64_t ctas = batch * s_q * ceil_div<int64_t>(heads, head_block(heads));
+  int64_t splits = 1;
+  if (ctas > 0 && 2 * ctas <= num_sms) {
+    // As many splits as fit in one wave (one CTA per SM), but at least 2 tiles per split so the
+    // fp32 partials and the combine stay cheap next to the main kernel.
+    constexpr int64_t kMinTilesPerSplit = 2, kMaxSplits = 64;
+    splits = std::max<int64_t>(1, std::min({num_sms / ctas, tiles / kMinTilesPerSplit, kMaxSplits}));
+  }
+  const int64_t per_split = ceil_div<int64_t>(tiles, splits);
+  return SplitPlan{static_cast<int>(ceil_div<int64_t>(tiles, per_split)), static_cast<int>(per_split)};
+}
+
+cudaError_t launch_sparse_mla_decode(const DecodeParams& p, cudaStream_t stream) {
+  if (p.batch * p.s_q == 0 || p.heads == 0) return cudaSuccess;
+  cudaError_t err;
+  switch (head_block(p.heads)) {
+    case 64:
+      err = p.use_wgmma ? launch_main_for_cache<64, true>(p, stream) : launch_main_for_cache<64>(p, stream);
+      break;
+    case 32: err = launch_main_for_cache<32>(p, stream); break;
+    default: err = launch_main_for_cache<16>(p, stream); break;
+  }
+  if (err != cudaSuccess || p.plan.num_splits <= 1) return err;
+  sparse_mla_decode_combine_kernel<<<static_cast<unsigned>(p.batch * p.s_q * p.heads), 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace dsa::mla_decode

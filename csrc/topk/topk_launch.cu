@@ -1,2 +1,148 @@
-// topk family: torch-free launchers (placeholder until the family lands).
+// topk family: torch-free launchers.
+#include <algorithm>
+#include <atomic>
+
 #include "common/cuda_utils.cuh"
+#include "topk/topk_kernels.cuh"
+#include "topk/topk_launch.h"
+
+namespace dsa {
+
+namespace {
+
+struct DeviceInfo {
+  int sms = 1;
+  int major = 0;
+  int max_cs = 1;  // largest cluster size used on this device
+  std::atomic<bool> ready{false};
+};
+
+// CTAs per row: enough that a row's slice fits the shared-memory key cache, and, for few rows,
+// enough to spread the rows over the SMs (slices of at least 2048 columns). Cluster sizes above
+// the portable 8 are used only where the device reports it can place such a cluster.
+int choose_cluster_size(int64_t T, int64_t S, const DeviceInfo& info, int max_cs) {
+  if (info.major < 9) return 1;  // clusters are sm_90+
+  int cs = 1;
+  while (cs < max_cs && ceil_div<int64_t>(S, cs) > topk::kMaxCacheKeys) cs *= 2;
+  while (cs < max_cs && T * cs < 2 * info.sms && ceil_div<int64_t>(S, 2 * cs) >= 2048) cs *= 2;
+  return cs;
+}
+
+// Largest cluster size (8 or 16) the device can run topk_radix_kernel with at `smem` bytes.
+int max_cluster_size(size_t smem) {
+  if (cudaFuncSetAttribute(topk::topk_radix_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    return topk::kPortableCluster;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(topk::kMaxCluster);
+  cfg.blockDim = dim3(topk::kBlock);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = topk::kMaxCluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, topk::topk_radix_kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return topk::kPortableCluster;
+  }
+  return clusters > 0 ? topk::kMaxCluster : topk::kPortableCluster;
+}
+
+// Bytes of dynamic shared memory for a slice of `slice` columns: the key cache (+3 words of
+// alignment slack), which CTA 0 reuses for the sort of up to kMaxSortK selected pairs.
+size_t smem_for(int64_t slice, int k, bool sorted) {
+  int sort_pairs = 1;
+  while (sort_pairs < k) sort_pairs <<= 1;
+  const int64_t keys = std::min<int64_t>(slice, topk::kMaxCacheKeys);
+  return std::max<size_t>(size_t(keys + 4) * sizeof(uint32_t),
+                          sorted ? size_t(sort_pairs) * sizeof(uint64_t) : 0);
+}
+
+// Per device, once: SM count, architecture, the kernel's shared-memory limit raised to the
+// largest footprint, and whether 16-CTA clusters fit (kernel attributes persist; concurrent
+// first calls repeat the same idempotent work).
+cudaError_t device_info(DeviceInfo*& out) {
+  static DeviceInfo table[64];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  DeviceInfo& info = table[dev & 63];
+  out = &info;
+  if (info.ready.load(std::memory_order_acquire)) return cudaSuccess;
+  err = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess) return err;
+  const size_t max_smem = smem_for(topk::kMaxCacheKeys, topk::kMaxSortK, true);
+  err = cudaFuncSetAttribute(topk::topk_radix_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(max_smem));
+  if (err != cudaSuccess) return err;
+  info.max_cs = info.major >= 9 ? max_cluster_size(max_smem) : 1;
+  info.ready.store(true, std::memory_order_release);
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t topk_indices_launch(const float* logits, int64_t T, int64_t S, int64_t row_stride,
+                                const int32_t* ks, const int32_t* ke, int k, bool sorted,
+                                int32_t* out, cudaStream_t stream) {
+  if (T == 0) return cudaSuccess;
+  if (k < 1 || k > topk::kMaxSortK) return cudaErrorInvalidValue;
+  DeviceInfo* info = nullptr;
+  cudaError_t err = device_info(info);
+  if (err != cudaSuccess) return err;
+  const int cs = choose_cluster_size(T, S, *info, info->max_cs);
+  if (T > (int64_t(INT32_MAX) / cs)) return cudaErrorInvalidConfiguration;
+
+  topk::TopkParams p;
+  p.logits = logits;
+  p.row_stride = row_stride;
+  p.S = S;
+  p.ks = ks;
+  p.ke = ke;
+  p.out = out;
+  p.k = k;
+  p.sorted = sorted;
+  p.cache_keys = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(S, cs), topk::kMaxCacheKeys));
+  const size_t smem = smem_for(ceil_div<int64_t>(S, cs), k, sorted);
+
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(T * cs));
+  cfg.blockDim = dim3(topk::kBlock);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  cfg.numAttrs = 0;
+  if (info->major >= 9) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cs);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  err = cudaLaunchKernelEx(&cfg, topk::topk_radix_kernel, p);
+  if (err != cudaSuccess) return err;
+  return last_launch_error();
+}
+
+cudaError_t topk_slot_ids_launch(const int32_t* indices, int64_t R, int64_t K,
+                                 const int32_t* block_table, int64_t B, int64_t M,
+                                 int64_t block_size, int32_t* out, cudaStream_t stream) {
+  const int64_t total = R * K;
+  if (total == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>(ceil_div<int64_t>(total, kThreads), 65536);
+  topk::topk_slot_ids_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      indices, R, K, block_table, M, R / B, block_size, out);
+  return last_launch_error();
+}
+
+}  // namespace dsa

@@ -1,2 +1,55 @@
-"""mla_decode op family (placeholder until it lands)."""
-__all__ = []
+"""Sparse MLA decode over a paged MLA cache (FP8 656-byte records or bf16 rows)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["sparse_mla_decode"]
+
+
+def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor,
+                      sm_scale: float, d_v: int = 512,
+                      attn_sink: Optional[torch.Tensor] = None,
+                      topk_length: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA attention of decode queries over the cache slots top-k selected for them.
+
+    Args:
+        q: ``[B, s_q, H, 576]`` bf16 (512 nope + 64 rope), contiguous.
+        kv_cache: the MLA cache, either FP8 ``uint8 [num_blocks, block_size, 1, 656]``
+            (FlashMLA V3.2 layout: 512 e4m3 values in 4 tiles of 128, 4 fp32 tile scales,
+            64 bf16 rope values) or ``bfloat16 [num_blocks, block_size, 1, 576]``.
+        indices: ``[B, s_q, K]`` int32 global slot ids ``blk * block_size + off``; an entry that
+            is negative or ``>= num_blocks * block_size`` is skipped (never read).
+        sm_scale: scale of the scores ``q . k`` before the softmax.
+        d_v: must be 512: V is the 512 nope values of each latent row.
+        attn_sink: optional ``[H]`` fp32; adds ``exp(attn_sink[h])`` to the softmax denominator
+            only (lse excludes it).
+        topk_length: optional ``[B]`` (FlashMLA's form) or ``[B, s_q]`` int32: only the first
+            ``topk_length`` entries of a row are used (clamped to ``[0, K]``).
+
+    Returns:
+        ``out [B, s_q, H, 512]`` bf16 and ``lse [B, s_q, H]`` fp32, the natural-log
+        log-sum-exp of the scaled scores. A row with no valid entry gives out 0 and lse
+        ``-inf`` (FlashMLA returns ``+inf`` there; ``-inf`` keeps lse-weighted merging of
+        partial results correct).
+
+    CUDA-graph safe: no host synchronisation, and the work split depends on shapes only.
+    On CUDA, ``DSA_MLA_DECODE_WGMMA=1`` in the environment selects the Hopper wgmma kernel for
+    64-head blocks (H >= 64) instead of the default mma.sync kernel; it is opt-in until
+    validated on hardware.
+    """
+    return torch.ops.dsa.sparse_mla_decode(q, kv_cache, indices, sm_scale, d_v, attn_sink,
+                                           topk_length)
+
+
+@torch.library.register_fake("dsa::sparse_mla_decode")
+def _sparse_mla_decode_fake(q, kv_cache, indices, sm_scale, d_v=512, attn_sink=None,
+                            topk_length=None):
+    torch._check(q.dim() == 4, lambda: f"q must be 4-D [B, s_q, H, 576], got {tuple(q.shape)}")
+    torch._check(indices.dim() == 3, lambda: "indices must be 3-D [B, s_q, K]")
+    B, s_q, H, _ = q.shape
+    out = q.new_empty(B, s_q, H, d_v)
+    lse = q.new_empty(B, s_q, H, dtype=torch.float32)
+    return out, lse

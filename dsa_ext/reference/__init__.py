@@ -2,6 +2,7 @@
 and exactness (fp32/fp64 inside), used by the tests. One module per op family, plus `dense`:
 the dense, masked formulation of the DeepSeek-V3.2 DSA step the sparse ops must agree with."""
 from .cache import *  # noqa: F401,F403
+from .hadamard import *  # noqa: F401,F403
 from .indexer import *  # noqa: F401,F403
 from .topk import *  # noqa: F401,F403
 from .sparse_mla import *  # noqa: F401,F403

@@ -1,0 +1,42 @@
+// Torch-free host launchers of sparse_mla_decode (CUDA). The glue (mla_decode_cuda.cpp) checks
+// the tensors, asks for the split plan, allocates outputs and workspace, then launches.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace dsa::mla_decode {
+
+constexpr int kTokensPerTile = 64;   // selected entries gathered per main-loop step
+
+// How the K entries of each row are spread over CTAs. Decided from shapes only (never data),
+// so the launch sequence is the same on every call: CUDA-graph safe.
+struct SplitPlan {
+  int num_splits;        // CTAs per (row, head block); > 1 means partials + combine kernel
+  int tiles_per_split;   // 64-entry tiles each split walks
+};
+
+SplitPlan plan_splits(int64_t batch, int64_t s_q, int64_t heads, int64_t topk, int num_sms);
+
+struct DecodeParams {
+  const void* q;                 // bf16 [B, s_q, H, 576]
+  const void* kv_cache;          // uint8 [slots, 656] or bf16 [slots, 576]
+  const int32_t* indices;        // [B, s_q, K]
+  const float* attn_sink;        // [H] or nullptr
+  const int32_t* topk_length;    // [B] or [B, s_q] or nullptr
+  void* out;                     // bf16 [B, s_q, H, 512]
+  float* lse;                    // [B, s_q, H]
+  float* out_partial;            // fp32 [num_splits, B*s_q, H, 512], only when num_splits > 1
+  float* lse_partial;            // fp32 [num_splits, B*s_q, H]
+  int64_t batch, s_q, heads, topk, num_slots;
+  bool fp8_cache;
+  bool per_query_topk_length;
+  float sm_scale;
+  SplitPlan plan;
+  // Head blocks of 64 on sm_90a: S = Q K^T and O += P V with wgmma instead of mma.sync.
+  bool use_wgmma;
+};
+
+cudaError_t launch_sparse_mla_decode(const DecodeParams& p, cudaStream_t stream);
+
+}  // namespace dsa::mla_decode

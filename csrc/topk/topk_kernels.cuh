@@ -1,0 +1,415 @@
+// topk family: torch-free CUDA kernels.
+//
+// topk_radix_kernel: exact top-k per row by radix select over the order-preserving uint32 key
+// of topk_key.h. A row is split over a thread-block cluster of `cs` CTAs (cs = 1 for many
+// rows; up to 16 for few long rows). Each CTA reads its slice of the row from global memory
+// once, caching the keys in shared memory when the slice fits (else it re-reads global memory
+// every pass: slower, never wrong). Three passes of 11-, 11- and 10-bit digits (an 8-bit top
+// digit of an fp32 key puts most real logits into a handful of bins and serialises the
+// shared-memory atomics; 11 bits spread them over the mantissa's top bits too): every CTA
+// builds a histogram (2048 or 1024 bins) of the keys still matching the prefix, the cluster
+// sums the histograms through distributed shared memory, and every CTA picks the same bin by a
+// suffix scan; a pass whose bin is taken whole ends the search. There is no candidate buffer,
+// so nothing can overflow: the slice itself is the candidate set. Output: elements above the
+// threshold prefix go out through a shared atomic counter at a per-CTA offset; elements equal
+// to it are taken in index order (block prefix scan, CTA offsets in rank order) until the
+// count needed is reached — unless the whole tie class is taken, when order does not matter.
+// sorted=true: CTA 0 then sorts the k selected (key, index) pairs with a bitonic sort.
+//
+// DSA_TOPK_HOST_EMULATION (csrc/topk/emulation, tests only): the same source compiled by a
+// host C++ compiler, CTAs and clusters emulated with threads, so the kernel's logic runs in CI
+// machines without a GPU. It swaps in the shim's CUDA subset, shared memory and cluster
+// primitives; device builds never define it.
+#pragma once
+#if defined(DSA_TOPK_HOST_EMULATION)
+#include "topk/emulation/cuda_host_shim.h"
+#else
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include "common/cuda_utils.cuh"
+#endif
+#include <cstdint>
+
+#include "topk/topk_key.h"
+
+namespace dsa {
+namespace topk {
+
+constexpr int kBlock = 512;
+constexpr int kWarps = kBlock / 32;
+constexpr int kMaxBins = 2048;
+constexpr int kPasses = 3;            // digits of 11, 11 and 10 bits over the 32-bit key
+constexpr int kPortableCluster = 8;
+constexpr int kMaxCluster = 16;       // non-portable; used only where the device accepts it
+constexpr int kMaxCacheKeys = 20480;  // 80 KiB of keys per CTA (+24 KiB histograms): 2 CTAs/SM
+constexpr int kMaxSortK = 4096;
+
+__host__ __device__ constexpr int pass_shift(int pass) { return pass == 0 ? 21 : pass == 1 ? 10 : 0; }
+__host__ __device__ constexpr int pass_bins(int pass) { return pass == 2 ? 1024 : 2048; }
+static_assert(pass_bins(0) == 4 * kBlock && pass_bins(1) == 4 * kBlock && pass_bins(2) == 2 * kBlock,
+              "each thread owns 4 (or 2) contiguous histogram bins");
+static_assert(pass_shift(0) + 11 == 32 && pass_shift(1) + 11 == pass_shift(0) && pass_shift(2) + 10 == pass_shift(1),
+              "the digits tile the 32-bit key");
+
+struct TopkParams {
+  const float* logits;
+  int64_t row_stride;  // elements
+  int64_t S;
+  const int32_t* ks;   // may be null: 0
+  const int32_t* ke;   // may be null: S
+  int32_t* out;        // [T, k] contiguous
+  int k;
+  int cache_keys;      // per-CTA key cache capacity (elements); the buffer holds 3 more
+  bool sorted;
+};
+
+// ---- cluster primitives (a cluster of one CTA where clusters do not exist) ----------------
+#if defined(DSA_TOPK_HOST_EMULATION)
+unsigned cluster_rank();
+unsigned cluster_size();
+void cluster_sync();
+void* emulated_peer(void* p, unsigned rank);
+template <typename T>
+T* cluster_peer(T* p, unsigned rank) { return static_cast<T*>(emulated_peer(p, rank)); }
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ unsigned cluster_rank() { return cooperative_groups::this_cluster().block_rank(); }
+__device__ __forceinline__ unsigned cluster_size() { return cooperative_groups::this_cluster().num_blocks(); }
+__device__ __forceinline__ void cluster_sync() { cooperative_groups::this_cluster().sync(); }
+template <typename T>
+__device__ __forceinline__ T* cluster_peer(T* p, unsigned rank) {
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+}
+#else
+__device__ __forceinline__ unsigned cluster_rank() { return 0; }
+__device__ __forceinline__ unsigned cluster_size() { return 1; }
+__device__ __forceinline__ void cluster_sync() { __syncthreads(); }
+template <typename T>
+__device__ __forceinline__ T* cluster_peer(T* p, unsigned) { return p; }
+#endif
+
+__device__ __forceinline__ uint32_t load_key(const float* x, int64_t col) {
+  return topk_key_from_bits(__float_as_uint(__ldg(x + col)));
+}
+
+struct TopkShared {
+  alignas(16) uint32_t local_hist[2][kMaxBins];  // this CTA's histogram (double-buffered: peers read it)
+  alignas(16) uint32_t hist[kMaxBins];           // the cluster's histogram
+  uint32_t warp_tot[kWarps];
+  uint32_t counts[2];                // this CTA's (above, equal) counts, read by peers
+  uint32_t above_ctr, equal_ctr, running, my_above;
+  uint32_t above_off, equal_off;
+  uint32_t sel_above;
+  int sel_bin;
+};
+
+#if defined(DSA_TOPK_HOST_EMULATION)
+uint32_t* emulated_dynamic_smem();
+TopkShared& emulated_shared();
+#endif
+
+// Thread t owns the PER contiguous bins [t*PER, (t+1)*PER) of a pass's histogram.
+template <int PER>
+struct BinVec;
+template <>
+struct BinVec<4> {
+  using type = uint4;
+  __device__ static void add(uint32_t (&h)[4], const uint4 v) { h[0] += v.x; h[1] += v.y; h[2] += v.z; h[3] += v.w; }
+  __device__ static uint4 pack(const uint32_t (&h)[4]) { return make_uint4(h[0], h[1], h[2], h[3]); }
+};
+template <>
+struct BinVec<2> {
+  using type = uint2;
+  __device__ static void add(uint32_t (&h)[4], const uint2 v) { h[0] += v.x; h[1] += v.y; }
+  __device__ static uint2 pack(const uint32_t (&h)[4]) { return make_uint2(h[0], h[1]); }
+};
+
+// Cluster-wide histogram: this thread's bins summed over the local histograms of every CTA of
+// the cluster (distributed shared memory, 16- or 8-byte loads, four ranks in flight), stored
+// to sh.hist and returned in h.
+template <int PER>
+__device__ __forceinline__ void reduce_cluster_hist(TopkShared& sh, uint32_t* lh, unsigned cs,
+                                                    uint32_t (&h)[4]) {
+  using V = typename BinVec<PER>::type;
+  const int off = threadIdx.x * PER;
+  h[0] = h[1] = h[2] = h[3] = 0;
+  unsigned r = 0;
+  for (; r + 4 <= cs; r += 4) {
+    V v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = *reinterpret_cast<const V*>(cluster_peer(lh, r + u) + off);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) BinVec<PER>::add(h, v[u]);
+  }
+  for (; r < cs; ++r) BinVec<PER>::add(h, *reinterpret_cast<const V*>(cluster_peer(lh, r) + off));
+  *reinterpret_cast<V*>(sh.hist + off) = BinVec<PER>::pack(h);
+}
+
+// Threshold bin of the cluster histogram (all threads call; thread t holds bins
+// [t*per, (t+1)*per) in h): the bin b with sum(hist[b+1..]) < need <= sum(hist[b..]), and the
+// count strictly above it, into sh.sel_bin / sh.sel_above. A block suffix scan of the
+// per-thread sums locates the one thread whose range holds b.
+__device__ __forceinline__ void select_threshold_bin(TopkShared& sh, const uint32_t (&h)[4], int per,
+                                                     uint32_t need) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const uint32_t v = h[0] + h[1] + h[2] + h[3];  // bins a thread does not own are 0
+  uint32_t x = v;  // becomes sum of v over lanes >= lane of this warp
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint32_t y = __shfl_down_sync(0xFFFFFFFFu, x, off);
+    if (lane + off < 32) x += y;
+  }
+  if (lane == 0) sh.warp_tot[warp] = x;
+  __syncthreads();
+  uint32_t s = x;  // sum of hist over bins >= tid * per
+  for (int w = warp + 1; w < kWarps; ++w) s += sh.warp_tot[w];
+  uint32_t running = s - v;  // sum over bins above this thread's range
+  if (running < need && need <= s) {
+#pragma unroll
+    for (int j = 3; j >= 0; --j) {
+      if (j < per && running < need && need <= running + h[j]) {
+        sh.sel_bin = tid * per + j;
+        sh.sel_above = running;
+      }
+      if (j < per) running += h[j];
+    }
+  }
+  __syncthreads();
+}
+
+// CTA 0 of a row, after the cluster barrier: sort out[0, m) (all valid) by descending key,
+// ascending index. buf holds next_pow2(m) <= kMaxSortK 64-bit (key, ~index) pairs.
+__device__ __forceinline__ void sort_selected(const float* x, int32_t* out, int m, uint64_t* buf) {
+  int P = 1;
+  while (P < m) P <<= 1;
+  for (int j = threadIdx.x; j < P; j += kBlock) {
+    uint64_t v = 0;  // padding sorts last: (key 0, index 0xFFFFFFFF) is below every real pair
+    if (j < m) {
+      const uint32_t idx = static_cast<uint32_t>(out[j]);
+      v = (static_cast<uint64_t>(load_key(x, idx)) << 32) | (0xFFFFFFFFu - idx);
+    }
+    buf[j] = v;
+  }
+  __syncthreads();
+  for (int size = 2; size <= P; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int t = threadIdx.x; t < P / 2; t += kBlock) {
+        const int i = 2 * t - (t & (stride - 1));
+        const int j = i + stride;
+        const bool desc = (i & size) == 0;
+        const uint64_t a = buf[i], b = buf[j];
+        if ((a < b) == desc) {
+          buf[i] = b;
+          buf[j] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int j = threadIdx.x; j < m; j += kBlock)
+    out[j] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(buf[j]));
+}
+
+// First pass: read the CTA's slice [0, len) of xr from global memory once (16-byte loads on
+// the aligned body), build the histogram of the top digit, and cache the keys in ck if cached.
+// ck is offset so that ck + head is 16-byte aligned, head = elements before xr's first
+// 16-byte boundary.
+__device__ __forceinline__ void first_pass(const float* xr, int64_t len, bool cached, uint32_t* ck,
+                                           int head, uint32_t* lh) {
+  constexpr int shift = pass_shift(0);
+  const int tid = threadIdx.x;
+  if (tid < head) {
+    const uint32_t key = load_key(xr, tid);
+    if (cached) ck[tid] = key;
+    atomicAdd(&lh[key >> shift], 1u);
+  }
+  const int64_t nvec = (len - head) >> 2;
+  const float4* xv = reinterpret_cast<const float4*>(xr + head);
+  uint4* cv = reinterpret_cast<uint4*>(ck + head);
+  constexpr int kUnroll = 2;
+  for (int64_t j0 = tid; j0 < nvec; j0 += kUnroll * kBlock) {
+    float4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = j0 + u * kBlock;
+      if (j < nvec) v[u] = __ldg(xv + j);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = j0 + u * kBlock;
+      if (j < nvec) {
+        const uint4 key = make_uint4(topk_key_from_bits(__float_as_uint(v[u].x)),
+                                     topk_key_from_bits(__float_as_uint(v[u].y)),
+                                     topk_key_from_bits(__float_as_uint(v[u].z)),
+                                     topk_key_from_bits(__float_as_uint(v[u].w)));
+        if (cached) cv[j] = key;
+        atomicAdd(&lh[key.x >> shift], 1u);
+        atomicAdd(&lh[key.y >> shift], 1u);
+        atomicAdd(&lh[key.z >> shift], 1u);
+        atomicAdd(&lh[key.w >> shift], 1u);
+      }
+    }
+  }
+  for (int64_t i = head + 4 * nvec + tid; i < len; i += kBlock) {
+    const uint32_t key = load_key(xr, i);
+    if (cached) ck[i] = key;
+    atomicAdd(&lh[key >> shift], 1u);
+  }
+}
+
+__global__ void __launch_bounds__(kBlock, 2) topk_radix_kernel(const TopkParams p) {
+#if defined(DSA_TOPK_HOST_EMULATION)
+  uint32_t* cache = emulated_dynamic_smem();
+  TopkShared& sh = emulated_shared();
+#else
+  extern __shared__ __align__(16) unsigned char topk_dyn_smem[];
+  uint32_t* cache = reinterpret_cast<uint32_t*>(topk_dyn_smem);
+  __shared__ TopkShared sh;
+#endif
+
+  const int tid = threadIdx.x;
+  const unsigned cs = cluster_size(), rank = cluster_rank();
+  const int64_t row = blockIdx.x / cs;
+  int64_t lo, hi;
+  topk_row_range(p.ks, p.ke, row, p.S, lo, hi);
+  const int64_t n = hi - lo;
+  const int64_t chunk = ceil_div<int64_t>(n, cs);
+  const int64_t c0 = min(hi, lo + static_cast<int64_t>(rank) * chunk);
+  const int64_t len = min(hi, c0 + chunk) - c0;
+  const float* x = p.logits + row * p.row_stride;
+  int32_t* out = p.out + row * static_cast<int64_t>(p.k);
+  const int k = p.k;
+
+  if (n <= k) {  // every column in range is selected (same branch for the whole cluster)
+    for (int64_t i = tid; i < len; i += kBlock) out[c0 - lo + i] = static_cast<int32_t>(c0 + i);
+    for (int64_t j = n + static_cast<int64_t>(rank) * kBlock + tid; j < k; j += int64_t(cs) * kBlock)
+      out[j] = -1;
+    if (p.sorted) {
+      cluster_sync();  // release/acquire at cluster scope: CTA 0 sees the peers' output
+      if (rank == 0 && n > 1) sort_selected(x, out, static_cast<int>(n), reinterpret_cast<uint64_t*>(cache));
+    }
+    return;
+  }
+
+  // Key i of the slice lives at ck[i]; the offset makes the 16-byte-aligned body of the
+  // slice land on 16-byte-aligned cache words.
+  const float* xr = x + c0;
+  const int64_t to_aligned = (4 - ((reinterpret_cast<uintptr_t>(xr) >> 2) & 3)) & 3;
+  const int head = static_cast<int>(len < to_aligned ? len : to_aligned);
+  uint32_t* ck = cache + ((4 - head) & 3);
+  const bool cached = len <= p.cache_keys;
+  uint32_t prefix = 0, mask = 0, need = static_cast<uint32_t>(k);
+  uint32_t above_acc = 0;  // this thread's share of the CTA's count above the threshold
+  int bin = 0, last_pass = 0;
+  if (tid == 0) sh.my_above = 0;
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const int shift = pass_shift(pass), nbins = pass_bins(pass);
+    uint32_t* lh = sh.local_hist[pass & 1];
+    for (int b = tid; b < nbins; b += kBlock) lh[b] = 0;
+    __syncthreads();
+    if (pass == 0) {
+      first_pass(xr, len, cached, ck, head, lh);
+    } else {
+      for (int64_t i = tid; i < len; i += kBlock) {
+        const uint32_t key = cached ? ck[i] : load_key(xr, i);
+        if ((key & mask) == prefix) atomicAdd(&lh[(key >> shift) & (nbins - 1)], 1u);
+      }
+    }
+    cluster_sync();  // every CTA's histogram of this pass is complete
+    uint32_t h[4];
+    if (nbins == 4 * kBlock) {
+      reduce_cluster_hist<4>(sh, lh, cs, h);
+      select_threshold_bin(sh, h, 4, need);
+    } else {
+      reduce_cluster_hist<2>(sh, lh, cs, h);
+      select_threshold_bin(sh, h, 2, need);
+    }
+    bin = sh.sel_bin;
+    need -= sh.sel_above;
+    prefix |= static_cast<uint32_t>(bin) << shift;
+    mask |= static_cast<uint32_t>(nbins - 1) << shift;
+    for (int b = bin + 1 + tid; b < nbins; b += kBlock) above_acc += lh[b];
+    last_pass = pass;
+    if (sh.hist[bin] == need) break;  // the whole tie class at this prefix is taken
+  }
+  const uint32_t total_equal = sh.hist[bin];
+  if (above_acc) atomicAdd(&sh.my_above, above_acc);
+  __syncthreads();
+  if (tid == 0) {
+    sh.counts[0] = sh.my_above;
+    sh.counts[1] = sh.local_hist[last_pass & 1][bin];
+  }
+  cluster_sync();  // every CTA's counts are published
+  if (tid == 0) {
+    uint32_t a = 0, e = 0;
+    for (unsigned r = 0; r < rank; ++r) {
+      const uint32_t* c = cluster_peer(sh.counts, r);
+      a += c[0];
+      e += c[1];
+    }
+    sh.above_off = a;
+    sh.equal_off = e;
+    sh.running = e;
+    sh.above_ctr = 0;
+    sh.equal_ctr = 0;
+  }
+  __syncthreads();
+  const uint32_t k_above = static_cast<uint32_t>(k) - need;  // cluster-wide count above
+  const uint32_t above_off = sh.above_off, equal_off = sh.equal_off;
+
+  if (total_equal == need || equal_off >= need) {
+    // No partial tie class in this CTA: every equal element is taken, or none is.
+    const bool take_equal = total_equal == need;
+    for (int64_t i = tid; i < len; i += kBlock) {
+      const uint32_t m = (cached ? ck[i] : load_key(xr, i)) & mask;
+      if (m > prefix) {
+        out[above_off + atomicAdd(&sh.above_ctr, 1u)] = static_cast<int32_t>(c0 + i);
+      } else if (m == prefix && take_equal) {
+        out[k_above + equal_off + atomicAdd(&sh.equal_ctr, 1u)] = static_cast<int32_t>(c0 + i);
+      }
+    }
+  } else {
+    // Ties at the threshold: take the first (need - equal_off) equal elements of this CTA in
+    // index order, one tile of kBlock consecutive columns at a time.
+    const int lane = tid & 31, warp = tid >> 5;
+    for (int64_t base = 0; base < len; base += kBlock) {
+      const int64_t i = base + tid;
+      const bool valid = i < len;
+      const uint32_t m = valid ? ((cached ? ck[i] : load_key(xr, i)) & mask) : 0u;
+      if (valid && m > prefix)
+        out[above_off + atomicAdd(&sh.above_ctr, 1u)] = static_cast<int32_t>(c0 + i);
+      const bool eq = valid && m == prefix;
+      const uint32_t ballot = __ballot_sync(0xFFFFFFFFu, eq);
+      if (lane == 0) sh.warp_tot[warp] = __popc(ballot);
+      __syncthreads();
+      uint32_t before = sh.running + __popc(ballot & ((1u << lane) - 1u));
+      uint32_t tile_total = 0;
+      for (int w = 0; w < kWarps; ++w) {
+        const uint32_t c = sh.warp_tot[w];
+        if (w < warp) before += c;
+        tile_total += c;
+      }
+      if (eq && before < need) out[k_above + before] = static_cast<int32_t>(c0 + i);
+      __syncthreads();
+      if (tid == 0) sh.running += tile_total;
+      __syncthreads();
+    }
+  }
+  cluster_sync();  // peers are done reading our counts; CTA 0 sees the whole output row
+  if (p.sorted && rank == 0) sort_selected(x, out, k, reinterpret_cast<uint64_t*>(cache));
+}
+
+__global__ void topk_slot_ids_kernel(const int32_t* __restrict__ indices, int64_t R, int64_t K,
+                                     const int32_t* __restrict__ block_table, int64_t M,
+                                     int64_t rows_per_seq, int64_t block_size,
+                                     int32_t* __restrict__ out) {
+  const int64_t total = R * K;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = e / K;
+    out[e] = topk_slot_id(__ldg(indices + e), block_table + (r / rows_per_seq) * M, M, block_size);
+  }
+}
+
+}  // namespace topk
+}  // namespace dsa
