@@ -346,3 +346,14 @@ def test_cuda_kernels_emulated_on_cpu(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "FAIL" not in r.stdout and r.stdout.count("PASS") >= 2, r.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_unaligned_view_cuda(gen):
+    q, kv, idx = make_inputs(2, 16, 40, 64, gen=gen, device="cuda")
+    flat = torch.empty(40 * D_QK + 1, dtype=torch.bfloat16, device="cuda")
+    kv_odd = flat[1:].view(40, 1, D_QK)
+    kv_odd.copy_(kv)
+    with pytest.raises(RuntimeError, match="kv must start at a 16-byte aligned"):
+        dsa_ext.sparse_mla_fwd(q, kv_odd, idx, 0.1)

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <limits>
 #include <tuple>
 
@@ -24,6 +25,14 @@ const int32_t* opt_int(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<int32_t>() : nullptr;
 }
 
+// The kernels copy rows with 16-byte cp.async: a contiguous view at an odd element offset
+// would fault, so refuse it with a message instead.
+void check_aligned16(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
+              " must start at a 16-byte aligned address on CUDA (got a view at an unaligned "
+              "offset; pass .clone())");
+}
+
 void check_int32_sizes(const SparseMlaSizes& sz) {
   TORCH_CHECK(sz.K <= INT32_MAX / 2, "indices.size(2) (K) is too large: ", sz.K);
   TORCH_CHECK(sz.S < INT32_MAX, "kv.size(0) (S) must be below 2^31, got ", sz.S);
@@ -36,6 +45,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd_cuda(const at::Tensor& q, cons
                                                        const std::optional<at::Tensor>& topk_length) {
   const auto sz = check_sparse_mla_inputs(q, kv, indices, sm_scale, d_v, attn_sink, topk_length);
   check_int32_sizes(sz);
+  check_aligned16(q, "q");
+  check_aligned16(kv, "kv");
   c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty({sz.T, sz.H, d_v}, q.options());
   auto lse = at::empty({sz.T, sz.H}, q.options().dtype(at::kFloat));
@@ -69,6 +80,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_cuda(
   const auto sz = check_sparse_mla_bwd_inputs(q, kv, out, dout, indices, lse, sm_scale, d_v,
                                                attn_sink, topk_length);
   check_int32_sizes(sz);
+  check_aligned16(q, "q");
+  check_aligned16(kv, "kv");
+  check_aligned16(dout, "dout");
+  check_aligned16(out, "out");
   c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK(!deterministic || sz.K <= sparse_mla::kBwdDeterministicMaxK,
               "indices.size(2) (K) must be <= ", sparse_mla::kBwdDeterministicMaxK,
