@@ -1,0 +1,611 @@
+// Sparse MLA attention kernels (d_qk = 576, d_v = 512), torch-free. bf16 tensor cores via
+// mma.sync m16n8k16 (sm_80+), gathered latent rows staged in shared memory by 16-byte cp.async,
+// double-buffered so the next block's gather overlaps this block's math.
+//
+// Shared tiles of 576- or 512-wide bf16 rows are stored with the 16-byte chunk c of row r at
+// chunk c ^ (r & 7): rows are 1152 / 1024 bytes (a multiple of 128), so without the XOR the
+// eight rows an ldmatrix reads would hit the same banks.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "sparse_mla/sparse_mla_ptx.cuh"
+
+namespace dsa::sparse_mla {
+
+constexpr int kDqk = 576;
+constexpr int kDv = 512;
+constexpr int kQkChunks = kDqk / 8;  // 16-byte chunks per latent row
+constexpr int kVChunks = kDv / 8;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// Running-max start: finite, so exp2(old - new) never sees (-inf) - (-inf).
+constexpr float kMaxInit = -1e30f;
+
+__device__ __forceinline__ uint32_t swz(int row, int chunk, int row_chunks) {
+  return static_cast<uint32_t>((row * row_chunks + (chunk ^ (row & 7))) * 16);
+}
+
+// Row t's usable prefix: topk_length[t] clamped to [0, K], or K.
+__device__ __forceinline__ int row_limit(const int32_t* topk_length, int64_t t, int K) {
+  if (!topk_length) return K;
+  const int l = __ldg(topk_length + t);
+  return l < 0 ? 0 : (l > K ? K : l);
+}
+
+// Entry j of row t names a kv row (>= 0) or is skipped (-1): j beyond the row's limit, or an
+// index outside [0, S).
+__device__ __forceinline__ int64_t entry_row(const int32_t* idx_row, int j, int limit, int64_t S) {
+  if (j >= limit) return -1;
+  const int64_t r = __ldg(idx_row + j);
+  return (r >= 0 && r < S) ? r : -1;
+}
+
+// Gather kBN latent rows (block `blk` of row t's indices) into a swizzled [kBN, 576] tile.
+// Skipped entries are zero-filled without reading and flagged in `valid` / `rows`.
+template <int kBN, int kThreads>
+__device__ __forceinline__ void gather_kv_block(uint32_t tile, float* valid, int32_t* rows,
+                                                const __nv_bfloat16* kv, const int32_t* idx_row,
+                                                int blk, int limit, int64_t S) {
+  for (int c = threadIdx.x; c < kBN * kQkChunks; c += kThreads) {
+    const int r = c / kQkChunks, ch = c - r * kQkChunks;
+    const int64_t row = entry_row(idx_row, blk * kBN + r, limit, S);
+    const __nv_bfloat16* src = kv + (row >= 0 ? row * kDqk + ch * 8 : 0);
+    cp_async_16(tile + swz(r, ch, kQkChunks), src, row >= 0);
+    if (ch == 0) {
+      valid[r] = row >= 0 ? 1.f : 0.f;
+      if (rows) rows[r] = static_cast<int32_t>(row);
+    }
+  }
+}
+
+// Copy `nrows` rows of `row_chunks` 16-byte chunks (global row stride `stride` elements) into a
+// swizzled tile.
+template <int kThreads>
+__device__ __forceinline__ void load_rows(uint32_t tile, const __nv_bfloat16* src, int nrows,
+                                          int row_chunks, int64_t stride) {
+  for (int c = threadIdx.x; c < nrows * row_chunks; c += kThreads) {
+    const int r = c / row_chunks, ch = c - r * row_chunks;
+    cp_async_16(tile + swz(r, ch, row_chunks), src + r * stride + ch * 8, true);
+  }
+}
+
+// ================================ forward ======================================================
+// One CTA per (token, block of HB heads): all heads of the block share one gather of the
+// token's selected rows. Warps form a (HB/16) x 2 grid: warp (wm, wn) scores rows
+// [16 wm, 16 wm + 16) against tokens [32 wn, 32 wn + 32) of each 64-token block, the pair
+// agrees on the row max through shared memory, both halves of P go to shared memory, and warp
+// (wm, wn) accumulates output columns [256 wn, 256 wn + 256) over all 64 tokens.
+template <int HB>
+struct FwdCfg {
+  static constexpr int kBN = 64;
+  static constexpr int kWarps = (HB / 16) * 2;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kQBytes = HB * kDqk * 2;
+  static constexpr int kKVBytes = kBN * kDqk * 2;
+  static constexpr int kPBytes = HB * kBN * 2;
+  static constexpr int kQOff = 0;
+  static constexpr int kKVOff = kQOff + kQBytes;
+  static constexpr int kPOff = kKVOff + 2 * kKVBytes;
+  static constexpr int kMaxOff = kPOff + kPBytes;           // float [2][HB]
+  static constexpr int kSumOff = kMaxOff + 2 * HB * 4;      // float [2][HB]
+  static constexpr int kValidOff = kSumOff + 2 * HB * 4;    // float [2][kBN]
+  static constexpr int kSmemBytes = kValidOff + 2 * kBN * 4;
+};
+
+template <int HB>
+__global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
+    sparse_mla_fwd_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
+                          const int32_t* __restrict__ indices, const float* __restrict__ attn_sink,
+                          const int32_t* __restrict__ topk_length, __nv_bfloat16* __restrict__ out,
+                          float* __restrict__ lse, int64_t S, int H, int K, float sm_scale) {
+  using C = FwdCfg<HB>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t sQ = smem_u32(smem + C::kQOff);
+  const uint32_t sKV0 = smem_u32(smem + C::kKVOff);
+  const uint32_t sP = smem_u32(smem + C::kPOff);
+  float* sMax = reinterpret_cast<float*>(smem + C::kMaxOff);
+  float* sSum = reinterpret_cast<float*>(smem + C::kSumOff);
+  float* sValid = reinterpret_cast<float*>(smem + C::kValidOff);
+
+  const int nhb = H / HB;
+  const int64_t t = blockIdx.x / nhb;
+  const int h0 = static_cast<int>(blockIdx.x % nhb) * HB;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = warp >> 1, wn = warp & 1;
+  const int g = lane >> 2, c4 = lane & 3;
+  const int32_t* idx_row = indices + t * K;
+  const int limit = row_limit(topk_length, t, K);
+  const int nblocks = (limit + C::kBN - 1) / C::kBN;
+  const float scale2 = sm_scale * kLog2e;
+
+  load_rows<C::kThreads>(sQ, q + (t * H + h0) * kDqk, HB, kQkChunks, kDqk);
+  if (nblocks > 0)
+    gather_kv_block<C::kBN, C::kThreads>(sKV0, sValid, nullptr, kv, idx_row, 0, limit, S);
+  cp_async_commit();
+
+  float o[32][4];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_run[2] = {kMaxInit, kMaxInit}, l_run[2] = {0.f, 0.f};
+
+  for (int blk = 0; blk < nblocks; ++blk) {
+    const int stage = blk & 1;
+    if (blk + 1 < nblocks)
+      gather_kv_block<C::kBN, C::kThreads>(sKV0 + (stage ^ 1) * C::kKVBytes,
+                                           sValid + (stage ^ 1) * C::kBN, nullptr, kv, idx_row,
+                                           blk + 1, limit, S);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const uint32_t sKV = sKV0 + stage * C::kKVBytes;
+    const float* valid = sValid + stage * C::kBN;
+
+    // S = Q Kᵀ for 16 rows x 32 tokens (4 n-tiles), k = 576.
+    float s[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll 4
+    for (int kk = 0; kk < kDqk / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, sQ + swz(16 * wm + (lane & 15), 2 * kk + (lane >> 4), kQkChunks));
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        uint32_t b[4];
+        const int tok = 32 * wn + 16 * np + (lane & 7) + 8 * (lane >> 4);
+        ldsm_x4(b, sKV + swz(tok, 2 * kk + ((lane >> 3) & 1), kQkChunks));
+        mma_16816(s[2 * np], a, b[0], b[1]);
+        mma_16816(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    // Mask, scale into the log2 domain, row max over this warp's 32 tokens.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int tok = 32 * wn + 8 * i + 2 * c4 + (e & 1);
+        s[i][e] = valid[tok] != 0.f ? s[i][e] * scale2 : -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[i][e]);
+      }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 1));
+      mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 2));
+      if (c4 == 0) sMax[wn * HB + 16 * wm + g + 8 * hf] = mx[hf];
+    }
+    __syncthreads();
+    float alpha[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = 16 * wm + g + 8 * hf;
+      const float m_new = fmaxf(m_run[hf], fmaxf(sMax[r], sMax[HB + r]));
+      alpha[hf] = exp2f(m_run[hf] - m_new);
+      m_run[hf] = m_new;
+      l_run[hf] *= alpha[hf];
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float p[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        p[e] = exp2f(s[i][e] - m_run[e >> 1]);
+        l_run[e >> 1] += p[e];
+      }
+      const int col = 32 * wn + 8 * i + 2 * c4;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int r = 16 * wm + g + 8 * hf;
+        const uint32_t addr = sP + swz(r, col >> 3, C::kBN / 8) + (col & 7) * 2;
+        st_shared_u32(addr, pack_bf16x2(p[2 * hf], p[2 * hf + 1]));
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      o[i][0] *= alpha[0]; o[i][1] *= alpha[0];
+      o[i][2] *= alpha[1]; o[i][3] *= alpha[1];
+    }
+    __syncthreads();
+
+    // O[16 rows, 256 cols] += P[16 rows, 64 tokens] V[64 tokens, 256 cols].
+#pragma unroll
+    for (int kk = 0; kk < C::kBN / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, sP + swz(16 * wm + (lane & 15), 2 * kk + (lane >> 4), C::kBN / 8));
+      const int tok = 16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1);
+#pragma unroll
+      for (int np = 0; np < 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4_t(b, sKV + swz(tok, 32 * wn + 2 * np + (lane >> 4), kQkChunks));
+        mma_16816(o[2 * np], a, b[0], b[1]);
+        mma_16816(o[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  // Row sums: the 4 lanes of a row, then the two column-half warps.
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 1);
+    l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 2);
+    if (c4 == 0) sSum[wn * HB + 16 * wm + g + 8 * hf] = l_run[hf];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int r = 16 * wm + g + 8 * hf;
+    const int h = h0 + r;
+    const float l = sSum[r] + sSum[HB + r];
+    float inv = 0.f, row_lse = -INFINITY;
+    if (l > 0.f) {
+      float denom = l;
+      if (attn_sink) denom += exp2f(__ldg(attn_sink + h) * kLog2e - m_run[hf]);
+      inv = 1.f / denom;
+      row_lse = (m_run[hf] + log2f(l)) * kLn2;
+    }
+    __nv_bfloat16* orow = out + (t * H + h) * kDv + 256 * wn + 2 * c4;
+#pragma unroll
+    for (int i = 0; i < 32; ++i)
+      *reinterpret_cast<uint32_t*>(orow + 8 * i) =
+          pack_bf16x2(o[i][2 * hf] * inv, o[i][2 * hf + 1] * inv);
+    if (wn == 0 && c4 == 0) lse[t * H + h] = row_lse;
+  }
+}
+
+// ================================ backward =====================================================
+// One CTA per (token, block of HB heads), 32 selected rows per step. Warps form a
+// (HB/16) x 4 grid. Per step:
+//   A: warp (wm, wn) computes S and dP for rows [16 wm, +16) x tokens [8 wn, +8); P is
+//      recomputed from lse, dS = P (dP - Delta) scale; P and dS go to shared memory (bf16).
+//   B: dQ[16 wm.., 144 wn..+144] += dS Kᵀ-block (registers, whole loop).
+//   C: dKV-block [32, 576] = dSᵀ Q + Pᵀ dO in groups of 16 tokens x 24 columns spread over
+//      all warps, then added to the fp32 dkv buffer with atomics (default) or written to the
+//      deterministic scratch, one row per (head block, token, slot).
+template <int HB>
+struct BwdCfg {
+  static constexpr int kBN = 32;
+  static constexpr int kWarps = (HB / 16) * 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kPStride = kBN + 8;  // bf16 per P / dS row: 80 bytes, conflict-free
+  static constexpr int kQBytes = HB * kDqk * 2;
+  static constexpr int kDOBytes = HB * kDv * 2;
+  static constexpr int kKVBytes = kBN * kDqk * 2;
+  static constexpr int kPBytes = HB * kPStride * 2;
+  static constexpr int kQOff = 0;
+  static constexpr int kDOOff = kQOff + kQBytes;
+  static constexpr int kKVOff = kDOOff + kDOBytes;
+  static constexpr int kPOff = kKVOff + 2 * kKVBytes;
+  static constexpr int kDSOff = kPOff + kPBytes;
+  static constexpr int kLseOff = kDSOff + kPBytes;          // float [HB] (log2 domain)
+  static constexpr int kDeltaOff = kLseOff + HB * 4;        // float [HB]
+  static constexpr int kValidOff = kDeltaOff + HB * 4;      // float [2][kBN]
+  static constexpr int kRowsOff = kValidOff + 2 * kBN * 4;  // int32 [2][kBN]
+  static constexpr int kSmemBytes = kRowsOff + 2 * kBN * 4;
+  static constexpr int kGroupTiles = 3;                      // n-tiles per dKV group (24 cols)
+  static constexpr int kGroupsPerM = kDqk / (8 * kGroupTiles);
+};
+
+template <int HB>
+__global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
+    sparse_mla_bwd_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
+                          const __nv_bfloat16* __restrict__ out,
+                          const __nv_bfloat16* __restrict__ dout,
+                          const int32_t* __restrict__ indices, const float* __restrict__ lse,
+                          const float* __restrict__ attn_sink,
+                          const int32_t* __restrict__ topk_length, __nv_bfloat16* __restrict__ dq,
+                          float* __restrict__ dkv_acc, float* __restrict__ scratch,
+                          int64_t t_begin, int64_t chunk_tokens, int64_t S, int H, int K,
+                          float sm_scale) {
+  using C = BwdCfg<HB>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t sQ = smem_u32(smem + C::kQOff);
+  const uint32_t sDO = smem_u32(smem + C::kDOOff);
+  const uint32_t sKV0 = smem_u32(smem + C::kKVOff);
+  const uint32_t sP = smem_u32(smem + C::kPOff);
+  const uint32_t sDS = smem_u32(smem + C::kDSOff);
+  float* sLse = reinterpret_cast<float*>(smem + C::kLseOff);
+  float* sDelta = reinterpret_cast<float*>(smem + C::kDeltaOff);
+  float* sValid = reinterpret_cast<float*>(smem + C::kValidOff);
+  int32_t* sRows = reinterpret_cast<int32_t*>(smem + C::kRowsOff);
+
+  const int nhb = H / HB;
+  const int64_t tl = blockIdx.x / nhb;  // token within this launch's chunk
+  const int64_t t = t_begin + tl;
+  const int hb = static_cast<int>(blockIdx.x % nhb);
+  const int h0 = hb * HB;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = warp >> 2, wn = warp & 3;
+  const int g = lane >> 2, c4 = lane & 3;
+  const int32_t* idx_row = indices + t * K;
+  const int limit = row_limit(topk_length, t, K);
+  const int nblocks = (limit + C::kBN - 1) / C::kBN;
+  const float scale2 = sm_scale * kLog2e;
+
+  load_rows<C::kThreads>(sQ, q + (t * H + h0) * kDqk, HB, kQkChunks, kDqk);
+  load_rows<C::kThreads>(sDO, dout + (t * H + h0) * kDv, HB, kVChunks, kDv);
+  if (nblocks > 0)
+    gather_kv_block<C::kBN, C::kThreads>(sKV0, sValid, sRows, kv, idx_row, 0, limit, S);
+  cp_async_commit();
+
+  // Delta = rowsum(out * dout) and the log2-domain normaliser of P (lse, with the sink added
+  // when present; +inf for an empty row so that P = 0 there).
+  for (int r = warp; r < HB; r += C::kWarps) {
+    const int64_t base = (t * H + h0 + r) * kDv;
+    float acc = 0.f;
+    for (int d = lane * 2; d < kDv; d += 64) {
+      const float2 o2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(out + base + d));
+      const float2 g2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dout + base + d));
+      acc += o2.x * g2.x + o2.y * g2.y;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) {
+      sDelta[r] = acc;
+      const float l = __ldg(lse + t * H + h0 + r);
+      float norm = l;
+      if (attn_sink) {
+        const float sk = __ldg(attn_sink + h0 + r);
+        const float m = fmaxf(l, sk);
+        norm = m + log1pf(exp2f((fminf(l, sk) - m) * kLog2e)) ;
+      }
+      sLse[r] = (l == -INFINITY || l != l) ? INFINITY : norm * kLog2e;
+    }
+  }
+
+  float dqa[18][4];
+#pragma unroll
+  for (int i = 0; i < 18; ++i) dqa[i][0] = dqa[i][1] = dqa[i][2] = dqa[i][3] = 0.f;
+
+  for (int blk = 0; blk < nblocks; ++blk) {
+    const int stage = blk & 1;
+    if (blk + 1 < nblocks)
+      gather_kv_block<C::kBN, C::kThreads>(sKV0 + (stage ^ 1) * C::kKVBytes,
+                                           sValid + (stage ^ 1) * C::kBN,
+                                           sRows + (stage ^ 1) * C::kBN, kv, idx_row, blk + 1,
+                                           limit, S);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const uint32_t sKV = sKV0 + stage * C::kKVBytes;
+    const float* valid = sValid + stage * C::kBN;
+    const int32_t* rows = sRows + stage * C::kBN;
+
+    // ---- A: S and dP for 16 rows x 8 tokens.
+    {
+      float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
+      const int tok = 8 * wn + (lane & 7);
+#pragma unroll 2
+      for (int kk = 0; kk < kDqk / 16; kk += 2) {
+        uint32_t a0[4], a1[4], b[4];
+        ldsm_x4(a0, sQ + swz(16 * wm + (lane & 15), 2 * kk + (lane >> 4), kQkChunks));
+        ldsm_x4(a1, sQ + swz(16 * wm + (lane & 15), 2 * kk + 2 + (lane >> 4), kQkChunks));
+        ldsm_x4(b, sKV + swz(tok, 2 * kk + (lane >> 3), kQkChunks));
+        mma_16816(s, a0, b[0], b[1]);
+        mma_16816(s, a1, b[2], b[3]);
+        if (kk < kDv / 16) {
+          ldsm_x4(a0, sDO + swz(16 * wm + (lane & 15), 2 * kk + (lane >> 4), kVChunks));
+          ldsm_x4(a1, sDO + swz(16 * wm + (lane & 15), 2 * kk + 2 + (lane >> 4), kVChunks));
+          mma_16816(dp, a0, b[0], b[1]);
+          mma_16816(dp, a1, b[2], b[3]);
+        }
+      }
+      uint8_t* pbase = smem + C::kPOff;
+      uint8_t* dsbase = smem + C::kDSOff;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int r = 16 * wm + g + 8 * hf;
+        const int col = 8 * wn + 2 * c4;
+        float p[2], ds[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pe = valid[col + e] != 0.f ? exp2f(s[2 * hf + e] * scale2 - sLse[r]) : 0.f;
+          p[e] = pe;
+          ds[e] = pe * (dp[2 * hf + e] - sDelta[r]) * sm_scale;
+        }
+        *reinterpret_cast<uint32_t*>(pbase + (r * C::kPStride + col) * 2) = pack_bf16x2(p[0], p[1]);
+        *reinterpret_cast<uint32_t*>(dsbase + (r * C::kPStride + col) * 2) = pack_bf16x2(ds[0], ds[1]);
+      }
+    }
+    __syncthreads();
+
+    // ---- B: dQ[16 rows, 144 cols] += dS[16 rows, 32 tokens] K[32 tokens, 144 cols].
+#pragma unroll
+    for (int kk = 0; kk < C::kBN / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, sDS + ((16 * wm + (lane & 15)) * C::kPStride + 16 * kk + 8 * (lane >> 4)) * 2);
+      const int tok = 16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1);
+#pragma unroll
+      for (int np = 0; np < 9; ++np) {
+        uint32_t b[4];
+        ldsm_x4_t(b, sKV + swz(tok, 18 * wn + 2 * np + (lane >> 4), kQkChunks));
+        mma_16816(dqa[2 * np], a, b[0], b[1]);
+        mma_16816(dqa[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+
+    // ---- C: dKV[16 tokens, 24 cols] groups = dSᵀ Q (+ Pᵀ dO for cols < 512).
+    for (int grp = warp; grp < 2 * C::kGroupsPerM; grp += C::kWarps) {
+      const int mt = grp / C::kGroupsPerM;
+      const int col0 = (grp % C::kGroupsPerM) * 8 * C::kGroupTiles;
+      float acc[C::kGroupTiles][4];
+#pragma unroll
+      for (int i = 0; i < C::kGroupTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+      // A = (dS or P)ᵀ: matrix q of ldmatrix.trans covers tokens +8 (q & 1), heads +8 (q >> 1).
+      const int a_head = (lane & 7) + 8 * (lane >> 4);
+      const int a_tok = 16 * mt + 8 * ((lane >> 3) & 1);
+      const int b_head = (lane & 7) + 8 * ((lane >> 3) & 1);
+#pragma unroll
+      for (int kh = 0; kh < HB / 16; ++kh) {
+        uint32_t a[4];
+        ldsm_x4_t(a, sDS + ((16 * kh + a_head) * C::kPStride + a_tok) * 2);
+#pragma unroll
+        for (int i = 0; i < C::kGroupTiles; ++i) {
+          uint32_t b[2];
+          ldsm_x2_t(b, sQ + swz(16 * kh + b_head, (col0 >> 3) + i, kQkChunks));
+          mma_16816(acc[i], a, b[0], b[1]);
+        }
+        if (col0 < kDv) {  // the value part: columns below 512 (checked per n-tile below)
+          ldsm_x4_t(a, sP + ((16 * kh + a_head) * C::kPStride + a_tok) * 2);
+#pragma unroll
+          for (int i = 0; i < C::kGroupTiles; ++i) {
+            if (col0 + 8 * i < kDv) {
+              uint32_t b[2];
+              ldsm_x2_t(b, sDO + swz(16 * kh + b_head, (col0 >> 3) + i, kVChunks));
+              mma_16816(acc[i], a, b[0], b[1]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int tok = 16 * mt + g + 8 * hf;
+        if (valid[tok] == 0.f) continue;
+        float* dst;
+        if (scratch) {
+          const int64_t entry = (static_cast<int64_t>(hb) * chunk_tokens + tl) * K + blk * C::kBN + tok;
+          dst = scratch + entry * kDqk;
+        } else {
+          dst = dkv_acc + static_cast<int64_t>(rows[tok]) * kDqk;
+        }
+#pragma unroll
+        for (int i = 0; i < C::kGroupTiles; ++i) {
+          const int col = col0 + 8 * i + 2 * c4;
+          const float2 v = make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]);
+          if (scratch) {
+            *reinterpret_cast<float2*>(dst + col) = v;
+          } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+            atomicAdd(reinterpret_cast<float2*>(dst + col), v);
+#else
+            atomicAdd(dst + col, v.x);
+            atomicAdd(dst + col + 1, v.y);
+#endif
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int r = 16 * wm + g + 8 * hf;
+    __nv_bfloat16* drow = dq + (t * H + h0 + r) * kDqk + 144 * wn + 2 * c4;
+#pragma unroll
+    for (int i = 0; i < 18; ++i)
+      *reinterpret_cast<uint32_t*>(drow + 8 * i) = pack_bf16x2(dqa[i][2 * hf], dqa[i][2 * hf + 1]);
+  }
+}
+
+// ======================= deterministic dKV reduction (inverse index) ===========================
+// Entries e = tl * K + j of one token chunk. row_counts / row_offsets / row_cursor: [S + 1].
+
+constexpr int kMaxChunkEntries = 131072;  // bitmap of 4096 words (= kBwdDeterministicMaxK)
+constexpr int kReduceThreads = 160;       // 144 float4 column owners
+constexpr int kReduceSmemBytes = (kMaxChunkEntries / 32 + kMaxChunkEntries / 1024) * 4;
+constexpr int kScanThreads = 1024;
+constexpr int kScanSmemBytes = kScanThreads * 4;
+
+__global__ void count_rows_kernel(const int32_t* __restrict__ indices,
+                                  const int32_t* __restrict__ topk_length, int64_t t_begin,
+                                  int64_t n_entries, int K, int64_t S, int32_t* row_counts) {
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= n_entries) return;
+  const int64_t t = t_begin + e / K;
+  const int64_t r = entry_row(indices + t * K, static_cast<int>(e % K), row_limit(topk_length, t, K), S);
+  if (r >= 0) atomicAdd(row_counts + r, 1);
+}
+
+// Exclusive scan of row_counts[0, S) into row_offsets[0, S] (one CTA of 1024 threads) and a
+// copy into row_cursor.
+__global__ void __launch_bounds__(kScanThreads) scan_rows_kernel(const int32_t* __restrict__ row_counts,
+                                                         int64_t S, int32_t* row_offsets,
+                                                         int32_t* row_cursor) {
+  extern __shared__ __align__(128) uint8_t smem[];  // int32 [1024]
+  int32_t* part = reinterpret_cast<int32_t*>(smem);
+  const int tid = threadIdx.x;
+  const int64_t per = (S + kScanThreads - 1) / kScanThreads;
+  const int64_t b = tid * per, e = b + per < S ? b + per : S;
+  int32_t sum = 0;
+  for (int64_t i = b; i < e; ++i) sum += row_counts[i];
+  part[tid] = sum;
+  __syncthreads();
+  for (int off = 1; off < kScanThreads; off <<= 1) {
+    const int32_t v = tid >= off ? part[tid - off] : 0;
+    __syncthreads();
+    part[tid] += v;
+    __syncthreads();
+  }
+  int32_t run = part[tid] - sum;
+  for (int64_t i = b; i < e; ++i) {
+    row_offsets[i] = run;
+    row_cursor[i] = run;
+    run += row_counts[i];
+  }
+  if (tid == kScanThreads - 1) row_offsets[S] = part[kScanThreads - 1];
+}
+
+__global__ void fill_rows_kernel(const int32_t* __restrict__ indices,
+                                 const int32_t* __restrict__ topk_length, int64_t t_begin,
+                                 int64_t n_entries, int K, int64_t S, int32_t* row_cursor,
+                                 int32_t* entry_list) {
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= n_entries) return;
+  const int64_t t = t_begin + e / K;
+  const int64_t r = entry_row(indices + t * K, static_cast<int>(e % K), row_limit(topk_length, t, K), S);
+  if (r >= 0) entry_list[atomicAdd(row_cursor + r, 1)] = static_cast<int32_t>(e);
+}
+
+
+// One CTA per dkv row: the row's entries (unordered in entry_list) are put in ascending order
+// through a bitmap over the chunk's entry ids, then summed in that order (head blocks inner).
+__global__ void reduce_rows_kernel(
+    const float* __restrict__ scratch, const int32_t* __restrict__ row_offsets,
+    const int32_t* __restrict__ entry_list, int64_t n_entries, int64_t chunk_entries, int nhb,
+    float* __restrict__ dkv_acc) {
+  extern __shared__ __align__(128) uint8_t smem[];  // kReduceSmemBytes
+  uint32_t* bits = reinterpret_cast<uint32_t*>(smem);                // [kMaxChunkEntries / 32]
+  uint32_t* summary = bits + kMaxChunkEntries / 32;                   // [kMaxChunkEntries / 1024]
+  const int64_t row = blockIdx.x;
+  const int begin = row_offsets[row], end = row_offsets[row + 1];
+  if (begin == end) return;
+  const int nwords = static_cast<int>((n_entries + 31) / 32);
+  const int nsum = (nwords + 31) / 32;
+  for (int w = threadIdx.x; w < nwords; w += kReduceThreads) bits[w] = 0u;
+  __syncthreads();
+  for (int i = begin + threadIdx.x; i < end; i += kReduceThreads) {
+    const int e = entry_list[i];
+    atomicOr(bits + (e >> 5), 1u << (e & 31));
+  }
+  __syncthreads();
+  for (int sw = threadIdx.x; sw < nsum; sw += kReduceThreads) {
+    uint32_t m = 0;
+    for (int b = 0; b < 32 && sw * 32 + b < nwords; ++b) m |= (bits[sw * 32 + b] != 0u) << b;
+    summary[sw] = m;
+  }
+  __syncthreads();
+  if (threadIdx.x >= kDqk / 4) return;
+  float4* dst = reinterpret_cast<float4*>(dkv_acc + row * kDqk) + threadIdx.x;
+  float4 acc = *dst;
+  for (int sw = 0; sw < nsum; ++sw) {
+    for (uint32_t m = summary[sw]; m; m &= m - 1) {
+      const int w = sw * 32 + __ffs(m) - 1;
+      for (uint32_t bw = bits[w]; bw; bw &= bw - 1) {
+        const int64_t e = static_cast<int64_t>(w) * 32 + __ffs(bw) - 1;
+        for (int h = 0; h < nhb; ++h) {
+          const float4 v =
+              reinterpret_cast<const float4*>(scratch + (h * chunk_entries + e) * kDqk)[threadIdx.x];
+          acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
+        }
+      }
+    }
+  }
+  *dst = acc;
+}
+
+}  // namespace dsa::sparse_mla

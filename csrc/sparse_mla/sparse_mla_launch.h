@@ -1,0 +1,67 @@
+// Torch-free host launchers of the sparse_mla CUDA kernels (raw pointers, sizes, stream).
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace dsa::sparse_mla {
+
+// Pointers are device pointers; bf16 data is passed as void*. Layouts (all contiguous):
+// q [T, H, 576], kv [S, 1, 576], indices [T, K] int32, attn_sink [H] fp32 or null,
+// topk_length [T] int32 or null, out [T, H, 512] bf16, lse [T, H] fp32.
+struct FwdArgs {
+  const void* q;
+  const void* kv;
+  const int32_t* indices;
+  const float* attn_sink;
+  const int32_t* topk_length;
+  void* out;
+  float* lse;
+  int64_t T, S;
+  int H, K;
+  float sm_scale;
+};
+
+cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream);
+
+// Backward. dq [T, H, 576] bf16 is written; dkv_acc [S, 576] fp32 must be zeroed by the caller
+// and receives the sum of every contribution (cast to bf16 by the caller).
+// deterministic == false: contributions are added with fp32 atomics.
+// deterministic == true: the workspace below must be provided; tokens are processed in chunks
+// of `sparse_mla_bwd_chunk_tokens` tokens, each writing its contributions to `scratch`, then
+// every dkv row sums its contributions in (head block, token, slot) order via an inverse
+// index built on the device (bitwise reproducible).
+struct BwdArgs {
+  const void* q;
+  const void* kv;
+  const void* out;
+  const void* dout;
+  const int32_t* indices;
+  const float* lse;
+  const float* attn_sink;
+  const int32_t* topk_length;
+  void* dq;
+  float* dkv_acc;
+  int64_t T, S;
+  int H, K;
+  float sm_scale;
+  bool deterministic;
+  // deterministic workspace
+  float* scratch;       // [sparse_mla_bwd_scratch_rows, 576] fp32
+  int32_t* entry_list;  // [chunk_tokens * K]
+  int32_t* row_counts;  // [S + 1]
+  int32_t* row_offsets; // [S + 1]
+  int32_t* row_cursor;  // [S + 1]
+};
+
+// Largest K the deterministic backward serves (one token's entries must fit one chunk).
+constexpr int64_t kBwdDeterministicMaxK = 131072;
+
+// Tokens per deterministic chunk: chunk_tokens * K <= 131072 entries (one 16 KB bitmap).
+int64_t sparse_mla_bwd_chunk_tokens(int64_t T, int K);
+// Rows of the deterministic scratch: (H / head_block) * chunk_tokens * K.
+int64_t sparse_mla_bwd_scratch_rows(int64_t T, int H, int K);
+
+cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream);
+
+}  // namespace dsa::sparse_mla

@@ -1,0 +1,133 @@
+"""Benchmark cases of sparse_mla_fwd (family "attn_fwd") and sparse_mla_bwd ("attn_bwd").
+
+CUDA (SPEC section 6): forward at T=4096, H=128, K=2048, S in {8K, 32K, 128K}; backward at
+T=4096, S=8192, H=128, K=2048 (atomic and deterministic dKV). FLOPs: forward
+2*T*H*K*(576+512) over valid entries (all entries are valid here), backward 2.5x that; both
+compute-bound against the bf16 tensor-core roofline. Bytes: each input read once, each output
+written once (kv counted once, not per selection).
+Baselines: gather the selected rows and run PyTorch attention (bf16 bmm, fp32 softmax; chunked
+over T to bound memory), and dense attention over the whole context where it fits (S = 8K).
+CPU / quick: tiny shapes that run in well under a second.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from .common import Case
+
+__all__ = ["cases"]
+
+D_QK, D_V = 576, 512
+
+
+def _inputs(device, T, H, S, K, gen):
+    q = (torch.randn(T, H, D_QK, generator=gen) * 0.5).to(torch.bfloat16).to(device)
+    kv = torch.randn(S, 1, D_QK, generator=gen).to(torch.bfloat16).to(device)
+    # K distinct-ish rows per token (random, like a top-k over a long context).
+    idx = torch.randint(0, S, (T, 1, K), generator=gen, dtype=torch.int32).to(device)
+    return q, kv, idx
+
+
+def _chunk(T, H, K, budget_elems=1 << 28):
+    """Tokens per baseline chunk so that the [Tc, K, 576] gather and [Tc, H, K] scores fit."""
+    return max(1, min(T, budget_elems // max(1, K * max(D_QK, H))))
+
+
+def _gathered_attention(q, kv, idx, scale, chunk):
+    """What a user would run without the kernel: gather the selected rows, bf16 bmm, fp32
+    softmax, bf16 bmm (chunked over tokens)."""
+    outs = []
+    flat = kv[:, 0]
+    for t0 in range(0, q.shape[0], chunk):
+        qi, ii = q[t0:t0 + chunk], idx[t0:t0 + chunk, 0].long()
+        rows = flat[ii]                                                   # [Tc, K, 576]
+        s = torch.bmm(qi, rows.transpose(1, 2)).float() * scale           # [Tc, H, K]
+        p = torch.softmax(s, dim=-1).to(q.dtype)
+        outs.append(torch.bmm(p, rows[..., :D_V]))
+    return torch.cat(outs)
+
+
+def _gathered_attention_bwd(q, kv, idx, scale, dout, chunk):
+    """Baseline backward: autograd through the gathered PyTorch attention, chunk by chunk."""
+    kvg = kv.detach().requires_grad_(True)
+    dq = []
+    for t0 in range(0, q.shape[0], chunk):
+        qi = q[t0:t0 + chunk].detach().requires_grad_(True)
+        rows = kvg[:, 0][idx[t0:t0 + chunk, 0].long()]
+        s = torch.bmm(qi, rows.transpose(1, 2)).float() * scale
+        p = torch.softmax(s, dim=-1).to(q.dtype)
+        o = torch.bmm(p, rows[..., :D_V])
+        o.backward(dout[t0:t0 + chunk])
+        dq.append(qi.grad)
+    return torch.cat(dq), kvg.grad
+
+
+def _dense_attention(q, kv, scale, chunk):
+    """Dense attention of every query over the whole context (no sparsity, no mask)."""
+    flat = kv[:, 0]
+    outs = []
+    for t0 in range(0, q.shape[0], chunk):
+        qi = q[t0:t0 + chunk]
+        Tc, H, _ = qi.shape
+        s = (qi.reshape(Tc * H, D_QK) @ flat.t()).float() * scale        # [Tc*H, S]
+        p = torch.softmax(s, dim=-1).to(q.dtype)
+        outs.append((p @ flat[:, :D_V]).view(Tc, H, D_V))
+    return torch.cat(outs)
+
+
+def _fwd_case(device, T, H, S, K, gen, dense: bool) -> Case:
+    import dsa_ext
+
+    q, kv, idx = _inputs(device, T, H, S, K, gen)
+    scale = D_QK ** -0.5
+    chunk = _chunk(T, H, K)
+    baselines = {"gather + torch attention": lambda: _gathered_attention(q, kv, idx, scale, chunk)}
+    if dense:
+        dchunk = max(1, min(T, (1 << 28) // (H * S)))
+        baselines["dense torch attention (all S)"] = lambda: _dense_attention(q, kv, scale, dchunk)
+    flops = 2.0 * T * H * K * (D_QK + D_V)
+    nbytes = (q.numel() + kv.numel()) * 2 + idx.numel() * 4 + T * H * D_V * 2 + T * H * 4
+    return Case(family="attn_fwd", name="sparse_mla_fwd",
+                shape={"T": T, "H": H, "S": S, "K": K},
+                fn=lambda: dsa_ext.sparse_mla_fwd(q, kv, idx, scale),
+                flops=flops, bytes=float(nbytes), bound="compute", flops_dtype="bf16",
+                baselines=baselines, note="random indices, all valid")
+
+
+def _bwd_case(device, T, H, S, K, gen, deterministic: bool) -> Case:
+    import dsa_ext
+
+    q, kv, idx = _inputs(device, T, H, S, K, gen)
+    scale = D_QK ** -0.5
+    out, lse = dsa_ext.sparse_mla_fwd(q, kv, idx, scale)
+    dout = (torch.randn(out.shape, generator=gen) * 0.1).to(torch.bfloat16).to(device)
+    chunk = max(1, _chunk(T, H, K) // 2)
+    flops = 2.5 * 2.0 * T * H * K * (D_QK + D_V)
+    nbytes = ((q.numel() + kv.numel() + 2 * out.numel()) * 2 + idx.numel() * 4 + lse.numel() * 4
+              + (q.numel() + kv.numel()) * 2)
+    name = "sparse_mla_bwd_deterministic" if deterministic else "sparse_mla_bwd"
+    return Case(family="attn_bwd", name=name, shape={"T": T, "H": H, "S": S, "K": K},
+                fn=lambda: dsa_ext.sparse_mla_bwd(q, kv, out, dout, idx, lse, scale,
+                                                  deterministic=deterministic),
+                flops=flops, bytes=float(nbytes), bound="compute", flops_dtype="bf16",
+                baselines={"gather + torch attention autograd":
+                           lambda: _gathered_attention_bwd(q, kv, idx, scale, dout, chunk)},
+                note="FLOPs = 2.5x forward; random indices, all valid")
+
+
+def cases(device: torch.device, quick: bool) -> List[Case]:
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    out: List[Case] = []
+    if device.type == "cuda" and not quick:
+        for S in (8192, 32768, 131072):
+            out.append(_fwd_case(device, 4096, 128, S, 2048, gen, dense=S == 8192))
+        out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=False))
+        out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=True))
+    else:
+        out.append(_fwd_case(device, 8, 16, 512, 128, gen, dense=True))
+        out.append(_bwd_case(device, 8, 16, 512, 128, gen, deterministic=False))
+        out.append(_bwd_case(device, 8, 16, 512, 128, gen, deterministic=True))
+    return out
