@@ -25,7 +25,7 @@ FAMILY_OPS = {
     "attn_fwd": ["sparse_mla_fwd"],
     "attn_bwd": ["sparse_mla_bwd"],
     "decode": ["sparse_mla_decode"],
-    "e2e": ["fp8_quantize", "hadamard_fp8_quantize", "indexer_topk", "sparse_mla_fwd", "indexer_k_cache_write", "mla_kv_cache_write",
+    "e2e": ["fp8_quantize", "hadamard_fp8_quantize", "indexer_logits", "indexer_topk", "sparse_mla_fwd", "indexer_k_cache_write", "mla_kv_cache_write",
             "paged_indexer_logits", "topk_indices", "topk_slot_ids", "sparse_mla_decode"],
 }
 
