@@ -25,7 +25,7 @@ FAMILY_OPS = {
     "attn_fwd": ["sparse_mla_fwd"],
     "attn_bwd": ["sparse_mla_bwd"],
     "decode": ["sparse_mla_decode"],
-    "e2e": ["fp8_quantize", "hadamard_fp8_quantize", "indexer_topk", "sparse_mla_fwd", "indexer_k_cache_write", "mla_kv_cache_write",
+    "e2e": ["fp8_quantize", "hadamard_fp8_quantize", "indexer_logits", "indexer_topk", "sparse_mla_fwd", "indexer_k_cache_write", "mla_kv_cache_write",
             "paged_indexer_logits", "topk_indices", "topk_slot_ids", "sparse_mla_decode"],
 }
 
@@ -160,11 +160,13 @@ def test_e2e_dense_baseline_is_causal_attention(T, S, chunk_bytes, gen):
 def test_e2e_summary_names_the_crossover():
     from dsa_ext.bench.e2e import summarize
 
-    def row(name, L, speedup):
-        return {"family": "e2e", "name": name, "shape": {"L": L},
-                "baselines": {"dense": {"us": 1.0, "speedup": speedup, "error": None}}}
-    rows = [row("dsa_prefill", L, s) for L, s in ((256, 0.5), (512, 1.3), (1024, 2.5))]
-    rows += [row("dsa_decode", L, s) for L, s in ((256, 0.2), (512, 0.4), (1024, 0.9))]
-    prefill, decode = summarize(rows)
-    assert "overtakes dense at L=512" in prefill and "2.50x at L=1024" in prefill
+    def row(name, L, speedup, ours_us):
+        return {"family": "e2e", "name": name, "shape": {"L": L}, "ours_us": ours_us,
+                "baselines": {"dense": {"us": ours_us * speedup, "speedup": speedup, "error": None}}}
+    rows = [row("dsa_prefill", L, s, 3.0 * L) for L, s in ((256, 0.5), (512, 1.0), (1024, 2.0))]
+    rows += [row("dsa_decode", L, s, 5.0) for L, s in ((256, 0.2), (512, 0.4), (1024, 0.8))]
+    prefill, prefill_growth, decode, decode_growth = summarize(rows)
+    assert "overtakes dense at L=1024" in prefill and "2.00x at L=1024" in prefill
     assert "does not overtake dense up to L=1024" in decode
+    assert "L^1.00 (DSA) vs L^2.00 (dense)" in prefill_growth
+    assert "L^0.00 (DSA) vs L^1.00 (dense)" in decode_growth

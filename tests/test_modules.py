@@ -33,6 +33,11 @@ def sparse_mla_landed():
 
 needs_sparse_mla = pytest.mark.skipif(not sparse_mla_landed(), reason="dsa_ext.sparse_mla not landed yet")
 
+# indexer_topk may be built on indexer_logits, so the prefill indexer needs both.
+INDEXER = ("fp8_quantize", "hadamard_fp8_quantize", "indexer_logits", "indexer_topk")
+CACHE = ("fp8_quantize", "indexer_k_cache_write", "indexer_k_cache_gather", "mla_kv_cache_write", "mla_kv_cache_gather")
+DECODE = ("paged_indexer_logits", "topk_indices", "topk_slot_ids", "sparse_mla_decode")
+
 SMALL = dict(dim=96, q_lora_rank=48, n_heads=4, head_dim=128, rope_dim=64)
 H_ATTN, D_QK, D_V = 4, 576, 512
 
@@ -177,7 +182,7 @@ def test_indexer_quantisation_folds_scales(gen):
     assert rel_err(quantised[finite], exact[finite]) < 0.1
 
 
-@needs_ops("fp8_quantize", "hadamard_fp8_quantize", "indexer_logits", "indexer_topk")
+@needs_ops(*INDEXER)
 @pytest.mark.parametrize("T,topk", [(40, 8), (17, 32)])
 def test_indexer_matches_dense_from_same_quantised_tensors(T, topk, gen):
     torch.manual_seed(2)
@@ -216,7 +221,7 @@ def test_sparse_attention_equals_dense_masked_given_same_indices(gen):
 
 
 @needs_sparse_mla
-@needs_ops("fp8_quantize", "hadamard_fp8_quantize", "indexer_logits", "indexer_topk", "sparse_mla_fwd")
+@needs_ops(*INDEXER, "sparse_mla_fwd")
 def test_dsa_path_prefill_equals_dense_step(gen):
     T, topk = 48, 12
     path = make_path(gen, topk)
@@ -235,7 +240,7 @@ def test_dsa_path_prefill_equals_dense_step(gen):
 
 
 @needs_sparse_mla
-@needs_ops("fp8_quantize", "hadamard_fp8_quantize", "indexer_topk", "sparse_mla_fwd")
+@needs_ops(*INDEXER, "sparse_mla_fwd")
 def test_dsa_path_ragged_batch_equals_separate_sequences(gen):
     path = make_path(gen, topk=6)
     lens = [13, 1, 20]
@@ -251,7 +256,7 @@ def test_dsa_path_ragged_batch_equals_separate_sequences(gen):
 
 
 @needs_sparse_mla
-@needs_ops("fp8_quantize", "hadamard_fp8_quantize", "indexer_topk", "sparse_mla_fwd")
+@needs_ops(*INDEXER, "sparse_mla_fwd")
 def test_dsa_path_is_differentiable_in_the_latents(gen):
     path = make_path(gen, topk=6)
     x, qr, q_lat, kv_lat, cos, sin = make_inputs(20, gen)
@@ -295,8 +300,7 @@ def test_paged_cache_allocation_and_tables():
         PagedDSACache(4, kv_cache_dtype="fp16")
 
 
-@needs_ops("fp8_quantize", "indexer_k_cache_write", "indexer_k_cache_gather",
-           "mla_kv_cache_write", "mla_kv_cache_gather")
+@needs_ops(*CACHE)
 @pytest.mark.parametrize("kv_cache_dtype", ["bf16", "fp8"])
 def test_paged_cache_round_trip(kv_cache_dtype, gen):
     cache = PagedDSACache(num_blocks=8, block_size=4, kv_cache_dtype=kv_cache_dtype)
@@ -326,8 +330,7 @@ def test_paged_cache_round_trip(kv_cache_dtype, gen):
 
 
 @needs_sparse_mla
-@needs_ops("fp8_quantize", "hadamard_fp8_quantize", "indexer_topk", "sparse_mla_fwd", "indexer_k_cache_write", "mla_kv_cache_write",
-           "paged_indexer_logits", "topk_indices", "topk_slot_ids", "sparse_mla_decode")
+@needs_ops(*INDEXER, "sparse_mla_fwd", *CACHE, *DECODE)
 @pytest.mark.parametrize("kv_cache_dtype,n_new", [("bf16", 1), ("bf16", 2), ("fp8", 1)])
 def test_decode_step_matches_prefill_last_rows(kv_cache_dtype, n_new, gen):
     """Prefill T - n_new tokens into the paged cache, decode the last n_new: same rows as a

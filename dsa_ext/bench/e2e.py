@@ -21,6 +21,7 @@ O(L*K) vs O(L^2) trend visible in seconds.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -48,8 +49,8 @@ def config(device: torch.device, quick: bool) -> E2EConfig:
         contexts = (4096, 8192, 16384) if quick else (4096, 8192, 16384, 32768, 65536, 131072)
         return E2EConfig(contexts, heads=128, index_heads=64, topk=2048, dim=7168, q_lora_rank=1536,
                          note="DeepSeek-V3.2 layer sizes")
-    contexts = (256, 512, 1024) if quick else (256, 512, 1024, 2048)
-    return E2EConfig(contexts, heads=8, index_heads=4, topk=128, dim=512, q_lora_rank=256,
+    # The CPU always runs quick; four doublings show the growth exponents at ~10 s.
+    return E2EConfig((256, 512, 1024, 2048), contexts, heads=8, index_heads=4, topk=128, dim=512, q_lora_rank=256,
                      note="CPU: reduced sizes (8 heads, 4 indexer heads, dim 512, K=128)")
 
 
@@ -155,14 +156,22 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     return result
 
 
+def growth_exponent(lengths: List[int], times: List[float]) -> float:
+    """Least-squares slope of log(time) against log(L): ~1 for O(L) work, ~2 for O(L^2)."""
+    xs, ys = [math.log(L) for L in lengths], [math.log(t) for t in times]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
 def summarize(rows: List[dict]) -> List[str]:
-    """Where DSA overtakes dense (first context length with speedup > 1), and the speedup at the
-    longest context, for prefill and decode."""
+    """Where DSA overtakes dense (first context length with speedup > 1), the speedup at the
+    longest context, and how each side's time grows with L, for prefill and decode."""
     lines = []
     for name in ("dsa_prefill", "dsa_decode"):
-        points = sorted((r["shape"]["L"], r["baselines"].get("dense", {}).get("speedup"))
-                        for r in rows if r["family"] == "e2e" and r["name"] == name)
-        points = [(L, s) for L, s in points if s is not None]
+        sel = sorted((r for r in rows if r["family"] == "e2e" and r["name"] == name
+                      and r["baselines"].get("dense", {}).get("speedup") is not None),
+                     key=lambda r: r["shape"]["L"])
+        points = [(r["shape"]["L"], r["baselines"]["dense"]["speedup"]) for r in sel]
         if not points:
             continue
         label = name.replace("dsa_", "")
@@ -176,4 +185,9 @@ def summarize(rows: List[dict]) -> List[str]:
             verdict = f"DSA does not overtake dense up to L={points[-1][0]}"
         lines.append(f"e2e {label}: {verdict}; speedup over dense {points[-1][1]:.2f}x at L={points[-1][0]} "
                      f"({trend})")
+        if len(sel) >= 2:
+            lengths = [L for L, _ in points]
+            dsa = growth_exponent(lengths, [r["ours_us"] for r in sel])
+            dense = growth_exponent(lengths, [r["baselines"]["dense"]["us"] for r in sel])
+            lines.append(f"e2e {label}: time grows as L^{dsa:.2f} (DSA) vs L^{dense:.2f} (dense)")
     return lines

@@ -178,8 +178,12 @@ def time_callable(fn: Callable[[], object], device: torch.device, opts: TimingOp
 # ---------------------------------------------------------------- one case -> one row
 
 def _error_text(exc: BaseException) -> str:
+    """The exception's type and first sentence (dispatcher errors run on for a paragraph)."""
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+    first = lines[0] if lines else ""
+    if len(first) > 120 and ". " in first:
+        first = first[: first.index(". ") + 1]
+    return f"{type(exc).__name__}: {first}"[:300]
 
 
 def _free_device_memory(device: torch.device) -> None:
@@ -236,6 +240,11 @@ def _num(value: Optional[float], fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
+def _rate(value: Optional[float]) -> str:
+    """Three significant digits below 100 (small CPU rates stay readable), whole numbers above."""
+    return _num(value, ".3g" if value is not None and value < 100 else ".0f")
+
+
 def _baseline_text(row: dict) -> str:
     parts = []
     for name, b in row["baselines"].items():
@@ -260,8 +269,8 @@ def format_table(rows: List[dict]) -> str:
         last = f"ERROR {r['error']}" if r["status"] == "error" else _baseline_text(r)
         if r["status"] == "error" and r["baselines"]:
             last += " | " + _baseline_text(r)
-        cells.append((f"{r['family']}/{r['name']}", format_shape(r["shape"]), ours, _num(r["tflops"], ".1f"),
-                      _num(r["gbs"], ".1f"), _num(frac, ".1f"), last))
+        cells.append((f"{r['family']}/{r['name']}", format_shape(r["shape"]), ours, _rate(r["tflops"]),
+                      _rate(r["gbs"]), _rate(frac), last))
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(TABLE_COLUMNS[:-1])]
     numeric = {2, 3, 4, 5}
 
