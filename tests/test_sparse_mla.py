@@ -235,17 +235,18 @@ def test_torch_compile_fullgraph_cpu(gen):
     q, kv, idx = make_inputs(2, 4, 30, 16, gen=gen, device="cpu", dtype=torch.float32, d_qk=32)
     sink = randn(4, gen=gen)
 
-    def f(q, kv):
-        out, lse = dsa_ext.sparse_mla(q, kv, idx, 0.3, 16, sink)
-        return (out * out).sum()
+    for det in (False, True):
+        def f(q, kv):
+            out, lse = dsa_ext.sparse_mla(q, kv, idx, 0.3, 16, sink, deterministic=det)
+            return (out * out).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    qa, kva = q.clone().requires_grad_(), kv.clone().requires_grad_()
-    qb, kvb = q.clone().requires_grad_(), kv.clone().requires_grad_()
-    compiled(qa, kva).backward()
-    f(qb, kvb).backward()
-    torch.testing.assert_close(qa.grad, qb.grad)
-    torch.testing.assert_close(kva.grad, kvb.grad)
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        qa, kva = q.clone().requires_grad_(), kv.clone().requires_grad_()
+        qb, kvb = q.clone().requires_grad_(), kv.clone().requires_grad_()
+        compiled(qa, kva).backward()
+        f(qb, kvb).backward()
+        torch.testing.assert_close(qa.grad, qb.grad)
+        torch.testing.assert_close(kva.grad, kvb.grad)
 
 
 def test_opcheck(device, gen):
