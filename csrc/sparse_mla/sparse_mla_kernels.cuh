@@ -74,23 +74,32 @@ __device__ __forceinline__ void load_rows(uint32_t tile, const __nv_bfloat16* sr
 
 // ================================ forward ======================================================
 // One CTA per (token, block of HB heads): all heads of the block share one gather of the
-// token's selected rows. Warps form a (HB/16) x 2 grid: warp (wm, wn) scores rows
-// [16 wm, 16 wm + 16) against tokens [32 wn, 32 wn + 32) of each 64-token block, the pair
-// agrees on the row max through shared memory, both halves of P go to shared memory, and warp
-// (wm, wn) accumulates output columns [256 wn, 256 wn + 256) over all 64 tokens.
+// token's selected rows. HB/8 warps. Per 64-token block:
+//   scores: warp (wm, wn) of an (HB/16) x 2 grid scores rows [16 wm, +16) against tokens
+//     [32 wn, +32); the pair agrees on the row max through shared memory, writes its half of P
+//     (bf16) and the rows' rescale factor to shared memory.
+//   P·V: warp (pm, pn) accumulates rows [kPvRows pm, +kPvRows) x columns [kPvCols pn, +kPvCols)
+//     of O over all 64 tokens. Two 16-row tiles per warp (when HB >= 32) let each V fragment
+//     read from shared memory feed two MMAs, which cuts the shared-memory traffic of P·V.
 template <int HB>
 struct FwdCfg {
   static constexpr int kBN = 64;
   static constexpr int kWarps = (HB / 16) * 2;
   static constexpr int kThreads = kWarps * 32;
+  static constexpr int kPvMt = HB >= 32 ? 2 : 1;             // 16-row tiles per P·V warp
+  static constexpr int kPvRows = 16 * kPvMt;
+  static constexpr int kPvColGroups = kWarps / (HB / kPvRows);
+  static constexpr int kPvCols = kDv / kPvColGroups;
+  static constexpr int kPvNt = kPvCols / 8;                    // n-tiles per P·V warp
+  static_assert(kPvMt * kPvNt == 32, "128 accumulator registers per thread");
   static constexpr int kQBytes = HB * kDqk * 2;
   static constexpr int kKVBytes = kBN * kDqk * 2;
   static constexpr int kPBytes = HB * kBN * 2;
   static constexpr int kQOff = 0;
   static constexpr int kKVOff = kQOff + kQBytes;
   static constexpr int kPOff = kKVOff + 2 * kKVBytes;
-  static constexpr int kMaxOff = kPOff + kPBytes;           // float [2][HB]
-  static constexpr int kSumOff = kMaxOff + 2 * HB * 4;      // float [2][HB]
+  static constexpr int kMaxOff = kPOff + kPBytes;           // float [2][HB]: row max; final m
+  static constexpr int kSumOff = kMaxOff + 2 * HB * 4;      // float [2][HB]: rescale; row sums
   static constexpr int kValidOff = kSumOff + 2 * HB * 4;    // float [2][kBN]
   static constexpr int kSmemBytes = kValidOff + 2 * kBN * 4;
 };
@@ -108,13 +117,15 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
   const uint32_t sP = smem_u32(smem + C::kPOff);
   float* sMax = reinterpret_cast<float*>(smem + C::kMaxOff);
   float* sSum = reinterpret_cast<float*>(smem + C::kSumOff);
+  float* sAlpha = sSum;  // during the loop: this block's rescale factor per row
   float* sValid = reinterpret_cast<float*>(smem + C::kValidOff);
 
   const int nhb = H / HB;
   const int64_t t = blockIdx.x / nhb;
   const int h0 = static_cast<int>(blockIdx.x % nhb) * HB;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int wm = warp >> 1, wn = warp & 1;
+  const int wm = warp >> 1, wn = warp & 1;                       // scores
+  const int pm = warp / C::kPvColGroups, pn = warp % C::kPvColGroups;  // P·V
   const int g = lane >> 2, c4 = lane & 3;
   const int32_t* idx_row = indices + t * K;
   const int limit = row_limit(topk_length, t, K);
@@ -126,9 +137,11 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
     gather_kv_block<C::kBN, C::kThreads>(sKV0, sValid, nullptr, kv, idx_row, 0, limit, S);
   cp_async_commit();
 
-  float o[32][4];
+  float o[C::kPvMt][C::kPvNt][4];
 #pragma unroll
-  for (int i = 0; i < 32; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  for (int mt = 0; mt < C::kPvMt; ++mt)
+#pragma unroll
+    for (int i = 0; i < C::kPvNt; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
   float m_run[2] = {kMaxInit, kMaxInit}, l_run[2] = {0.f, 0.f};
 
   for (int blk = 0; blk < nblocks; ++blk) {
@@ -177,14 +190,14 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
       if (c4 == 0) sMax[wn * HB + 16 * wm + g + 8 * hf] = mx[hf];
     }
     __syncthreads();
-    float alpha[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int r = 16 * wm + g + 8 * hf;
       const float m_new = fmaxf(m_run[hf], fmaxf(sMax[r], sMax[HB + r]));
-      alpha[hf] = exp2f(m_run[hf] - m_new);
+      const float alpha = exp2f(m_run[hf] - m_new);
       m_run[hf] = m_new;
-      l_run[hf] *= alpha[hf];
+      l_run[hf] *= alpha;
+      if (wn == 0 && c4 == 0) sAlpha[r] = alpha;
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -202,58 +215,74 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
         st_shared_u32(addr, pack_bf16x2(p[2 * hf], p[2 * hf + 1]));
       }
     }
-#pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      o[i][0] *= alpha[0]; o[i][1] *= alpha[0];
-      o[i][2] *= alpha[1]; o[i][3] *= alpha[1];
-    }
     __syncthreads();
 
-    // O[16 rows, 256 cols] += P[16 rows, 64 tokens] V[64 tokens, 256 cols].
+    // O[kPvRows, kPvCols] = O * alpha + P[kPvRows, 64 tokens] V[64 tokens, kPvCols].
 #pragma unroll
+    for (int mt = 0; mt < C::kPvMt; ++mt) {
+      const float a0 = sAlpha[C::kPvRows * pm + 16 * mt + g];
+      const float a1 = sAlpha[C::kPvRows * pm + 16 * mt + g + 8];
+#pragma unroll
+      for (int i = 0; i < C::kPvNt; ++i) {
+        o[mt][i][0] *= a0; o[mt][i][1] *= a0;
+        o[mt][i][2] *= a1; o[mt][i][3] *= a1;
+      }
+    }
+#pragma unroll 1
     for (int kk = 0; kk < C::kBN / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(a, sP + swz(16 * wm + (lane & 15), 2 * kk + (lane >> 4), C::kBN / 8));
+      uint32_t a[C::kPvMt][4];
+#pragma unroll
+      for (int mt = 0; mt < C::kPvMt; ++mt)
+        ldsm_x4(a[mt], sP + swz(C::kPvRows * pm + 16 * mt + (lane & 15), 2 * kk + (lane >> 4),
+                                C::kBN / 8));
       const int tok = 16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1);
 #pragma unroll
-      for (int np = 0; np < 16; ++np) {
+      for (int np = 0; np < C::kPvNt / 2; ++np) {
         uint32_t b[4];
-        ldsm_x4_t(b, sKV + swz(tok, 32 * wn + 2 * np + (lane >> 4), kQkChunks));
-        mma_16816(o[2 * np], a, b[0], b[1]);
-        mma_16816(o[2 * np + 1], a, b[2], b[3]);
+        ldsm_x4_t(b, sKV + swz(tok, C::kPvCols / 8 * pn + 2 * np + (lane >> 4), kQkChunks));
+#pragma unroll
+        for (int mt = 0; mt < C::kPvMt; ++mt) {
+          mma_16816(o[mt][2 * np], a[mt], b[0], b[1]);
+          mma_16816(o[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
       }
     }
     __syncthreads();
   }
   cp_async_wait<0>();
 
-  // Row sums: the 4 lanes of a row, then the two column-half warps.
+  // Row sums: the 4 lanes of a row, then the two column-half warps; final max per row.
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 1);
     l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 2);
-    if (c4 == 0) sSum[wn * HB + 16 * wm + g + 8 * hf] = l_run[hf];
+    const int r = 16 * wm + g + 8 * hf;
+    if (c4 == 0) sSum[wn * HB + r] = l_run[hf];
+    if (c4 == 0 && wn == 0) sMax[r] = m_run[hf];
   }
   __syncthreads();
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int r = 16 * wm + g + 8 * hf;
-    const int h = h0 + r;
-    const float l = sSum[r] + sSum[HB + r];
-    float inv = 0.f, row_lse = -INFINITY;
-    if (l > 0.f) {
-      float denom = l;
-      if (attn_sink) denom += exp2f(__ldg(attn_sink + h) * kLog2e - m_run[hf]);
-      inv = 1.f / denom;
-      row_lse = (m_run[hf] + log2f(l)) * kLn2;
-    }
-    __nv_bfloat16* orow = out + (t * H + h) * kDv + 256 * wn + 2 * c4;
+  for (int mt = 0; mt < C::kPvMt; ++mt)
 #pragma unroll
-    for (int i = 0; i < 32; ++i)
-      *reinterpret_cast<uint32_t*>(orow + 8 * i) =
-          pack_bf16x2(o[i][2 * hf] * inv, o[i][2 * hf + 1] * inv);
-    if (wn == 0 && c4 == 0) lse[t * H + h] = row_lse;
-  }
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = C::kPvRows * pm + 16 * mt + g + 8 * hf;
+      const int h = h0 + r;
+      const float l = sSum[r] + sSum[HB + r];
+      const float m = sMax[r];
+      float inv = 0.f, row_lse = -INFINITY;
+      if (l > 0.f) {
+        float denom = l;
+        if (attn_sink) denom += exp2f(__ldg(attn_sink + h) * kLog2e - m);
+        inv = 1.f / denom;
+        row_lse = (m + log2f(l)) * kLn2;
+      }
+      __nv_bfloat16* orow = out + (t * H + h) * kDv + C::kPvCols * pn + 2 * c4;
+#pragma unroll
+      for (int i = 0; i < C::kPvNt; ++i)
+        *reinterpret_cast<uint32_t*>(orow + 8 * i) =
+            pack_bf16x2(o[mt][i][2 * hf] * inv, o[mt][i][2 * hf + 1] * inv);
+      if (pn == 0 && c4 == 0) lse[t * H + h] = row_lse;
+    }
 }
 
 // ================================ backward =====================================================
