@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
 // ================================ backward =====================================================
 // One CTA per (token, block of HB heads), 32 selected rows per step. Warps form a
 // (HB/16) x 4 grid. Per step:
-//   A: warp (wm, wn) computes S and dP for rows [16 wm, +16) x tokens [8 wn, +8); P is
+//   A: the first half of the warps computes S and dP in 16-row x 16-token tiles; P is
 //      recomputed from lse, dS = P (dP - Delta) scale; P and dS go to shared memory (bf16).
 //   B: dQ[16 wm.., 144 wn..+144] += dS Kᵀ-block (registers, whole loop).
 //   C: dKV-block [32, 576] = dSᵀ Q + Pᵀ dO in groups of 16 tokens x 24 columns spread over
@@ -403,41 +403,44 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
     const float* valid = sValid + stage * C::kBN;
     const int32_t* rows = sRows + stage * C::kBN;
 
-    // ---- A: S and dP for 16 rows x 8 tokens.
-    {
-      float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
-      const int tok = 8 * wn + (lane & 7);
-#pragma unroll 2
-      for (int kk = 0; kk < kDqk / 16; kk += 2) {
-        uint32_t a0[4], a1[4], b[4];
-        ldsm_x4(a0, sQ + swz(16 * wm + (lane & 15), 2 * kk + (lane >> 4), kQkChunks));
-        ldsm_x4(a1, sQ + swz(16 * wm + (lane & 15), 2 * kk + 2 + (lane >> 4), kQkChunks));
-        ldsm_x4(b, sKV + swz(tok, 2 * kk + (lane >> 3), kQkChunks));
-        mma_16816(s, a0, b[0], b[1]);
-        mma_16816(s, a1, b[2], b[3]);
+    // ---- A: S and dP, 16 rows x 16 tokens per warp, on the first half of the warps: every
+    // Q / dO fragment read from shared memory feeds two MMAs (half the traffic of 8-token tiles).
+    if (warp < C::kWarps / 2) {
+      const int am = warp >> 1, an = warp & 1;
+      float s[2][4] = {}, dp[2][4] = {};
+      const int tok = 16 * an + (lane & 7) + 8 * (lane >> 4);
+#pragma unroll 4
+      for (int kk = 0; kk < kDqk / 16; ++kk) {
+        uint32_t a[4], b[4];
+        ldsm_x4(a, sQ + swz(16 * am + (lane & 15), 2 * kk + (lane >> 4), kQkChunks));
+        ldsm_x4(b, sKV + swz(tok, 2 * kk + ((lane >> 3) & 1), kQkChunks));
+        mma_16816(s[0], a, b[0], b[1]);
+        mma_16816(s[1], a, b[2], b[3]);
         if (kk < kDv / 16) {
-          ldsm_x4(a0, sDO + swz(16 * wm + (lane & 15), 2 * kk + (lane >> 4), kVChunks));
-          ldsm_x4(a1, sDO + swz(16 * wm + (lane & 15), 2 * kk + 2 + (lane >> 4), kVChunks));
-          mma_16816(dp, a0, b[0], b[1]);
-          mma_16816(dp, a1, b[2], b[3]);
+          ldsm_x4(a, sDO + swz(16 * am + (lane & 15), 2 * kk + (lane >> 4), kVChunks));
+          mma_16816(dp[0], a, b[0], b[1]);
+          mma_16816(dp[1], a, b[2], b[3]);
         }
       }
       uint8_t* pbase = smem + C::kPOff;
       uint8_t* dsbase = smem + C::kDSOff;
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int r = 16 * wm + g + 8 * hf;
-        const int col = 8 * wn + 2 * c4;
-        float p[2], ds[2];
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pe = valid[col + e] != 0.f ? exp2f(s[2 * hf + e] * scale2 - sLse[r]) : 0.f;
-          p[e] = pe;
-          ds[e] = pe * (dp[2 * hf + e] - sDelta[r]) * sm_scale;
+        for (int hf = 0; hf < 2; ++hf) {
+          const int r = 16 * am + g + 8 * hf;
+          const int col = 16 * an + 8 * nt + 2 * c4;
+          float p[2], ds[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pe =
+                valid[col + e] != 0.f ? exp2f(s[nt][2 * hf + e] * scale2 - sLse[r]) : 0.f;
+            p[e] = pe;
+            ds[e] = pe * (dp[nt][2 * hf + e] - sDelta[r]) * sm_scale;
+          }
+          *reinterpret_cast<uint32_t*>(pbase + (r * C::kPStride + col) * 2) = pack_bf16x2(p[0], p[1]);
+          *reinterpret_cast<uint32_t*>(dsbase + (r * C::kPStride + col) * 2) = pack_bf16x2(ds[0], ds[1]);
         }
-        *reinterpret_cast<uint32_t*>(pbase + (r * C::kPStride + col) * 2) = pack_bf16x2(p[0], p[1]);
-        *reinterpret_cast<uint32_t*>(dsbase + (r * C::kPStride + col) * 2) = pack_bf16x2(ds[0], ds[1]);
-      }
     }
     __syncthreads();
 
