@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
 //   A: the first half of the warps computes S and dP in 16-row x 16-token tiles; P is
 //      recomputed from lse, dS = P (dP - Delta) scale; P and dS go to shared memory (bf16).
 //   B: dQ[16 wm.., 144 wn..+144] += dS Kᵀ-block (registers, whole loop).
-//   C: dKV-block [32, 576] = dSᵀ Q + Pᵀ dO in groups of 16 tokens x 24 columns spread over
+//   C: dKV-block [32, 576] = dSᵀ Q + Pᵀ dO in groups of 16 tokens x 24 or 48 columns spread over
 //      all warps, then added to the fp32 dkv buffer with atomics (default) or written to the
 //      deterministic scratch, one row per (head block, token, slot).
 template <int HB>
@@ -314,7 +314,9 @@ struct BwdCfg {
   static constexpr int kValidOff = kDeltaOff + HB * 4;      // float [2][kBN]
   static constexpr int kRowsOff = kValidOff + 2 * kBN * 4;  // int32 [2][kBN]
   static constexpr int kSmemBytes = kRowsOff + 2 * kBN * 4;
-  static constexpr int kGroupTiles = 3;                      // n-tiles per dKV group (24 cols)
+  // n-tiles per dKV group: 48 columns where registers allow (fewer reloads of the dSᵀ / Pᵀ
+  // fragments), 24 at 512 threads (128 registers per thread).
+  static constexpr int kGroupTiles = HB == 64 ? 3 : 6;
   static constexpr int kGroupsPerM = kDqk / (8 * kGroupTiles);
 };
 
