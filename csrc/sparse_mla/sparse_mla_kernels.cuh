@@ -23,6 +23,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 // Running-max start: finite, so exp2(old - new) never sees (-inf) - (-inf).
 constexpr float kMaxInit = -1e30f;
+constexpr int kMaxSmemPerBlock = 232448;  // sm_90 opt-in limit (227 KB)
 
 __device__ __forceinline__ uint32_t swz(int row, int chunk, int row_chunks) {
   return static_cast<uint32_t>((row * row_chunks + (chunk ^ (row & 7))) * 16);
@@ -102,6 +103,7 @@ struct FwdCfg {
   static constexpr int kSumOff = kMaxOff + 2 * HB * 4;      // float [2][HB]: rescale; row sums
   static constexpr int kValidOff = kSumOff + 2 * HB * 4;    // float [2][kBN]
   static constexpr int kSmemBytes = kValidOff + 2 * kBN * 4;
+  static_assert(kSmemBytes <= kMaxSmemPerBlock, "forward tiles exceed shared memory");
 };
 
 template <int HB>
@@ -318,6 +320,7 @@ struct BwdCfg {
   // fragments), 24 at 512 threads (128 registers per thread).
   static constexpr int kGroupTiles = HB == 64 ? 3 : 6;
   static constexpr int kGroupsPerM = kDqk / (8 * kGroupTiles);
+  static_assert(kSmemBytes <= kMaxSmemPerBlock, "backward tiles exceed shared memory");
 };
 
 template <int HB>
