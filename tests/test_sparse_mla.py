@@ -235,17 +235,18 @@ def test_torch_compile_fullgraph_cpu(gen):
     q, kv, idx = make_inputs(2, 4, 30, 16, gen=gen, device="cpu", dtype=torch.float32, d_qk=32)
     sink = randn(4, gen=gen)
 
-    def f(q, kv):
-        out, lse = dsa_ext.sparse_mla(q, kv, idx, 0.3, 16, sink)
-        return (out * out).sum()
+    for det in (False, True):
+        def f(q, kv):
+            out, lse = dsa_ext.sparse_mla(q, kv, idx, 0.3, 16, sink, deterministic=det)
+            return (out * out).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    qa, kva = q.clone().requires_grad_(), kv.clone().requires_grad_()
-    qb, kvb = q.clone().requires_grad_(), kv.clone().requires_grad_()
-    compiled(qa, kva).backward()
-    f(qb, kvb).backward()
-    torch.testing.assert_close(qa.grad, qb.grad)
-    torch.testing.assert_close(kva.grad, kvb.grad)
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        qa, kva = q.clone().requires_grad_(), kv.clone().requires_grad_()
+        qb, kvb = q.clone().requires_grad_(), kv.clone().requires_grad_()
+        compiled(qa, kva).backward()
+        f(qb, kvb).backward()
+        torch.testing.assert_close(qa.grad, qb.grad)
+        torch.testing.assert_close(kva.grad, kvb.grad)
 
 
 def test_opcheck(device, gen):
@@ -357,3 +358,39 @@ def test_unaligned_view_cuda(gen):
     kv_odd.copy_(kv)
     with pytest.raises(RuntimeError, match="kv must start at a 16-byte aligned"):
         dsa_ext.sparse_mla_fwd(q, kv_odd, idx, 0.1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_large_kv_64bit_offsets_cuda(gen):
+    """S = 2^20 + 7 latent rows (1.2 GB): row * 576 * 2 bytes exceeds 2^31; indices near the end."""
+    T, H, K, S = 4, 16, 128, (1 << 20) + 7
+    q = randn(T, H, D_QK, gen=gen, dtype=torch.bfloat16, device="cuda")
+    kv = torch.randn(S, 1, D_QK, device="cuda", dtype=torch.bfloat16)
+    idx = torch.randint(S - 5000, S + 50, (T, 1, K), generator=gen, dtype=torch.int32).cuda()
+    out, lse = dsa_ext.sparse_mla_fwd(q, kv, idx, scale_for(D_QK))
+    # the reference only needs the rows in use
+    lo = S - 5000
+    idx_local = torch.where(idx >= lo, idx - lo, -1).int()
+    sub = kv[lo:].cpu()
+    r_out, r_lse = ref_fwd(q.cpu(), sub, torch.where(idx < S, idx_local, -1).cpu(), scale_for(D_QK))
+    assert rel_err(out, r_out) < 1e-2
+    dout = torch.randn_like(out)
+    dq, dkv = dsa_ext.sparse_mla_bwd(q, kv, out, dout, idx, lse, scale_for(D_QK))
+    r_dq, r_dkv = ref_bwd(q.cpu(), sub, out.cpu(), dout.cpu(),
+                          torch.where(idx < S, idx_local, -1).cpu(), lse.cpu(), scale_for(D_QK))
+    assert rel_err(dq, r_dq) < 2e-2
+    assert rel_err(dkv[lo:], r_dkv) < 2e-2
+    assert (dkv[:lo] == 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_bwd_deterministic_several_chunks_cuda(gen):
+    """T * K above one deterministic chunk (131072 entries): chunks reduce in order."""
+    T, H, S, K = 80, 64, 1024, 2048
+    q, kv, idx = make_inputs(T, H, S, K, gen=gen, device="cuda")
+    dq, dkv, out, lse, dout = check_bwd(q, kv, idx, scale_for(D_QK), deterministic=True)
+    dq2, dkv2 = dsa_ext.sparse_mla_bwd(q, kv, out, dout, idx, lse, scale_for(D_QK),
+                                       deterministic=True)
+    assert torch.equal(dq, dq2) and torch.equal(dkv.view(torch.int16), dkv2.view(torch.int16))

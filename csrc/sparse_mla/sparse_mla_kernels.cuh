@@ -23,6 +23,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 // Running-max start: finite, so exp2(old - new) never sees (-inf) - (-inf).
 constexpr float kMaxInit = -1e30f;
+constexpr int kMaxSmemPerBlock = 232448;  // sm_90 opt-in limit (227 KB)
 
 __device__ __forceinline__ uint32_t swz(int row, int chunk, int row_chunks) {
   return static_cast<uint32_t>((row * row_chunks + (chunk ^ (row & 7))) * 16);
@@ -74,25 +75,35 @@ __device__ __forceinline__ void load_rows(uint32_t tile, const __nv_bfloat16* sr
 
 // ================================ forward ======================================================
 // One CTA per (token, block of HB heads): all heads of the block share one gather of the
-// token's selected rows. Warps form a (HB/16) x 2 grid: warp (wm, wn) scores rows
-// [16 wm, 16 wm + 16) against tokens [32 wn, 32 wn + 32) of each 64-token block, the pair
-// agrees on the row max through shared memory, both halves of P go to shared memory, and warp
-// (wm, wn) accumulates output columns [256 wn, 256 wn + 256) over all 64 tokens.
+// token's selected rows. HB/8 warps. Per 64-token block:
+//   scores: warp (wm, wn) of an (HB/16) x 2 grid scores rows [16 wm, +16) against tokens
+//     [32 wn, +32); the pair agrees on the row max through shared memory, writes its half of P
+//     (bf16) and the rows' rescale factor to shared memory.
+//   P·V: warp (pm, pn) accumulates rows [kPvRows pm, +kPvRows) x columns [kPvCols pn, +kPvCols)
+//     of O over all 64 tokens. Two 16-row tiles per warp (when HB >= 32) let each V fragment
+//     read from shared memory feed two MMAs, which cuts the shared-memory traffic of P·V.
 template <int HB>
 struct FwdCfg {
   static constexpr int kBN = 64;
   static constexpr int kWarps = (HB / 16) * 2;
   static constexpr int kThreads = kWarps * 32;
+  static constexpr int kPvMt = HB >= 32 ? 2 : 1;             // 16-row tiles per P·V warp
+  static constexpr int kPvRows = 16 * kPvMt;
+  static constexpr int kPvColGroups = kWarps / (HB / kPvRows);
+  static constexpr int kPvCols = kDv / kPvColGroups;
+  static constexpr int kPvNt = kPvCols / 8;                    // n-tiles per P·V warp
+  static_assert(kPvMt * kPvNt == 32, "128 accumulator registers per thread");
   static constexpr int kQBytes = HB * kDqk * 2;
   static constexpr int kKVBytes = kBN * kDqk * 2;
   static constexpr int kPBytes = HB * kBN * 2;
   static constexpr int kQOff = 0;
   static constexpr int kKVOff = kQOff + kQBytes;
   static constexpr int kPOff = kKVOff + 2 * kKVBytes;
-  static constexpr int kMaxOff = kPOff + kPBytes;           // float [2][HB]
-  static constexpr int kSumOff = kMaxOff + 2 * HB * 4;      // float [2][HB]
+  static constexpr int kMaxOff = kPOff + kPBytes;           // float [2][HB]: row max; final m
+  static constexpr int kSumOff = kMaxOff + 2 * HB * 4;      // float [2][HB]: rescale; row sums
   static constexpr int kValidOff = kSumOff + 2 * HB * 4;    // float [2][kBN]
   static constexpr int kSmemBytes = kValidOff + 2 * kBN * 4;
+  static_assert(kSmemBytes <= kMaxSmemPerBlock, "forward tiles exceed shared memory");
 };
 
 template <int HB>
@@ -108,13 +119,15 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
   const uint32_t sP = smem_u32(smem + C::kPOff);
   float* sMax = reinterpret_cast<float*>(smem + C::kMaxOff);
   float* sSum = reinterpret_cast<float*>(smem + C::kSumOff);
+  float* sAlpha = sSum;  // during the loop: this block's rescale factor per row
   float* sValid = reinterpret_cast<float*>(smem + C::kValidOff);
 
   const int nhb = H / HB;
   const int64_t t = blockIdx.x / nhb;
   const int h0 = static_cast<int>(blockIdx.x % nhb) * HB;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int wm = warp >> 1, wn = warp & 1;
+  const int wm = warp >> 1, wn = warp & 1;                       // scores
+  const int pm = warp / C::kPvColGroups, pn = warp % C::kPvColGroups;  // P·V
   const int g = lane >> 2, c4 = lane & 3;
   const int32_t* idx_row = indices + t * K;
   const int limit = row_limit(topk_length, t, K);
@@ -126,9 +139,11 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
     gather_kv_block<C::kBN, C::kThreads>(sKV0, sValid, nullptr, kv, idx_row, 0, limit, S);
   cp_async_commit();
 
-  float o[32][4];
+  float o[C::kPvMt][C::kPvNt][4];
 #pragma unroll
-  for (int i = 0; i < 32; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  for (int mt = 0; mt < C::kPvMt; ++mt)
+#pragma unroll
+    for (int i = 0; i < C::kPvNt; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
   float m_run[2] = {kMaxInit, kMaxInit}, l_run[2] = {0.f, 0.f};
 
   for (int blk = 0; blk < nblocks; ++blk) {
@@ -177,14 +192,14 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
       if (c4 == 0) sMax[wn * HB + 16 * wm + g + 8 * hf] = mx[hf];
     }
     __syncthreads();
-    float alpha[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int r = 16 * wm + g + 8 * hf;
       const float m_new = fmaxf(m_run[hf], fmaxf(sMax[r], sMax[HB + r]));
-      alpha[hf] = exp2f(m_run[hf] - m_new);
+      const float alpha = exp2f(m_run[hf] - m_new);
       m_run[hf] = m_new;
-      l_run[hf] *= alpha[hf];
+      l_run[hf] *= alpha;
+      if (wn == 0 && c4 == 0) sAlpha[r] = alpha;
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -202,67 +217,83 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
         st_shared_u32(addr, pack_bf16x2(p[2 * hf], p[2 * hf + 1]));
       }
     }
-#pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      o[i][0] *= alpha[0]; o[i][1] *= alpha[0];
-      o[i][2] *= alpha[1]; o[i][3] *= alpha[1];
-    }
     __syncthreads();
 
-    // O[16 rows, 256 cols] += P[16 rows, 64 tokens] V[64 tokens, 256 cols].
+    // O[kPvRows, kPvCols] = O * alpha + P[kPvRows, 64 tokens] V[64 tokens, kPvCols].
 #pragma unroll
+    for (int mt = 0; mt < C::kPvMt; ++mt) {
+      const float a0 = sAlpha[C::kPvRows * pm + 16 * mt + g];
+      const float a1 = sAlpha[C::kPvRows * pm + 16 * mt + g + 8];
+#pragma unroll
+      for (int i = 0; i < C::kPvNt; ++i) {
+        o[mt][i][0] *= a0; o[mt][i][1] *= a0;
+        o[mt][i][2] *= a1; o[mt][i][3] *= a1;
+      }
+    }
+#pragma unroll 1
     for (int kk = 0; kk < C::kBN / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(a, sP + swz(16 * wm + (lane & 15), 2 * kk + (lane >> 4), C::kBN / 8));
+      uint32_t a[C::kPvMt][4];
+#pragma unroll
+      for (int mt = 0; mt < C::kPvMt; ++mt)
+        ldsm_x4(a[mt], sP + swz(C::kPvRows * pm + 16 * mt + (lane & 15), 2 * kk + (lane >> 4),
+                                C::kBN / 8));
       const int tok = 16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1);
 #pragma unroll
-      for (int np = 0; np < 16; ++np) {
+      for (int np = 0; np < C::kPvNt / 2; ++np) {
         uint32_t b[4];
-        ldsm_x4_t(b, sKV + swz(tok, 32 * wn + 2 * np + (lane >> 4), kQkChunks));
-        mma_16816(o[2 * np], a, b[0], b[1]);
-        mma_16816(o[2 * np + 1], a, b[2], b[3]);
+        ldsm_x4_t(b, sKV + swz(tok, C::kPvCols / 8 * pn + 2 * np + (lane >> 4), kQkChunks));
+#pragma unroll
+        for (int mt = 0; mt < C::kPvMt; ++mt) {
+          mma_16816(o[mt][2 * np], a[mt], b[0], b[1]);
+          mma_16816(o[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
       }
     }
     __syncthreads();
   }
   cp_async_wait<0>();
 
-  // Row sums: the 4 lanes of a row, then the two column-half warps.
+  // Row sums: the 4 lanes of a row, then the two column-half warps; final max per row.
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 1);
     l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 2);
-    if (c4 == 0) sSum[wn * HB + 16 * wm + g + 8 * hf] = l_run[hf];
+    const int r = 16 * wm + g + 8 * hf;
+    if (c4 == 0) sSum[wn * HB + r] = l_run[hf];
+    if (c4 == 0 && wn == 0) sMax[r] = m_run[hf];
   }
   __syncthreads();
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int r = 16 * wm + g + 8 * hf;
-    const int h = h0 + r;
-    const float l = sSum[r] + sSum[HB + r];
-    float inv = 0.f, row_lse = -INFINITY;
-    if (l > 0.f) {
-      float denom = l;
-      if (attn_sink) denom += exp2f(__ldg(attn_sink + h) * kLog2e - m_run[hf]);
-      inv = 1.f / denom;
-      row_lse = (m_run[hf] + log2f(l)) * kLn2;
-    }
-    __nv_bfloat16* orow = out + (t * H + h) * kDv + 256 * wn + 2 * c4;
+  for (int mt = 0; mt < C::kPvMt; ++mt)
 #pragma unroll
-    for (int i = 0; i < 32; ++i)
-      *reinterpret_cast<uint32_t*>(orow + 8 * i) =
-          pack_bf16x2(o[i][2 * hf] * inv, o[i][2 * hf + 1] * inv);
-    if (wn == 0 && c4 == 0) lse[t * H + h] = row_lse;
-  }
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = C::kPvRows * pm + 16 * mt + g + 8 * hf;
+      const int h = h0 + r;
+      const float l = sSum[r] + sSum[HB + r];
+      const float m = sMax[r];
+      float inv = 0.f, row_lse = -INFINITY;
+      if (l > 0.f) {
+        float denom = l;
+        if (attn_sink) denom += exp2f(__ldg(attn_sink + h) * kLog2e - m);
+        inv = 1.f / denom;
+        row_lse = (m + log2f(l)) * kLn2;
+      }
+      __nv_bfloat16* orow = out + (t * H + h) * kDv + C::kPvCols * pn + 2 * c4;
+#pragma unroll
+      for (int i = 0; i < C::kPvNt; ++i)
+        *reinterpret_cast<uint32_t*>(orow + 8 * i) =
+            pack_bf16x2(o[mt][i][2 * hf] * inv, o[mt][i][2 * hf + 1] * inv);
+      if (pn == 0 && c4 == 0) lse[t * H + h] = row_lse;
+    }
 }
 
 // ================================ backward =====================================================
 // One CTA per (token, block of HB heads), 32 selected rows per step. Warps form a
 // (HB/16) x 4 grid. Per step:
-//   A: warp (wm, wn) computes S and dP for rows [16 wm, +16) x tokens [8 wn, +8); P is
+//   A: the first half of the warps computes S and dP in 16-row x 16-token tiles; P is
 //      recomputed from lse, dS = P (dP - Delta) scale; P and dS go to shared memory (bf16).
 //   B: dQ[16 wm.., 144 wn..+144] += dS Kᵀ-block (registers, whole loop).
-//   C: dKV-block [32, 576] = dSᵀ Q + Pᵀ dO in groups of 16 tokens x 24 columns spread over
+//   C: dKV-block [32, 576] = dSᵀ Q + Pᵀ dO in groups of 16 tokens x 24 or 48 columns spread over
 //      all warps, then added to the fp32 dkv buffer with atomics (default) or written to the
 //      deterministic scratch, one row per (head block, token, slot).
 template <int HB>
@@ -285,8 +316,11 @@ struct BwdCfg {
   static constexpr int kValidOff = kDeltaOff + HB * 4;      // float [2][kBN]
   static constexpr int kRowsOff = kValidOff + 2 * kBN * 4;  // int32 [2][kBN]
   static constexpr int kSmemBytes = kRowsOff + 2 * kBN * 4;
-  static constexpr int kGroupTiles = 3;                      // n-tiles per dKV group (24 cols)
+  // n-tiles per dKV group: 48 columns where registers allow (fewer reloads of the dSᵀ / Pᵀ
+  // fragments), 24 at 512 threads (128 registers per thread).
+  static constexpr int kGroupTiles = HB == 64 ? 3 : 6;
   static constexpr int kGroupsPerM = kDqk / (8 * kGroupTiles);
+  static_assert(kSmemBytes <= kMaxSmemPerBlock, "backward tiles exceed shared memory");
 };
 
 template <int HB>
@@ -374,41 +408,44 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
     const float* valid = sValid + stage * C::kBN;
     const int32_t* rows = sRows + stage * C::kBN;
 
-    // ---- A: S and dP for 16 rows x 8 tokens.
-    {
-      float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
-      const int tok = 8 * wn + (lane & 7);
-#pragma unroll 2
-      for (int kk = 0; kk < kDqk / 16; kk += 2) {
-        uint32_t a0[4], a1[4], b[4];
-        ldsm_x4(a0, sQ + swz(16 * wm + (lane & 15), 2 * kk + (lane >> 4), kQkChunks));
-        ldsm_x4(a1, sQ + swz(16 * wm + (lane & 15), 2 * kk + 2 + (lane >> 4), kQkChunks));
-        ldsm_x4(b, sKV + swz(tok, 2 * kk + (lane >> 3), kQkChunks));
-        mma_16816(s, a0, b[0], b[1]);
-        mma_16816(s, a1, b[2], b[3]);
+    // ---- A: S and dP, 16 rows x 16 tokens per warp, on the first half of the warps: every
+    // Q / dO fragment read from shared memory feeds two MMAs (half the traffic of 8-token tiles).
+    if (warp < C::kWarps / 2) {
+      const int am = warp >> 1, an = warp & 1;
+      float s[2][4] = {}, dp[2][4] = {};
+      const int tok = 16 * an + (lane & 7) + 8 * (lane >> 4);
+#pragma unroll 4
+      for (int kk = 0; kk < kDqk / 16; ++kk) {
+        uint32_t a[4], b[4];
+        ldsm_x4(a, sQ + swz(16 * am + (lane & 15), 2 * kk + (lane >> 4), kQkChunks));
+        ldsm_x4(b, sKV + swz(tok, 2 * kk + ((lane >> 3) & 1), kQkChunks));
+        mma_16816(s[0], a, b[0], b[1]);
+        mma_16816(s[1], a, b[2], b[3]);
         if (kk < kDv / 16) {
-          ldsm_x4(a0, sDO + swz(16 * wm + (lane & 15), 2 * kk + (lane >> 4), kVChunks));
-          ldsm_x4(a1, sDO + swz(16 * wm + (lane & 15), 2 * kk + 2 + (lane >> 4), kVChunks));
-          mma_16816(dp, a0, b[0], b[1]);
-          mma_16816(dp, a1, b[2], b[3]);
+          ldsm_x4(a, sDO + swz(16 * am + (lane & 15), 2 * kk + (lane >> 4), kVChunks));
+          mma_16816(dp[0], a, b[0], b[1]);
+          mma_16816(dp[1], a, b[2], b[3]);
         }
       }
       uint8_t* pbase = smem + C::kPOff;
       uint8_t* dsbase = smem + C::kDSOff;
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int r = 16 * wm + g + 8 * hf;
-        const int col = 8 * wn + 2 * c4;
-        float p[2], ds[2];
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pe = valid[col + e] != 0.f ? exp2f(s[2 * hf + e] * scale2 - sLse[r]) : 0.f;
-          p[e] = pe;
-          ds[e] = pe * (dp[2 * hf + e] - sDelta[r]) * sm_scale;
+        for (int hf = 0; hf < 2; ++hf) {
+          const int r = 16 * am + g + 8 * hf;
+          const int col = 16 * an + 8 * nt + 2 * c4;
+          float p[2], ds[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pe =
+                valid[col + e] != 0.f ? exp2f(s[nt][2 * hf + e] * scale2 - sLse[r]) : 0.f;
+            p[e] = pe;
+            ds[e] = pe * (dp[nt][2 * hf + e] - sDelta[r]) * sm_scale;
+          }
+          *reinterpret_cast<uint32_t*>(pbase + (r * C::kPStride + col) * 2) = pack_bf16x2(p[0], p[1]);
+          *reinterpret_cast<uint32_t*>(dsbase + (r * C::kPStride + col) * 2) = pack_bf16x2(ds[0], ds[1]);
         }
-        *reinterpret_cast<uint32_t*>(pbase + (r * C::kPStride + col) * 2) = pack_bf16x2(p[0], p[1]);
-        *reinterpret_cast<uint32_t*>(dsbase + (r * C::kPStride + col) * 2) = pack_bf16x2(ds[0], ds[1]);
-      }
     }
     __syncthreads();
 

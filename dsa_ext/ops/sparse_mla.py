@@ -8,6 +8,13 @@ Differences from FlashMLA a user should know:
   returns None for it, i.e. it is treated as a constant).
 - the gradient that flows into `lse` is ignored by the backward (lse is an auxiliary output);
   only `out` is differentiated.
+
+CUDA kernels (sm_80+ mma.sync bf16 tensor cores; see csrc/sparse_mla): bf16 only, d_qk = 576,
+d_v = 512, H a multiple of 16 (head blocks of 64, 32 or 16 share one gather), any K (entries
+past K's last multiple of the tile, or past topk_length, are masked), tensors 16-byte aligned.
+The CPU kernels accept any d_qk / d_v and bf16 / float32 / float64. The deterministic CUDA
+backward processes tokens in chunks of 131072 // K with a [H/64 * chunk * K, 576] fp32 scratch
+(about 600 MB at H=128, K=2048) and requires K <= 131072.
 """
 from __future__ import annotations
 
