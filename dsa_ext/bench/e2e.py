@@ -50,7 +50,7 @@ def config(device: torch.device, quick: bool) -> E2EConfig:
         return E2EConfig(contexts, heads=128, index_heads=64, topk=2048, dim=7168, q_lora_rank=1536,
                          note="DeepSeek-V3.2 layer sizes")
     # The CPU always runs quick; four doublings show the growth exponents at ~10 s.
-    return E2EConfig((256, 512, 1024, 2048), contexts, heads=8, index_heads=4, topk=128, dim=512, q_lora_rank=256,
+    return E2EConfig((256, 512, 1024, 2048), heads=8, index_heads=4, topk=128, dim=512, q_lora_rank=256,
                      note="CPU: reduced sizes (8 heads, 4 indexer heads, dim 512, K=128)")
 
 
