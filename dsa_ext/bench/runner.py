@@ -26,7 +26,7 @@ import torch
 from .common import Case
 
 __all__ = ["Roofline", "DATASHEET_ROOFLINES", "detect_roofline", "measure_roofline", "TimingOptions",
-           "time_callable", "run_case", "format_table", "format_shape"]
+           "time_callable", "run_case", "error_text", "format_table", "format_shape", "progress"]
 
 
 # ---------------------------------------------------------------- rooflines
@@ -177,7 +177,7 @@ def time_callable(fn: Callable[[], object], device: torch.device, opts: TimingOp
 
 # ---------------------------------------------------------------- one case -> one row
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     """The exception's type and first sentence (dispatcher errors run on for a paragraph)."""
     lines = str(exc).strip().splitlines()
     first = lines[0] if lines else ""
@@ -203,7 +203,7 @@ def run_case(case: Case, device: torch.device, roofline: Roofline, opts: TimingO
     try:
         timing = time_callable(case.fn, device, opts)
     except Exception as exc:  # an op that has not landed, a bad case, out of memory: report, go on
-        row.update(status="error", error=_error_text(exc))
+        row.update(status="error", error=error_text(exc))
         _free_device_memory(device)
     else:
         seconds = timing.median_s
@@ -221,7 +221,7 @@ def run_case(case: Case, device: torch.device, roofline: Roofline, opts: TimingO
         try:
             entry["us"] = time_callable(fn, device, opts).median_s * 1e6
         except Exception as exc:
-            entry["error"] = _error_text(exc)
+            entry["error"] = error_text(exc)
             _free_device_memory(device)
         if entry["us"] and row["ours_us"]:
             entry["speedup"] = entry["us"] / row["ours_us"]
