@@ -1,8 +1,7 @@
 """Timing, rooflines and reporting for `dsa-bench` (the CLI is dsa_ext/bench/cli.py).
 
-Timing: warm-up calls (the last one, timed by the wall clock, sizes the run), then the median
-of `reps` timed calls, `reps` chosen so one callable takes about `budget_s` (within
-[min_reps, max_reps]). On CUDA each
+Timing: warm-up calls, then timed calls until they add up to `budget_s` (at least `min_reps`,
+at most `max_reps`); the median is reported. On CUDA each
 call is timed with CUDA events (with `graphs`, calls under GRAPH_BELOW_S are captured once
 into a CUDA graph and the replay is timed: launch overhead would dominate them); on the CPU
 with time.perf_counter. Caches are not flushed between
@@ -141,7 +140,7 @@ def time_callable(fn: Callable[[], object], device: torch.device, opts: TimingOp
         if cuda:
             torch.cuda.synchronize(device)
 
-    # Warm-up calls, timed by the wall clock: the last one sizes the run.
+    # Warm-up calls, timed by the wall clock: the last one decides whether a graph is worth it.
     warm_s = 0.0
     for _ in range(max(opts.warmup, 1)):
         sync()
@@ -170,9 +169,10 @@ def time_callable(fn: Callable[[], object], device: torch.device, opts: TimingOp
             fn()
             return time.perf_counter() - start
 
-    reps = int(min(max(opts.budget_s / max(warm_s, 1e-9), opts.min_reps), opts.max_reps))
-    samples = [timed_once() for _ in range(reps)]
-    return Timing(statistics.median(samples), reps, graphed)
+    samples: List[float] = []
+    while len(samples) < opts.max_reps and (len(samples) < opts.min_reps or sum(samples) < opts.budget_s):
+        samples.append(timed_once())
+    return Timing(statistics.median(samples), len(samples), graphed)
 
 
 # ---------------------------------------------------------------- one case -> one row
