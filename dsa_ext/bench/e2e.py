@@ -65,11 +65,10 @@ def dense_mla_attention(q: torch.Tensor, kv: torch.Tensor, sm_scale: float, d_v:
     offset = S - T
     out = torch.empty(T, H, d_v, dtype=q.dtype, device=q.device)
     chunk = max(1, chunk_bytes // (H * S * 4))
-    q = q * sm_scale
     for start in range(0, T, chunk):
         end = min(T, start + chunk)
         keys = kv[: offset + end]
-        scores = (q[start:end].reshape(-1, D) @ keys.T).view(end - start, H, -1).float()
+        scores = ((q[start:end] * sm_scale).reshape(-1, D) @ keys.T).view(end - start, H, -1).float()
         diagonal = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu_(1)
         scores[..., offset + start:].masked_fill_(diagonal[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
