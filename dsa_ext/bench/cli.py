@@ -128,6 +128,8 @@ def _error_row(module: str, families: List[str], reason: str) -> dict:
 def _git_commit() -> str:
     from .. import __version__ as version
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.exists(os.path.join(root, "pyproject.toml")):   # installed, not a source tree
+        return f"dsa_ext-{version}"
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
