@@ -81,7 +81,7 @@ def test_cli_e2e_reports_trend(cli_run):
     proc, report = cli_run
     if not has_cpu_kernels(FAMILY_OPS["e2e"]):
         pytest.skip("e2e: ops not landed yet")
-    lengths = sorted({r["shape"]["L"] for r in report["rows"] if r["family"] == "e2e"})
+    lengths = sorted({r["shape"].get("L") for r in report["rows"] if r["family"] == "e2e" and r["status"] == "ok"})
     assert len(lengths) >= 3
     assert "e2e prefill:" in proc.stdout and "e2e decode:" in proc.stdout
 
@@ -170,3 +170,25 @@ def test_e2e_summary_names_the_crossover():
     assert "does not overtake dense up to L=1024" in decode
     assert "L^1.00 (DSA) vs L^2.00 (dense)" in prefill_growth
     assert "L^0.00 (DSA) vs L^1.00 (dense)" in decode_growth
+
+
+def test_collect_cases_skips_absent_and_reports_broken_modules(monkeypatch):
+    import types
+
+    import dsa_ext.bench.cli as cli
+
+    broken = types.ModuleType("dsa_ext.bench._test_broken")
+    broken.cases = lambda device, quick: (_ for _ in ()).throw(RuntimeError("cannot build inputs"))
+    needs_dep = types.ModuleType("dsa_ext.bench._test_needs_dep")
+    needs_dep.cases = lambda device, quick: (_ for _ in ()).throw(ModuleNotFoundError("no", name="missing_dep"))
+    monkeypatch.setitem(sys.modules, broken.__name__, broken)
+    monkeypatch.setitem(sys.modules, needs_dep.__name__, needs_dep)
+    for command, module in (("absent", "_test_absent"), ("broken", "_test_broken"), ("needs-dep", "_test_needs_dep")):
+        monkeypatch.setitem(cli.FAMILIES, command, (command, module))
+    messages = []
+    cases, errors, skipped = cli.collect_cases("absent", torch.device("cpu"), True, say=messages.append)
+    assert cases == [] and errors == [] and skipped[0]["module"] == "dsa_ext.bench._test_absent"
+    for command in ("broken", "needs-dep"):
+        cases, errors, skipped = cli.collect_cases(command, torch.device("cpu"), True, say=messages.append)
+        assert cases == [] and skipped == [] and errors[0]["status"] == "error" and errors[0]["family"] == command
+    assert "cannot build inputs" in messages[1] and "ModuleNotFoundError" in messages[2]

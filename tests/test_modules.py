@@ -353,3 +353,17 @@ def test_decode_step_matches_prefill_last_rows(kv_cache_dtype, n_new, gen):
         slots = cache.slot_ids(ids[b])
         want = torch.where(full.indices[n - n_new:] < 0, -1, slots[full.indices[n - n_new:].long().clamp_min(0)])
         assert torch.equal(step.indices[b].sort(-1).values.long(), want.sort(-1).values)
+
+
+@needs_sparse_mla
+@needs_ops(*INDEXER, "sparse_mla_fwd")
+def test_dsa_path_prefill_traces_with_fullgraph(gen):
+    """The prefill path compiles as one graph (fake kernels of every op it calls; aot_eager runs
+    it through fake tensors) and gives the eager result."""
+    path = make_path(gen, topk=8)
+    inputs = make_inputs(30, gen)
+    compiled = torch.compile(path, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got, want = compiled(*inputs), path(*inputs)
+    assert torch.equal(got.indices, want.indices)
+    assert torch.equal(got.out, want.out) and torch.equal(got.lse, want.lse)

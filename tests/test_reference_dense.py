@@ -1,6 +1,7 @@
-"""The dense masked DSA step (dsa_ext.reference.dense) on its own, and the sparse references of
-the op families against it: the gathered (sparse) formulation must equal the masked dense one.
-Cross-checks with a family's reference are skipped until that family has landed."""
+"""The dense masked DSA step (dsa_ext.reference.dense) on its own, and the sparse references and
+the CPU ops of the families against it: the gathered (sparse) formulation must equal the masked
+dense one. This is an oracle independent of each family's own reference. Cross-checks with a
+family are skipped until it has landed."""
 import math
 
 import pytest
@@ -15,9 +16,22 @@ from conftest import randn, rel_err
 NEG_INF, NAN = float("-inf"), float("nan")
 
 
-def needs_ref(*names):
-    missing = [n for n in names if not callable(getattr(ref, n, None))]
-    return pytest.mark.skipif(bool(missing), reason=f"references not landed yet: {missing}")
+def _missing(kind, names):
+    if kind == "reference":
+        return [n for n in names if not callable(getattr(ref, n, None))]
+    return [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dsa::{n}", "CPU")]
+
+
+def impls(*names):
+    """Parametrize a test over `impl`: the references, then the CPU ops, of the named functions
+    (`impl.<name>`), each skipped until it has landed."""
+    params = []
+    for kind, source in (("reference", ref), ("op", torch.ops.dsa)):
+        missing = _missing(kind, names)
+        namespace = None if missing else type(kind, (), {n: staticmethod(getattr(source, n)) for n in names})
+        params.append(pytest.param(namespace, id=kind, marks=pytest.mark.skipif(
+            bool(missing), reason=f"{kind} not landed yet: {missing}")))
+    return pytest.mark.parametrize("impl", params)
 
 
 def naive_attention(q, kv, mask, sm_scale, d_v):
@@ -122,6 +136,13 @@ def attention_inputs(gen, T=10, S=40, H=4):
     return q, kv
 
 
+def indices_mask(indices, S):
+    """[T, K] int32 (-1 = none, no repeats) -> [T, S] bool."""
+    T = indices.shape[0]
+    idx = torch.where(indices < 0, S, indices).long()
+    return torch.zeros(T, S + 1, dtype=torch.bool).scatter_(1, idx, True)[:, :S]
+
+
 def mask_to_indices(mask, K):
     """[T, S] bool -> [T, 1, K] int32 listing the selected columns, -1 padded."""
     T, S = mask.shape
@@ -129,79 +150,101 @@ def mask_to_indices(mask, K):
     return torch.where(cols == S, -1, cols).int()[:, None, :]
 
 
-@needs_ref("sparse_mla_fwd")
-def test_sparse_reference_over_every_causal_key_is_dense_causal_attention(gen):
+@impls("sparse_mla_fwd")
+def test_sparse_attention_over_every_causal_key_is_dense_causal_attention(impl, gen):
     T, S = 10, 40
     q, kv = attention_inputs(gen, T, S)
     causal = ranges_to_mask(*causal_ranges(T, S), S)
     indices = mask_to_indices(causal, S)
     indices = indices[..., torch.randperm(S, generator=gen)]      # order must not matter
-    out, lse = ref.sparse_mla_fwd(q, kv, indices, 576 ** -0.5)
+    out, lse = impl.sparse_mla_fwd(q, kv, indices.contiguous(), 576 ** -0.5)
     want_out, want_lse = dense_masked_mla_attention(q, kv, causal, 576 ** -0.5)
     assert rel_err(out, want_out) < 1e-2
     torch.testing.assert_close(lse.float(), want_lse, atol=1e-4, rtol=1e-4)
 
 
-@needs_ref("topk_indices", "sparse_mla_fwd")
-def test_topk_reference_then_sparse_reference_is_dense_masked_attention(gen):
+@impls("topk_indices", "sparse_mla_fwd")
+def test_topk_then_sparse_attention_is_dense_masked_attention(impl, gen):
     T, S, K = 10, 40, 8
     q, kv = attention_inputs(gen, T, S)
     logits = randn(T, S, gen=gen)
     logits[:, ::7] = logits[:, 1::7][:, : logits[:, ::7].shape[1]]   # ties across columns
     ks, ke = causal_ranges(T, S)
-    indices = ref.topk_indices(logits, K, ks, ke)
+    indices = impl.topk_indices(logits, K, ks, ke)
     valid = ranges_to_mask(ks, ke, S)
     mask = dense_topk_mask(logits, K, valid)
-    got = torch.zeros(T, S + 1, dtype=torch.bool).scatter_(1, torch.where(indices < 0, S, indices).long(), True)
-    assert torch.equal(got[:, :S], mask)
-    out, lse = ref.sparse_mla_fwd(q, kv, indices[:, None, :].int(), 0.05)
+    assert torch.equal(indices_mask(indices, S), mask)
+    out, lse = impl.sparse_mla_fwd(q, kv, indices[:, None, :].int().contiguous(), 0.05)
     want_out, want_lse = dense_masked_mla_attention(q, kv, mask, 0.05)
     assert rel_err(out, want_out) < 1e-2
     torch.testing.assert_close(lse.float(), want_lse, atol=1e-4, rtol=1e-4)
 
 
-@needs_ref("indexer_logits")
-def test_indexer_reference_equals_dense_logits(gen):
+@impls("indexer_logits")
+def test_indexer_logits_equal_dense_logits(impl, gen):
     T, S, H, D = 7, 30, 4, 128
     q = randn(T, H, D, gen=gen).to(torch.float8_e4m3fn)
     k = randn(S, D, gen=gen).to(torch.float8_e4m3fn)
     k_scale, w = randn(S, gen=gen).abs() + 0.01, randn(T, H, gen=gen)
     ks, ke = causal_ranges(T, S)
     ks = ks + torch.arange(T, dtype=torch.int32) // 2                  # windows, not only causal
-    out = ref.indexer_logits(q, k, k_scale, w, ks, ke)
+    out = impl.indexer_logits(q, k, k_scale, w, ks, ke)
     want = dense_indexer_logits(q.float(), k.float(), w, k_scale, ranges_to_mask(ks, ke, S))
     assert torch.equal(out.isfinite(), want.isfinite())
     torch.testing.assert_close(out[want.isfinite()].float(), want[want.isfinite()], atol=1e-4, rtol=1e-4)
 
 
-@needs_ref("indexer_logits", "topk_indices", "sparse_mla_fwd")
-def test_sparse_pipeline_equals_dsa_step_dense(gen):
+@impls("indexer_logits", "topk_indices", "sparse_mla_fwd", "indexer_topk")
+def test_sparse_pipeline_equals_dsa_step_dense(impl, gen):
     T, S, H, K = 12, 48, 4, 9
     iq = randn(T, H, 128, gen=gen).to(torch.float8_e4m3fn)
     ik = randn(S, 128, gen=gen).to(torch.float8_e4m3fn)
     k_scale, w = randn(S, gen=gen).abs() + 0.01, randn(T, H, gen=gen)
     q, kv = attention_inputs(gen, T, S)
     ks, ke = causal_ranges(T, S)
-    logits = ref.indexer_logits(iq, ik, k_scale, w, ks, ke)
-    indices = ref.topk_indices(logits, K, ks, ke)
-    out, lse = ref.sparse_mla_fwd(q, kv, indices[:, None, :].int(), 0.04)
+    logits = impl.indexer_logits(iq, ik, k_scale, w, ks, ke)
+    indices = impl.topk_indices(logits, K, ks, ke)
+    fused = impl.indexer_topk(iq, ik, k_scale, w, ks, ke, K)
+    assert torch.equal(fused.sort(1).values, indices.sort(1).values)
+    out, lse = impl.sparse_mla_fwd(q, kv, indices[:, None, :].int().contiguous(), 0.04)
     step = dsa_step_dense(iq.float(), ik.float(), w, q, kv, K, 0.04, index_k_scale=k_scale)
+    assert torch.equal(indices_mask(indices, S), step.mask)
     assert rel_err(out, step.out) < 1e-2
     torch.testing.assert_close(lse.float(), step.lse, atol=1e-4, rtol=1e-4)
 
 
-@needs_ref("sparse_mla_decode")
-def test_decode_reference_over_bf16_cache_is_dense_masked_attention(gen):
+@impls("sparse_mla_decode")
+def test_decode_over_bf16_cache_is_dense_masked_attention(impl, gen):
     B, s_q, H, block, nblocks, K = 2, 2, 4, 8, 6, 12
     cache = randn(nblocks, block, 1, 576, gen=gen, dtype=torch.bfloat16)
     q = randn(B, s_q, H, 576, gen=gen, dtype=torch.bfloat16)
     nslots = nblocks * block
     slots = torch.stack([torch.randperm(nslots, generator=gen)[:K] for _ in range(B * s_q)]).int().view(B, s_q, K)
     slots[0, 1, 3:] = -1
-    out, lse = ref.sparse_mla_decode(q, cache, slots, 0.05)
+    out, lse = impl.sparse_mla_decode(q, cache, slots, 0.05)
     flat = slots.view(B * s_q, K)
     mask = torch.zeros(B * s_q, nslots + 1, dtype=torch.bool).scatter_(1, torch.where(flat < 0, nslots, flat).long(), True)
     want_out, want_lse = dense_masked_mla_attention(q.view(B * s_q, H, 576), cache.view(nslots, 576),
                                                     mask[:, :nslots], 0.05)
     assert rel_err(out.view(B * s_q, H, 512), want_out) < 1e-2
     torch.testing.assert_close(lse.view(B * s_q, H).float(), want_lse, atol=1e-4, rtol=1e-4)
+
+
+@impls("sparse_mla_fwd", "sparse_mla_bwd")
+def test_sparse_backward_is_the_gradient_of_dense_masked_attention(impl, gen):
+    """dq, dkv of the sparse backward = autograd through the dense masked formulation (fp64),
+    with keys selected by several queries (dkv accumulates) and a short row."""
+    T, S, H, K = 6, 20, 2, 7
+    q, kv = attention_inputs(gen, T, S, H)
+    indices = torch.stack([torch.randperm(S, generator=gen)[:K] for _ in range(T)]).int()
+    indices[2, 4:] = -1
+    idx = indices[:, None, :].contiguous()
+    out, lse = impl.sparse_mla_fwd(q, kv, idx, 0.05)
+    dout = randn(T, H, 512, gen=gen, dtype=torch.bfloat16)
+    dq, dkv = impl.sparse_mla_bwd(q, kv, out, dout, idx, lse, 0.05)
+    q64, kv64 = q.double().requires_grad_(), kv.double().requires_grad_()
+    ref_out, _ = dense_masked_mla_attention(q64, kv64, indices_mask(indices, S), 0.05)
+    (ref_out.double() * dout.double()).sum().backward()
+    assert rel_err(dq, q64.grad) < 2e-2
+    assert rel_err(dkv, kv64.grad) < 2e-2
+    assert (dkv[indices_mask(indices, S).sum(0) == 0] == 0).all(), "gradient on a key nobody selected"

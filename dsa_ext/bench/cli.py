@@ -59,7 +59,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .common import Case
-from .runner import TimingOptions, detect_roofline, format_table, progress, run_case
+from .runner import TimingOptions, detect_roofline, error_text, format_table, progress, run_case
 
 __all__ = ["main", "SCHEMA", "FAMILIES", "validate_report", "collect_cases"]
 
@@ -89,6 +89,12 @@ def collect_cases(command: str, device: torch.device, quick: bool,
     cases: List[Case] = []
     errors: List[dict] = []
     skipped: List[dict] = []
+
+    def _report_failure(mod_name: str, exc: BaseException) -> None:
+        reason = error_text(exc)
+        errors.append(_error_row(mod_name, [fam for fam, mod in wanted if mod == mod_name], reason))
+        say(f"dsa_ext.bench.{mod_name}: loading its cases failed: {reason}")
+
     for mod_name in modules:
         full = f"dsa_ext.bench.{mod_name}"
         try:
@@ -97,15 +103,14 @@ def collect_cases(command: str, device: torch.device, quick: bool,
                 raise ModuleNotFoundError(f"{full} defines no cases()", name=full)
             found = list(module.cases(device, quick))
         except ModuleNotFoundError as exc:
-            if exc.name != full:
-                raise
+            if exc.name != full:   # the module is there but needs something missing
+                _report_failure(mod_name, exc)
+                continue
             skipped.append({"module": full, "reason": "not present (family not landed yet)"})
             say(f"skipping {full}: not present (family not landed yet)")
             continue
         except Exception as exc:  # a broken family must not stop the others
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            errors.append(_error_row(mod_name, [fam for fam, mod in wanted if mod == mod_name], reason))
-            say(f"{full}: cases() failed: {reason}")
+            _report_failure(mod_name, exc)
             continue
         cases.extend(c for c in found if c.family in families)
     return cases, errors, skipped
@@ -123,6 +128,8 @@ def _error_row(module: str, families: List[str], reason: str) -> dict:
 def _git_commit() -> str:
     from .. import __version__ as version
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.exists(os.path.join(root, "pyproject.toml")):   # installed, not a source tree
+        return f"dsa_ext-{version}"
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()

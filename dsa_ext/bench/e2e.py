@@ -50,7 +50,7 @@ def config(device: torch.device, quick: bool) -> E2EConfig:
         return E2EConfig(contexts, heads=128, index_heads=64, topk=2048, dim=7168, q_lora_rank=1536,
                          note="DeepSeek-V3.2 layer sizes")
     # The CPU always runs quick; four doublings show the growth exponents at ~10 s.
-    return E2EConfig((256, 512, 1024, 2048), contexts, heads=8, index_heads=4, topk=128, dim=512, q_lora_rank=256,
+    return E2EConfig((256, 512, 1024, 2048), heads=8, index_heads=4, topk=128, dim=512, q_lora_rank=256,
                      note="CPU: reduced sizes (8 heads, 4 indexer heads, dim 512, K=128)")
 
 
@@ -65,11 +65,10 @@ def dense_mla_attention(q: torch.Tensor, kv: torch.Tensor, sm_scale: float, d_v:
     offset = S - T
     out = torch.empty(T, H, d_v, dtype=q.dtype, device=q.device)
     chunk = max(1, chunk_bytes // (H * S * 4))
-    q = q * sm_scale
     for start in range(0, T, chunk):
         end = min(T, start + chunk)
         keys = kv[: offset + end]
-        scores = (q[start:end].reshape(-1, D) @ keys.T).view(end - start, H, -1).float()
+        scores = ((q[start:end] * sm_scale).reshape(-1, D) @ keys.T).view(end - start, H, -1).float()
         diagonal = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu_(1)
         scores[..., offset + start:].masked_fill_(diagonal[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)

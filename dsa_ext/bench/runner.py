@@ -1,8 +1,7 @@
 """Timing, rooflines and reporting for `dsa-bench` (the CLI is dsa_ext/bench/cli.py).
 
-Timing: warm-up calls (the last one, timed by the wall clock, sizes the run), then the median
-of `reps` timed calls, `reps` chosen so one callable takes about `budget_s` (within
-[min_reps, max_reps]). On CUDA each
+Timing: warm-up calls, then timed calls until they add up to `budget_s` (at least `min_reps`,
+at most `max_reps`); the median is reported. On CUDA each
 call is timed with CUDA events (with `graphs`, calls under GRAPH_BELOW_S are captured once
 into a CUDA graph and the replay is timed: launch overhead would dominate them); on the CPU
 with time.perf_counter. Caches are not flushed between
@@ -26,7 +25,7 @@ import torch
 from .common import Case
 
 __all__ = ["Roofline", "DATASHEET_ROOFLINES", "detect_roofline", "measure_roofline", "TimingOptions",
-           "time_callable", "run_case", "format_table", "format_shape"]
+           "time_callable", "run_case", "error_text", "format_table", "format_shape", "progress"]
 
 
 # ---------------------------------------------------------------- rooflines
@@ -141,7 +140,7 @@ def time_callable(fn: Callable[[], object], device: torch.device, opts: TimingOp
         if cuda:
             torch.cuda.synchronize(device)
 
-    # Warm-up calls, timed by the wall clock: the last one sizes the run.
+    # Warm-up calls, timed by the wall clock: the last one decides whether a graph is worth it.
     warm_s = 0.0
     for _ in range(max(opts.warmup, 1)):
         sync()
@@ -170,14 +169,15 @@ def time_callable(fn: Callable[[], object], device: torch.device, opts: TimingOp
             fn()
             return time.perf_counter() - start
 
-    reps = int(min(max(opts.budget_s / max(warm_s, 1e-9), opts.min_reps), opts.max_reps))
-    samples = [timed_once() for _ in range(reps)]
-    return Timing(statistics.median(samples), reps, graphed)
+    samples: List[float] = []
+    while len(samples) < opts.max_reps and (len(samples) < opts.min_reps or sum(samples) < opts.budget_s):
+        samples.append(timed_once())
+    return Timing(statistics.median(samples), len(samples), graphed)
 
 
 # ---------------------------------------------------------------- one case -> one row
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     """The exception's type and first sentence (dispatcher errors run on for a paragraph)."""
     lines = str(exc).strip().splitlines()
     first = lines[0] if lines else ""
@@ -203,7 +203,7 @@ def run_case(case: Case, device: torch.device, roofline: Roofline, opts: TimingO
     try:
         timing = time_callable(case.fn, device, opts)
     except Exception as exc:  # an op that has not landed, a bad case, out of memory: report, go on
-        row.update(status="error", error=_error_text(exc))
+        row.update(status="error", error=error_text(exc))
         _free_device_memory(device)
     else:
         seconds = timing.median_s
@@ -221,7 +221,7 @@ def run_case(case: Case, device: torch.device, roofline: Roofline, opts: TimingO
         try:
             entry["us"] = time_callable(fn, device, opts).median_s * 1e6
         except Exception as exc:
-            entry["error"] = _error_text(exc)
+            entry["error"] = error_text(exc)
             _free_device_memory(device)
         if entry["us"] and row["ours_us"]:
             entry["speedup"] = entry["us"] / row["ours_us"]
