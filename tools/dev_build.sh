@@ -9,6 +9,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export CCACHE_BASEDIR=${CCACHE_BASEDIR:-/work} CCACHE_DIR=${CCACHE_DIR:-/work/.ccache}
 PY=${PYTHON:-python3}
 BUILD=${DSA_BUILD_DIR:-build/dev}
+mkdir -p "$(dirname "$BUILD")"
 cmake -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$(command -v $PY)" \
   -DDSA_OUTPUT_DIR="$PWD/dsa_ext" -DTORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST" \
   -DDSA_WITH_CUDA="${DSA_WITH_CUDA:-AUTO}" > "$BUILD.configure.log" 2>&1 || { cat "$BUILD.configure.log"; exit 1; }
