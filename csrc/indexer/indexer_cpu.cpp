@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/fp8_cpu.h"
 #include "indexer/indexer_checks.h"
 #include "indexer/indexer_rules.h"
 
@@ -23,16 +24,6 @@ namespace dsa {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-const std::array<float, 256>& fp8_e4m3_table() {
-  static const std::array<float, 256> table = [] {
-    std::array<float, 256> t{};
-    for (int b = 0; b < 256; ++b)
-      t[b] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(b), c10::Float8_e4m3fn::from_bits()));
-    return t;
-  }();
-  return table;
-}
 
 inline void decode_fp8(const uint8_t* src, float* dst, int64_t n, const std::array<float, 256>& lut) {
   for (int64_t i = 0; i < n; ++i) dst[i] = lut[src[i]];

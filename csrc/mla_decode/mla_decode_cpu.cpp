@@ -14,6 +14,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/fp8_cpu.h"
 #include "mla_decode/mla_decode_checks.h"
 
 namespace dsa::mla_decode {
@@ -21,17 +22,6 @@ namespace {
 
 constexpr int kHeadsPerTask = 16;   // heads sharing one dequantised chunk of records
 constexpr int kTokensPerChunk = 32;
-
-// e4m3 byte -> float, decoded once (c10's conversion per value is bit twiddling).
-const std::array<float, 256>& fp8_table() {
-  static const std::array<float, 256> table = [] {
-    std::array<float, 256> t{};
-    for (int b = 0; b < 256; ++b)
-      t[b] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(b), c10::Float8_e4m3fn::from_bits()));
-    return t;
-  }();
-  return table;
-}
 
 inline float bf16_bits_to_float(uint16_t bits) {
   uint32_t u = static_cast<uint32_t>(bits) << 16;
@@ -46,7 +36,7 @@ void load_record(const uint8_t* cache, bool fp8, int64_t slot, float* dst) {
     const uint8_t* rec = cache + slot * kFp8RecordBytes;
     float scales[kNumTiles];
     std::memcpy(scales, rec + kScaleOffset, sizeof(scales));
-    const auto& table = fp8_table();
+    const auto& table = fp8_e4m3_table();
     for (int d = 0; d < kDNope; ++d) dst[d] = table[rec[d]] * scales[d / kTile];
     for (int d = 0; d < kDRope; ++d) {
       uint16_t bits;

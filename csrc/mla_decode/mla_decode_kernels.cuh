@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
     pending_valid = issue_tile_copy<kFp8>(p, row_indices, tile_begin, len, raw_s, kv_s);
 
   for (int tile = tile_begin; tile < tile_end; ++tile) {
-    cp_async_wait_all();
+    cp_async_wait<0>();
     if (tid < kTokensPerTile) valid_s[tid] = pending_valid;   // part-0 threads own the tokens
     if constexpr (kFp8) {
       dequantise_tile_part(raw_s, kv_s);

@@ -11,7 +11,7 @@
 
 #include <cstdint>
 
-#include "sparse_mla/sparse_mla_ptx.cuh"
+#include "common/mma_sm80.cuh"
 
 namespace dsa::sparse_mla {
 
@@ -54,7 +54,7 @@ __device__ __forceinline__ void gather_kv_block(uint32_t tile, float* valid, int
     const int r = c / kQkChunks, ch = c - r * kQkChunks;
     const int64_t row = entry_row(idx_row, blk * kBN + r, limit, S);
     const __nv_bfloat16* src = kv + (row >= 0 ? row * kDqk + ch * 8 : 0);
-    cp_async_16(tile + swz(r, ch, kQkChunks), src, row >= 0);
+    cp_async_16_zfill(tile + swz(r, ch, kQkChunks), src, row >= 0);
     if (ch == 0) {
       valid[r] = row >= 0 ? 1.f : 0.f;
       if (rows) rows[r] = static_cast<int32_t>(row);
@@ -69,7 +69,7 @@ __device__ __forceinline__ void load_rows(uint32_t tile, const __nv_bfloat16* sr
                                           int row_chunks, int64_t stride) {
   for (int c = threadIdx.x; c < nrows * row_chunks; c += kThreads) {
     const int r = c / row_chunks, ch = c - r * row_chunks;
-    cp_async_16(tile + swz(r, ch, row_chunks), src + r * stride + ch * 8, true);
+    cp_async_16_zfill(tile + swz(r, ch, row_chunks), src + r * stride + ch * 8, true);
   }
 }
 
@@ -165,14 +165,14 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
 #pragma unroll 4
     for (int kk = 0; kk < kDqk / 16; ++kk) {
       uint32_t a[4];
-      ldsm_x4(a, sQ + swz(16 * wm + (lane & 15), 2 * kk + (lane >> 4), kQkChunks));
+      ldmatrix_x4(a, sQ + swz(16 * wm + (lane & 15), 2 * kk + (lane >> 4), kQkChunks));
 #pragma unroll
       for (int np = 0; np < 2; ++np) {
         uint32_t b[4];
         const int tok = 32 * wn + 16 * np + (lane & 7) + 8 * (lane >> 4);
-        ldsm_x4(b, sKV + swz(tok, 2 * kk + ((lane >> 3) & 1), kQkChunks));
-        mma_16816(s[2 * np], a, b[0], b[1]);
-        mma_16816(s[2 * np + 1], a, b[2], b[3]);
+        ldmatrix_x4(b, sKV + swz(tok, 2 * kk + ((lane >> 3) & 1), kQkChunks));
+        mma_bf16_16816(s[2 * np], a, b[0], b[1]);
+        mma_bf16_16816(s[2 * np + 1], a, b[2], b[3]);
       }
     }
     // Mask, scale into the log2 domain, row max over this warp's 32 tokens.
@@ -235,17 +235,17 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
       uint32_t a[C::kPvMt][4];
 #pragma unroll
       for (int mt = 0; mt < C::kPvMt; ++mt)
-        ldsm_x4(a[mt], sP + swz(C::kPvRows * pm + 16 * mt + (lane & 15), 2 * kk + (lane >> 4),
+        ldmatrix_x4(a[mt], sP + swz(C::kPvRows * pm + 16 * mt + (lane & 15), 2 * kk + (lane >> 4),
                                 C::kBN / 8));
       const int tok = 16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1);
 #pragma unroll
       for (int np = 0; np < C::kPvNt / 2; ++np) {
         uint32_t b[4];
-        ldsm_x4_t(b, sKV + swz(tok, C::kPvCols / 8 * pn + 2 * np + (lane >> 4), kQkChunks));
+        ldmatrix_x4_trans(b, sKV + swz(tok, C::kPvCols / 8 * pn + 2 * np + (lane >> 4), kQkChunks));
 #pragma unroll
         for (int mt = 0; mt < C::kPvMt; ++mt) {
-          mma_16816(o[mt][2 * np], a[mt], b[0], b[1]);
-          mma_16816(o[mt][2 * np + 1], a[mt], b[2], b[3]);
+          mma_bf16_16816(o[mt][2 * np], a[mt], b[0], b[1]);
+          mma_bf16_16816(o[mt][2 * np + 1], a[mt], b[2], b[3]);
         }
       }
     }
@@ -417,14 +417,14 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
 #pragma unroll 4
       for (int kk = 0; kk < kDqk / 16; ++kk) {
         uint32_t a[4], b[4];
-        ldsm_x4(a, sQ + swz(16 * am + (lane & 15), 2 * kk + (lane >> 4), kQkChunks));
-        ldsm_x4(b, sKV + swz(tok, 2 * kk + ((lane >> 3) & 1), kQkChunks));
-        mma_16816(s[0], a, b[0], b[1]);
-        mma_16816(s[1], a, b[2], b[3]);
+        ldmatrix_x4(a, sQ + swz(16 * am + (lane & 15), 2 * kk + (lane >> 4), kQkChunks));
+        ldmatrix_x4(b, sKV + swz(tok, 2 * kk + ((lane >> 3) & 1), kQkChunks));
+        mma_bf16_16816(s[0], a, b[0], b[1]);
+        mma_bf16_16816(s[1], a, b[2], b[3]);
         if (kk < kDv / 16) {
-          ldsm_x4(a, sDO + swz(16 * am + (lane & 15), 2 * kk + (lane >> 4), kVChunks));
-          mma_16816(dp[0], a, b[0], b[1]);
-          mma_16816(dp[1], a, b[2], b[3]);
+          ldmatrix_x4(a, sDO + swz(16 * am + (lane & 15), 2 * kk + (lane >> 4), kVChunks));
+          mma_bf16_16816(dp[0], a, b[0], b[1]);
+          mma_bf16_16816(dp[1], a, b[2], b[3]);
         }
       }
       uint8_t* pbase = smem + C::kPOff;
@@ -453,14 +453,14 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < C::kBN / 16; ++kk) {
       uint32_t a[4];
-      ldsm_x4(a, sDS + ((16 * wm + (lane & 15)) * C::kPStride + 16 * kk + 8 * (lane >> 4)) * 2);
+      ldmatrix_x4(a, sDS + ((16 * wm + (lane & 15)) * C::kPStride + 16 * kk + 8 * (lane >> 4)) * 2);
       const int tok = 16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1);
 #pragma unroll
       for (int np = 0; np < 9; ++np) {
         uint32_t b[4];
-        ldsm_x4_t(b, sKV + swz(tok, 18 * wn + 2 * np + (lane >> 4), kQkChunks));
-        mma_16816(dqa[2 * np], a, b[0], b[1]);
-        mma_16816(dqa[2 * np + 1], a, b[2], b[3]);
+        ldmatrix_x4_trans(b, sKV + swz(tok, 18 * wn + 2 * np + (lane >> 4), kQkChunks));
+        mma_bf16_16816(dqa[2 * np], a, b[0], b[1]);
+        mma_bf16_16816(dqa[2 * np + 1], a, b[2], b[3]);
       }
     }
 
@@ -478,21 +478,21 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
 #pragma unroll
       for (int kh = 0; kh < HB / 16; ++kh) {
         uint32_t a[4];
-        ldsm_x4_t(a, sDS + ((16 * kh + a_head) * C::kPStride + a_tok) * 2);
+        ldmatrix_x4_trans(a, sDS + ((16 * kh + a_head) * C::kPStride + a_tok) * 2);
 #pragma unroll
         for (int i = 0; i < C::kGroupTiles; ++i) {
           uint32_t b[2];
-          ldsm_x2_t(b, sQ + swz(16 * kh + b_head, (col0 >> 3) + i, kQkChunks));
-          mma_16816(acc[i], a, b[0], b[1]);
+          ldmatrix_x2_trans(b, sQ + swz(16 * kh + b_head, (col0 >> 3) + i, kQkChunks));
+          mma_bf16_16816(acc[i], a, b[0], b[1]);
         }
         if (col0 < kDv) {  // the value part: columns below 512 (checked per n-tile below)
-          ldsm_x4_t(a, sP + ((16 * kh + a_head) * C::kPStride + a_tok) * 2);
+          ldmatrix_x4_trans(a, sP + ((16 * kh + a_head) * C::kPStride + a_tok) * 2);
 #pragma unroll
           for (int i = 0; i < C::kGroupTiles; ++i) {
             if (col0 + 8 * i < kDv) {
               uint32_t b[2];
-              ldsm_x2_t(b, sDO + swz(16 * kh + b_head, (col0 >> 3) + i, kVChunks));
-              mma_16816(acc[i], a, b[0], b[1]);
+              ldmatrix_x2_trans(b, sDO + swz(16 * kh + b_head, (col0 >> 3) + i, kVChunks));
+              mma_bf16_16816(acc[i], a, b[0], b[1]);
             }
           }
         }

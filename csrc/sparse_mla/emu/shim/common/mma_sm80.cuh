@@ -1,10 +1,10 @@
-// CPU emulation of the PTX primitives of csrc/sparse_mla/sparse_mla_ptx.cuh, with PTX ISA
+// CPU emulation of the PTX primitives of csrc/common/mma_sm80.cuh, with PTX ISA
 // semantics for ldmatrix (m8n8 b16, .trans) and mma.sync m16n8k16 fragments.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-namespace dsa::sparse_mla {
+namespace dsa {
 
 inline uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(static_cast<const uint8_t*>(p) - emu::smem_base);
@@ -38,14 +38,14 @@ inline void emu_ldsm(uint32_t* r, uint32_t addr, bool trans) {
   emu::warp_sync();
 }
 
-inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr) { emu_ldsm<4>(r, addr, false); }
-inline void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) { emu_ldsm<4>(r, addr, true); }
-inline void ldsm_x2_t(uint32_t (&r)[2], uint32_t addr) { emu_ldsm<2>(r, addr, true); }
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { emu_ldsm<4>(r, addr, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { emu_ldsm<4>(r, addr, true); }
+inline void ldmatrix_x2_trans(uint32_t (&r)[2], uint32_t addr) { emu_ldsm<2>(r, addr, true); }
 
 inline float emu_lo(uint32_t v) { return emu_bf2f(static_cast<uint16_t>(v & 0xffff)); }
 inline float emu_hi(uint32_t v) { return emu_bf2f(static_cast<uint16_t>(v >> 16)); }
 
-inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+inline void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   emu::warp_sync();
   uint32_t* s = emu::my_slot();
   s[0] = a[0]; s[1] = a[1]; s[2] = a[2]; s[3] = a[3]; s[4] = b0; s[5] = b1;
@@ -71,7 +71,7 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   }
 }
 
-inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
+inline void cp_async_16_zfill(uint32_t dst, const void* src, bool valid) {
   if (dst % 16) std::abort();
   if (valid) std::memcpy(emu::smem_base + dst, src, 16);
   else std::memset(emu::smem_base + dst, 0, 16);
@@ -84,4 +84,4 @@ inline uint32_t pack_bf16x2(float lo, float hi) {
   return emu_f2bf(lo) | (static_cast<uint32_t>(emu_f2bf(hi)) << 16);
 }
 
-}  // namespace dsa::sparse_mla
+}  // namespace dsa
