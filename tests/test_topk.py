@@ -399,6 +399,12 @@ def indexer_op(device):
         lib._destroy()
 
 
+def _indexer_shape(device):
+    """(H, D) of the indexer_topk tests: the CUDA indexer kernels serve only H in {32, 64} with
+    D = 128 (they raise on anything else); the CPU kernels any (small keeps tests fast)."""
+    return (32, 128) if device == "cuda" else (4, 64)
+
+
 def _indexer_inputs(T, S, H, D, gen, device):
     q = (randn(T, H, D, gen=gen) * 2).clamp(-448, 448).to(torch.float8_e4m3fn).to(device)
     k = (randn(S, D, gen=gen) * 2).clamp(-448, 448).to(torch.float8_e4m3fn).to(device)
@@ -413,7 +419,7 @@ def _indexer_inputs(T, S, H, D, gen, device):
 
 @pytest.mark.parametrize("sorted", [False, True])
 def test_indexer_topk_chunks(device, gen, indexer_op, sorted):
-    T, S, H, D, topk = 13, 700, 4, 64, 64
+    (T, S, topk), (H, D) = (13, 700, 64), _indexer_shape(device)
     args = _indexer_inputs(T, S, H, D, gen, device)
     logits = torch.ops.dsa.indexer_logits(*args, True)
     want = dsa_ext.topk_indices(logits, topk, args[4], args[5], sorted=sorted).cpu()
@@ -434,7 +440,7 @@ def test_indexer_topk_vs_reference(device, gen, indexer_op):
         from dsa_ext.reference.indexer import indexer_logits  # noqa: F401
     except ImportError:
         pytest.skip("dsa_ext.reference.indexer_logits not written yet (indexer family)")
-    T, S, H, D, topk = 9, 500, 4, 64, 32
+    (T, S, topk), (H, D) = (9, 500, 32), _indexer_shape(device)
     args = _indexer_inputs(T, S, H, D, gen, device)
     want = ref.indexer_topk(*[a.cpu() for a in args], topk, sorted=True)
     got = dsa_ext.indexer_topk(*args, topk, sorted=True, max_workspace_bytes=2 * S * 4).cpu()
@@ -445,7 +451,7 @@ def test_indexer_topk_vs_reference(device, gen, indexer_op):
 
 
 def test_indexer_topk_bad_inputs(device, gen, indexer_op):
-    args = _indexer_inputs(4, 100, 4, 64, gen, device)
+    args = _indexer_inputs(4, 100, *_indexer_shape(device), gen, device)
     with pytest.raises((RuntimeError, ValueError), match="topk"):
         dsa_ext.indexer_topk(*args, 0)
     with pytest.raises((RuntimeError, ValueError), match="max_workspace_bytes"):
@@ -456,8 +462,25 @@ def test_indexer_topk_bad_inputs(device, gen, indexer_op):
         dsa_ext.indexer_topk(args[0][0], *args[1:], 8)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_indexer_topk_cuda_mixed_devices_and_topk_bound(gen):
+    """The CUDA kernel is dispatched when any argument is on CUDA: a CPU q must get a message
+    naming q (not CUDAGuard's "non-CUDA DeviceType"), a CPU k one naming k, and a topk above
+    the CUDA top-k's limit one naming topk, before any logits are computed."""
+    args = list(_indexer_inputs(4, 100, *_indexer_shape("cuda"), gen, "cuda"))
+    with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
+        dsa_ext.indexer_topk(args[0].cpu(), *args[1:], 8)
+    with pytest.raises(RuntimeError, match="k must be on the same device as q"):
+        dsa_ext.indexer_topk(args[0], args[1].cpu(), *args[2:], 8)
+    with pytest.raises(RuntimeError, match="k_scale must be on the same device as q"):
+        dsa_ext.indexer_topk(args[0], args[1], args[2].cpu(), *args[3:], 8)
+    with pytest.raises(ValueError, match="topk must be <= 4096"):
+        dsa_ext.indexer_topk(*args, 4097)
+
+
 def test_opcheck_indexer_topk(device, gen, indexer_op):
-    args = _indexer_inputs(5, 200, 4, 64, gen, device)
+    args = _indexer_inputs(5, 200, *_indexer_shape(device), gen, device)
     # test_schema is left out: torch's SchemaCheckMode compares inputs with arithmetic that
     # float8_e4m3fn does not implement ("mul_cpu_reduced_float"), for any op with FP8 inputs.
     torch.library.opcheck(torch.ops.dsa.indexer_topk.default, (*args, 32, True, 2 * 200 * 4),

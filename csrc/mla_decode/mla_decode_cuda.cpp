@@ -50,7 +50,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
   const DecodeShape sh = check_sparse_mla_decode(q, kv_cache, indices, sm_scale, d_v, attn_sink, topk_length);
   check_aligned16(q, "q");
   check_aligned16(kv_cache, "kv_cache");
-  TORCH_CHECK(sh.topk <= INT32_MAX, "indices.size(2) (K) must fit in int32, got ", sh.topk);
+  // The kernel counts entries and 64-entry tiles in int32 ((len + 63) / 64 must not wrap).
+  TORCH_CHECK(sh.topk <= INT32_MAX - kTokensPerTile, "indices.size(2) (K) must be <= ",
+              INT32_MAX - kTokensPerTile, ", got ", sh.topk);
   c10::cuda::CUDAGuard guard(q.device());
 
   at::Tensor out = at::empty({sh.batch, sh.s_q, sh.heads, kDV}, q.options());

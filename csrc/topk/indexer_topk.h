@@ -26,6 +26,8 @@ inline at::Tensor indexer_topk_chunked(const at::Tensor& q, const at::Tensor& k,
                     max_workspace_bytes);
   check_dim(q, "q", 3, "[T, H, D]");
   check_dim(k, "k", 2, "[S, D]");
+  check_same_device(k, "k", q, "q");
+  check_same_device(k_scale, "k_scale", q, "q");
   check_same_device(ks, "ks", q, "q");
   check_same_device(ke, "ke", q, "q");
   check_same_device(weights, "weights", q, "q");

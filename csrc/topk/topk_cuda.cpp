@@ -46,6 +46,13 @@ at::Tensor topk_slot_ids_cuda(const at::Tensor& indices, const at::Tensor& block
 at::Tensor indexer_topk_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_scale,
                              const at::Tensor& weights, const at::Tensor& ks, const at::Tensor& ke,
                              int64_t topk, bool sorted, int64_t max_workspace_bytes) {
+  // The dispatcher picks this kernel when any argument is on CUDA, so q may still be a CPU
+  // tensor: CUDAGuard would then fail with a message that names no argument.
+  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
+  // Checked up front (topk_indices would raise it too, but only after the first chunk's logits
+  // and naming its own argument, k).
+  TORCH_CHECK_VALUE(topk <= kTopkMaxKCuda, "topk must be <= ", kTopkMaxKCuda, " on CUDA, got ",
+                    topk);
   c10::cuda::CUDAGuard guard(q.device());
   return indexer_topk_chunked(q, k, k_scale, weights, ks, ke, topk, sorted, max_workspace_bytes);
 }

@@ -28,30 +28,38 @@ int choose_cluster_size(int64_t T, int64_t S, const DeviceInfo& info, int max_cs
   return cs;
 }
 
-// Largest cluster size (8 or 16) the device can run topk_radix_kernel with at `smem` bytes.
+// Largest cluster size (16, 8, ..., 1) the device can place with topk_radix_kernel at `smem`
+// bytes per CTA. The portable 8 is not taken on trust either: a partitioned device (MIG, MPS
+// SM limits) may report no room for it, and a launch would then fail with a cluster error.
+// Cluster size 1 always works (the kernel is exact for any cs; larger clusters only add SMs
+// per row and shared-memory key cache).
 int max_cluster_size(size_t smem) {
+  int cs = topk::kMaxCluster;
   if (cudaFuncSetAttribute(topk::topk_radix_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
       cudaSuccess) {
     (void)cudaGetLastError();
-    return topk::kPortableCluster;
+    cs = topk::kPortableCluster;
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(topk::kMaxCluster);
-  cfg.blockDim = dim3(topk::kBlock);
-  cfg.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = topk::kMaxCluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, topk::topk_radix_kernel, &cfg) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return topk::kPortableCluster;
+  for (; cs > 1; cs /= 2) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(cs);
+    cfg.blockDim = dim3(topk::kBlock);
+    cfg.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cs;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, topk::topk_radix_kernel, &cfg) != cudaSuccess) {
+      (void)cudaGetLastError();
+      continue;
+    }
+    if (clusters > 0) break;
   }
-  return clusters > 0 ? topk::kMaxCluster : topk::kPortableCluster;
+  return cs;
 }
 
 // Bytes of dynamic shared memory for a slice of `slice` columns: the key cache (+3 words of
