@@ -24,3 +24,11 @@ def test_every_op_has_fake_kernel():
         op = getattr(torch.ops.dsa, name).default
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta") or \
             torch._library.simple_registry.singleton.find(op.name()).fake_impl.kernel is not None, name
+
+
+def test_every_op_has_cuda_kernel_in_a_cuda_build():
+    info = dsa_ext.build_info()
+    if not info["with_cuda"]:
+        import pytest
+        pytest.skip("built without CUDA")
+    assert set(info["cuda_ops"]) == set(dsa_ext.OP_NAMES)
