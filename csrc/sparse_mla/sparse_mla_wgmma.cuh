@@ -2,8 +2,8 @@
 // Opt-in (DSA_SPARSE_MLA_WGMMA=1, see sparse_mla_cuda.cpp) until validated on hardware.
 //
 // One CTA per (token, 64 heads), 256 threads = two warpgroups, per 64-token block:
-//   all threads gather the next block's 64 latent rows (16-byte cp.async, zero-fill for skipped
-//   entries) into the other of two KV buffers while this block is computed;
+//   warpgroup 1 gathers the next block's 64 latent rows (16-byte cp.async, zero-fill for skipped
+//   entries) into the other of two KV buffers while warpgroup 0 computes S of this block;
 //   warpgroup 0: S = Q Kᵀ (36 wgmma m64n64k16, Q and K from shared memory), online softmax on the
 //     fp32 accumulators (a row of S lives in the 4 lanes of a quad: no cross-warp reduction),
 //     P (bf16) and each row's rescale factor to shared memory;
@@ -56,12 +56,13 @@ struct WgmmaFwdCfg {
 
 // Gather a 64-row block into a core-matrix tile. Thread pairs copy 32 contiguous bytes of one
 // row (one full sector); consecutive pairs take consecutive rows.
-__device__ __forceinline__ void wgmma_gather_kv_block(uint32_t tile, float* valid,
+template <int kNThreads>
+__device__ __forceinline__ void wgmma_gather_kv_block(int tid, uint32_t tile, float* valid,
                                                       const __nv_bfloat16* kv,
                                                       const int32_t* idx_row, int blk, int limit,
                                                       int64_t S) {
   using C = WgmmaFwdCfg;
-  for (int c = threadIdx.x; c < C::kBN * kQkChunks; c += C::kThreads) {
+  for (int c = tid; c < C::kBN * kQkChunks; c += kNThreads) {
     const int r = (c >> 1) & (C::kBN - 1), ch = 2 * (c >> 7) + (c & 1);
     const int64_t row = entry_row(idx_row, blk * C::kBN + r, limit, S);
     const __nv_bfloat16* src = kv + (row >= 0 ? row * kDqk + ch * 8 : 0);
@@ -109,8 +110,12 @@ __global__ void __launch_bounds__(WgmmaFwdCfg::kThreads, 1)
       cp_async_16_zfill(q_addr + core_byte_offset<C::kHB>(r, ch * 8), qsrc + r * kDqk + ch * 8, true);
     }
   }
-  if (nblocks > 0) wgmma_gather_kv_block(smem_u32(kv_s0), valid_s, kv, idx_row, 0, limit, S);
+  if (nblocks > 0)
+    wgmma_gather_kv_block<C::kThreads>(threadIdx.x, smem_u32(kv_s0), valid_s, kv, idx_row, 0, limit, S);
   cp_async_commit();
+  cp_async_wait<0>();
+  wg::fence_proxy_async_smem();  // this thread's cp.async writes -> wgmma (async proxy) reads
+  __syncthreads();
 
   float o[128];
 #pragma unroll
@@ -119,13 +124,14 @@ __global__ void __launch_bounds__(WgmmaFwdCfg::kThreads, 1)
 
   for (int blk = 0; blk < nblocks; ++blk) {
     const int stage = blk & 1;
-    if (blk + 1 < nblocks)
-      wgmma_gather_kv_block(smem_u32(kv_s0 + (stage ^ 1) * C::kKVBytes), valid_s + (stage ^ 1) * C::kBN,
-                            kv, idx_row, blk + 1, limit, S);
-    cp_async_commit();
-    cp_async_wait<1>();
-    wg::fence_proxy_async_smem();  // this thread's cp.async writes -> wgmma (async proxy) reads
-    __syncthreads();
+    // Warpgroup 1 (idle during S and the softmax) gathers the next block into the other buffer,
+    // so the index loads and copy issue stay off warpgroup 0's path; it waits for the copies
+    // after its P V, before the barrier that ends this block.
+    if (wgi == 1 && blk + 1 < nblocks)
+      wgmma_gather_kv_block<C::kThreads / 2>(threadIdx.x - C::kThreads / 2,
+                                             smem_u32(kv_s0 + (stage ^ 1) * C::kKVBytes),
+                                             valid_s + (stage ^ 1) * C::kBN, kv, idx_row, blk + 1,
+                                             limit, S);
     const uint8_t* kv_s = kv_s0 + stage * C::kKVBytes;
     const float* valid = valid_s + stage * C::kBN;
 
@@ -194,9 +200,13 @@ __global__ void __launch_bounds__(WgmmaFwdCfg::kThreads, 1)
       wg::wgmma_commit();
       wg::wgmma_wait_all();
     }
-    __syncthreads();  // this stage's KV / P are reused next
+    if (wgi == 1) {
+      cp_async_commit();
+      cp_async_wait<0>();
+      wg::fence_proxy_async_smem();  // the next block's tile -> wgmma reads
+    }
+    __syncthreads();  // next block's tile ready; this block's KV buffer / P free for reuse
   }
-  cp_async_wait<0>();
 
   if (wgi == 0) {
 #pragma unroll
