@@ -21,7 +21,8 @@ the softmax and epilogue, the P stores) are transcribed below; a change to the k
 mirrored here. The model runs a whole CTA (several 64-token blocks, skipped indices, a
 topk_length limit, attn_sink) and compares out / lse with a float64 reference, and it checks
 that the Q, KV and P tiles are each written exactly once per element and that descriptor
-arithmetic never carries out of its 14-bit fields. Exit status 0 on success. Takes ~2 s.
+arithmetic never carries out of its 14-bit fields; a table of the kernel's per-phase shared-memory
+accesses checks that its two barriers per block separate every cross-warpgroup write. Exit status 0 on success. Takes ~2 s.
 """
 from __future__ import annotations
 
@@ -367,9 +368,45 @@ def check_case(case, mutation=None):
     return bool(good), f"out rel err {err_o:.2e}, lse max err {err_l:.2e}"
 
 
+# ---- barrier schedule ---------------------------------------------------------------------------
+# The kernel's shared-memory accesses per phase (the code between two __syncthreads), per
+# warpgroup, for block blk with stage s = blk & 1 (transcribed from sparse_mla_wgmma.cuh). "w"
+# includes cp.async copies, which stay in flight until the issuing thread's cp.async.wait, so a
+# copy issued in one phase also writes during every later phase until that wait (wait_in).
+PHASES = [
+    # (name, {warpgroup: [(region, access)]}, [(issuing wg, region, phase index of the wait)])
+    ("prologue", {0: [("Q", "w"), ("KV0", "w"), ("valid0", "w")],
+                  1: [("Q", "w"), ("KV0", "w"), ("valid0", "w")]}, []),
+    ("S + softmax", {0: [("Q", "r"), ("KV[s]", "r"), ("valid[s]", "r"), ("alpha", "w"), ("P", "w")],
+                     1: [("KV[s^1]", "w"), ("valid[s^1]", "w")]}, [(1, "KV[s^1]", 2)]),
+    ("P V", {0: [("alpha", "r"), ("P", "r"), ("KV[s]", "r")],
+             1: [("alpha", "r"), ("P", "r"), ("KV[s]", "r")]}, []),
+    ("epilogue", {0: [("alpha", "w"), ("sum", "w")], 1: []}, []),
+    ("output", {0: [("alpha", "r"), ("sum", "r")], 1: [("alpha", "r"), ("sum", "r")]}, []),
+]
+
+
+def check_barrier_schedule():
+    """No shared region is written by one warpgroup while the other touches it in the same phase
+    (counting in-flight copies), so the two __syncthreads per block are sufficient."""
+    in_flight = []
+    for idx, (name, acc, issued) in enumerate(PHASES):
+        in_flight = [f for f in in_flight if f[2] > idx]
+        writes = {wg: {r for r, a in acc[wg] if a == "w"} | {r for w, r, _ in in_flight if w == wg}
+                  for wg in (0, 1)}
+        touches = {wg: {r for r, _ in acc[wg]} for wg in (0, 1)}
+        for wg in (0, 1):
+            clash = writes[wg] & touches[1 - wg] - ({"Q", "KV0", "valid0"} if name == "prologue" else set())
+            assert not clash, f"phase {name}: warpgroup {wg} writes {clash} while {1 - wg} uses it"
+        in_flight += [(wg, r, w) for wg, r, w in issued]
+    # the copies of block blk + 1 land in KV[s^1] = next block's KV[s]: waited before it is read
+    assert all(w == 2 for _, _, w in PHASES[1][2])
+
+
 def main() -> int:
     assert SMEM_BYTES <= MAX_SMEM
     assert SMEM_BASE + SMEM_BYTES < (1 << 18), "descriptor start address covers 256 KB"
+    check_barrier_schedule()
     rng = np.random.default_rng(0)
     cases = [  # (K, limit, with sink, n invalid entries)
         (192, 192, False, 0),
