@@ -394,3 +394,71 @@ def test_bwd_deterministic_several_chunks_cuda(gen):
     dq2, dkv2 = dsa_ext.sparse_mla_bwd(q, kv, out, dout, idx, lse, scale_for(D_QK),
                                        deterministic=True)
     assert torch.equal(dq, dq2) and torch.equal(dkv.view(torch.int16), dkv2.view(torch.int16))
+
+
+# ---- the opt-in sm_90a wgmma forward (DSA_SPARSE_MLA_WGMMA=1, 64-head blocks) --------------------
+
+def test_wgmma_layout_model_cpu():
+    """Numpy model of sparse_mla_wgmma.cuh's shared-memory layout, wgmma descriptors and
+    accumulator fragments (csrc/sparse_mla/emu/wgmma_layout_check.py): one CTA's out / lse match
+    a float64 reference, and deliberately broken layouts are caught."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("numpy")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "csrc", "sparse_mla", "emu", "wgmma_layout_check.py")
+    r = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all ok" in r.stdout and r.stdout.count("-> caught") >= 7, r.stdout
+
+
+def _sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 CUDA device")
+@pytest.mark.parametrize("H", [64, 128])
+@pytest.mark.parametrize("K", [64, 2048])
+@pytest.mark.parametrize("with_sink", [False, True])
+@pytest.mark.parametrize("with_len", [False, True])
+def test_fwd_wgmma_cuda(gen, monkeypatch, H, K, with_sink, with_len):
+    monkeypatch.setenv("DSA_SPARSE_MLA_WGMMA", "1")
+    T, S = 9, 3 * K + 7
+    q, kv, idx = make_inputs(T, H, S, K, gen=gen, device="cuda", scale_q=3.0)
+    idx = idx.cpu()
+    idx[0, 0, 5:40] = -1
+    idx[1, 0, ::3] = S                       # out of range
+    idx[1, 0, 1::7] = -5
+    idx[2] = -1                              # empty row
+    idx[3, 0, :] = 7                         # one row repeated K times
+    idx = idx.cuda()
+    sink = (randn(H, gen=gen) * 2).cuda() if with_sink else None
+    tl = (torch.tensor([K, 1, K, K, 0, K // 2 + 3, K - 1, 63, K + 9], dtype=torch.int32).cuda()
+          if with_len else None)
+    out, lse = check_fwd(q, kv, idx, scale_for(D_QK), sink=sink, tl=tl)
+    assert torch.isneginf(lse[2]).all() and (out[2] == 0).all()
+    # the wgmma path must agree with the default mma.sync path as closely as two fp32 sums can
+    monkeypatch.setenv("DSA_SPARSE_MLA_WGMMA", "0")
+    out0, lse0 = dsa_ext.sparse_mla_fwd(q, kv, idx, scale_for(D_QK), D_V, sink, tl)
+    assert rel_err(out, out0) < 1e-2
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse0))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 CUDA device")
+def test_fwd_wgmma_cuda_full_size(gen, monkeypatch):
+    monkeypatch.setenv("DSA_SPARSE_MLA_WGMMA", "1")
+    T, H, S, K = 64, 128, 8192, 2048
+    q, kv, idx = make_inputs(T, H, S, K, gen=gen, device="cuda")
+    check_fwd(q, kv, idx, scale_for(D_QK))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 CUDA device")
+def test_fwd_wgmma_cuda_falls_back_for_small_head_blocks(gen, monkeypatch):
+    monkeypatch.setenv("DSA_SPARSE_MLA_WGMMA", "1")   # H = 32 is not a 64-head block: mma.sync
+    q, kv, idx = make_inputs(4, 32, 300, 128, gen=gen, device="cuda")
+    check_fwd(q, kv, idx, scale_for(D_QK))

@@ -2,6 +2,7 @@
 #include "common/cuda_utils.cuh"
 #include "sparse_mla/sparse_mla_kernels.cuh"
 #include "sparse_mla/sparse_mla_launch.h"
+#include "sparse_mla/sparse_mla_wgmma.cuh"
 
 namespace dsa::sparse_mla {
 static_assert(kMaxChunkEntries == kBwdDeterministicMaxK, "bitmap size and the glue's K check");
@@ -19,6 +20,20 @@ cudaError_t launch_fwd(const FwdArgs& a, cudaStream_t stream) {
                                          C::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t grid = a.T * (a.H / HB);
+  kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
+      static_cast<const __nv_bfloat16*>(a.q), static_cast<const __nv_bfloat16*>(a.kv), a.indices,
+      a.attn_sink, a.topk_length, static_cast<__nv_bfloat16*>(a.out), a.lse, a.S, a.H, a.K,
+      a.sm_scale);
+  return last_launch_error();
+}
+
+cudaError_t launch_fwd_wgmma(const FwdArgs& a, cudaStream_t stream) {
+  using C = WgmmaFwdCfg;
+  auto kernel = sparse_mla_fwd_wgmma_kernel;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int64_t grid = a.T * (a.H / C::kHB);
   kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
       static_cast<const __nv_bfloat16*>(a.q), static_cast<const __nv_bfloat16*>(a.kv), a.indices,
       a.attn_sink, a.topk_length, static_cast<__nv_bfloat16*>(a.out), a.lse, a.S, a.H, a.K,
@@ -56,6 +71,7 @@ cudaError_t launch_bwd_main_any(const BwdArgs& a, int64_t t_begin, int64_t token
 
 cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
+  if (a.use_wgmma && a.H % WgmmaFwdCfg::kHB == 0) return launch_fwd_wgmma(a, stream);
   switch (head_block(a.H)) {
     case 64: return launch_fwd<64>(a, stream);
     case 32: return launch_fwd<32>(a, stream);

@@ -20,6 +20,8 @@ struct FwdArgs {
   int64_t T, S;
   int H, K;
   float sm_scale;
+  // H % 64 == 0 on sm_90a: the wgmma kernel (sparse_mla_wgmma.cuh) instead of mma.sync.
+  bool use_wgmma = false;
 };
 
 cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream);

@@ -1,7 +1,8 @@
 """Benchmark cases of sparse_mla_fwd (family "attn_fwd") and sparse_mla_bwd ("attn_bwd").
 
 CUDA (SPEC section 6): forward at T=4096, H=128, K=2048, S in {8K, 32K, 128K}; backward at
-T=4096, S=8192, H=128, K=2048 (atomic and deterministic dKV). FLOPs: forward
+T=4096, S=8192, H=128, K=2048 (atomic and deterministic dKV); the forward again with the opt-in
+sm_90a wgmma kernel (DSA_SPARSE_MLA_WGMMA=1) at S in {8K, 128K}. FLOPs: forward
 2*T*H*K*(576+512) over valid entries (all entries are valid here), backward 2.5x that; both
 compute-bound against the bf16 tensor-core roofline. Bytes: each input read once, each output
 written once (kv counted once, not per selection).
@@ -11,6 +12,7 @@ CPU / quick: tiny shapes that run in well under a second.
 """
 from __future__ import annotations
 
+import os
 from typing import List
 
 import torch
@@ -77,7 +79,23 @@ def _dense_attention(q, kv, scale, chunk):
     return torch.cat(outs)
 
 
-def _fwd_case(device, T, H, S, K, gen, dense: bool) -> Case:
+def _with_wgmma(fn):
+    """Run fn with the opt-in sm_90a wgmma forward selected (the glue reads DSA_SPARSE_MLA_WGMMA
+    per call, so under --graphs the choice is captured too)."""
+    def run():
+        old = os.environ.get("DSA_SPARSE_MLA_WGMMA")
+        os.environ["DSA_SPARSE_MLA_WGMMA"] = "1"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["DSA_SPARSE_MLA_WGMMA"]
+            else:
+                os.environ["DSA_SPARSE_MLA_WGMMA"] = old
+    return run
+
+
+def _fwd_case(device, T, H, S, K, gen, dense: bool, wgmma: bool = False) -> Case:
     import dsa_ext
 
     q, kv, idx = _inputs(device, T, H, S, K, gen)
@@ -89,9 +107,10 @@ def _fwd_case(device, T, H, S, K, gen, dense: bool) -> Case:
         baselines["dense torch attention (all S)"] = lambda: _dense_attention(q, kv, scale, dchunk)
     flops = 2.0 * T * H * K * (D_QK + D_V)
     nbytes = (q.numel() + kv.numel()) * 2 + idx.numel() * 4 + T * H * D_V * 2 + T * H * 4
-    return Case(family="attn_fwd", name="sparse_mla_fwd",
+    op = lambda: dsa_ext.sparse_mla_fwd(q, kv, idx, scale)  # noqa: E731
+    return Case(family="attn_fwd", name="sparse_mla_fwd[wgmma]" if wgmma else "sparse_mla_fwd",
                 shape={"T": T, "H": H, "S": S, "K": K},
-                fn=lambda: dsa_ext.sparse_mla_fwd(q, kv, idx, scale),
+                fn=_with_wgmma(op) if wgmma else op,
                 flops=flops, bytes=float(nbytes), bound="compute", flops_dtype="bf16",
                 baselines=baselines, note="random indices, all valid")
 
@@ -124,6 +143,9 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     if device.type == "cuda" and not quick:
         for S in (8192, 32768, 131072):
             out.append(_fwd_case(device, 4096, 128, S, 2048, gen, dense=S == 8192))
+        # the opt-in sm_90a wgmma forward (64-head blocks), SPEC shapes
+        for S in (8192, 131072):
+            out.append(_fwd_case(device, 4096, 128, S, 2048, gen, dense=False, wgmma=True))
         out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=False))
         out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=True))
     else:

@@ -1,0 +1,247 @@
+// Sparse MLA forward on Hopper warpgroup MMA (wgmma, sm_90a only), for 64-head blocks.
+// Opt-in (DSA_SPARSE_MLA_WGMMA=1, see sparse_mla_cuda.cpp) until validated on hardware.
+//
+// One CTA per (token, 64 heads), 256 threads = two warpgroups, per 64-token block:
+//   warpgroup 1 gathers the next block's 64 latent rows (16-byte cp.async, zero-fill for skipped
+//   entries) into the other of two KV buffers while warpgroup 0 computes S of this block;
+//   warpgroup 0: S = Q Kᵀ (36 wgmma m64n64k16, Q and K from shared memory), online softmax on the
+//     fp32 accumulators (a row of S lives in the 4 lanes of a quad: no cross-warp reduction),
+//     P (bf16) and each row's rescale factor to shared memory;
+//   warpgroup w: O[:, 256 w, +256) = alpha O + P V (4 wgmma m64n256k16, P and V from shared
+//     memory; V is the first 512 columns of the KV tile read MN-major, not copied).
+//
+// Tiles in shared memory use the no-swizzle "core matrix" layout of wgmma descriptors: 8 rows x
+// 16 contiguous bytes per 128-byte core matrix, 8-row groups 128 bytes apart, 8-column groups
+// R * 16 bytes apart for an R-row tile. csrc/sparse_mla/emu/wgmma_layout_check.py models this
+// layout, the descriptors and the accumulator fragments and checks S and O against numpy.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/mma_sm80.cuh"
+#include "mla_decode/mla_decode_wgmma.cuh"  // wgmma descriptor / fence / mma helpers (shared)
+#include "sparse_mla/sparse_mla_kernels.cuh"
+
+namespace dsa::sparse_mla {
+
+namespace wg = dsa::mla_decode;
+
+// Byte offset of element (r, c) of an R-row bf16 core-matrix tile.
+template <int R>
+__host__ __device__ constexpr uint32_t core_byte_offset(int r, int c) {
+  return static_cast<uint32_t>((c >> 3) * (R * 16) + (r >> 3) * 128 + (r & 7) * 16 + (c & 7) * 2);
+}
+
+struct WgmmaFwdCfg {
+  static constexpr int kHB = 64;
+  static constexpr int kBN = 64;
+  static constexpr int kThreads = 256;
+  static constexpr uint32_t kRowGroupBytes = 128;             // SBO (K-major), LBO (MN-major)
+  static constexpr uint32_t kColGroupBytes = 64 * 16;         // 8-column group of a 64-row tile
+  static constexpr int kQBytes = kHB * kDqk * 2;              // 73,728
+  static constexpr int kKVBytes = kBN * kDqk * 2;             // 73,728
+  static constexpr int kPBytes = kHB * kBN * 2;               // 8,192
+  static constexpr int kQOff = 0;
+  static constexpr int kKVOff = kQOff + kQBytes;              // two buffers
+  static constexpr int kPOff = kKVOff + 2 * kKVBytes;
+  static constexpr int kAlphaOff = kPOff + kPBytes;           // float [64]: rescale; final max
+  static constexpr int kSumOff = kAlphaOff + kHB * 4;         // float [64]: final row sums
+  static constexpr int kValidOff = kSumOff + kHB * 4;         // float [2][64]
+  static constexpr int kSmemBytes = kValidOff + 2 * kBN * 4;  // 230,144
+  static_assert(kSmemBytes <= kMaxSmemPerBlock, "wgmma forward tiles exceed shared memory");
+  static_assert(kQOff % 16 == 0 && kKVOff % 16 == 0 && kPOff % 16 == 0, "wgmma operands 16-aligned");
+};
+
+// Gather a 64-row block into a core-matrix tile. Thread pairs copy 32 contiguous bytes of one
+// row (one full sector); consecutive pairs take consecutive rows.
+template <int kNThreads>
+__device__ __forceinline__ void wgmma_gather_kv_block(int tid, uint32_t tile, float* valid,
+                                                      const __nv_bfloat16* kv,
+                                                      const int32_t* idx_row, int blk, int limit,
+                                                      int64_t S) {
+  using C = WgmmaFwdCfg;
+  for (int c = tid; c < C::kBN * kQkChunks; c += kNThreads) {
+    const int r = (c >> 1) & (C::kBN - 1), ch = 2 * (c >> 7) + (c & 1);
+    const int64_t row = entry_row(idx_row, blk * C::kBN + r, limit, S);
+    const __nv_bfloat16* src = kv + (row >= 0 ? row * kDqk + ch * 8 : 0);
+    cp_async_16_zfill(tile + core_byte_offset<C::kBN>(r, ch * 8), src, row >= 0);
+    if (c < 2 * C::kBN && (c & 1) == 0) valid[r] = row >= 0 ? 1.f : 0.f;
+  }
+}
+
+__global__ void __launch_bounds__(WgmmaFwdCfg::kThreads, 1)
+    sparse_mla_fwd_wgmma_kernel(const __nv_bfloat16* __restrict__ q,
+                                const __nv_bfloat16* __restrict__ kv,
+                                const int32_t* __restrict__ indices,
+                                const float* __restrict__ attn_sink,
+                                const int32_t* __restrict__ topk_length,
+                                __nv_bfloat16* __restrict__ out, float* __restrict__ lse, int64_t S,
+                                int H, int K, float sm_scale) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = WgmmaFwdCfg;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* q_s = smem + C::kQOff;
+  uint8_t* kv_s0 = smem + C::kKVOff;
+  uint8_t* p_s = smem + C::kPOff;
+  float* alpha_s = reinterpret_cast<float*>(smem + C::kAlphaOff);
+  float* max_s = alpha_s;  // after the loop: each row's final max
+  float* sum_s = reinterpret_cast<float*>(smem + C::kSumOff);
+  float* valid_s = reinterpret_cast<float*>(smem + C::kValidOff);
+
+  const int nhb = H / C::kHB;
+  const int64_t t = blockIdx.x / nhb;
+  const int h0 = static_cast<int>(blockIdx.x % nhb) * C::kHB;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wgi = warp >> 2;                       // warpgroup: output columns [256 wgi, +256)
+  const int row0 = 16 * (warp & 3) + (lane >> 2);  // accumulator rows row0 and row0 + 8
+  const int c4 = lane & 3;
+  const int32_t* idx_row = indices + t * K;
+  const int limit = row_limit(topk_length, t, K);
+  const int nblocks = (limit + C::kBN - 1) / C::kBN;
+  const float scale2 = sm_scale * kLog2e;
+
+  {  // Q [64 x 576] (same pair-per-row order as the gather)
+    const __nv_bfloat16* qsrc = q + (t * H + h0) * kDqk;
+    const uint32_t q_addr = smem_u32(q_s);
+    for (int c = threadIdx.x; c < C::kHB * kQkChunks; c += C::kThreads) {
+      const int r = (c >> 1) & (C::kHB - 1), ch = 2 * (c >> 7) + (c & 1);
+      cp_async_16_zfill(q_addr + core_byte_offset<C::kHB>(r, ch * 8), qsrc + r * kDqk + ch * 8, true);
+    }
+  }
+  if (nblocks > 0)
+    wgmma_gather_kv_block<C::kThreads>(threadIdx.x, smem_u32(kv_s0), valid_s, kv, idx_row, 0, limit, S);
+  cp_async_commit();
+  cp_async_wait<0>();
+  wg::fence_proxy_async_smem();  // this thread's cp.async writes -> wgmma (async proxy) reads
+  __syncthreads();
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  float m_run[2] = {kMaxInit, kMaxInit}, l_run[2] = {0.f, 0.f};  // warpgroup 0 only
+
+  for (int blk = 0; blk < nblocks; ++blk) {
+    const int stage = blk & 1;
+    // Warpgroup 1 (idle during S and the softmax) gathers the next block into the other buffer,
+    // so the index loads and copy issue stay off warpgroup 0's path; it waits for the copies
+    // after its P V, before the barrier that ends this block.
+    if (wgi == 1 && blk + 1 < nblocks)
+      wgmma_gather_kv_block<C::kThreads / 2>(threadIdx.x - C::kThreads / 2,
+                                             smem_u32(kv_s0 + (stage ^ 1) * C::kKVBytes),
+                                             valid_s + (stage ^ 1) * C::kBN, kv, idx_row, blk + 1,
+                                             limit, S);
+    const uint8_t* kv_s = kv_s0 + stage * C::kKVBytes;
+    const float* valid = valid_s + stage * C::kBN;
+
+    if (wgi == 0) {  // warpgroup-uniform
+      float s[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) s[i] = 0.f;
+      const uint64_t a0 = wg::wgmma_desc(q_s, C::kHB * 16, C::kRowGroupBytes);
+      const uint64_t b0 = wg::wgmma_desc(kv_s, C::kColGroupBytes, C::kRowGroupBytes);
+      wg::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kDqk / 16; ++ks)  // k step 16 = two 8-column groups of each tile
+        wg::wgmma_m64n64k16_kmajor_b(s, a0 + ((ks * 2 * C::kHB * 16) >> 4),
+                                     b0 + ((ks * 2 * C::kColGroupBytes) >> 4), ks > 0);
+      wg::wgmma_commit();
+      wg::wgmma_wait_all();
+
+      // s[i]: row row0 + 8 ((i % 4) >= 2), token 8 (i / 4) + 2 c4 + (i & 1).
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int tok = 8 * (i >> 2) + 2 * c4 + (i & 1);
+        s[i] = valid[tok] != 0.f ? s[i] * scale2 : -INFINITY;
+        mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+      }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 1));
+        mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 2));
+        const float m_new = fmaxf(m_run[hf], mx[hf]);
+        const float alpha = exp2f(m_run[hf] - m_new);
+        m_run[hf] = m_new;
+        l_run[hf] *= alpha;
+        if (c4 == 0) alpha_s[row0 + 8 * hf] = alpha;
+      }
+      const uint32_t p_addr = smem_u32(p_s);
+#pragma unroll
+      for (int i = 0; i < 32; i += 2) {
+        const int hf = (i >> 1) & 1;
+        const float p0 = exp2f(s[i] - m_run[hf]), p1 = exp2f(s[i + 1] - m_run[hf]);
+        l_run[hf] += p0 + p1;
+        st_shared_u32(p_addr + core_byte_offset<C::kHB>(row0 + 8 * hf, 8 * (i >> 2) + 2 * c4),
+                      pack_bf16x2(p0, p1));
+      }
+      wg::fence_proxy_async_smem();  // P stores -> wgmma reads
+    }
+    __syncthreads();
+
+    {  // O[:, 256 wgi, +256) = alpha O + P V
+      const float a_lo = alpha_s[row0], a_hi = alpha_s[row0 + 8];
+#pragma unroll
+      for (int i = 0; i < 128; i += 4) {
+        o[i] *= a_lo; o[i + 1] *= a_lo;
+        o[i + 2] *= a_hi; o[i + 3] *= a_hi;
+      }
+      const uint64_t a0 = wg::wgmma_desc(p_s, C::kHB * 16, C::kRowGroupBytes);
+      // V = KV[:, :512] as B[k = token][n = column], MN-major: LBO = between 8-token groups,
+      // SBO = between 8-column groups.
+      const uint64_t b0 = wg::wgmma_desc(kv_s + core_byte_offset<C::kBN>(0, wgi * (kDv / 2)),
+                                         C::kRowGroupBytes, C::kColGroupBytes);
+      wg::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < C::kBN / 16; ++ks)
+        wg::wgmma_m64n256k16_nmajor_b(o, a0 + ((ks * 2 * C::kHB * 16) >> 4),
+                                      b0 + ((ks * 2 * C::kRowGroupBytes) >> 4), 1);
+      wg::wgmma_commit();
+      wg::wgmma_wait_all();
+    }
+    if (wgi == 1) {
+      cp_async_commit();
+      cp_async_wait<0>();
+      wg::fence_proxy_async_smem();  // the next block's tile -> wgmma reads
+    }
+    __syncthreads();  // next block's tile ready; this block's KV buffer / P free for reuse
+  }
+
+  if (wgi == 0) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 1);
+      l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 2);
+      if (c4 == 0) {
+        sum_s[row0 + 8 * hf] = l_run[hf];
+        max_s[row0 + 8 * hf] = m_run[hf];
+      }
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int r = row0 + 8 * hf;
+    const int h = h0 + r;
+    const float l = sum_s[r], m = max_s[r];
+    float inv = 0.f, row_lse = -INFINITY;
+    if (l > 0.f) {
+      float denom = l;
+      if (attn_sink) denom += exp2f(__ldg(attn_sink + h) * kLog2e - m);
+      inv = 1.f / denom;
+      row_lse = (m + log2f(l)) * kLn2;
+    }
+    __nv_bfloat16* orow = out + (t * H + h) * kDv + wgi * (kDv / 2) + 2 * c4;
+#pragma unroll
+    for (int j = 0; j < 32; ++j)  // o[4 j + 2 hf + e]: column 8 j + 2 c4 + e
+      *reinterpret_cast<uint32_t*>(orow + 8 * j) =
+          pack_bf16x2(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv);
+    if (wgi == 0 && c4 == 0) lse[t * H + h] = row_lse;
+  }
+#else
+  __trap();  // sm_90a only; the launcher never selects this kernel elsewhere
+#endif
+}
+
+}  // namespace dsa::sparse_mla
