@@ -18,7 +18,7 @@
 #include "mla_decode/mla_decode_launch.h"
 #include "mla_decode/mla_decode_layout.h"
 #include "mla_decode/mla_decode_mma.cuh"
-#include "mla_decode/mla_decode_wgmma.cuh"
+#include "common/wgmma_sm90.cuh"
 
 namespace dsa::mla_decode {
 

@@ -21,12 +21,12 @@
 #include <cstdint>
 
 #include "common/mma_sm80.cuh"
-#include "mla_decode/mla_decode_wgmma.cuh"  // wgmma descriptor / fence / mma helpers (shared)
+#include "common/wgmma_sm90.cuh"
 #include "sparse_mla/sparse_mla_kernels.cuh"
 
 namespace dsa::sparse_mla {
 
-namespace wg = dsa::mla_decode;
+namespace wg = dsa;  // the wgmma helpers of common/wgmma_sm90.cuh
 
 // Byte offset of element (r, c) of an R-row bf16 core-matrix tile.
 template <int R>

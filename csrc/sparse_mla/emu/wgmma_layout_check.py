@@ -74,7 +74,7 @@ def core_byte_offset(R: int, r, c):
 
 
 def wgmma_desc(addr: int, lbo: int, sbo: int) -> int:
-    """mla_decode_wgmma.cuh wgmma_desc (no swizzle)."""
+    """common/wgmma_sm90.cuh wgmma_desc (no swizzle)."""
     return (((addr & 0x3FFFF) >> 4) | (((lbo >> 4) & 0x3FFF) << 16) |
             (((sbo >> 4) & 0x3FFF) << 32)) & 0xFFFFFFFFFFFFFFFF
 

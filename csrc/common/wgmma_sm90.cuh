@@ -1,11 +1,11 @@
-// Hopper warpgroup MMA (wgmma) helpers for the decode kernel: bf16 operands from shared memory
-// through no-swizzle matrix descriptors, fp32 accumulators. Only sm_90a has wgmma; elsewhere the
-// helpers trap and the launcher never selects the wgmma kernel (see mla_decode_launch.cu).
+// Hopper warpgroup MMA (wgmma) helpers shared by the sparse_mla and mla_decode kernels: bf16
+// operands from shared memory through no-swizzle matrix descriptors, fp32 accumulators. Only
+// sm_90a has wgmma; elsewhere the helpers trap and the launchers never select a wgmma kernel.
 // The long operand lists below were generated (one "+f" per accumulator register).
 #pragma once
 #include <cstdint>
 
-namespace dsa::mla_decode {
+namespace dsa {
 
 // Shared-memory matrix descriptor, no swizzle (PTX 9.7.15.5.1.2.2): start address, leading
 // byte offset (stride between core matrices along K for K-major, along K-groups for MN-major),
@@ -67,4 +67,4 @@ __device__ __forceinline__ void wgmma_m64n256k16_nmajor_b(float (&d)[128], uint6
 #endif
 }
 
-}  // namespace dsa::mla_decode
+}  // namespace dsa
