@@ -1,6 +1,7 @@
 """Calls every op once on small random inputs, including invalid indices and slots, so that
 compute-sanitizer (memcheck, racecheck) sees each CUDA kernel run. Used by gpu_check.sh
 --sanitize; `python bench/sanitize_smoke.py cpu` checks the script itself on a CPU machine."""
+import os
 import sys
 
 import torch
@@ -63,6 +64,12 @@ for cache in (torch.zeros(nb, bs, 1, 656, dtype=torch.uint8, device=dev),
     for heads, topk in ((Ha, K), (128, 1024)):
         dsa_ext.sparse_mla_decode(rn(2, 2, heads, 576, scale=0.3), cache,
                                   ri(-1, nb * bs + 20, 2, 2, topk), 576 ** -0.5)
+# the opt-in Hopper wgmma kernels (64-head blocks), selected per call by the environment
+os.environ["DSA_SPARSE_MLA_WGMMA"] = os.environ["DSA_MLA_DECODE_WGMMA"] = "1"
+q64 = rn(T, 64, 576, scale=0.3)
+dsa_ext.sparse_mla_fwd(q64, kv, ind, 576 ** -0.5)
+dsa_ext.sparse_mla_decode(rn(2, 2, 64, 576, scale=0.3), cache, ri(-1, nb * bs + 20, 2, 2, K), 576 ** -0.5)
+del os.environ["DSA_SPARSE_MLA_WGMMA"], os.environ["DSA_MLA_DECODE_WGMMA"]
 if dev.type == "cuda":
     torch.cuda.synchronize()
 print("sanitize smoke: all ops ran on", dev)
