@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from .cache import indexer_cache_tokens
+
 __all__ = [
     "indexer_logits",
     "paged_indexer_logits",
@@ -58,11 +60,8 @@ def unpack_indexer_k_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.
     """Inverse of ``pack_indexer_k_cache``: ``(k_fp8 [nb, bs, D], k_scale [nb, bs])``."""
     assert kv_cache.dtype == torch.uint8 and kv_cache.dim() == 4 and kv_cache.size(2) == 1
     nb, bs, _, dp4 = kv_cache.shape
-    d = dp4 - 4
-    flat = kv_cache.contiguous().reshape(nb, bs * dp4)
-    k_fp8 = flat[:, : bs * d].contiguous().view(_FP8).reshape(nb, bs, d)
-    k_scale = flat[:, bs * d:].contiguous().view(torch.float32).reshape(nb, bs)
-    return k_fp8, k_scale
+    k_fp8, k_scale = indexer_cache_tokens(kv_cache.contiguous())
+    return k_fp8.reshape(nb, bs, dp4 - 4), k_scale.reshape(nb, bs)
 
 
 def _weighted_relu_logits(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor,
