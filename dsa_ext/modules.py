@@ -30,6 +30,7 @@ from torch import nn
 
 from .paged_cache import PagedDSACache
 from .reference.dense import causal_ranges
+from .reference.hadamard import walsh_hadamard_butterflies
 
 __all__ = [
     "rope_cos_sin", "apply_rope_neox", "hadamard_transform", "ragged_causal_ranges",
@@ -69,13 +70,7 @@ def hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"hadamard_transform needs a power-of-two last dim, got {n}")
-    y = x.float().reshape(-1, n)
-    h = 1
-    while h < n:
-        pairs = y.view(-1, n // (2 * h), 2, h)
-        y = torch.stack((pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]), dim=2)
-        h *= 2
-    return (y.reshape(x.shape) * scale).to(x.dtype)
+    return (walsh_hadamard_butterflies(x) * scale).to(x.dtype)
 
 
 def ragged_causal_ranges(cu_seqlens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ import torch
 
 from .cache import fp8_quantize
 
-__all__ = ["hadamard_matrix", "hadamard_transform", "hadamard_fp8_quantize"]
+__all__ = ["hadamard_matrix", "hadamard_transform", "hadamard_fp8_quantize", "walsh_hadamard_butterflies"]
 
 
 def hadamard_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
@@ -23,6 +23,15 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """``x @ H * D**-0.5`` over the last dim, in fp32 by the fast Walsh-Hadamard butterflies
     (strides 1, 2, 4, ...), the operation order the kernels use, so results agree bit for bit."""
     d = x.shape[-1]
+    norm = torch.tensor(1.0, dtype=torch.float32) / torch.sqrt(torch.tensor(float(d), dtype=torch.float32))
+    return walsh_hadamard_butterflies(x) * norm
+
+
+def walsh_hadamard_butterflies(x: torch.Tensor) -> torch.Tensor:
+    """Unscaled ``x @ H`` over the last dim in fp32 (``x``'s shape), by the fast Walsh-Hadamard
+    butterflies with strides 1, 2, 4, ...; shared by ``hadamard_transform`` and
+    ``dsa_ext.modules.hadamard_transform`` so both round the same way as the kernels."""
+    d = x.shape[-1]
     if d < 1 or d & (d - 1):
         raise ValueError(f"x.size(-1) must be a power of two, got {d}")
     v = x.float().reshape(-1, d).clone()
@@ -32,8 +41,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
         a, b = v[:, :, 0, :], v[:, :, 1, :]
         v = torch.stack([a + b, a - b], dim=2)
         h *= 2
-    norm = torch.tensor(1.0, dtype=torch.float32) / torch.sqrt(torch.tensor(float(d), dtype=torch.float32))
-    return (v.reshape(x.shape) * norm).to(torch.float32)
+    return v.reshape(x.shape)
 
 
 def hadamard_fp8_quantize(x: torch.Tensor, block_size: int = 128, ue8m0: bool = True):
