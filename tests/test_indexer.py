@@ -61,6 +61,8 @@ def _assert_in_range_close(out, expected, in_range, clean_logits, magnitude=None
     out, expected, in_range = out.cpu(), expected.cpu(), in_range.cpu()
     got, want = out[in_range], expected[in_range]
     assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    if clean_logits:
+        assert torch.isneginf(out[~in_range]).all(), "clean_logits: -inf outside each row's range"
     finite = torch.isfinite(want)
     if magnitude is None:
         torch.testing.assert_close(got[finite], want[finite], rtol=2e-5, atol=1e-5)
@@ -72,8 +74,6 @@ def _assert_in_range_close(out, expected, in_range, clean_logits, magnitude=None
     assert (err <= 2e-5 * want.abs() + 1e-5 + CUDA_FP8_SLACK * mag).all(), (
         f"max error {err.max().item():.3g}, worst error / magnitude "
         f"{(err / mag.clamp_min(1e-30)).max().item():.3g} (slack {CUDA_FP8_SLACK:.3g})")
-    if clean_logits:
-        assert torch.isneginf(out[~in_range]).all()
 
 
 def _prefill_inputs(T, S, H, D, gen, device, ranges):
