@@ -153,7 +153,8 @@ def test_agrees_with_written_and_gathered_cache(device, gen, fp8):
     expect = torch.softmax(scores, dim=1) @ rows[:, :D_V]
     out, lse = dsa_ext.sparse_mla_decode(q.to(device), cache.to(device), idx.to(device), 0.05)
     assert rel_err(out.cpu()[0, 0], expect) < (8e-3 if device == "cpu" else 2e-2)
-    torch.testing.assert_close(lse.cpu()[0, 0].double(), torch.logsumexp(scores, 1), atol=1e-2, rtol=0)
+    torch.testing.assert_close(lse.cpu()[0, 0].double(), torch.logsumexp(scores, 1),
+                               atol=1e-3 if device == "cpu" else 1e-2, rtol=0)
 
 
 @pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
@@ -189,8 +190,9 @@ def test_equals_sparse_mla_fwd_on_dequantised_cache(device, gen, per_query):
     do, dl = do.cpu(), dl.cpu()
     empty = torch.isneginf(fl)
     assert torch.equal(torch.isneginf(dl), empty)
-    assert rel_err(do[~empty], fo[~empty]) < 1e-2
-    assert (dl[~empty] - fl[~empty]).abs().max().item() < 1e-2
+    # CPU: both ops accumulate in fp32 over the same bf16-exact rows, so they agree closely.
+    assert rel_err(do[~empty], fo[~empty]) < (1e-3 if device == "cpu" else 1e-2)
+    assert (dl[~empty] - fl[~empty]).abs().max().item() < (1e-4 if device == "cpu" else 1e-2)
 
 
 @pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
