@@ -250,6 +250,11 @@ def test_dsa_path_ragged_batch_equals_separate_sequences(gen):
         torch.testing.assert_close(result.out[start:start + n], alone.out, atol=1e-2, rtol=1e-2)
         got = result.indices[start:start + n]
         assert ((got < 0) | ((got >= start) & (got < start + n))).all(), "a key from another sequence"
+        # the same keys as the sequence alone (positions shifted by its start; a sequence
+        # shorter than topk alone returns min(topk, n) columns, the batch pads them with -1)
+        local = torch.where(got < 0, got, got - start)
+        want = torch.nn.functional.pad(alone.indices, (0, got.shape[1] - alone.indices.shape[1]), value=-1)
+        assert torch.equal(local.sort(-1).values, want.sort(-1).values)
 
 
 @needs_sparse_mla
