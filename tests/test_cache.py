@@ -351,7 +351,6 @@ def test_mla_kv_cache_round_trip(device, gen, fp8):
         assert torch.equal(out, kv.float())
         return
     assert torch.equal(out[:, 512:], kv[:, 512:].float())       # rope is not quantised
-    s = ref.dequantize_mla_cache(cache.cpu())  # noqa: F841  (exercise the helper on real data)
     amax = kv[:, :512].float().abs().reshape(n, 4, 128).amax(-1)
     tile_s = ref.mla_tile_scale(amax).repeat_interleave(128, dim=-1)
     x = kv[:, :512].float()
