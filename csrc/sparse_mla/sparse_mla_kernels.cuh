@@ -38,6 +38,22 @@ __device__ __forceinline__ int row_limit(const int32_t* topk_length, int64_t t, 
 
 // Entry j of row t names a kv row (>= 0) or is skipped (-1): j beyond the row's limit, or an
 // index outside [0, S).
+// The end of a row's online softmax: the factor that normalises its output (the sink joins the
+// denominator only) and its natural-log lse; a row with no valid entry (l == 0) gives 0 and -inf.
+struct RowNorm {
+  float inv, lse;
+};
+__device__ __forceinline__ RowNorm finish_row(float l, float m, const float* attn_sink, int h) {
+  RowNorm r{0.f, -INFINITY};
+  if (l > 0.f) {
+    float denom = l;
+    if (attn_sink) denom += exp2f(__ldg(attn_sink + h) * kLog2e - m);
+    r.inv = 1.f / denom;
+    r.lse = (m + log2f(l)) * kLn2;
+  }
+  return r;
+}
+
 __device__ __forceinline__ int64_t entry_row(const int32_t* idx_row, int j, int limit, int64_t S) {
   if (j >= limit) return -1;
   const int64_t r = __ldg(idx_row + j);
@@ -271,13 +287,8 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
       const int h = h0 + r;
       const float l = sSum[r] + sSum[HB + r];
       const float m = sMax[r];
-      float inv = 0.f, row_lse = -INFINITY;
-      if (l > 0.f) {
-        float denom = l;
-        if (attn_sink) denom += exp2f(__ldg(attn_sink + h) * kLog2e - m);
-        inv = 1.f / denom;
-        row_lse = (m + log2f(l)) * kLn2;
-      }
+      const RowNorm norm = finish_row(l, m, attn_sink, h);
+      const float inv = norm.inv, row_lse = norm.lse;
       __nv_bfloat16* orow = out + (t * H + h) * kDv + C::kPvCols * pn + 2 * c4;
 #pragma unroll
       for (int i = 0; i < C::kPvNt; ++i)

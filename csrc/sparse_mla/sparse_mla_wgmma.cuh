@@ -225,13 +225,8 @@ __global__ void __launch_bounds__(WgmmaFwdCfg::kThreads, 1)
     const int r = row0 + 8 * hf;
     const int h = h0 + r;
     const float l = sum_s[r], m = max_s[r];
-    float inv = 0.f, row_lse = -INFINITY;
-    if (l > 0.f) {
-      float denom = l;
-      if (attn_sink) denom += exp2f(__ldg(attn_sink + h) * kLog2e - m);
-      inv = 1.f / denom;
-      row_lse = (m + log2f(l)) * kLn2;
-    }
+    const RowNorm norm = finish_row(l, m, attn_sink, h);
+    const float inv = norm.inv, row_lse = norm.lse;
     __nv_bfloat16* orow = out + (t * H + h) * kDv + wgi * (kDv / 2) + 2 * c4;
 #pragma unroll
     for (int j = 0; j < 32; ++j)  // o[4 j + 2 hf + e]: column 8 j + 2 c4 + e
