@@ -143,6 +143,10 @@ void cp_async_wait(int n);
 // wgmma.wait_group that retires its group; until then acc holds NaN and reading it through
 // emu::check_registers is reported.
 void wgmma_defer(float* acc, const float* value, int n);
+// The accumulator input of a wgmma: acc's in-flight value when an earlier wgmma of this thread
+// still owes it (chaining wgmmas on one accumulator without a wait is legal, PTX 9.7.15.5.2),
+// else acc itself. Reads through here are not reported.
+void wgmma_accumulator_in(const float* acc, float* value, int n);
 void wgmma_commit();
 void wgmma_wait(int n);
 void wgmma_fence();
