@@ -44,10 +44,19 @@ struct LaunchSpec {
 constexpr size_t kMaxDynamicSmem = 227 * 1024;  // H100 opt-in limit per CTA
 constexpr int kNumSms = 132;
 
-// Runs body() once per CUDA thread of the grid (blockIdx/threadIdx set). Returns the CUDA
+// Runs body(ctx) once per CUDA thread of the grid (blockIdx/threadIdx set). Returns the CUDA
 // status a real launch would give (cudaErrorInvalidValue for a bad configuration); hazards
-// found while running are recorded in reports(), not returned.
-int launch(const LaunchSpec& spec, const std::function<void()>& body);
+// found while running are recorded in reports(), not returned. body/ctx rather than a
+// std::function: the kernel-argument lambda then lives on the launcher's stack, which kernel
+// code may read (argument evaluation), not on the heap, which it may not.
+int launch(const LaunchSpec& spec, void (*body)(void*), void* ctx);
+// Maximum dynamic shared memory a kernel was allowed by cudaFuncSetAttribute (48 KB default),
+// and whether it may use non-portable cluster sizes (> 8); keyed by the kernel's address.
+// A readable kernel name: the demangled symbol at `kernel` (so a launch through a function
+// pointer variable is named by what it points to), else `fallback`. The string lives forever.
+const char* kernel_name(const void* kernel, const char* fallback);
+void set_kernel_attribute(const void* kernel, int attribute, int value);
+int kernel_attribute(const void* kernel, int attribute);
 
 // ---- global memory the kernel may touch ----------------------------------------------------
 
@@ -154,6 +163,15 @@ void fence_proxy_async();
 
 // Reports a hazard found by ptx.h or the shim (kind as in Report) at the caller's place.
 void report(const char* kind, const std::string& text);
+// Atomics (PTX 9.7.12.5 atom / red): bounds-checked and counted, exempt from race checks
+// against other atomics. op: "add", "max", "min", "or", "and", "xor", "exch", "cas".
+uint32_t atomic32(void* p, const char* op, uint32_t v, uint32_t cmp, bool is_float, bool is_signed);
+uint64_t atomic64(void* p, const char* op, uint64_t v, uint64_t cmp, bool is_float);
 [[noreturn]] void trap(const char* why);
+// Counts one warp-level (mma*, ldmatrix*) or warpgroup-level (wgmma*) instruction; ptx.cpp
+// calls it once per instruction, from the collective's fn.
+void count_instruction(const char* what);
+// The plain-access hook behind the __tsan_* entry points.
+void on_access_hook(void* p, size_t n, bool write, const void* pc);
 
 }  // namespace emu

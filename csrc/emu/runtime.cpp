@@ -1,0 +1,1186 @@
+// The emulator runtime (see emu.h for the model). Compiled without instrumentation: the
+// kernel translation units call the __tsan_* hooks at the bottom of this file for every load
+// and store, and everything else through emu.h.
+#include "emu.h"
+
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <link.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cinttypes>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <unordered_map>
+
+// The CUDA built-in variables. shim/cuda_runtime.h declares them const, so kernel code cannot
+// assign them; only the scheduler writes them (defined non-const here: a const definition
+// could be placed in read-only memory).
+emu::Dim3 threadIdx{0, 0, 0}, blockIdx{0, 0, 0}, blockDim{1, 1, 1}, gridDim{1, 1, 1};
+
+namespace emu {
+namespace {
+
+// Sets the built-ins for the thread about to run (they are const to everybody else).
+void set_builtins(const Dim3& t, const Dim3& b) {
+  ::threadIdx = t;
+  ::blockIdx = b;
+}
+
+// ------------------------------------------------------------------ state of one launch
+
+constexpr size_t kStackBytes = 512 * 1024;
+constexpr size_t kGuardBytes = 64 * 1024;  // around each CTA's shared memory: hits are oob-shared
+constexpr int kMaxBarriers = 16;           // bar.sync ids 0..15 (PTX 9.7.13.4)
+
+enum class Wait { kNone, kBarrier, kCollective, kCluster, kDone };
+
+struct PendingCopy {
+  uint32_t dst;
+  const uint8_t* src;
+  int cp_size, src_size;
+  int group;  // -1 until committed
+};
+struct PendingWgmma {
+  float* acc;
+  std::vector<float> value;
+  int group;
+};
+
+struct Fiber {
+  ucontext_t ctx;
+  void* stack = nullptr;
+  ThreadPos pos;
+  struct Cta* cta = nullptr;
+  Wait wait = Wait::kNone;
+  const char* wait_what = "";
+  int wait_id = 0;
+  std::vector<uint32_t> vc;  // vector clock over the CTA's threads
+  uint32_t proxy_fences = 0;
+  std::vector<PendingCopy> copies;
+  int cp_groups = 0;  // committed cp.async groups so far
+  std::vector<PendingWgmma> wgmmas;
+  int wg_groups = 0;
+  std::unordered_map<uintptr_t, uint32_t> pc_seen;  // dynamic instance per pc (counters)
+};
+
+struct ByteShadow {
+  uint32_t wclk = 0, wfence = 0;
+  uint16_t wtid = 0;
+  uint8_t written = 0, pending = 0;
+  uint16_t rtid[2] = {0, 0};
+  uint32_t rclk[2] = {0, 0};
+  uint8_t nreads = 0;
+};
+
+struct CollectiveState {
+  const char* op = nullptr;
+  std::vector<uint32_t> in, out;
+  std::vector<uint32_t*> out_ptr;
+  uint64_t arrived_lo = 0, arrived_hi = 0;  // up to 128 members
+  int arrived = 0, n_in = 0, n_out = 0;
+};
+
+struct BarrierState {
+  int arrived = 0, expected = 0;
+  std::vector<Fiber*> waiting;
+};
+
+struct Access {
+  uint32_t lane;
+  uintptr_t addr;
+  uint32_t size;
+};
+
+struct Cta {
+  Dim3 block;
+  unsigned rank = 0;
+  int nthreads = 0;
+  uint8_t* region = nullptr;  // guard | smem | guard
+  uint8_t* smem = nullptr;
+  size_t smem_size = 0;
+  std::vector<ByteShadow> shadow;
+  std::vector<Fiber*> fibers;
+  BarrierState bars[kMaxBarriers];
+  std::map<std::pair<int, int>, CollectiveState> collectives;  // (scope, group index)
+  std::unordered_map<uint64_t, std::vector<Access>> warp_requests[32];  // per warp (pc, instance)
+};
+
+struct Global {
+  uintptr_t lo, hi;
+  std::string name;
+};
+
+struct LoadRange {
+  uintptr_t lo, hi;
+};
+
+struct State {
+  bool in_launch = false;
+  bool in_collective_fn = false;  // the emulator's own code of a collective: not kernel accesses
+  bool aborted = false;
+  LaunchSpec spec;
+  Dim3 grid, block, cluster;
+  std::vector<std::unique_ptr<Cta>> ctas;
+  std::vector<std::unique_ptr<Fiber>> fibers;
+  Fiber* current = nullptr;
+  ucontext_t scheduler;
+  void (*body)(void*) = nullptr;
+  void* ctx = nullptr;
+  std::vector<Global> globals;
+  std::vector<LoadRange> images;  // the loaded libraries' own segments (constant tables)
+  uintptr_t main_stack_lo = 0, main_stack_hi = 0;
+  std::vector<Report> reports;
+  std::map<std::string, int> report_counts;
+  int report_limit = 20;
+  std::vector<std::pair<std::string, Counters>> counters;
+  Counters* cur_counters = nullptr;
+  std::map<const void*, std::map<int, int>> attributes;
+  std::vector<void*> stack_pool;
+  std::vector<uint8_t*> region_pool;
+} g;
+
+void* get_stack() {
+  if (!g.stack_pool.empty()) {
+    void* s = g.stack_pool.back();
+    g.stack_pool.pop_back();
+    return s;
+  }
+  void* s = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (s == MAP_FAILED) {
+    std::fprintf(stderr, "emu: out of memory for fiber stacks\n");
+    std::abort();
+  }
+  return s;
+}
+
+std::string place(const void* pc) {
+  Dl_info info;
+  char buf[512];
+  if (pc && dladdr(pc, &info) && info.dli_sname) {
+    int status = 0;
+    std::snprintf(buf, sizeof buf, "%s+0x%lx", info.dli_sname,
+                  static_cast<unsigned long>(static_cast<const char*>(pc) - static_cast<const char*>(info.dli_saddr)));
+  } else if (pc && dladdr(pc, &info) && info.dli_fname) {
+    std::snprintf(buf, sizeof buf, "%s+0x%lx", info.dli_fname,
+                  static_cast<unsigned long>(static_cast<const char*>(pc) - static_cast<const char*>(info.dli_fbase)));
+  } else {
+    std::snprintf(buf, sizeof buf, "%p", pc);
+  }
+  return buf;
+}
+
+std::string who(const Fiber* f) {
+  char buf[160];
+  if (!f) return "host";
+  std::snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u) [tid %d]", f->pos.block.x, f->pos.block.y,
+                f->pos.block.z, f->pos.thread.x, f->pos.thread.y, f->pos.thread.z, f->pos.tid);
+  return buf;
+}
+
+void add_report(const char* kind, const std::string& text, const void* pc) {
+  std::string key = std::string(kind) + "|" + g.spec.kernel;
+  int& n = g.report_counts[key];
+  ++n;
+  if (n > g.report_limit) return;
+  Report r;
+  r.kind = kind;
+  r.kernel = g.spec.kernel;
+  r.text = text + (pc ? " at " + place(pc) : std::string());
+  g.reports.push_back(std::move(r));
+}
+
+// ------------------------------------------------------------------ scheduling
+
+void switch_to_scheduler() {
+  Fiber* f = g.current;
+  swapcontext(&f->ctx, &g.scheduler);
+}
+
+void block_current(Wait w, const char* what, int id) {
+  Fiber* f = g.current;
+  f->wait = w;
+  f->wait_what = what;
+  f->wait_id = id;
+  switch_to_scheduler();
+  if (g.aborted) switch_to_scheduler();  // never resumed again
+}
+
+void wake(Fiber* f) { f->wait = Wait::kNone; }
+
+void fiber_entry() {
+  g.body(g.ctx);
+  Fiber* f = g.current;
+  // A thread that exits no longer counts toward CTA-wide barriers (hardware behaviour for
+  // exited warps): complete any barrier it leaves everybody else waiting on.
+  f->wait = Wait::kDone;
+  Cta* c = f->cta;
+  for (int id = 0; id < kMaxBarriers; ++id) {
+    BarrierState& b = c->bars[id];
+    if (b.arrived > 0 && b.expected == 0) {
+      // handled in the scheduler's deadlock pass
+    }
+  }
+  swapcontext(&f->ctx, &g.scheduler);
+}
+
+// Joins the vector clocks of `members` and starts a new epoch for each.
+void join_clocks(const std::vector<Fiber*>& members) {
+  if (members.empty()) return;
+  const size_t n = members[0]->vc.size();
+  std::vector<uint32_t> j(n, 0);
+  for (Fiber* m : members)
+    for (size_t i = 0; i < n; ++i) j[i] = std::max(j[i], m->vc[i]);
+  for (Fiber* m : members) {
+    m->vc = j;
+    ++m->vc[m->pos.tid];
+  }
+}
+
+int live_threads(const Cta* c) {
+  int n = 0;
+  for (const Fiber* f : c->fibers) n += f->wait != Wait::kDone;
+  return n;
+}
+
+void flush_counters(Cta* c);
+
+bool release_barrier(Cta* c, int id) {
+  BarrierState& b = c->bars[id];
+  const int need = b.expected ? b.expected : live_threads(c);
+  if (b.arrived < need || b.arrived == 0) return false;
+  if (!b.expected && b.arrived < c->nthreads) {
+    // CUDA: __syncthreads in conditional code must be reached by the whole block; threads
+    // that exited never arrive (hardware happens to release; the program is still wrong).
+    add_report("barrier-deadlock", "CTA-wide barrier " + std::to_string(id) + " completed by " + std::to_string(b.arrived) +
+                                       " of " + std::to_string(c->nthreads) + " threads: the others exited without reaching it",
+               nullptr);
+  }
+  join_clocks(b.waiting);
+  for (Fiber* f : b.waiting) wake(f);
+  b.waiting.clear();
+  b.arrived = 0;
+  b.expected = 0;
+  if (g.cur_counters) ++g.cur_counters->barriers;
+  flush_counters(c);
+  return true;
+}
+
+std::vector<Fiber*> g_cluster_waiting;
+
+bool release_cluster() {
+  int live = 0;
+  for (auto& f : g.fibers) live += f->wait != Wait::kDone;
+  if (g_cluster_waiting.empty() || static_cast<int>(g_cluster_waiting.size()) < live) return false;
+  for (auto& c : g.ctas) {
+    std::vector<Fiber*> mine;
+    for (Fiber* f : g_cluster_waiting)
+      if (f->cta == c.get()) mine.push_back(f);
+    join_clocks(mine);
+    flush_counters(c.get());
+  }
+  for (Fiber* f : g_cluster_waiting) wake(f);
+  g_cluster_waiting.clear();
+  if (g.cur_counters) ++g.cur_counters->barriers;
+  return true;
+}
+
+void report_deadlock() {
+  std::string text = "no thread can make progress;";
+  std::map<std::string, int> waits;
+  for (auto& f : g.fibers) {
+    if (f->wait == Wait::kDone) continue;
+    char buf[128];
+    std::snprintf(buf, sizeof buf, " %s %d (cta %u)", f->wait_what, f->wait_id, f->cta->rank);
+    ++waits[buf];
+  }
+  for (auto& [w, n] : waits) text += w + " x" + std::to_string(n) + ";";
+  for (auto& c : g.ctas)
+    for (int id = 0; id < kMaxBarriers; ++id)
+      if (c->bars[id].arrived)
+        text += " barrier " + std::to_string(id) + ": " + std::to_string(c->bars[id].arrived) + " arrived of " +
+                std::to_string(c->bars[id].expected ? c->bars[id].expected : live_threads(c.get())) + ";";
+  add_report("barrier-deadlock", text, nullptr);
+}
+
+// Runs the fibers of one cluster until all are done or nothing can progress.
+void run_cluster() {
+  bool progress = true;
+  while (true) {
+    bool all_done = true;
+    progress = false;
+    for (auto& fp : g.fibers) {
+      Fiber* f = fp.get();
+      if (f->wait == Wait::kDone) continue;
+      all_done = false;
+      if (f->wait != Wait::kNone) continue;
+      g.current = f;
+      set_builtins(f->pos.thread, f->pos.block);
+      swapcontext(&g.scheduler, &f->ctx);
+      g.current = nullptr;
+      progress = true;
+      if (g.aborted) return;
+    }
+    if (all_done) return;
+    // Threads that exited may complete CTA-wide barriers the others wait on.
+    for (auto& c : g.ctas)
+      for (int id = 0; id < kMaxBarriers; ++id)
+        if (c->bars[id].arrived && release_barrier(c.get(), id)) progress = true;
+    if (release_cluster()) progress = true;
+    if (!progress) {
+      report_deadlock();
+      return;
+    }
+  }
+}
+
+Fiber* cur() { return g.current; }
+
+// ------------------------------------------------------------------ shadow memory
+
+bool in_region(const Cta* c, uintptr_t a, size_t n) {
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(c->smem);
+  return a >= lo && a + n <= lo + c->smem_size;
+}
+
+// Happens-before: does thread f know about thread t's clock value clk?
+inline bool ordered(const Fiber* f, int t, uint32_t clk) { return f->vc[t] >= clk; }
+
+void shadow_access(Cta* c, Fiber* f, size_t off, size_t n, bool write, bool async_read, const void* pc) {
+  for (size_t i = 0; i < n; ++i) {
+    ByteShadow& s = c->shadow[off + i];
+    const int t = f->pos.tid;
+    if (s.pending) {
+      char buf[200];
+      std::snprintf(buf, sizeof buf, "%s of shared byte 0x%zx by %s while a cp.async to it is outstanding (no wait_group covers it)",
+                    write ? "write" : "read", off + i, who(f).c_str());
+      add_report("pending-cp-async", buf, pc);
+      return;
+    }
+    if (s.written && s.wtid != t && !ordered(f, s.wtid, s.wclk)) {
+      char buf[240];
+      std::snprintf(buf, sizeof buf, "%s of shared byte 0x%zx by %s races with a write by tid %d (no barrier between)",
+                    write ? "write" : "read", off + i, who(f).c_str(), s.wtid);
+      add_report("race", buf, pc);
+      return;
+    }
+    if (!write) {
+      if (!s.written) {
+        char buf[200];
+        std::snprintf(buf, sizeof buf, "read of never-written shared byte 0x%zx by %s", off + i, who(f).c_str());
+        add_report("uninit-shared", buf, pc);
+      }
+      if (s.written && async_read && s.wfence == f->cta->fibers[s.wtid]->proxy_fences + 1) {
+        char buf[240];
+        std::snprintf(buf, sizeof buf,
+                      "wgmma (async proxy) read of shared byte 0x%zx written by tid %d through the generic proxy with no fence.proxy.async after the write",
+                      off + i, s.wtid);
+        add_report("proxy-fence", buf, pc);
+        return;
+      }
+      const uint32_t clk = f->vc[t];
+      int slot = -1;
+      for (int r = 0; r < s.nreads; ++r)
+        if (s.rtid[r] == t || ordered(f, s.rtid[r], s.rclk[r])) { slot = r; break; }
+      if (slot < 0) slot = s.nreads < 2 ? s.nreads++ : 0;  // two concurrent readers kept (approximate)
+      s.rtid[slot] = static_cast<uint16_t>(t);
+      s.rclk[slot] = clk;
+    } else {
+      for (int r = 0; r < s.nreads; ++r)
+        if (s.rtid[r] != t && !ordered(f, s.rtid[r], s.rclk[r])) {
+          char buf[240];
+          std::snprintf(buf, sizeof buf, "write of shared byte 0x%zx by %s races with a read by tid %d (no barrier between)",
+                        off + i, who(f).c_str(), s.rtid[r]);
+          add_report("race", buf, pc);
+          return;
+        }
+      s.written = 1;
+      s.wtid = static_cast<uint16_t>(t);
+      s.wclk = f->vc[t];
+      s.wfence = f->proxy_fences + 1;
+      s.nreads = 0;
+    }
+  }
+}
+
+// Warp-level grouping for the counters: the k-th execution of one pc by the lanes of a warp is
+// one instruction (a request).
+void count_access(Fiber* f, uintptr_t pc, uintptr_t addr, uint32_t size) {
+  Cta* c = f->cta;
+  const uint32_t k = f->pc_seen[pc]++;
+  const uint64_t key = (static_cast<uint64_t>(pc) << 16) ^ k;
+  c->warp_requests[f->pos.tid / 32 % 32][key].push_back({static_cast<uint32_t>(f->pos.tid % 32), addr, size});
+}
+
+void flush_counters(Cta* c) {
+  Counters* k = g.cur_counters;
+  for (auto& wr : c->warp_requests) {
+    for (auto& [key, acc] : wr) {
+      if (!k) continue;
+      const Access& a0 = acc[0];
+      const bool shared = c->smem && a0.addr >= reinterpret_cast<uintptr_t>(c->smem) &&
+                          a0.addr < reinterpret_cast<uintptr_t>(c->smem) + c->smem_size + kGuardBytes;
+      if (shared) {
+        // 32 banks of 4 bytes; a wavefront serves one distinct 4-byte word per bank.
+        std::map<uint32_t, std::vector<uintptr_t>> bank_words;
+        size_t bytes = 0;
+        for (const Access& a : acc) {
+          bytes += a.size;
+          for (uintptr_t w = a.addr / 4; w <= (a.addr + a.size - 1) / 4; ++w) {
+            auto& v = bank_words[w % 32];
+            if (std::find(v.begin(), v.end(), w) == v.end()) v.push_back(w);
+          }
+        }
+        size_t wf = 1;
+        for (auto& [b, v] : bank_words) wf = std::max(wf, v.size());
+        wf = std::max(wf, (bytes + 127) / 128);
+        ++k->smem_requests;
+        k->smem_wavefronts += wf;
+      } else {
+        std::vector<uintptr_t> sectors;
+        for (const Access& a : acc)
+          for (uintptr_t s = a.addr / 32; s <= (a.addr + a.size - 1) / 32; ++s) sectors.push_back(s);
+        std::sort(sectors.begin(), sectors.end());
+        ++k->gmem_requests;
+        k->gmem_sectors += std::unique(sectors.begin(), sectors.end()) - sectors.begin();
+      }
+    }
+    wr.clear();
+  }
+}
+
+const Global* find_global(uintptr_t a, size_t n) {
+  for (const Global& gl : g.globals)
+    if (a >= gl.lo && a + n <= gl.hi) return &gl;
+  return nullptr;
+}
+
+bool in_image(uintptr_t a) {
+  for (const LoadRange& r : g.images)
+    if (a >= r.lo && a < r.hi) return true;
+  return false;
+}
+
+// Every plain load/store of the kernel TUs lands here.
+void on_access(void* p, size_t n, bool write, const void* pc) {
+  if (!g.in_launch || !g.current || g.in_collective_fn) return;
+  Fiber* f = g.current;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t slo = reinterpret_cast<uintptr_t>(f->stack);
+  if (a >= slo && a < slo + kStackBytes) {
+    for (const PendingWgmma& w : f->wgmmas) {
+      const uintptr_t lo = reinterpret_cast<uintptr_t>(w.acc), hi = lo + 4 * w.value.size();
+      if (a < hi && a + n > lo) {
+        add_report("pending-wgmma",
+                   std::string(write ? "write" : "read") + " of a wgmma accumulator before the wgmma.wait_group that retires it, by " + who(f),
+                   pc);
+        break;
+      }
+    }
+    return;
+  }
+  Cta* c = f->cta;
+  const uintptr_t sm = reinterpret_cast<uintptr_t>(c->smem);
+  if (a + n > sm - kGuardBytes && a < sm + c->smem_size + kGuardBytes) {
+    if (a < sm || a + n > sm + c->smem_size) {
+      char buf[200];
+      std::snprintf(buf, sizeof buf, "%s of %zu bytes at shared offset %ld by %s: outside the %zu bytes of dynamic shared memory",
+                    write ? "write" : "read", n, static_cast<long>(a - sm), who(f).c_str(), c->smem_size);
+      add_report("oob-shared", buf, pc);
+      return;
+    }
+    shadow_access(c, f, a - sm, n, write, false, pc);
+    count_access(f, reinterpret_cast<uintptr_t>(pc), a, static_cast<uint32_t>(n));
+    return;
+  }
+  for (auto& other : g.ctas)  // distributed shared memory of a cluster peer
+    if (other.get() != c && in_region(other.get(), a, n)) {
+      count_access(f, reinterpret_cast<uintptr_t>(pc), a, static_cast<uint32_t>(n));
+      return;
+    }
+  if (find_global(a, n)) {
+    if (g.cur_counters) (write ? g.cur_counters->gmem_bytes_written : g.cur_counters->gmem_bytes_read) += n;
+    count_access(f, reinterpret_cast<uintptr_t>(pc), a, static_cast<uint32_t>(n));
+    return;
+  }
+  if (a >= g.main_stack_lo && a < g.main_stack_hi) return;  // kernel arguments being evaluated
+  if (!write && in_image(a)) return;                      // constant tables of the kernel image
+  char buf[200];
+  std::snprintf(buf, sizeof buf, "%s of %zu bytes at %p by %s: not inside any device buffer of this launch",
+                write ? "write" : "read", n, p, who(f).c_str());
+  add_report("oob-global", buf, pc);
+}
+
+int image_cb(dl_phdr_info* info, size_t, void*) {
+  for (int i = 0; i < info->dlpi_phnum; ++i) {
+    const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+    if (ph.p_type != PT_LOAD) continue;
+    const uintptr_t lo = info->dlpi_addr + ph.p_vaddr;
+    g.images.push_back({lo, lo + ph.p_memsz});
+  }
+  return 0;
+}
+
+void init_once() {
+  static bool done = false;
+  if (done) return;
+  done = true;
+  dl_iterate_phdr(image_cb, nullptr);
+  pthread_attr_t attr;
+  if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+    void* lo;
+    size_t sz;
+    pthread_attr_getstack(&attr, &lo, &sz);
+    g.main_stack_lo = reinterpret_cast<uintptr_t>(lo);
+    g.main_stack_hi = g.main_stack_lo + sz;
+    pthread_attr_destroy(&attr);
+  }
+}
+
+Counters& counters_for(const char* name) {
+  for (auto& [n, c] : g.counters)
+    if (n == name) return c;
+  g.counters.emplace_back(name, Counters{});
+  return g.counters.back().second;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ launch
+
+const char* kernel_name(const void* kernel, const char* fallback) {
+  static std::map<const void*, std::string> names;
+  auto it = names.find(kernel);
+  if (it != names.end()) return it->second.c_str();
+  std::string name = fallback;
+  Dl_info info;
+  if (kernel && dladdr(kernel, &info) && info.dli_sname && info.dli_saddr == kernel) {
+    int status = 0;
+    char* d = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+    if (d && status == 0) name = d;
+    std::free(d);
+  }
+  return names.emplace(kernel, name).first->second.c_str();
+}
+
+void set_kernel_attribute(const void* kernel, int attribute, int value) { g.attributes[kernel][attribute] = value; }
+int kernel_attribute(const void* kernel, int attribute) {
+  auto it = g.attributes.find(kernel);
+  if (it == g.attributes.end()) return -1;
+  auto jt = it->second.find(attribute);
+  return jt == it->second.end() ? -1 : jt->second;
+}
+
+int launch(const LaunchSpec& spec, void (*body)(void*), void* ctx) {
+  init_once();
+  const unsigned nthreads = spec.block.x * spec.block.y * spec.block.z;
+  const unsigned csz = spec.cluster.x * spec.cluster.y * spec.cluster.z;
+  g.spec = spec;
+  if (nthreads == 0 || nthreads > 1024 || spec.grid.x == 0 || spec.grid.y == 0 || spec.grid.z == 0 ||
+      spec.dynamic_smem > kMaxDynamicSmem || csz == 0 || csz > 16 || spec.grid.x % spec.cluster.x ||
+      spec.grid.y % spec.cluster.y || spec.grid.z % spec.cluster.z || spec.grid.y > 65535 || spec.grid.z > 65535) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "invalid launch: grid (%u,%u,%u) block (%u,%u,%u) cluster (%u,%u,%u) smem %zu",
+                  spec.grid.x, spec.grid.y, spec.grid.z, spec.block.x, spec.block.y, spec.block.z, spec.cluster.x,
+                  spec.cluster.y, spec.cluster.z, spec.dynamic_smem);
+    add_report("bad-launch", buf, nullptr);
+    return 1;  // cudaErrorInvalidValue
+  }
+  Counters& k = counters_for(spec.kernel);
+  ++k.launches;
+  g.cur_counters = &k;
+  g.grid = spec.grid;
+  g.block = spec.block;
+  ::blockDim = spec.block;
+  ::gridDim = spec.grid;
+  g.cluster = spec.cluster;
+  g.body = body;
+  g.ctx = ctx;
+  g.in_launch = true;
+  g.aborted = false;
+  const size_t smem = spec.dynamic_smem;
+  for (unsigned cz = 0; cz < spec.grid.z; cz += spec.cluster.z)
+    for (unsigned cy = 0; cy < spec.grid.y; cy += spec.cluster.y)
+      for (unsigned cx = 0; cx < spec.grid.x; cx += spec.cluster.x) {
+        g.ctas.clear();
+        g.fibers.clear();
+        g_cluster_waiting.clear();
+        unsigned rank = 0;
+        for (unsigned z = 0; z < spec.cluster.z; ++z)
+          for (unsigned y = 0; y < spec.cluster.y; ++y)
+            for (unsigned x = 0; x < spec.cluster.x; ++x, ++rank) {
+              auto c = std::make_unique<Cta>();
+              c->block = {cx + x, cy + y, cz + z};
+              c->rank = rank;
+              c->nthreads = static_cast<int>(nthreads);
+              if (!g.region_pool.empty()) {
+                c->region = g.region_pool.back();
+                g.region_pool.pop_back();
+              } else {
+                c->region = static_cast<uint8_t*>(std::aligned_alloc(1024, kMaxDynamicSmem + 2 * kGuardBytes));
+              }
+              c->smem = c->region + kGuardBytes;
+              c->smem_size = smem;
+              std::memset(c->smem, 0xA5, smem);  // garbage, as uninitialised shared memory is
+              c->shadow.assign(smem, ByteShadow{});
+              g.ctas.push_back(std::move(c));
+            }
+        ++k.ctas;
+        for (auto& c : g.ctas) {
+          for (unsigned t = 0; t < nthreads; ++t) {
+            auto f = std::make_unique<Fiber>();
+            f->cta = c.get();
+            f->pos.block = c->block;
+            f->pos.thread = {t % spec.block.x, t / spec.block.x % spec.block.y, t / (spec.block.x * spec.block.y)};
+            f->pos.tid = static_cast<int>(t);
+            f->pos.cta_rank = c->rank;
+            f->pos.cluster_tid = static_cast<int>(c->rank * nthreads + t);
+            f->vc.assign(nthreads, 0);
+            f->vc[t] = 1;
+            f->stack = get_stack();
+            getcontext(&f->ctx);
+            f->ctx.uc_stack.ss_sp = f->stack;
+            f->ctx.uc_stack.ss_size = kStackBytes;
+            f->ctx.uc_link = &g.scheduler;
+            makecontext(&f->ctx, fiber_entry, 0);
+            c->fibers.push_back(f.get());
+            g.fibers.push_back(std::move(f));
+            ++k.threads;
+          }
+        }
+        run_cluster();
+        for (auto& c : g.ctas) {
+          flush_counters(c.get());
+          for (Fiber* f : c->fibers)
+            if (f->wait == Wait::kDone && (!f->copies.empty() || !f->wgmmas.empty()))
+              add_report(f->copies.empty() ? "pending-wgmma" : "pending-cp-async",
+                         who(f) + " exited with asynchronous operations never waited for", nullptr);
+          g.region_pool.push_back(c->region);
+        }
+        for (auto& f : g.fibers) g.stack_pool.push_back(f->stack);
+        g.fibers.clear();
+        g.ctas.clear();
+        if (g.aborted) goto done;
+      }
+done:
+  g.in_launch = false;
+  g.current = nullptr;
+  g.cur_counters = nullptr;
+  return g.aborted ? 719 : 0;  // cudaErrorLaunchFailure after a trap
+}
+
+void register_global(const void* base, size_t bytes, const char* name) {
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(base);
+  g.globals.push_back({lo, lo + bytes, name ? name : "?"});
+}
+void clear_globals() { g.globals.clear(); }
+
+const std::vector<Report>& reports() { return g.reports; }
+void clear_reports() {
+  g.reports.clear();
+  g.report_counts.clear();
+}
+void set_report_limit(int n) { g.report_limit = n; }
+
+std::vector<std::pair<std::string, Counters>> counters() { return g.counters; }
+void clear_counters() { g.counters.clear(); }
+
+// ------------------------------------------------------------------ thread identity
+
+const ThreadPos& self() {
+  static ThreadPos host{};
+  return g.current ? g.current->pos : host;
+}
+Dim3 block_dim() { return g.block; }
+Dim3 grid_dim() { return g.grid; }
+Dim3 cluster_dim() { return g.cluster; }
+
+uint8_t* dynamic_smem() { return g.current ? g.current->cta->smem : nullptr; }
+size_t dynamic_smem_size() { return g.current ? g.current->cta->smem_size : 0; }
+
+uint32_t shared_addr(const void* generic) {
+  Fiber* f = cur();
+  const uintptr_t a = reinterpret_cast<uintptr_t>(generic);
+  for (auto& c : g.ctas) {
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(c->smem);
+    if (a >= lo - kGuardBytes && a < lo + c->smem_size + kGuardBytes) return static_cast<uint32_t>(a - lo);
+  }
+  add_report("oob-shared", "cvta.to.shared of a pointer that is not shared memory, by " + who(f), __builtin_return_address(0));
+  return 0xFFFFFFF0u;
+}
+
+uint8_t* shared_ptr(uint32_t addr) { return cur()->cta->smem + addr; }
+
+uint8_t* cluster_shared_ptr(uint32_t addr, unsigned rank) {
+  if (rank >= g.ctas.size()) {
+    add_report("oob-shared", "mapa to cluster rank " + std::to_string(rank) + " of a cluster of " +
+                                 std::to_string(g.ctas.size()) + ", by " + who(cur()),
+               __builtin_return_address(0));
+    rank = 0;
+  }
+  return g.ctas[rank]->smem + addr;
+}
+
+namespace {
+// Bounds check of a shared access made on behalf of thread tid; false (and a report) when out.
+bool shared_ok(Cta* c, uint32_t addr, size_t n, int tid, const char* what, const void* pc) {
+  if (static_cast<size_t>(addr) + n <= c->smem_size) return true;
+  char buf[200];
+  std::snprintf(buf, sizeof buf, "%s of %zu bytes at shared address 0x%x by tid %d: outside the %zu bytes of dynamic shared memory",
+                what, n, addr, tid, c->smem_size);
+  add_report("oob-shared", buf, pc);
+  return false;
+}
+}  // namespace
+
+void smem_read(uint32_t addr, void* dst, size_t n, int tid, bool async_proxy) {
+  Cta* c = cur()->cta;
+  const void* pc = __builtin_return_address(0);
+  if (!shared_ok(c, addr, n, tid, async_proxy ? "wgmma operand read" : "read", pc)) {
+    std::memset(dst, 0, n);
+    return;
+  }
+  shadow_access(c, c->fibers[tid], addr, n, false, async_proxy, pc);
+  std::memcpy(dst, c->smem + addr, n);
+  count_access(c->fibers[tid], reinterpret_cast<uintptr_t>(pc), reinterpret_cast<uintptr_t>(c->smem + addr),
+               static_cast<uint32_t>(n));
+}
+
+void smem_write(uint32_t addr, const void* src, size_t n, int tid) {
+  Cta* c = cur()->cta;
+  const void* pc = __builtin_return_address(0);
+  if (!shared_ok(c, addr, n, tid, "write", pc)) return;
+  shadow_access(c, c->fibers[tid], addr, n, true, false, pc);
+  std::memcpy(c->smem + addr, src, n);
+  count_access(c->fibers[tid], reinterpret_cast<uintptr_t>(pc), reinterpret_cast<uintptr_t>(c->smem + addr),
+               static_cast<uint32_t>(n));
+}
+
+void gmem_read(const void* src, void* dst, size_t n, int tid) {
+  const void* pc = __builtin_return_address(0);
+  if (!find_global(reinterpret_cast<uintptr_t>(src), n)) {
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "read of %zu bytes at %p on behalf of tid %d: not inside any device buffer of this launch", n,
+                  src, tid);
+    add_report("oob-global", buf, pc);
+    std::memset(dst, 0, n);
+    return;
+  }
+  std::memcpy(dst, src, n);
+  if (g.cur_counters) g.cur_counters->gmem_bytes_read += n;
+}
+
+// ------------------------------------------------------------------ collectives and barriers
+
+void collective(const char* op, int scope, uint32_t lanes, const uint32_t* in, int n_in, uint32_t* out, int n_out,
+                const CollectiveFn& fn) {
+  Fiber* f = cur();
+  Cta* c = f->cta;
+  const int size = scope ? scope : c->nthreads;
+  const int group = scope ? f->pos.tid / scope : 0;
+  const int member = scope ? f->pos.tid % scope : f->pos.tid;
+  const void* pc = __builtin_return_address(0);
+  // Members: for a warp, the lanes of `lanes` that exist; for larger scopes, every thread.
+  int expected = 0;
+  if (scope == 32) {
+    for (int l = 0; l < 32; ++l)
+      if ((lanes >> l & 1u) && group * 32 + l < c->nthreads) ++expected;
+    if (!(lanes >> member & 1u)) {
+      add_report("divergent-collective", std::string(op) + " by " + who(f) + " whose lane is not in its member mask", pc);
+      return;
+    }
+  } else {
+    expected = std::min(size, c->nthreads - group * size);
+  }
+  CollectiveState& s = c->collectives[{scope, group}];
+  if (s.arrived == 0) {
+    s.op = op;
+    s.n_in = n_in;
+    s.n_out = n_out;
+    s.in.assign(static_cast<size_t>(size) * n_in, 0);
+    s.out.assign(static_cast<size_t>(size) * n_out, 0);
+    s.out_ptr.assign(size, nullptr);
+  } else if (std::strcmp(s.op, op) != 0 || s.n_in != n_in || s.n_out != n_out) {
+    add_report("divergent-collective",
+               who(f) + " reached " + op + " while other members of its group wait in " + s.op, pc);
+    g.aborted = true;
+    switch_to_scheduler();
+  }
+  std::memcpy(&s.in[static_cast<size_t>(member) * n_in], in, 4 * n_in);
+  s.out_ptr[member] = out;
+  ++s.arrived;
+  if (s.arrived < expected) {
+    block_current(Wait::kCollective, op, group);
+    return;  // out written by the last arriver
+  }
+  g.in_collective_fn = true;
+  fn(s.in.data(), s.out.data(), size);
+  g.in_collective_fn = false;
+  for (int m = 0; m < size; ++m)
+    if (s.out_ptr[m]) std::memcpy(s.out_ptr[m], &s.out[static_cast<size_t>(m) * n_out], 4 * n_out);
+  for (Fiber* o : c->fibers)
+    if (o->wait == Wait::kCollective && o->wait_id == group && (scope ? o->pos.tid / scope : 0) == group &&
+        std::strcmp(o->wait_what, s.op) == 0)
+      wake(o);
+  s.arrived = 0;
+}
+
+void bar_sync(int id, int count) {
+  Fiber* f = cur();
+  Cta* c = f->cta;
+  if (id < 0 || id >= kMaxBarriers || count < 0 || count % 32 || count > c->nthreads) {
+    add_report("bad-launch", "bar.sync " + std::to_string(id) + ", " + std::to_string(count) + " by " + who(f) +
+                                 ": id must be 0..15 and count a multiple of 32 up to the CTA size",
+               __builtin_return_address(0));
+    return;
+  }
+  BarrierState& b = c->bars[id];
+  if (b.arrived && b.expected != count) {
+    add_report("barrier-deadlock", "barrier " + std::to_string(id) + " used with thread counts " +
+                                       std::to_string(b.expected) + " and " + std::to_string(count) + " by " + who(f),
+               __builtin_return_address(0));
+  }
+  b.expected = count;
+  ++b.arrived;
+  b.waiting.push_back(f);
+  f->wait = Wait::kBarrier;
+  f->wait_what = "bar.sync";
+  f->wait_id = id;
+  if (!release_barrier(c, id)) {
+    switch_to_scheduler();
+    if (g.aborted) switch_to_scheduler();
+  }
+}
+
+void cluster_sync() {
+  Fiber* f = cur();
+  g_cluster_waiting.push_back(f);
+  f->wait = Wait::kCluster;
+  f->wait_what = "barrier.cluster";
+  f->wait_id = 0;
+  if (!release_cluster()) {
+    switch_to_scheduler();
+    if (g.aborted) switch_to_scheduler();
+  }
+}
+
+void yield() {
+  // Let every other thread run once before this one continues (spin loops make progress).
+  switch_to_scheduler();
+}
+
+// ------------------------------------------------------------------ cp.async
+
+void cp_async(uint32_t dst, const void* src, int cp_size, int src_size) {
+  Fiber* f = cur();
+  Cta* c = f->cta;
+  const void* pc = __builtin_return_address(0);
+  if (dst % cp_size) {
+    add_report("misaligned", "cp.async of " + std::to_string(cp_size) + " bytes to shared 0x" + std::to_string(dst) +
+                                 " by " + who(f),
+               pc);
+    return;
+  }
+  if (!shared_ok(c, dst, cp_size, f->pos.tid, "cp.async", pc)) return;
+  if (src_size > 0 && !find_global(reinterpret_cast<uintptr_t>(src), src_size)) {
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "cp.async source of %d bytes at %p by %s: not inside any device buffer of this launch",
+                  src_size, src, who(f).c_str());
+    add_report("oob-global", buf, pc);
+    src_size = 0;
+  }
+  // The destination is written asynchronously: racing accesses by others are reported at the
+  // wait (as the write), reads before the wait are reported as pending.
+  for (int i = 0; i < cp_size; ++i) {
+    ByteShadow& s = c->shadow[dst + i];
+    if (s.pending) {
+      add_report("race", "cp.async by " + who(f) + " to shared bytes another outstanding cp.async also writes", pc);
+      break;
+    }
+  }
+  for (int i = 0; i < cp_size; ++i) c->shadow[dst + i].pending = 1;
+  f->copies.push_back({dst, static_cast<const uint8_t*>(src), cp_size, src_size, -1});
+  if (g.cur_counters) g.cur_counters->cp_async_bytes += cp_size;
+  count_access(f, reinterpret_cast<uintptr_t>(pc), reinterpret_cast<uintptr_t>(src), cp_size);
+}
+
+void cp_async_commit() {
+  Fiber* f = cur();
+  bool any = false;
+  for (PendingCopy& p : f->copies)
+    if (p.group < 0) p.group = f->cp_groups, any = true;
+  (void)any;
+  ++f->cp_groups;  // an empty group is a group too (PTX: commit_group with no cp.async)
+}
+
+void cp_async_wait(int n) {
+  Fiber* f = cur();
+  Cta* c = f->cta;
+  const int retire_below = f->cp_groups - n;
+  std::vector<PendingCopy> keep;
+  for (PendingCopy& p : f->copies) {
+    if (p.group < 0 || p.group >= retire_below) {
+      keep.push_back(p);
+      continue;
+    }
+    uint8_t bytes[16] = {0};
+    if (p.src_size > 0) std::memcpy(bytes, p.src, std::min(p.src_size, p.cp_size));
+    for (int i = 0; i < p.cp_size; ++i) c->shadow[p.dst + i].pending = 0;
+    shadow_access(c, f, p.dst, p.cp_size, true, false, __builtin_return_address(0));
+    std::memcpy(c->smem + p.dst, bytes, p.cp_size);
+    if (g.cur_counters) g.cur_counters->gmem_bytes_read += std::max(p.src_size, 0);
+  }
+  f->copies.swap(keep);
+}
+
+// ------------------------------------------------------------------ wgmma bookkeeping
+
+void wgmma_defer(float* acc, const float* value, int n) {
+  Fiber* f = cur();
+  f->wgmmas.push_back({acc, std::vector<float>(value, value + n), -1});
+  for (int i = 0; i < n; ++i) acc[i] = std::nanf("");
+}
+
+void wgmma_accumulator_in(const float* acc, float* value, int n) {
+  Fiber* f = cur();
+  for (auto it = f->wgmmas.rbegin(); it != f->wgmmas.rend(); ++it)
+    if (it->acc == acc && static_cast<int>(it->value.size()) == n) {
+      std::memcpy(value, it->value.data(), 4 * n);
+      return;
+    }
+  std::memcpy(value, acc, 4 * n);
+}
+
+void wgmma_commit() {
+  Fiber* f = cur();
+  for (PendingWgmma& w : f->wgmmas)
+    if (w.group < 0) w.group = f->wg_groups;
+  ++f->wg_groups;
+}
+
+void wgmma_wait(int n) {
+  Fiber* f = cur();
+  const int retire_below = f->wg_groups - n;
+  std::vector<PendingWgmma> keep;
+  for (PendingWgmma& w : f->wgmmas) {
+    if (w.group < 0 || w.group >= retire_below) {
+      keep.push_back(std::move(w));
+      continue;
+    }
+    // Chained wgmmas on one accumulator: the newest retired value wins (it includes the others).
+    bool newer = false;
+    for (PendingWgmma& o : f->wgmmas)
+      if (&o != &w && o.acc == w.acc && o.group >= 0 && o.group < retire_below && &o > &w) newer = true;
+    if (!newer) std::memcpy(w.acc, w.value.data(), 4 * w.value.size());
+  }
+  f->wgmmas.swap(keep);
+}
+
+void wgmma_fence() {}
+void fence_proxy_async() { ++cur()->proxy_fences; }
+
+void report(const char* kind, const std::string& text) {
+  add_report(kind, text + " (" + who(cur()) + ")", __builtin_return_address(0));
+}
+
+void count_instruction(const char* what) {
+  Counters* k = g.cur_counters;
+  if (!k) return;
+  if (!std::strncmp(what, "mma", 3)) ++k->mma_sync;
+  else if (!std::strncmp(what, "ldmatrix", 8)) ++k->ldmatrix;
+  else if (!std::strncmp(what, "wgmma", 5)) ++k->wgmma;
+}
+
+void on_access_hook(void* p, size_t n, bool write, const void* pc) { on_access(p, n, write, pc); }
+
+void trap(const char* why) {
+  add_report("trap", std::string("__trap(): ") + why + " in " + who(cur()), __builtin_return_address(0));
+  g.aborted = true;
+  switch_to_scheduler();
+  std::abort();
+}
+
+// ------------------------------------------------------------------ atomics
+
+namespace {
+bool atomic_ok(void* p, size_t n) {
+  Fiber* f = cur();
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (!f) return true;
+  if (find_global(a, n)) {
+    if (g.cur_counters) g.cur_counters->gmem_bytes_written += n;
+    return true;
+  }
+  for (auto& c : g.ctas)
+    if (in_region(c.get(), a, n)) return true;
+  add_report("oob-global", "atomic on " + std::to_string(n) + " bytes at a non-device address by " + who(f),
+             __builtin_return_address(1));
+  return false;
+}
+template <typename T>
+T rmw(T old, const char* op, T v, T cmp) {
+  if (!std::strcmp(op, "add")) return old + v;
+  if (!std::strcmp(op, "max")) return std::max(old, v);
+  if (!std::strcmp(op, "min")) return std::min(old, v);
+  if (!std::strcmp(op, "exch")) return v;
+  if (!std::strcmp(op, "cas")) return old == cmp ? v : old;
+  return old;
+}
+}  // namespace
+
+uint32_t atomic32(void* p, const char* op, uint32_t v, uint32_t cmp, bool is_float, bool is_signed) {
+  if (!atomic_ok(p, 4)) return 0;
+  uint32_t old;
+  std::memcpy(&old, p, 4);
+  uint32_t r;
+  if (is_float) {
+    float a, b, cf;
+    std::memcpy(&a, &old, 4);
+    std::memcpy(&b, &v, 4);
+    std::memcpy(&cf, &cmp, 4);
+    const float x = rmw(a, op, b, cf);
+    std::memcpy(&r, &x, 4);
+  } else if (is_signed) {
+    r = static_cast<uint32_t>(rmw(static_cast<int32_t>(old), op, static_cast<int32_t>(v), static_cast<int32_t>(cmp)));
+  } else if (!std::strcmp(op, "or")) {
+    r = old | v;
+  } else if (!std::strcmp(op, "and")) {
+    r = old & v;
+  } else if (!std::strcmp(op, "xor")) {
+    r = old ^ v;
+  } else {
+    r = rmw(old, op, v, cmp);
+  }
+  std::memcpy(p, &r, 4);
+  return old;
+}
+
+uint64_t atomic64(void* p, const char* op, uint64_t v, uint64_t cmp, bool is_float) {
+  if (!atomic_ok(p, 8)) return 0;
+  uint64_t old;
+  std::memcpy(&old, p, 8);
+  uint64_t r;
+  if (is_float) {
+    double a, b, cd;
+    std::memcpy(&a, &old, 8);
+    std::memcpy(&b, &v, 8);
+    std::memcpy(&cd, &cmp, 8);
+    const double x = rmw(a, op, b, cd);
+    std::memcpy(&r, &x, 8);
+  } else if (!std::strcmp(op, "or")) {
+    r = old | v;
+  } else {
+    r = rmw(old, op, v, cmp);
+  }
+  std::memcpy(p, &r, 8);
+  return old;
+}
+
+}  // namespace emu
+
+// ------------------------------------------------------------------ ctypes API
+
+namespace {
+std::string json_escape(const std::string& s) {
+  std::string o;
+  for (char ch : s) {
+    if (ch == '"' || ch == '\\') o += '\\';
+    if (static_cast<unsigned char>(ch) < 0x20) {
+      o += ' ';
+      continue;
+    }
+    o += ch;
+  }
+  return o;
+}
+std::string g_json;
+}  // namespace
+
+extern "C" {
+void emu_register_global(const void* p, size_t n, const char* name) { emu::register_global(p, n, name); }
+void emu_clear_globals() { emu::clear_globals(); }
+void emu_clear_reports() { emu::clear_reports(); }
+void emu_clear_counters() { emu::clear_counters(); }
+void emu_set_report_limit(int n) { emu::set_report_limit(n); }
+void emu_set_env(const char* name, const char* value) {
+  if (value && *value) setenv(name, value, 1);
+  else unsetenv(name);
+}
+const char* emu_reports_json() {
+  g_json = "[";
+  bool first = true;
+  for (const emu::Report& r : emu::reports()) {
+    if (!first) g_json += ",";
+    first = false;
+    g_json += "{\"kind\":\"" + json_escape(r.kind) + "\",\"kernel\":\"" + json_escape(r.kernel) + "\",\"text\":\"" +
+              json_escape(r.text) + "\"}";
+  }
+  g_json += "]";
+  return g_json.c_str();
+}
+const char* emu_counters_json() {
+  g_json = "{";
+  bool first = true;
+  for (auto& [name, c] : emu::counters()) {
+    if (!first) g_json += ",";
+    first = false;
+    char buf[1024];
+    std::snprintf(buf, sizeof buf,
+                  "\"%s\":{\"launches\":%" PRIu64 ",\"ctas\":%" PRIu64 ",\"threads\":%" PRIu64
+                  ",\"smem_requests\":%" PRIu64 ",\"smem_wavefronts\":%" PRIu64 ",\"gmem_requests\":%" PRIu64
+                  ",\"gmem_sectors\":%" PRIu64 ",\"gmem_bytes_read\":%" PRIu64 ",\"gmem_bytes_written\":%" PRIu64
+                  ",\"cp_async_bytes\":%" PRIu64 ",\"mma_sync\":%" PRIu64 ",\"wgmma\":%" PRIu64 ",\"ldmatrix\":%" PRIu64
+                  ",\"barriers\":%" PRIu64 "}",
+                  json_escape(name).c_str(), c.launches, c.ctas, c.threads, c.smem_requests, c.smem_wavefronts,
+                  c.gmem_requests, c.gmem_sectors, c.gmem_bytes_read, c.gmem_bytes_written, c.cp_async_bytes, c.mma_sync,
+                  c.wgmma, c.ldmatrix, c.barriers);
+    g_json += buf;
+  }
+  g_json += "}";
+  return g_json.c_str();
+}
+
+// ---- the compiler's ThreadSanitizer hooks (kernel TUs are built with -fsanitize=thread) ----
+#define DSA_EMU_HOOK(N)                                                                                  \
+  void __tsan_read##N(void* p) { emu::on_access_hook(p, N, false, __builtin_return_address(0)); }          \
+  void __tsan_write##N(void* p) { emu::on_access_hook(p, N, true, __builtin_return_address(0)); }          \
+  void __tsan_unaligned_read##N(void* p) { emu::on_access_hook(p, N, false, __builtin_return_address(0)); } \
+  void __tsan_unaligned_write##N(void* p) { emu::on_access_hook(p, N, true, __builtin_return_address(0)); } \
+  void __tsan_volatile_read##N(void* p) { emu::on_access_hook(p, N, false, __builtin_return_address(0)); }  \
+  void __tsan_volatile_write##N(void* p) { emu::on_access_hook(p, N, true, __builtin_return_address(0)); }
+DSA_EMU_HOOK(1)
+DSA_EMU_HOOK(2)
+DSA_EMU_HOOK(4)
+DSA_EMU_HOOK(8)
+DSA_EMU_HOOK(16)
+#undef DSA_EMU_HOOK
+void __tsan_read_range(void* p, unsigned long n) { emu::on_access_hook(p, n, false, __builtin_return_address(0)); }
+void __tsan_write_range(void* p, unsigned long n) { emu::on_access_hook(p, n, true, __builtin_return_address(0)); }
+void __tsan_init() {}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
+void __tsan_vptr_update(void**, void*) {}
+void __tsan_vptr_read(void**) {}
+void* __tsan_memcpy(void* d, const void* s, unsigned long n) {
+  emu::on_access_hook(const_cast<void*>(s), n, false, __builtin_return_address(0));
+  emu::on_access_hook(d, n, true, __builtin_return_address(0));
+  return std::memcpy(d, s, n);
+}
+void* __tsan_memmove(void* d, const void* s, unsigned long n) {
+  emu::on_access_hook(const_cast<void*>(s), n, false, __builtin_return_address(0));
+  emu::on_access_hook(d, n, true, __builtin_return_address(0));
+  return std::memmove(d, s, n);
+}
+void* __tsan_memset(void* d, int v, unsigned long n) {
+  emu::on_access_hook(d, n, true, __builtin_return_address(0));
+  return std::memset(d, v, n);
+}
+}
