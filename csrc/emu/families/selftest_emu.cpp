@@ -75,9 +75,33 @@ __global__ void early_exit(float* out) {
   out[threadIdx.x] = 2.f;
 }
 
+// The bookkeeping under wgmma (ptx.cpp builds the real instruction on it): a deferred
+// accumulator read before its wait (`early_read`), and an async-proxy read of shared memory
+// written by ordinary stores with (`fence`) or without a fence.proxy.async.
+__global__ void async_proxy(float* out, bool early_read, bool fence) {
+  DSA_DYNAMIC_SMEM(smem, 16);
+  const int t = threadIdx.x;
+  reinterpret_cast<float*>(smem)[t] = static_cast<float>(t);
+  if (fence) emu::fence_proxy_async();
+  __syncthreads();
+  float acc[4] = {1.f, 2.f, 3.f, 4.f};
+  float operand = 0.f;
+  emu::smem_read(static_cast<uint32_t>(4 * ((t + 1) % blockDim.x)), &operand, 4, t, /*async_proxy=*/true);
+  const float value[4] = {operand, operand, operand, operand};
+  emu::wgmma_defer(acc, value, 4);
+  emu::wgmma_commit();
+  float seen = early_read ? acc[0] : 0.f;
+  emu::wgmma_wait(0);
+  out[t] = acc[3] + seen;
+}
+
 }  // namespace
 
 extern "C" {
+int emu_selftest_async_proxy(float* out, int threads, int early, int fence) {
+  async_proxy<<<1, threads, threads * sizeof(float)>>>(out, early != 0, fence != 0);
+  return cudaGetLastError();
+}
 int emu_selftest_block_sum(const float* x, float* out, int n, int threads, int blocks, int drop, int skip) {
   block_sum<<<blocks, threads, threads * sizeof(float)>>>(x, out, n, drop != 0, skip != 0);
   return cudaGetLastError();
