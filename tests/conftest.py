@@ -35,3 +35,13 @@ def rel_err(out, ref):
     """||out - ref|| / ||ref|| over finite entries, in float64 (METHOD.md)."""
     out, ref = out.double().cpu(), ref.double().cpu()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The emulator's per-kernel counters of this run (tests marked `emu`) go to
+    build/emu/counters.json; `python tools/emu_counters.py` prints them."""
+    import os
+    import sys
+    emulator = sys.modules.get("emulator")
+    if emulator is not None:
+        emulator.dump_counters(os.path.join(emulator.ROOT, "build", "emu", "counters.json"))

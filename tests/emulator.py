@@ -78,3 +78,14 @@ def _owner(fn):
         except (AttributeError, TypeError):
             continue
     raise ValueError("pass lib= for a function not loaded through emulator.load")
+
+
+def dump_counters(path):
+    """Writes every loaded family's counters to `path` (JSON: family -> kernel -> counters);
+    called at the end of a pytest session (conftest.py), read by tools/emu_counters.py."""
+    if not _LIBS:
+        return
+    data = {fam: counters(lib) for fam, lib in _LIBS.items()}
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
