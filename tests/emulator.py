@@ -10,6 +10,7 @@ import ctypes
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -56,7 +57,26 @@ def run(fn, *args, buffers=(), lib=None):
         result = fn(*args)
     finally:
         lib.emu_clear_globals()
-    return json.loads(lib.emu_reports_json().decode()), result
+    return _with_source_lines(json.loads(lib.emu_reports_json().decode())), result
+
+
+_PLACE = re.compile(r"(/\S+\.so)\+(0x[0-9a-f]+)")
+
+
+def _with_source_lines(reports):
+    """Appends function, file:line to each report's `lib.so+0xoffset` place (addr2line)."""
+    for r in reports:
+        m = _PLACE.search(r["text"])
+        if not m:
+            continue
+        try:
+            out = subprocess.run(["addr2line", "-C", "-f", "-e", m.group(1), m.group(2)],
+                                 capture_output=True, text=True, timeout=20).stdout.split("\n")
+            if len(out) >= 2 and not out[1].startswith("??"):
+                r["text"] += f" [{out[0][:120]} at {out[1]}]"
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return reports
 
 
 def set_env(lib, name, value):

@@ -162,14 +162,11 @@ void* get_stack() {
   return s;
 }
 
+// "library+offset": tests/emulator.py turns it into function, file and line (addr2line).
 std::string place(const void* pc) {
   Dl_info info;
   char buf[512];
-  if (pc && dladdr(pc, &info) && info.dli_sname) {
-    int status = 0;
-    std::snprintf(buf, sizeof buf, "%s+0x%lx", info.dli_sname,
-                  static_cast<unsigned long>(static_cast<const char*>(pc) - static_cast<const char*>(info.dli_saddr)));
-  } else if (pc && dladdr(pc, &info) && info.dli_fname) {
+  if (pc && dladdr(pc, &info) && info.dli_fname) {
     std::snprintf(buf, sizeof buf, "%s+0x%lx", info.dli_fname,
                   static_cast<unsigned long>(static_cast<const char*>(pc) - static_cast<const char*>(info.dli_fbase)));
   } else {
@@ -355,6 +352,7 @@ bool in_region(const Cta* c, uintptr_t a, size_t n) {
 inline bool ordered(const Fiber* f, int t, uint32_t clk) { return f->vc[t] >= clk; }
 
 void shadow_access(Cta* c, Fiber* f, size_t off, size_t n, bool write, bool async_read, const void* pc) {
+  bool uninit_reported = false;
   for (size_t i = 0; i < n; ++i) {
     ByteShadow& s = c->shadow[off + i];
     const int t = f->pos.tid;
@@ -376,7 +374,8 @@ void shadow_access(Cta* c, Fiber* f, size_t off, size_t n, bool write, bool asyn
       if (!s.written) {
         char buf[200];
         std::snprintf(buf, sizeof buf, "read of never-written shared byte 0x%zx by %s", off + i, who(f).c_str());
-        add_report("uninit-shared", buf, pc);
+        if (!uninit_reported) add_report("uninit-shared", buf, pc);
+        uninit_reported = true;  // one report per access; the read is still recorded below
       }
       if (s.written && async_read && s.wfence == f->cta->fibers[s.wtid]->proxy_fences + 1) {
         char buf[240];
