@@ -154,12 +154,16 @@ void* get_stack() {
     g.stack_pool.pop_back();
     return s;
   }
-  void* s = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  // A PROT_NONE page below each stack: a kernel whose locals overflow it faults at once
+  // instead of corrupting the neighbouring thread's stack.
+  constexpr size_t kPage = 4096;
+  void* s = mmap(nullptr, kStackBytes + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (s == MAP_FAILED) {
     std::fprintf(stderr, "emu: out of memory for fiber stacks\n");
     std::abort();
   }
-  return s;
+  mprotect(s, kPage, PROT_NONE);
+  return static_cast<uint8_t*>(s) + kPage;
 }
 
 // "library+offset": tests/emulator.py turns it into function, file and line (addr2line).
