@@ -51,9 +51,15 @@ constexpr int kSmemQBytes = kCols * kHeadDim;
 constexpr int kSmemKBytes = kTileKeys * kHeadDim;
 constexpr int kSmemScaleBytes = kTileKeys * 4;
 constexpr int kSmemOutBytes = kMaxQueriesPerCta * kTileKeys * 4;
+constexpr int kSmemRangeBytes = 2 * kMaxQueriesPerCta * 8;   // range_lo, range_hi (int64)
+constexpr int kSmemWeightBytes = kCols * 4;
 // + 1024: the tiles are placed at a 1024-byte aligned address (the 128B-swizzle atom that
 // wgmma descriptors assume); the dynamic shared window itself is only 16-byte aligned.
-constexpr int kSmemBytes = kSmemQBytes + kStages * (kSmemKBytes + kSmemScaleBytes) + kSmemOutBytes + 1024;
+constexpr int kSmemBytes = kSmemQBytes + kStages * (kSmemKBytes + kSmemScaleBytes) + kSmemOutBytes +
+                           kSmemRangeBytes + kSmemWeightBytes + 1024;
+// Two CTAs per SM on the wgmma path (__launch_bounds__ below): 2 x (dynamic + 1 KB reserved)
+// must fit the SM's 228 KB.
+static_assert(2 * (kSmemBytes + 1024) <= 228 * 1024, "indexer: two CTAs per SM no longer fit");
 
 // Everything both ops need; the fields of the other op are unused.
 struct LogitsParams {
@@ -311,14 +317,15 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
   constexpr int kQueriesPerCta = kCols / kHeads;
   constexpr bool kWgmmaPath = kAllowWgmma && DSA_INDEXER_HAS_WGMMA;
 
-  extern __shared__ __align__(16) uint8_t smem_raw[];
+  DSA_DYNAMIC_SMEM(smem_raw, 16);
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   uint8_t* q_smem = smem;
   uint8_t* k_smem = smem + kSmemQBytes;
   float* scale_smem = reinterpret_cast<float*>(k_smem + kStages * kSmemKBytes);
   float* out_smem = scale_smem + kStages * kTileKeys;   // [kQueriesPerCta][kTileKeys] head sums
-  __shared__ int64_t range_lo[kMaxQueriesPerCta], range_hi[kMaxQueriesPerCta];
-  __shared__ float w_smem[kCols];
+  int64_t* range_lo = reinterpret_cast<int64_t*>(out_smem + kMaxQueriesPerCta * kTileKeys);
+  int64_t* range_hi = range_lo + kMaxQueriesPerCta;
+  float* w_smem = reinterpret_cast<float*>(range_hi + kMaxQueriesPerCta);   // [kCols]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp & 3, warp_n = warp >> 2;
