@@ -847,6 +847,12 @@ void collective(const char* op, int scope, uint32_t lanes, const uint32_t* in, i
   g.in_collective_fn = false;
   for (int m = 0; m < size; ++m)
     if (s.out_ptr[m]) std::memcpy(s.out_ptr[m], &s.out[static_cast<size_t>(m) * n_out], 4 * n_out);
+  if (!std::strcmp(op, "syncwarp")) {  // bar.warp.sync orders memory among its lanes (PTX 9.7.13.3)
+    std::vector<Fiber*> members;
+    for (int m = 0; m < size; ++m)
+      if (s.out_ptr[m]) members.push_back(c->fibers[group * size + m]);
+    join_clocks(members);
+  }
   for (Fiber* o : c->fibers)
     if (o->wait == Wait::kCollective && o->wait_id == group && (scope ? o->pos.tid / scope : 0) == group &&
         std::strcmp(o->wait_what, s.op) == 0)
