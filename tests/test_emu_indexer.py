@@ -1,0 +1,217 @@
+"""The indexer kernels (csrc/indexer) run on the CPU emulator (csrc/emu): both tensor-core
+paths (sm_90a wgmma, and mma.sync with DSA_INDEXER_MMA=sync), dense and paged keys, against
+dsa_ext.reference within the CUDA tolerance of test_indexer.py, with no hazard reported.
+
+Shapes are tiny but reach every branch the launcher and kernel can take: a partial last query
+block, a key count that is not a multiple of the 128-key tile, CTAs whose key chunk holds no
+row's range (the range-tile skip), empty, inverted and out-of-bounds ks/ke, paged lengths beyond
+the table, bad block-table entries, and (with the emulated GPU cut to one SM, so that the
+launcher gives each CTA many tiles) the 4-stage cp.async pipeline wrapping around its stages.
+"""
+import ctypes
+
+import pytest
+import torch
+
+import emulator as E
+from dsa_ext.reference import indexer as ref
+from test_indexer import (_assert_in_range_close, _key_mask, _magnitude, _paged_inputs,
+                          _position_mask, _prefill_inputs)
+
+pytestmark = pytest.mark.emu
+P = E.ptr
+I64 = ctypes.c_int64
+KERNEL = "indexer_logits_kernel"
+# The kernel's tile and CTA geometry (indexer_kernels.cuh), for the expected grids and counts.
+TILE_KEYS, COLS, THREADS, STAGES = 128, 128, 256, 4
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = E.load("indexer")
+    lib.emu_indexer_logits.argtypes = [ctypes.c_void_p] * 7 + [I64, I64, I64, ctypes.c_int]
+    lib.emu_paged_indexer_logits.argtypes = (
+        [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, I64, ctypes.c_void_p]
+        + [I64] * 7 + [ctypes.c_int])
+    return lib
+
+
+@pytest.fixture(params=["wgmma", "sync"])
+def mma(request, lib):
+    """Which tensor-core path the launcher picks (DSA_INDEXER_MMA, read on every launch)."""
+    E.set_env(lib, "DSA_INDEXER_MMA", "sync" if request.param == "sync" else None)
+    yield request.param
+    E.set_env(lib, "DSA_INDEXER_MMA", None)
+
+
+@pytest.fixture
+def sms(lib):
+    """Sets how many SMs the emulated GPU reports (the launcher splits the key axis into about
+    8 CTAs per SM; one SM leaves many tiles per CTA)."""
+    def set_sms(n):
+        E.set_env(lib, "DSA_EMU_NUM_SMS", n)
+    yield set_sms
+    E.set_env(lib, "DSA_EMU_NUM_SMS", None)
+
+
+def _nan_out(rows, cols):
+    # NaN, not zeros: an entry the kernel should write but does not can never pass for a logit.
+    return torch.full((rows, cols), float("nan"))
+
+
+def run_dense(lib, q, k, k_scale, w, ks, ke, clean_logits, registered=None):
+    """registered: the device memory (default: every argument whole); narrower views of the
+    inputs make reads of what the kernel should skip out-of-bounds reports."""
+    T, H, _ = q.shape
+    S = k.shape[0]
+    out = _nan_out(T, S)
+    reports, rc = E.run(lib.emu_indexer_logits, P(q), P(k), P(k_scale), P(w), P(ks), P(ke), P(out),
+                        T, S, H, int(clean_logits),
+                        buffers=(registered or [q, k, k_scale, w, ks, ke]) + [out], lib=lib)
+    assert rc == 0
+    return out, reports
+
+
+def run_paged(lib, q, cache, w, context_lens, block_table, max_context_len, clean_logits):
+    B, N, H, _ = q.shape
+    nb, bs = cache.shape[:2]
+    out = _nan_out(B * N, max_context_len)
+    reports, rc = E.run(
+        lib.emu_paged_indexer_logits, P(q), P(cache), P(w), P(context_lens), int(context_lens.dim() == 2),
+        P(block_table), block_table.stride(0), P(out), B, N, H, nb, bs, block_table.shape[1],
+        max_context_len, int(clean_logits),
+        buffers=[q, cache, w, context_lens, block_table, out], lib=lib)
+    assert rc == 0
+    return out, reports
+
+
+def check_dense(out, args, clean_logits):
+    expected = ref.indexer_logits(*args, clean_logits=True)
+    mask = _key_mask(args[4], args[5], args[1].shape[0])
+    _assert_in_range_close(out, expected, mask, clean_logits, _magnitude("cuda", args))
+    if not clean_logits:   # the op leaves them unspecified; this kernel does not write them
+        assert torch.isnan(out[~mask]).all()
+
+
+def _ragged_ranges(T, S):
+    """Per row: full, clamped negative start, inverted, empty, past-the-end, one key, a range
+    that starts in the last tile; repeated over T rows."""
+    cases = [(0, S), (-5, 20), (S - 10, 10), (44, 44), (130, 2**31 - 1), (S - 1, S), (TILE_KEYS + 3, S - 7)]
+    ks = torch.tensor([cases[t % len(cases)][0] for t in range(T)], dtype=torch.int32)
+    ke = torch.tensor([cases[t % len(cases)][1] for t in range(T)], dtype=torch.int32)
+    return ks, ke
+
+
+@pytest.mark.parametrize("H", [32, 64])
+@pytest.mark.parametrize("clean_logits", [True, False])
+def test_indexer_logits(lib, mma, gen, H, clean_logits):
+    T, S = 7, 300                          # partial last query block; 2 full tiles + 44 keys
+    q, k, k_scale, w, _, _ = _prefill_inputs(T, S, H, 128, gen, "cpu", "full")
+    ks, ke = _ragged_ranges(T, S)
+    out, reports = run_dense(lib, q, k, k_scale, w, ks, ke, clean_logits)
+    assert reports == []
+    check_dense(out, [q, k, k_scale, w, ks, ke], clean_logits)
+
+
+def test_indexer_logits_range_tile_skip(lib, mma, gen):
+    """A query block reads only the tiles of its rows' union range, cut to its key chunk: keys
+    past every row's end are not even registered as device memory, so one stray read is a
+    report; chunks no range reaches are -inf; a block of empty rows reads no key at all."""
+    H, T, S = 64, 6, 400                   # 2 rows per CTA: (0, 1) short, (2, 3) empty, (4, 5) mid
+    q, k, k_scale, w, _, _ = _prefill_inputs(T, S, H, 128, gen, "cpu", "full")
+    ks = torch.tensor([0, 5, 9, 300, 130, 17], dtype=torch.int32)
+    ke = torch.tensor([100, 60, 9, 200, 250, 255], dtype=torch.int32)
+    end = int(ke.max())
+    out, reports = run_dense(lib, q, k, k_scale, w, ks, ke, True,
+                             registered=[q, k[:end], k_scale[:end], w, ks, ke])
+    assert reports == []
+    check_dense(out, [q, k, k_scale, w, ks, ke], True)
+    assert torch.isneginf(out[2:4]).all() and torch.isneginf(out[:, end:]).all()
+
+
+@pytest.mark.parametrize("H", [32, 64])
+@pytest.mark.parametrize("block_size,per_query_lens,clean_logits",
+                         [(16, False, True), (64, True, False), (32, False, False)])
+def test_paged_indexer_logits(lib, mma, gen, H, block_size, per_query_lens, clean_logits):
+    args = _paged_inputs(2, 3, H, 128, block_size, 200, gen, "cpu", per_query_lens, bad_blocks=True)
+    out, reports = run_paged(lib, *args, 200, clean_logits)
+    assert reports == []
+    expected = ref.paged_indexer_logits(*args, 200, clean_logits=True)
+    _assert_in_range_close(out, expected, _position_mask(args[3], 3, 200), clean_logits,
+                           _magnitude("cuda", args, 200))
+
+
+def test_paged_lengths_beyond_table_and_output(lib, mma, gen):
+    """Lengths past max_context_len or the block table, negative and zero: clamped, never read
+    out of bounds (the cache and block table are registered exactly; a stray read is a report)."""
+    q, cache, w, _, block_table = _paged_inputs(4, 2, 32, 128, 32, 100, gen, "cpu", False)
+    block_table = block_table[:, :2]       # a strided view covering 64 positions
+    context_lens = torch.tensor([1000, -5, 0, 70], dtype=torch.int32)
+    out, reports = run_paged(lib, q, cache, w, context_lens, block_table, 100, True)
+    assert reports == []
+    args = [q, cache, w, context_lens, block_table]
+    expected = ref.paged_indexer_logits(*args, 100)
+    _assert_in_range_close(out, expected, _position_mask(context_lens, 2, 100), True,
+                           _magnitude("cuda", args, 100))
+    assert torch.isneginf(out[0, 64:]).all() and torch.isfinite(out[0, :64]).all()
+    assert torch.isneginf(out[2:6]).all()
+
+
+def _grid(query_blocks, num_cols, sms):
+    """The launcher's grid (indexer_launch.cu split_cols) for `sms` SMs."""
+    tiles = -(-num_cols // TILE_KEYS)
+    splits = min(max(-(-8 * sms // query_blocks), 1), tiles)
+    chunk_tiles = -(-tiles // splits)
+    return query_blocks, -(-tiles // chunk_tiles), chunk_tiles
+
+
+def test_pipeline_wraps_its_stages(lib, mma, sms, gen):
+    """One emulated SM: 8 key splits of 6 tiles each, so every CTA streams more tiles than the
+    pipeline has stages (stage reuse, the wait_group depth, the barrier before a refill), over
+    ragged ranges that start mid-tile."""
+    sms(1)
+    H, T, S = 32, 4, 48 * TILE_KEYS - 50
+    q, k, k_scale, w, _, _ = _prefill_inputs(T, S, H, 128, gen, "cpu", "full")
+    ks = torch.tensor([77, 1000, 3 * TILE_KEYS + 5, 200], dtype=torch.int32)   # union from 77
+    ke = torch.tensor([S - 3, 4000, 5000, 300], dtype=torch.int32)
+    lib.emu_clear_counters()
+    out, reports = run_dense(lib, q, k, k_scale, w, ks, ke, True)
+    assert reports == []
+    check_dense(out, [q, k, k_scale, w, ks, ke], True)
+    qb, splits, chunk_tiles = _grid(1, S, 1)
+    assert chunk_tiles > STAGES
+    c = _kernel_counters(lib)
+    assert c["ctas"] == qb * splits, "the emulated GPU ignores DSA_EMU_NUM_SMS (shim)"
+
+
+def _kernel_counters(lib):
+    counters = E.counters(lib)
+    names = [n for n in counters if KERNEL in n]
+    assert len(names) == 1, f"one indexer kernel instantiation expected, got {list(counters)}"
+    return counters[names[0]]
+
+
+def test_counters(lib, mma, gen):
+    """The emulator counts what the kernel issues: per CTA and 128-key tile 2 warpgroups x 4
+    wgmma k-steps, or 8 warps x 4 k-steps x (2 x 2 x 4 mma.sync, 2 + 4 ldmatrix.x4)."""
+    H, T, S = 32, 5, 2 * TILE_KEYS           # 2 query blocks (4 + 1 rows), full rows: 2 tiles
+    args = _prefill_inputs(T, S, H, 128, gen, "cpu", "full")
+    lib.emu_clear_counters()
+    out, reports = run_dense(lib, *args, True)
+    assert reports == []
+    check_dense(out, args, True)
+    c = _kernel_counters(lib)
+    print(f"\n{KERNEL} ({mma}): {c}")
+    qb, splits, chunk_tiles = _grid(2, S, 132)
+    ctas, cta_tiles = qb * splits, qb * -(-S // TILE_KEYS)
+    assert c["launches"] == 1 and c["ctas"] == ctas and c["threads"] == ctas * THREADS
+    if mma == "wgmma":
+        assert c["wgmma"] == cta_tiles * 2 * 4 and c["mma_sync"] == 0 and c["ldmatrix"] == 0
+    else:
+        assert c["wgmma"] == 0 and c["mma_sync"] == cta_tiles * 8 * 4 * 16
+        assert c["ldmatrix"] == cta_tiles * 8 * 4 * 6
+    # Every CTA copies its Q block (128 columns of 128 B, zero-filled past the last query) and
+    # each of its tiles' keys (128 x 128 B) and scales (4 B each, for readable keys).
+    assert c["cp_async_bytes"] >= ctas * COLS * 128 + cta_tiles * TILE_KEYS * 128
+    assert c["barriers"] > 0 and c["smem_requests"] > 0 and c["gmem_requests"] > 0
+    assert c["gmem_bytes_written"] == T * S * 4
