@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "common/cuda_utils.cuh"
 #include "mla_decode/mla_decode_launch.h"
 #include "mla_decode/mla_decode_layout.h"
 #include "mla_decode/mla_decode_mma.cuh"
@@ -153,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
   static_assert(HB % 16 == 0 && kThreads % HB == 0 && kColsPerWarp == 64, "tile shape");
   static_assert(!kWgmma || HB == 64, "the wgmma path covers 64 heads with two warpgroups");
 
-  extern __shared__ __align__(128) uint8_t smem[];
+  DSA_DYNAMIC_SMEM(smem, 128);
   auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem + Smem::kQ);
   auto* kv_s = reinterpret_cast<__nv_bfloat16*>(smem + Smem::kKV);
   auto* s_s = reinterpret_cast<float*>(smem + Smem::kS);
