@@ -249,6 +249,13 @@ struct cudaLaunchConfig_t {
 };
 
 namespace emu_detail {
+// The emulated SM count: 132 (H100 SXM), or DSA_EMU_NUM_SMS to make grid-stride and
+// persistent loops wrap on small shapes.
+inline int num_sms() {
+  const char* v = std::getenv("DSA_EMU_NUM_SMS");
+  const int n = v ? std::atoi(v) : 0;
+  return n > 0 ? n : emu::kNumSms;
+}
 inline cudaError_t& last_error() {
   static cudaError_t e = cudaSuccess;
   return e;
@@ -305,7 +312,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   switch (a) {
     case cudaDevAttrMaxThreadsPerBlock: *v = 1024; break;
     case cudaDevAttrMaxSharedMemoryPerBlock: *v = 48 * 1024; break;
-    case cudaDevAttrMultiProcessorCount: *v = emu::kNumSms; break;
+    case cudaDevAttrMultiProcessorCount: *v = emu_detail::num_sms(); break;
     case cudaDevAttrL2CacheSize: *v = 50 * 1024 * 1024; break;
     case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
     case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
@@ -337,7 +344,7 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* n, R (*f)(A...), const cudaLaunc
     *n = 0;
     return cs > 16 ? cudaErrorInvalidValue : cudaSuccess;
   }
-  *n = static_cast<int>(emu::kNumSms / cs);
+  *n = static_cast<int>(emu_detail::num_sms() / cs);
   return cudaSuccess;
 }
 template <typename... P, typename... A>
