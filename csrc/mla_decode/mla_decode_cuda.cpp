@@ -7,8 +7,6 @@
 
 #include <array>
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 
 #include "common/cuda_glue.h"
 #include "mla_decode/mla_decode_checks.h"
@@ -25,17 +23,6 @@ int sm_count(int device) {
   DSA_CHECK_CUDA(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
   if (device >= 0 && device < 64) cached[device].store(n, std::memory_order_relaxed);
   return n;
-}
-
-// The wgmma kernel (64-head blocks, sm_90a) is opt-in with DSA_MLA_DECODE_WGMMA=1 until it has
-// been validated on hardware; the mma.sync kernel is the default. Read per call (host only, no
-// data dependence), so tests can exercise both.
-bool use_wgmma(int device) {
-  const char* env = std::getenv("DSA_MLA_DECODE_WGMMA");
-  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
-  int major = 0;
-  DSA_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major == 9;
 }
 
 void check_aligned16(const at::Tensor& t, const char* name) {
@@ -82,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
   p.per_query_topk_length = sh.per_query_topk_length;
   p.sm_scale = static_cast<float>(sm_scale);
   p.plan = plan;
-  p.use_wgmma = use_wgmma(q.get_device());
+  DSA_CHECK_CUDA(wgmma_opted_in(q.get_device(), &p.use_wgmma));
   DSA_CHECK_CUDA(launch_sparse_mla_decode(p, current_stream(q)));
   return {out, lse};
 }

@@ -4,6 +4,8 @@
 #include "mla_decode/mla_decode_launch.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 namespace dsa::mla_decode {
 
@@ -45,6 +47,16 @@ SplitPlan plan_splits(int64_t batch, int64_t s_q, int64_t heads, int64_t topk, i
   }
   const int64_t per_split = ceil_div<int64_t>(tiles, splits);
   return SplitPlan{static_cast<int>(ceil_div<int64_t>(tiles, per_split)), static_cast<int>(per_split)};
+}
+
+cudaError_t wgmma_opted_in(int device, bool* use_wgmma) {
+  *use_wgmma = false;
+  const char* env = std::getenv("DSA_MLA_DECODE_WGMMA");
+  if (env == nullptr || std::strcmp(env, "1") != 0) return cudaSuccess;
+  int major = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  *use_wgmma = err == cudaSuccess && major == 9;
+  return err;
 }
 
 cudaError_t launch_sparse_mla_decode(const DecodeParams& p, cudaStream_t stream) {

@@ -37,6 +37,12 @@ struct DecodeParams {
   bool use_wgmma;
 };
 
+// The wgmma kernel (64-head blocks, sm_90a) is opt-in with DSA_MLA_DECODE_WGMMA=1 until it has
+// been validated on hardware; the mma.sync kernel is the default. Read per call (host only, no
+// data dependence), so tests can exercise both. Torch-free so the emulator's entry points
+// (csrc/emu/families/mla_decode_emu.cpp) decide exactly as the glue does.
+cudaError_t wgmma_opted_in(int device, bool* use_wgmma);
+
 cudaError_t launch_sparse_mla_decode(const DecodeParams& p, cudaStream_t stream);
 
 }  // namespace dsa::mla_decode
