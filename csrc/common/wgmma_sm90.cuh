@@ -1,9 +1,15 @@
-// Hopper warpgroup MMA (wgmma) helpers shared by the sparse_mla and mla_decode kernels: bf16
-// operands from shared memory through no-swizzle matrix descriptors, fp32 accumulators. Only
-// sm_90a has wgmma; elsewhere the helpers trap and the launchers never select a wgmma kernel.
+// Hopper warpgroup MMA (wgmma) helpers shared by the kernels: bf16 operands through
+// no-swizzle matrix descriptors and e4m3 operands through 128B-swizzle descriptors, fp32
+// accumulators. Only sm_90a has wgmma; elsewhere the helpers trap and the launchers never
+// select a wgmma kernel. Under DSA_EMULATOR (csrc/emu), which plays an sm_90a device, each
+// helper runs the PTX-ISA semantics of csrc/emu/ptx.cpp instead of the asm.
 // The long operand lists below were generated (one "+f" per accumulator register).
 #pragma once
 #include <cstdint>
+
+#if defined(DSA_EMULATOR)
+#include "emu/ptx.h"
+#endif
 
 namespace dsa {
 
@@ -17,24 +23,61 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* smem_ptr, uint32_t lb
          (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32);
 }
 
+// Shared-memory matrix descriptor (PTX 9.7.15.5.1.2.2) of a K-major tile with 128-byte rows
+// in the 128B-swizzle layout: start address >> 4 in bits 0-13, leading byte offset unused for
+// swizzled K-major (1), stride byte offset 1024 B (8 rows x 128 B) >> 4 in bits 32-45, base
+// offset 0 (tiles are 1024-byte aligned), swizzle mode 1 (128B) in bits 62-63: 16-byte chunk c
+// of row r sits at chunk c ^ (r & 7) within 1024-byte aligned 8-row groups. A k32 step (32
+// bytes of K) advances the start address by 32 bytes, inside the first row.
+__device__ __forceinline__ uint64_t sw128_kmajor_desc(uint32_t smem_byte_addr) {
+  return static_cast<uint64_t>((smem_byte_addr & 0x3FFFFu) >> 4) | (uint64_t{1} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
 __device__ __forceinline__ void wgmma_fence() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(DSA_EMULATOR)
+  ::emu::ptx::wgmma_fence();
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void wgmma_commit() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(DSA_EMULATOR)
+  ::emu::ptx::wgmma_commit();
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void wgmma_wait_all() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(DSA_EMULATOR)
+  ::emu::ptx::wgmma_wait_all();
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
+// Pins an accumulator register in place relative to the surrounding asm (wgmma, wait): the
+// compiler otherwise may move ordinary reads of it above wgmma.wait_group, which is undefined.
+// Compiler-only; the emulator keeps program order anyway (and must not read the register:
+// an in-flight accumulator read is a pending-wgmma hazard).
+__device__ __forceinline__ void fence_operand(float& r) {
+#if defined(DSA_EMULATOR)
+  ::emu::ptx::fence_operand(r);
+#else
+  asm volatile("" : "+f"(r)::"memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&acc)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) fence_operand(acc[j][e]);
+}
 // Orders this thread's ordinary shared-memory stores before later wgmma (async proxy) reads.
 __device__ __forceinline__ void fence_proxy_async_smem() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(DSA_EMULATOR)
+  ::emu::ptx::fence_proxy_async_smem();
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
@@ -43,7 +86,9 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 // keys' features contiguous), the _nmajor_b form N-major (O += P V, V's features contiguous).
 __device__ __forceinline__ void wgmma_m64n64k16_kmajor_b(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
                                                    int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(DSA_EMULATOR)
+  ::emu::ptx::wgmma_m64n64k16_kmajor_b(d, desc_a, desc_b, accumulate);
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
@@ -56,7 +101,9 @@ __device__ __forceinline__ void wgmma_m64n64k16_kmajor_b(float (&d)[32], uint64_
 
 __device__ __forceinline__ void wgmma_m64n256k16_nmajor_b(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
                                                    int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(DSA_EMULATOR)
+  ::emu::ptx::wgmma_m64n256k16_nmajor_b(d, desc_a, desc_b, accumulate);
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 1;\n}\n"
@@ -64,6 +111,40 @@ __device__ __forceinline__ void wgmma_m64n256k16_nmajor_b(float (&d)[128], uint6
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 #else
   __trap();
+#endif
+}
+
+// d (64 fp32 per thread) = (accumulate ? d : 0) + A(64 x 32 e4m3, desc_a) * B(32 x 128 e4m3,
+// desc_b), both K-major (the only layout e4m3 wgmma takes). The accumulator registers are in
+// wgmma order: value i = 4 * n8_tile + r.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[16][4], uint64_t desc_a,
+                                                      uint64_t desc_b, int accumulate) {
+#if defined(DSA_EMULATOR)
+  ::emu::ptx::wgmma_m64n128k32_e4m3(d, desc_a, desc_b, accumulate);
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+        "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
+        "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]),
+        "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+        "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]),
+        "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]),
+        "+f"(d[15][2]), "+f"(d[15][3])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+#else
+  __trap();   // never instantiated on a path that runs: the callers select mma.sync off sm_90a
 #endif
 }
 

@@ -33,6 +33,8 @@
 #include <cstdint>
 
 #include "common/cuda_utils.cuh"
+#include "common/mma_sm80.cuh"
+#include "common/wgmma_sm90.cuh"
 #include "indexer/indexer_rules.h"
 
 namespace dsa {
@@ -85,132 +87,16 @@ struct LogitsParams {
   int64_t qblocks_per_seq;   // ceil(N / queries per CTA)
 };
 
-// ---- PTX wrappers --------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global->shared copy; src_bytes = 0 zero-fills without reading src.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// d += a * b, m16n8k32, e4m3 x e4m3 -> fp32.
-__device__ __forceinline__ void mma_e4m3_16832(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                               uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  // FP8 MMA needs sm_89+; the host glue refuses older devices, so this is never reached.
-  __trap();
-#endif
-}
-
-// ---- sm_90a wgmma (FP8 QGMMA) --------------------------------------------------------------
-//
-// Shared-memory matrix descriptor (PTX 9.7.15.5.1.2.2) of a K-major tile with 128-byte rows
-// in the 128B-swizzle layout: start address >> 4 in bits 0-13, leading byte offset unused for
-// swizzled K-major (1), stride byte offset 1024 B (8 rows x 128 B) >> 4 in bits 32-45, base
-// offset 0 (tiles are 1024-byte aligned), swizzle mode 1 (128B) in bits 62-63. The XOR
-// swizzle of `swizzled()` below (chunk ^ (row & 7) within 1024-byte aligned 8-row groups) is
-// exactly this layout, so the cp.async fills serve both the ldmatrix and the wgmma paths.
-// A k32 step (32 bytes of K) advances the start address by 32 bytes, inside the first row.
-__device__ __forceinline__ uint64_t sw128_kmajor_desc(uint32_t smem_byte_addr) {
-  return static_cast<uint64_t>((smem_byte_addr & 0x3FFFFu) >> 4) | (uint64_t{1} << 16) |
-         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
-}
+// The PTX primitives (cp.async, ldmatrix, mma.sync e4m3, wgmma e4m3 with its 128B-swizzle
+// descriptor sw128_kmajor_desc) are csrc/common/mma_sm80.cuh and wgmma_sm90.cuh. The XOR
+// swizzle of `swizzled()` below is exactly the 128B-swizzle layout, so the cp.async fills
+// serve both the ldmatrix and the wgmma paths.
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define DSA_INDEXER_HAS_WGMMA 1
 #else
 #define DSA_INDEXER_HAS_WGMMA 0   // the kernel then takes the mma.sync path
 #endif
-
-__device__ __forceinline__ void wgmma_fence() {
-#if DSA_INDEXER_HAS_WGMMA
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wgmma_commit() {
-#if DSA_INDEXER_HAS_WGMMA
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wgmma_wait_all() {
-#if DSA_INDEXER_HAS_WGMMA
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#endif
-}
-// Pins an accumulator register in place relative to the surrounding asm (wgmma, wait): the
-// compiler otherwise may move ordinary reads of it above wgmma.wait_group, which is undefined.
-__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
-template <int N>
-__device__ __forceinline__ void fence_operands(float (&acc)[N][4]) {
-#pragma unroll
-  for (int j = 0; j < N; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) fence_operand(acc[j][e]);
-}
-
-// Orders this thread's earlier generic-proxy shared writes (cp.async fills) before the
-// async-proxy reads of wgmma.
-__device__ __forceinline__ void fence_proxy_async_smem() {
-#if DSA_INDEXER_HAS_WGMMA
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-
-// d (64 fp32 per thread) = (accumulate ? d : 0) + A(64 x 32, desc_a) * B(32 x 128, desc_b).
-// The accumulator registers are in wgmma order: value i = 4 * n8_tile + r.
-__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[16][4], uint64_t desc_a,
-                                                      uint64_t desc_b, int accumulate) {
-#if DSA_INDEXER_HAS_WGMMA
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
-        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
-        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-        "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
-        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
-        "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]),
-        "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
-        "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]),
-        "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]),
-        "+f"(d[15][2]), "+f"(d[15][3])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-#else
-  __trap();   // never instantiated on a path that runs: see kWgmmaPath in the kernel
-#endif
-}
 
 // Byte offset of 16-byte chunk `chunk` of 128-byte row `row` in a swizzled shared tile.
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
@@ -318,7 +204,7 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
   constexpr bool kWgmmaPath = kAllowWgmma && DSA_INDEXER_HAS_WGMMA;
 
   DSA_DYNAMIC_SMEM(smem_raw, 16);
-  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   uint8_t* q_smem = smem;
   uint8_t* k_smem = smem + kSmemQBytes;
   float* scale_smem = reinterpret_cast<float*>(k_smem + kStages * kSmemKBytes);
@@ -394,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
     for (int i = 0; i < kCols * kChunksPerRow / kThreads; ++i) {
       const int idx = tid + i * kThreads, col = idx / kChunksPerRow, chunk = idx % kChunksPerRow;
       const bool ok = col < nq * kHeads;
-      cp_async_16(smem_addr(q_smem + swizzled(col, chunk)),
+      cp_async_16(smem_u32(q_smem + swizzled(col, chunk)),
                   ok ? q_src + col * kHeadDim + chunk * 16 : p.q, ok ? 16u : 0u);
     }
   }
@@ -412,11 +298,11 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
       const void* scale = nullptr;
       const bool in_tile = pos < tiles_hi;
       const bool readable = in_tile && locate_key<kPaged>(p, bt_row, pos, row, scale);
-      cp_async_16(smem_addr(k_dst + swizzled(key, chunk)), readable ? row + chunk * 16 : p.q,
+      cp_async_16(smem_u32(k_dst + swizzled(key, chunk)), readable ? row + chunk * 16 : p.q,
                   readable ? 16u : 0u);
       if (chunk == 0) {
         if (readable) {
-          cp_async_4(smem_addr(s_dst + key), scale, 4u);
+          cp_async_4(smem_u32(s_dst + key), scale, 4u);
         } else {
           s_dst[key] = -__int_as_float(0x7f800000);   // marks "never read": logit -inf
         }
@@ -437,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
     cp_async_commit();   // group 0 also carries the Q block
   }
 
-  const uint32_t q_base = smem_addr(q_smem);
+  const uint32_t q_base = smem_u32(q_smem);
   for (int64_t tile = 0; tile < num_tiles; ++tile) {
     cp_async_wait<kStages - 2>();
     if constexpr (kWgmmaPath) fence_proxy_async_smem();
@@ -448,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
       cp_async_commit();
     }
     const int stage = static_cast<int>(tile % kStages);
-    const uint32_t k_base = smem_addr(k_smem + stage * kSmemKBytes);
+    const uint32_t k_base = smem_u32(k_smem + stage * kSmemKBytes);
 
     if constexpr (kWgmmaPath) {
       // Warpgroup wg: keys [64 wg, +64) x all 128 columns, m64n128k32 x 4 k-steps, chained

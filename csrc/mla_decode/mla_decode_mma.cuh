@@ -14,13 +14,13 @@ namespace dsa::mla_decode {
 // visible to this thread after cp_async_wait<0> and to others after the next barrier, like the copy.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool read) {
   if (read)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(smem_u32(dst)), "l"(src) : "memory");
+    dsa::cp_async_16(smem_u32(dst), src);
   else
     *static_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
 }
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool read) {
   if (read)
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" :: "r"(smem_u32(dst)), "l"(src) : "memory");
+    dsa::cp_async_4(smem_u32(dst), src);
   else
     *static_cast<uint32_t*>(dst) = 0u;
 }
