@@ -1,0 +1,195 @@
+"""The sparse_mla_decode kernels (csrc/mla_decode) run on the CPU emulator (csrc/emu): every
+kernel the launcher can select (head blocks of 16, 32 and 64 on mma.sync, the opt-in wgmma
+kernel for 64; FP8 656-byte and bf16 caches; unsplit, and split-KV with the combine kernel)
+against dsa_ext.reference within the CUDA tolerance of test_mla_decode.py, with no hazard
+reported.
+
+The cache, indices, lengths and sink are registered as device memory exactly, so a read of an
+invalid slot (-1, other negatives, num_slots, 2^31 - 1), of a cache with no blocks or of an
+entry past topk_length is an out-of-bounds report, not a silent zero. Outputs start as NaN, so
+an entry the kernels should write but do not fails the comparison. Shapes are tiny (one or a
+few query rows, K <= 256): a decode CTA is 256 threads over 64-entry tiles, and the split plan
+is decided by shapes alone (K = 256 gives 2 splits on the emulated 132-SM GPU, K <= 192 none).
+"""
+import ctypes
+import math
+
+import pytest
+import torch
+
+import emulator as E
+from conftest import randn, rel_err
+from dsa_ext import reference as ref
+from test_mla_decode import D_QK, D_V, make_cache, make_indices
+
+pytestmark = pytest.mark.emu
+P = E.ptr
+I64 = ctypes.c_int64
+# test_mla_decode.py's CUDA tolerances (check(): out rel. error, lse abs. error).
+OUT_TOL, LSE_TOL = 2e-2, 1e-2
+KERNEL, COMBINE = "sparse_mla_decode_kernel", "sparse_mla_decode_combine_kernel"
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = E.load("mla_decode")
+    lib.emu_mla_decode_plan.argtypes = [I64] * 4 + [ctypes.c_void_p]
+    lib.emu_mla_decode_plan.restype = None
+    lib.emu_sparse_mla_decode.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_void_p] * 4
+                                          + [I64] * 5 + [ctypes.c_int, ctypes.c_float])
+    yield lib
+    E.set_env(lib, "DSA_MLA_DECODE_WGMMA", None)
+
+
+def plan(lib, B, s_q, H, K):
+    p = (ctypes.c_int32 * 2)()
+    lib.emu_mla_decode_plan(B, s_q, H, K, p)
+    return p[0], p[1]
+
+
+def run_decode(lib, q, cache, idx, sm_scale, sink=None, topk_length=None, wgmma=False):
+    """The emulated op: (out, lse, splits, reports). Every argument is registered whole and
+    nothing else (the partials are registered only when the plan splits)."""
+    B, s_q, H, _ = q.shape
+    K = idx.shape[2]
+    num_slots = cache.shape[0] * cache.shape[1]
+    splits, _ = plan(lib, B, s_q, H, K)
+    out = torch.full((B, s_q, H, D_V), float("nan"), dtype=torch.bfloat16)
+    lse = torch.full((B, s_q, H), float("nan"))
+    out_partial = lse_partial = None
+    if splits > 1:
+        out_partial = torch.full((splits, B * s_q, H, D_V), float("nan"))
+        lse_partial = torch.full((splits, B * s_q, H), float("nan"))
+    E.set_env(lib, "DSA_MLA_DECODE_WGMMA", "1" if wgmma else None)
+    try:
+        reports, rc = E.run(
+            lib.emu_sparse_mla_decode, P(q), P(cache), P(idx), P(sink), P(topk_length),
+            int(topk_length is not None and topk_length.dim() == 2), P(out), P(lse), P(out_partial),
+            P(lse_partial), B, s_q, H, K, num_slots, int(cache.dtype == torch.uint8), sm_scale,
+            buffers=[q, cache, idx, sink, topk_length, out, lse, out_partial, lse_partial], lib=lib)
+    finally:
+        E.set_env(lib, "DSA_MLA_DECODE_WGMMA", None)
+    assert rc == 0
+    return out, lse, splits, reports
+
+
+def check(out, lse, q, cache, idx, sm_scale, sink=None, topk_length=None):
+    """test_mla_decode.check's comparison, at its CUDA tolerances."""
+    ro, rl = ref.sparse_mla_decode(q, cache, idx, sm_scale, D_V, sink, topk_length)
+    empty = torch.isneginf(rl)
+    assert not torch.isnan(lse).any() and not torch.isnan(out.float()).any(), "unwritten outputs"
+    assert torch.equal(torch.isneginf(lse), empty), "empty rows must give lse = -inf exactly"
+    assert torch.all(out[empty] == 0), "empty rows must give out = 0"
+    if (~empty).any():
+        assert rel_err(out[~empty], ro[~empty]) < OUT_TOL
+        assert (lse[~empty] - rl[~empty]).abs().max().item() < LSE_TOL
+
+
+def launched(lib):
+    """{kernel name: counters} of the launches since the last clear."""
+    return {name: c for name, c in E.counters(lib).items() if c["launches"]}
+
+
+# Head count -> (head block, kernel path). 12 and 24 leave masked rows in their block.
+VARIANTS = {"hb16": (12, 16, False), "hb32": (24, 32, False), "hb64": (64, 64, False),
+            "hb64-wgmma": (64, 64, True)}
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["unsplit", "split"])
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_kernel(lib, gen, variant, fp8, split):
+    """One query row per kernel. Unsplit: K = 150 (3 tiles, the last ragged), no topk_length.
+    Split: K = 256 in 2 splits of 2 tiles, topk_length 200 cutting the last tile to 8 entries,
+    partials merged by the combine kernel. Invalid slots of every kind; a sink."""
+    H, hb, wgmma = VARIANTS[variant]
+    K = 256 if split else 150
+    cache = make_cache(3, 64, fp8, gen)
+    q = randn(1, 1, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(1, 1, K, 3 * 64, gen)
+    sink = randn(H, gen=gen)
+    lengths = torch.tensor([200], dtype=torch.int32) if split else None
+    lib.emu_clear_counters()
+    out, lse, splits, reports = run_decode(lib, q, cache, idx, D_QK ** -0.5, sink, lengths, wgmma)
+    assert reports == []
+    assert (splits > 1) == split
+    check(out, lse, q, cache, idx, D_QK ** -0.5, sink, lengths)
+
+    kernels = launched(lib)
+    main = [n for n in kernels if KERNEL in n and COMBINE not in n]
+    assert len(main) == 1, f"one main kernel launch expected, got {list(kernels)}"
+    args = "".join(main[0].split("(")[0].split())   # "...kernel<64,true,true>" when demangled
+    if "<" in args:
+        assert args.endswith(f"<{hb},{str(fp8).lower()},{str(wgmma).lower()}>"), main[0]
+    c = kernels[main[0]]
+    assert c["ctas"] == splits and c["threads"] == 256 * splits
+    if wgmma:
+        assert c["wgmma"] > 0 and c["mma_sync"] == 0 and c["ldmatrix"] == 0
+    else:
+        assert c["wgmma"] == 0 and c["mma_sync"] > 0 and c["ldmatrix"] > 0
+    assert c["cp_async_bytes"] > 0 and c["barriers"] > 0
+    assert any(COMBINE in n for n in kernels) == split
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["unsplit", "split"])
+@pytest.mark.parametrize("per_query", [False, True], ids=["len[B]", "len[B,s_q]"])
+def test_topk_length(lib, gen, per_query, split):
+    """Lengths 0, 1, one tile and a bit, beyond K and negative. Split (K = 256, 2 splits of 2
+    tiles): a row with no entries in either split (the combine's empty branch) and rows whose
+    second split is empty (its partial has lse -inf and weight 0)."""
+    B, s_q, H = 2, 2, 8
+    K = 256 if split else 128
+    cache = make_cache(3, 64, True, gen)
+    q = randn(B, s_q, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(B, s_q, K, 3 * 64, gen, invalid_frac=0.05)
+    if per_query:
+        lengths = torch.tensor([[0, 1], [65, 500]] if not split else [[0, 64], [129, -3]],
+                               dtype=torch.int32)
+    else:
+        lengths = torch.tensor([0, 70] if not split else [100, 0], dtype=torch.int32)
+    out, lse, splits, reports = run_decode(lib, q, cache, idx, D_QK ** -0.5, None, lengths)
+    assert reports == []
+    assert (splits > 1) == split
+    check(out, lse, q, cache, idx, D_QK ** -0.5, None, lengths)
+    empty = (lengths if per_query else lengths[:, None].expand(B, s_q)) <= 0
+    assert torch.isneginf(lse[empty]).all() and torch.isfinite(lse[~empty]).all()
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+def test_invalid_and_empty_rows(lib, gen, fp8):
+    """Rows of only -1, only out-of-range slots (num_slots, 2^31 - 1, -7), a single valid entry;
+    then a cache with no blocks (nothing registered: any read is a report) and K = 0."""
+    cache = make_cache(2, 32, fp8, gen)
+    q = randn(2, 2, 16, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(2, 2, 64, 64, gen)
+    idx[0, 0] = -1
+    idx[0, 1] = torch.tensor([64, 2**31 - 1, -7, -2**31], dtype=torch.int32).repeat(16)
+    idx[1, 0, :] = -1
+    idx[1, 0, 37] = 63
+    out, lse, _, reports = run_decode(lib, q, cache, idx, 0.1)
+    assert reports == []
+    check(out, lse, q, cache, idx, 0.1)
+    assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1]).all()
+
+    no_blocks = make_cache(0, 64, fp8, gen)
+    small = torch.tensor([0, 1, -1, 63], dtype=torch.int32).repeat(16).view(1, 1, 64).expand(2, 2, 64)
+    out, lse, _, reports = run_decode(lib, q, no_blocks, small.contiguous(), 0.1)
+    assert reports == []
+    assert torch.all(out == 0) and torch.isneginf(lse).all()
+
+    out, lse, _, reports = run_decode(lib, q, cache, torch.empty(2, 2, 0, dtype=torch.int32), 0.1)
+    assert reports == []
+    assert torch.all(out == 0) and torch.isneginf(lse).all()
+
+
+def test_two_head_blocks(lib, gen):
+    """H = 80: two 64-head CTAs per row, the second with 48 masked rows (never stored), on the
+    wgmma kernel (the mma.sync kernel masks through the same epilogue)."""
+    H = 80
+    cache = make_cache(2, 64, True, gen)
+    q = randn(1, 1, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(1, 1, 64, 128, gen)
+    sink = randn(H, gen=gen)
+    out, lse, splits, reports = run_decode(lib, q, cache, idx, D_QK ** -0.5, sink, wgmma=True)
+    assert reports == [] and splits == 1
+    check(out, lse, q, cache, idx, D_QK ** -0.5, sink)
