@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "common/cuda_utils.cuh"
 #include "common/mma_sm80.cuh"
 
 namespace dsa::sparse_mla {
@@ -129,7 +130,7 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
                           const int32_t* __restrict__ topk_length, __nv_bfloat16* __restrict__ out,
                           float* __restrict__ lse, int64_t S, int H, int K, float sm_scale) {
   using C = FwdCfg<HB>;
-  extern __shared__ __align__(128) uint8_t smem[];
+  DSA_DYNAMIC_SMEM(smem, 128);
   const uint32_t sQ = smem_u32(smem + C::kQOff);
   const uint32_t sKV0 = smem_u32(smem + C::kKVOff);
   const uint32_t sP = smem_u32(smem + C::kPOff);
@@ -346,7 +347,7 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
                           int64_t t_begin, int64_t chunk_tokens, int64_t S, int H, int K,
                           float sm_scale) {
   using C = BwdCfg<HB>;
-  extern __shared__ __align__(128) uint8_t smem[];
+  DSA_DYNAMIC_SMEM(smem, 128);
   const uint32_t sQ = smem_u32(smem + C::kQOff);
   const uint32_t sDO = smem_u32(smem + C::kDOOff);
   const uint32_t sKV0 = smem_u32(smem + C::kKVOff);
@@ -574,7 +575,7 @@ __global__ void count_rows_kernel(const int32_t* __restrict__ indices,
 __global__ void __launch_bounds__(kScanThreads) scan_rows_kernel(const int32_t* __restrict__ row_counts,
                                                          int64_t S, int32_t* row_offsets,
                                                          int32_t* row_cursor) {
-  extern __shared__ __align__(128) uint8_t smem[];  // int32 [1024]
+  DSA_DYNAMIC_SMEM(smem, 128);  // int32 [1024]
   int32_t* part = reinterpret_cast<int32_t*>(smem);
   const int tid = threadIdx.x;
   const int64_t per = (S + kScanThreads - 1) / kScanThreads;
@@ -616,7 +617,7 @@ __global__ void reduce_rows_kernel(
     const float* __restrict__ scratch, const int32_t* __restrict__ row_offsets,
     const int32_t* __restrict__ entry_list, int64_t n_entries, int64_t chunk_entries, int nhb,
     float* __restrict__ dkv_acc) {
-  extern __shared__ __align__(128) uint8_t smem[];  // kReduceSmemBytes
+  DSA_DYNAMIC_SMEM(smem, 128);  // kReduceSmemBytes
   uint32_t* bits = reinterpret_cast<uint32_t*>(smem);                // [kMaxChunkEntries / 32]
   uint32_t* summary = bits + kMaxChunkEntries / 32;                   // [kMaxChunkEntries / 1024]
   const int64_t row = blockIdx.x;

@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(WgmmaFwdCfg::kThreads, 1)
                                 int H, int K, float sm_scale) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = WgmmaFwdCfg;
-  extern __shared__ __align__(128) uint8_t smem[];
+  DSA_DYNAMIC_SMEM(smem, 128);
   uint8_t* q_s = smem + C::kQOff;
   uint8_t* kv_s0 = smem + C::kKVOff;
   uint8_t* p_s = smem + C::kPOff;
