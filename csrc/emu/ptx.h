@@ -104,13 +104,14 @@ uint16_t float_to_bf16_rn(float f);   // cvt.rn.bf16.f32
 float bf16_to_float(uint16_t b);
 uint16_t float_to_f16_rn(float f);    // cvt.rn.f16.f32 (overflow -> inf)
 float f16_to_float(uint16_t h);
-uint8_t float_to_e4m3_satfinite(float f);  // cvt.rn.satfinite.e4m3x2.f32, one half
-uint8_t float_to_e5m2_satfinite(float f);
-float e4m3_to_float(uint8_t v);       // exact (every e4m3 is an f16)
-float e5m2_to_float(uint8_t v);
+// cvt.rn{.satfinite}.{e4m3x2,e5m2x2}.f32, one half. Without satfinite an overflow is NaN for
+// e4m3 (it has no inf) and inf for e5m2.
+uint8_t float_to_fp8(float f, bool e5m2, bool satfinite);
+uint16_t fp8_to_f16(uint8_t v, bool e5m2);   // cvt.rn.f16x2.{e4m3x2,e5m2x2}, exact
+float fp8_to_float(uint8_t v, bool e5m2);
 // cvt.rn.satfinite.e4m3x2.f32 d, a, b: a -> the upper byte, b -> the lower byte.
 inline uint16_t cvt_rn_satfinite_e4m3x2_f32(float a, float b) {
-  return static_cast<uint16_t>(float_to_e4m3_satfinite(a) << 8 | float_to_e4m3_satfinite(b));
+  return static_cast<uint16_t>(float_to_fp8(a, false, true) << 8 | float_to_fp8(b, false, true));
 }
 
 // ---- the layouts above as plain functions (tests/test_emu_cute_layouts.py compares them
@@ -126,9 +127,10 @@ Coord mma_fragment_coord(WgmmaType type, char operand, int lane, int elem);
 Coord ldmatrix_coord(int lane, int half, bool trans);
 // wgmma accumulator register i of thread t (0-127) -> (m, n) of D.
 Coord wgmma_accumulator_coord(int thread, int i);
-// Byte offset from the descriptor's start address of element (mn, k) of a wgmma operand with
-// `elem_bytes` per element (2 bf16, 1 e4m3), K-major (mn_major false) or MN-major, for the
-// descriptor `desc` (its start address included in the swizzle phase, as the hardware does).
+// Shared-window byte address of element (mn, k) of a wgmma operand with `elem_bytes` per
+// element (2 bf16, 1 e4m3), K-major (mn_major false) or MN-major, read through descriptor
+// `desc`: the canonical layouts of PTX 9.7.15.5.1.2 "Shared Memory Matrix Layout", the swizzle
+// applied to the address bits (so the start address and base offset enter the XOR phase).
 uint32_t wgmma_smem_offset(uint64_t desc, int mn, int k, int elem_bytes, bool mn_major);
 
 }  // namespace emu::ptx
