@@ -16,21 +16,16 @@
 // count needed is reached — unless the whole tie class is taken, when order does not matter.
 // sorted=true: CTA 0 then sorts the k selected (key, index) pairs with a bitonic sort.
 //
-// DSA_TOPK_HOST_EMULATION (csrc/topk/emulation, tests only): the same source compiled by a
-// host C++ compiler, CTAs and clusters emulated with threads, so the kernel's logic runs in CI
-// machines without a GPU. It swaps in the shim's CUDA subset, shared memory and cluster
-// primitives; device builds never define it.
+// Shared memory (all dynamic): the TopkShared state first (peers of a cluster read its
+// histograms and counts at the same offset), then the key cache, which CTA 0 reuses as the
+// sort buffer.
 #pragma once
-#if defined(DSA_TOPK_HOST_EMULATION)
-#include "topk/emulation/cuda_host_shim.h"
-#else
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
-#include "common/cuda_utils.cuh"
-#endif
 #include <cstdint>
 
+#include "common/cuda_utils.cuh"
 #include "topk/topk_key.h"
 
 namespace dsa {
@@ -42,7 +37,7 @@ constexpr int kMaxBins = 2048;
 constexpr int kPasses = 3;            // digits of 11, 11 and 10 bits over the 32-bit key
 constexpr int kPortableCluster = 8;
 constexpr int kMaxCluster = 16;       // non-portable; used only where the device accepts it
-constexpr int kMaxCacheKeys = 20480;  // 80 KiB of keys per CTA (+24 KiB histograms): 2 CTAs/SM
+constexpr int kMaxCacheKeys = 20480;  // 80 KiB of keys per CTA (+24 KiB of TopkShared): 2 CTAs/SM
 constexpr int kMaxSortK = 4096;
 
 __host__ __device__ constexpr int pass_shift(int pass) { return pass == 0 ? 21 : pass == 1 ? 10 : 0; }
@@ -65,14 +60,7 @@ struct TopkParams {
 };
 
 // ---- cluster primitives (a cluster of one CTA where clusters do not exist) ----------------
-#if defined(DSA_TOPK_HOST_EMULATION)
-unsigned cluster_rank();
-unsigned cluster_size();
-void cluster_sync();
-void* emulated_peer(void* p, unsigned rank);
-template <typename T>
-T* cluster_peer(T* p, unsigned rank) { return static_cast<T*>(emulated_peer(p, rank)); }
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ unsigned cluster_rank() { return cooperative_groups::this_cluster().block_rank(); }
 __device__ __forceinline__ unsigned cluster_size() { return cooperative_groups::this_cluster().num_blocks(); }
 __device__ __forceinline__ void cluster_sync() { cooperative_groups::this_cluster().sync(); }
@@ -103,10 +91,9 @@ struct TopkShared {
   int sel_bin;
 };
 
-#if defined(DSA_TOPK_HOST_EMULATION)
-uint32_t* emulated_dynamic_smem();
-TopkShared& emulated_shared();
-#endif
+// Dynamic shared memory bytes before the key cache (16-byte aligned: the cache takes uint4
+// stores and the sort's uint64 pairs).
+constexpr size_t kSharedStateBytes = (sizeof(TopkShared) + 15) & ~size_t(15);
 
 // Thread t owns the PER contiguous bins [t*PER, (t+1)*PER) of a pass's histogram.
 template <int PER>
@@ -258,14 +245,9 @@ __device__ __forceinline__ void first_pass(const float* xr, int64_t len, bool ca
 }
 
 __global__ void __launch_bounds__(kBlock, 2) topk_radix_kernel(const TopkParams p) {
-#if defined(DSA_TOPK_HOST_EMULATION)
-  uint32_t* cache = emulated_dynamic_smem();
-  TopkShared& sh = emulated_shared();
-#else
-  extern __shared__ __align__(16) unsigned char topk_dyn_smem[];
-  uint32_t* cache = reinterpret_cast<uint32_t*>(topk_dyn_smem);
-  __shared__ TopkShared sh;
-#endif
+  DSA_DYNAMIC_SMEM(topk_smem, 16);
+  TopkShared& sh = *reinterpret_cast<TopkShared*>(topk_smem);
+  uint32_t* cache = reinterpret_cast<uint32_t*>(topk_smem + kSharedStateBytes);
 
   const int tid = threadIdx.x;
   const unsigned cs = cluster_size(), rank = cluster_rank();

@@ -62,15 +62,20 @@ int max_cluster_size(size_t smem) {
   return cs;
 }
 
-// Bytes of dynamic shared memory for a slice of `slice` columns: the key cache (+3 words of
-// alignment slack), which CTA 0 reuses for the sort of up to kMaxSortK selected pairs.
-size_t smem_for(int64_t slice, int k, bool sorted) {
+// Bytes of dynamic shared memory for a slice of `slice` columns: the TopkShared state, then
+// the key cache (+3 words of alignment slack), which CTA 0 reuses for the sort of up to
+// kMaxSortK selected pairs.
+constexpr size_t smem_for(int64_t slice, int k, bool sorted) {
   int sort_pairs = 1;
   while (sort_pairs < k) sort_pairs <<= 1;
   const int64_t keys = std::min<int64_t>(slice, topk::kMaxCacheKeys);
-  return std::max<size_t>(size_t(keys + 4) * sizeof(uint32_t),
-                          sorted ? size_t(sort_pairs) * sizeof(uint64_t) : 0);
+  return topk::kSharedStateBytes + std::max<size_t>(size_t(keys + 4) * sizeof(uint32_t),
+                                                    sorted ? size_t(sort_pairs) * sizeof(uint64_t) : 0);
 }
+// __launch_bounds__(kBlock, 2): two CTAs of the largest footprint share an SM (228 KB of
+// shared memory per SM on sm_90, 1 KB of it reserved per CTA).
+static_assert(2 * (smem_for(topk::kMaxCacheKeys, topk::kMaxSortK, true) + 1024) <= 228 * 1024,
+              "two topk_radix_kernel CTAs per SM");
 
 // Per device, once: SM count, architecture, the kernel's shared-memory limit raised to the
 // largest footprint, and whether 16-CTA clusters fit (kernel attributes persist; concurrent
