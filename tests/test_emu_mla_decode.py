@@ -12,7 +12,6 @@ few query rows, K <= 256): a decode CTA is 256 threads over 64-entry tiles, and 
 is decided by shapes alone (K = 256 gives 2 splits on the emulated 132-SM GPU, K <= 192 none).
 """
 import ctypes
-import math
 
 import pytest
 import torch
@@ -28,6 +27,8 @@ I64 = ctypes.c_int64
 # test_mla_decode.py's CUDA tolerances (check(): out rel. error, lse abs. error).
 OUT_TOL, LSE_TOL = 2e-2, 1e-2
 KERNEL, COMBINE = "sparse_mla_decode_kernel", "sparse_mla_decode_combine_kernel"
+# The kernel's CTA geometry (mla_decode_kernels.cuh, mla_decode_launch.h).
+THREADS, WARPS, TILE = 256, 8, 64
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,17 @@ def check(out, lse, q, cache, idx, sm_scale, sink=None, topk_length=None):
         assert (lse[~empty] - rl[~empty]).abs().max().item() < LSE_TOL
 
 
+def valid_entries(idx, cache, lengths=None):
+    """How many (row, j) entries the op reads: j < topk_length and 0 <= slot < num_slots."""
+    B, s_q, K = idx.shape
+    num_slots = cache.shape[0] * cache.shape[1]
+    keep = (idx >= 0) & (idx < num_slots)
+    if lengths is not None:
+        per_row = lengths if lengths.dim() == 2 else lengths[:, None].expand(B, s_q)
+        keep &= torch.arange(K) < per_row[..., None]
+    return int(keep.sum())
+
+
 def launched(lib):
     """{kernel name: counters} of the launches since the last clear."""
     return {name: c for name, c in E.counters(lib).items() if c["launches"]}
@@ -122,12 +134,17 @@ def test_every_kernel(lib, gen, variant, fp8, split):
     if "<" in args:
         assert args.endswith(f"<{hb},{str(fp8).lower()},{str(wgmma).lower()}>"), main[0]
     c = kernels[main[0]]
-    assert c["ctas"] == splits and c["threads"] == 256 * splits
-    if wgmma:
-        assert c["wgmma"] > 0 and c["mma_sync"] == 0 and c["ldmatrix"] == 0
-    else:
-        assert c["wgmma"] == 0 and c["mma_sync"] > 0 and c["ldmatrix"] > 0
-    assert c["cp_async_bytes"] > 0 and c["barriers"] > 0
+    tiles = -(-min(K, int(lengths[0]) if split else K) // TILE)   # 64-entry tiles walked in all
+    assert c["ctas"] == splits and c["threads"] == THREADS * splits
+    assert c["barriers"] == 4 * tiles + splits                      # 4 per tile + the epilogue's
+    mt = hb // 16
+    if wgmma:   # S: warpgroup 0, 36 k-steps of 16; O += P V: both warpgroups, 4 k-steps
+        assert c["wgmma"] == tiles * (D_QK // 16 + 2 * 4) and c["mma_sync"] == 0 and c["ldmatrix"] == 0
+    else:       # per warp: S 36 k-steps x MT (16-key tiles), P V 4 k-steps x 8 n-tiles x MT
+        assert c["wgmma"] == 0 and c["mma_sync"] == tiles * WARPS * (D_QK // 16 + 4 * 8) * mt
+        assert c["ldmatrix"] == tiles * WARPS * (D_QK // 16 * (1 + max(mt // 2, 1)) + 4 * (mt + 4))
+    # Only valid entries are copied, each as one whole record; invalid ones are zero-filled.
+    assert c["cp_async_bytes"] == valid_entries(idx, cache, lengths) * (656 if fp8 else 2 * D_QK)
     assert any(COMBINE in n for n in kernels) == split
 
 

@@ -1,7 +1,7 @@
 // Torch-free host launchers of sparse_mla_decode (CUDA). The glue (mla_decode_cuda.cpp) checks
 // the tensors, asks for the split plan, allocates outputs and workspace, then launches.
 #pragma once
-#include <cuda_runtime_api.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
