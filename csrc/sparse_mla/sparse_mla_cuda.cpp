@@ -8,8 +8,6 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -33,17 +31,6 @@ void check_aligned16(const at::Tensor& t, const char* name) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
               " must start at a 16-byte aligned address on CUDA (got a view at an unaligned "
               "offset; pass .clone())");
-}
-
-// The wgmma forward (64-head blocks, sm_90a) is opt-in with DSA_SPARSE_MLA_WGMMA=1 until it has
-// been validated on hardware; the mma.sync kernel is the default. Read per call (host only, no
-// data dependence), so tests can exercise both.
-bool use_wgmma(int device) {
-  const char* env = std::getenv("DSA_SPARSE_MLA_WGMMA");
-  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
-  int major = 0;
-  DSA_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major == 9;
 }
 
 void check_int32_sizes(const SparseMlaSizes& sz) {
@@ -81,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd_cuda(const at::Tensor& q, cons
   a.H = static_cast<int>(sz.H);
   a.K = static_cast<int>(sz.K);
   a.sm_scale = static_cast<float>(sm_scale);
-  a.use_wgmma = use_wgmma(q.get_device());
+  DSA_CHECK_CUDA(sparse_mla::wgmma_opted_in(q.get_device(), &a.use_wgmma));
   DSA_CHECK_CUDA(sparse_mla::sparse_mla_fwd_launch(a, current_stream(q)));
   return {out, lse};
 }

@@ -1,6 +1,6 @@
 // Torch-free host launchers of the sparse_mla CUDA kernels (raw pointers, sizes, stream).
 #pragma once
-#include <cuda_runtime_api.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
@@ -23,6 +23,12 @@ struct FwdArgs {
   // H % 64 == 0 on sm_90a: the wgmma kernel (sparse_mla_wgmma.cuh) instead of mma.sync.
   bool use_wgmma = false;
 };
+
+// The wgmma forward (64-head blocks, sm_90a) is opt-in with DSA_SPARSE_MLA_WGMMA=1 until it has
+// been validated on hardware; the mma.sync kernel is the default. Read per call (host only, no
+// data dependence), so tests can exercise both. Torch-free so the emulator's entry points
+// (csrc/emu/families/sparse_mla_emu.cpp) decide exactly as the glue does.
+cudaError_t wgmma_opted_in(int device, bool* use_wgmma);
 
 cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream);
 

@@ -1,0 +1,78 @@
+// Emulator entry points of the sparse_mla family (tests/test_emu_sparse_mla.py): the real
+// launchers of sparse_mla_launch.cu (rewritten for the host by launch_rewrite.py), called with
+// raw pointers exactly as sparse_mla_cuda.cpp calls them once its checks have passed (so the
+// caller, like the glue, handles S == 0 or K == 0 without a launch and zeroes dkv_acc). The
+// forward kernel is the launcher's choice: DSA_SPARSE_MLA_WGMMA=1 through emu_set_env opts into
+// wgmma for 64-head blocks, else mma.sync with the largest head block dividing H.
+#include "sparse_mla_launch.gen.cu"
+
+extern "C" {
+
+int emu_sparse_mla_fwd(const void* q, const void* kv, const int32_t* indices, const float* attn_sink,
+                       const int32_t* topk_length, void* out, float* lse, int64_t T, int64_t S, int64_t H,
+                       int64_t K, float sm_scale) {
+  dsa::sparse_mla::FwdArgs a{};
+  a.q = q;
+  a.kv = kv;
+  a.indices = indices;
+  a.attn_sink = attn_sink;
+  a.topk_length = topk_length;
+  a.out = out;
+  a.lse = lse;
+  a.T = T;
+  a.S = S;
+  a.H = static_cast<int>(H);
+  a.K = static_cast<int>(K);
+  a.sm_scale = sm_scale;
+  const cudaError_t err = dsa::sparse_mla::wgmma_opted_in(0, &a.use_wgmma);
+  if (err != cudaSuccess) return err;
+  return dsa::sparse_mla::sparse_mla_fwd_launch(a, nullptr);
+}
+
+// The deterministic backward's workspace as the glue sizes it: sizes[0] = scratch floats
+// ([rows, 576], at least one row), sizes[1] = int32 words (entry list, then row counts, offsets
+// and cursor of S + 1 each), sizes[2] = the entry list's length.
+void emu_sparse_mla_bwd_workspace(int64_t T, int64_t S, int64_t H, int64_t K, int64_t* sizes) {
+  const int64_t chunk = dsa::sparse_mla::sparse_mla_bwd_chunk_tokens(T, static_cast<int>(K));
+  const int64_t rows = dsa::sparse_mla::sparse_mla_bwd_scratch_rows(T, static_cast<int>(H), static_cast<int>(K));
+  const int64_t list = chunk * K > 0 ? chunk * K : 1;
+  sizes[0] = (rows > 0 ? rows : 1) * dsa::sparse_mla::kDqk;
+  sizes[1] = list + 3 * (S + 1);
+  sizes[2] = list;
+}
+
+// dkv_acc [S, 576] fp32 must be zero. scratch / ints: the workspace above (deterministic only).
+int emu_sparse_mla_bwd(const void* q, const void* kv, const void* out, const void* dout, const int32_t* indices,
+                       const float* lse, const float* attn_sink, const int32_t* topk_length, void* dq,
+                       float* dkv_acc, float* scratch, int32_t* ints, int64_t T, int64_t S, int64_t H, int64_t K,
+                       float sm_scale, int deterministic) {
+  dsa::sparse_mla::BwdArgs a{};
+  a.q = q;
+  a.kv = kv;
+  a.out = out;
+  a.dout = dout;
+  a.indices = indices;
+  a.lse = lse;
+  a.attn_sink = attn_sink;
+  a.topk_length = topk_length;
+  a.dq = dq;
+  a.dkv_acc = dkv_acc;
+  a.T = T;
+  a.S = S;
+  a.H = static_cast<int>(H);
+  a.K = static_cast<int>(K);
+  a.sm_scale = sm_scale;
+  a.deterministic = deterministic != 0;
+  if (a.deterministic && T > 0) {
+    int64_t sizes[3];
+    emu_sparse_mla_bwd_workspace(T, S, H, K, sizes);
+    a.scratch = scratch;
+    a.entry_list = ints;
+    a.row_counts = ints + sizes[2];
+    a.row_offsets = a.row_counts + (S + 1);
+    a.row_cursor = a.row_offsets + (S + 1);
+  }
+  return dsa::sparse_mla::sparse_mla_bwd_launch(a, nullptr);
+}
+
+}  // extern "C"

@@ -1,0 +1,283 @@
+"""The sparse_mla kernels (csrc/sparse_mla) run on the CPU emulator (csrc/emu): every kernel the
+launchers can select (the mma.sync forward for head blocks of 16, 32 and 64, the opt-in wgmma
+forward for 64, the backward for each head block with fp32 atomics and deterministic with its
+count / scan / fill / reduce kernels) against dsa_ext.reference within the CUDA tolerances of
+test_sparse_mla.py, with no hazard reported.
+
+kv, indices, lengths and sink are registered as device memory exactly, so a gather of a skipped
+entry (-1, other negatives, S, 2^31 - 1, or past topk_length) is an out-of-bounds report, not a
+silent zero. Outputs start as NaN (dkv_acc as zero, as the launcher requires), so an element the
+kernels should write but do not fails the comparison. Shapes are tiny (a few tokens, K <= 192)
+but span several KV blocks with a ragged last one (64-token blocks forward, 32 backward), so the
+double-buffered gathers, the online softmax rescale and the block loop's barriers all run.
+"""
+import ctypes
+
+import pytest
+import torch
+
+import emulator as E
+from conftest import randn, rel_err
+from dsa_ext import reference as ref
+from test_sparse_mla import D_QK, D_V
+
+pytestmark = pytest.mark.emu
+P = E.ptr
+I64, VP = ctypes.c_int64, ctypes.c_void_p
+SCALE = D_QK ** -0.5
+# test_sparse_mla.py's CUDA tolerances: check_fwd (out rel. error; lse atol / rtol) and
+# check_bwd (dq, dkv rel. error).
+OUT_TOL, LSE_ATOL, LSE_RTOL, GRAD_TOL = 1e-2, 1e-3, 1e-4, 2e-2
+WGMMA_ENV = "DSA_SPARSE_MLA_WGMMA"
+DETERMINISTIC_KERNELS = ("count_rows_kernel", "scan_rows_kernel", "fill_rows_kernel",
+                         "reduce_rows_kernel")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = E.load("sparse_mla")
+    lib.emu_sparse_mla_fwd.argtypes = [VP] * 7 + [I64] * 4 + [ctypes.c_float]
+    lib.emu_sparse_mla_bwd_workspace.argtypes = [I64] * 4 + [VP]
+    lib.emu_sparse_mla_bwd_workspace.restype = None
+    lib.emu_sparse_mla_bwd.argtypes = [VP] * 12 + [I64] * 4 + [ctypes.c_float, ctypes.c_int]
+    yield lib
+    E.set_env(lib, WGMMA_ENV, None)
+
+
+def make_inputs(T, H, S, K, gen, invalid_frac=0.1, scale_q=1.0):
+    """q [T, H, 576], kv [S, 1, 576] bf16, indices [T, 1, K] with -1 and out-of-range entries."""
+    q = randn(T, H, D_QK, gen=gen, dtype=torch.bfloat16, scale=scale_q)
+    kv = randn(S, 1, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = torch.randint(0, S, (T, 1, K), generator=gen, dtype=torch.int32)
+    r = torch.rand(T, 1, K, generator=gen)
+    idx[r < invalid_frac / 2] = -1
+    idx[(r >= invalid_frac / 2) & (r < invalid_frac)] = S
+    return q, kv, idx
+
+
+def kernels_launched(lib):
+    """{kernel name without its parameter list: counters} of the launches since the last clear."""
+    return {name.split("(")[0].split()[-1]: c for name, c in E.counters(lib).items() if c["launches"]}
+
+
+def run_fwd(lib, q, kv, idx, sm_scale, sink=None, tl=None, wgmma=False):
+    """The emulated sparse_mla_fwd: (out, lse, reports)."""
+    T, H, _ = q.shape
+    S, K = kv.shape[0], idx.shape[2]
+    out = torch.full((T, H, D_V), float("nan"), dtype=torch.bfloat16)
+    lse = torch.full((T, H), float("nan"))
+    E.set_env(lib, WGMMA_ENV, "1" if wgmma else None)
+    try:
+        reports, rc = E.run(lib.emu_sparse_mla_fwd, P(q), P(kv), P(idx), P(sink), P(tl), P(out), P(lse),
+                            T, S, H, K, sm_scale, buffers=[q, kv, idx, sink, tl, out, lse], lib=lib)
+    finally:
+        E.set_env(lib, WGMMA_ENV, None)
+    assert rc == 0
+    return out, lse, reports
+
+
+def check_fwd(out, lse, q, kv, idx, sm_scale, sink=None, tl=None):
+    """test_sparse_mla.check_fwd's comparison, at its CUDA tolerances."""
+    r_out, r_lse = ref.sparse_mla_fwd(q, kv, idx, sm_scale, D_V, sink, tl)
+    assert not torch.isnan(out.float()).any() and not torch.isnan(lse).any(), "unwritten outputs"
+    assert rel_err(out, r_out) < OUT_TOL
+    empty = torch.isneginf(r_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "empty rows must give lse = -inf exactly"
+    assert torch.allclose(lse[~empty], r_lse[~empty], atol=LSE_ATOL, rtol=LSE_RTOL)
+    assert (out[empty] == 0).all(), "empty rows must give out = 0"
+
+
+def run_bwd(lib, q, kv, out, dout, idx, lse, sm_scale, sink=None, tl=None, deterministic=False):
+    """The emulated sparse_mla_bwd: (dq, dkv_acc fp32 [S, 576], reports). The deterministic
+    workspace is sized as the glue sizes it and starts as NaN / garbage."""
+    T, H, _ = q.shape
+    S, K = kv.shape[0], idx.shape[2]
+    dq = torch.full_like(q, float("nan"))
+    dkv_acc = torch.zeros(S, D_QK)
+    scratch = ints = None
+    if deterministic:
+        sizes = (ctypes.c_int64 * 3)()
+        lib.emu_sparse_mla_bwd_workspace(T, S, H, K, sizes)
+        scratch = torch.full((sizes[0],), float("nan"))
+        ints = torch.full((sizes[1],), -12345, dtype=torch.int32)
+    reports, rc = E.run(lib.emu_sparse_mla_bwd, P(q), P(kv), P(out), P(dout), P(idx), P(lse), P(sink),
+                        P(tl), P(dq), P(dkv_acc), P(scratch), P(ints), T, S, H, K, sm_scale,
+                        int(deterministic),
+                        buffers=[q, kv, out, dout, idx, lse, sink, tl, dq, dkv_acc, scratch, ints],
+                        lib=lib)
+    assert rc == 0
+    return dq, dkv_acc, reports
+
+
+def bwd_case(lib, gen, q, kv, idx, sm_scale, sink=None, tl=None, deterministic=False):
+    """Forward by the reference, backward emulated and compared with the reference backward
+    (test_sparse_mla.check_bwd at its CUDA tolerance). Returns (dq, dkv_acc, reports)."""
+    out, lse = ref.sparse_mla_fwd(q, kv, idx, sm_scale, D_V, sink, tl)
+    dout = randn(*out.shape, gen=gen, dtype=torch.bfloat16)
+    dq, dkv_acc, reports = run_bwd(lib, q, kv, out, dout, idx, lse, sm_scale, sink, tl, deterministic)
+    r_dq, r_dkv = ref.sparse_mla_bwd(q, kv, out, dout, idx, lse, sm_scale, D_V, sink, tl)
+    assert not torch.isnan(dq.float()).any() and not torch.isnan(dkv_acc).any(), "unwritten outputs"
+    assert rel_err(dq, r_dq) < GRAD_TOL
+    # the glue casts dkv_acc to bf16: compare what the op returns
+    assert rel_err(dkv_acc.to(torch.bfloat16), r_dkv.view(-1, D_QK)) < GRAD_TOL
+    return dq, dkv_acc, reports
+
+
+# ---- forward ---------------------------------------------------------------------------------
+
+# name -> (H, wgmma opt-in, head block, the kernel the launcher must pick). H = 48 and 128 give
+# several head blocks per token; wgmma with H = 32 is not a 64-head block: the launcher falls back.
+FWD_VARIANTS = {
+    "hb16": (16, False, 16, "sparse_mla_fwd_kernel<16>"),
+    "hb16x3": (48, False, 16, "sparse_mla_fwd_kernel<16>"),
+    "hb32": (32, False, 32, "sparse_mla_fwd_kernel<32>"),
+    "hb64": (64, False, 64, "sparse_mla_fwd_kernel<64>"),
+    "hb64x2": (128, False, 64, "sparse_mla_fwd_kernel<64>"),
+    "wgmma": (64, True, 64, "sparse_mla_fwd_wgmma_kernel"),
+    "wgmma-x2": (128, True, 64, "sparse_mla_fwd_wgmma_kernel"),
+    "wgmma-fallback-hb32": (32, True, 32, "sparse_mla_fwd_kernel<32>"),
+}
+
+
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "sink+topk_length"])
+@pytest.mark.parametrize("variant", list(FWD_VARIANTS))
+def test_fwd_every_kernel(lib, gen, variant, extras):
+    """T = 3, K = 150: three 64-token blocks, the last ragged (entries past K are skipped);
+    -1 and S among the indices. With extras: a sink and lengths 0 (empty row), 65 (a block
+    and one entry) and 500 (clamped to K)."""
+    H, wgmma, hb, kernel = FWD_VARIANTS[variant]
+    T, S, K = 3, 200, 150
+    q, kv, idx = make_inputs(T, H, S, K, gen, scale_q=3.0)
+    sink = randn(H, gen=gen) * 2 if extras else None
+    tl = torch.tensor([0, 65, 500], dtype=torch.int32) if extras else None
+    lib.emu_clear_counters()
+    out, lse, reports = run_fwd(lib, q, kv, idx, SCALE, sink, tl, wgmma)
+    assert reports == []
+    check_fwd(out, lse, q, kv, idx, SCALE, sink, tl)
+    if extras:
+        assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1:]).all()
+
+    kernels = kernels_launched(lib)
+    assert list(kernels) == [f"dsa::sparse_mla::{kernel}"], list(kernels)
+    c = kernels[f"dsa::sparse_mla::{kernel}"]
+    assert c["ctas"] == T * (H // hb)
+    if "wgmma" in kernel:
+        assert c["wgmma"] > 0 and c["mma_sync"] == 0 and c["ldmatrix"] == 0
+    else:
+        assert c["wgmma"] == 0 and c["mma_sync"] > 0 and c["ldmatrix"] > 0
+    assert c["cp_async_bytes"] > 0
+
+
+@pytest.mark.parametrize("wgmma", [False, True], ids=["mma.sync", "wgmma"])
+def test_fwd_adversarial_indices(lib, gen, wgmma):
+    """test_sparse_mla.test_fwd_adversarial_indices on the emulator: runs of -1, S, other
+    negatives, 2^31 - 1, an empty row, one row repeated K times, a half-invalid row, ties."""
+    T, H, S, K = 6, 64 if wgmma else 16, 200, 128
+    q, kv, idx = make_inputs(T, H, S, K, gen, invalid_frac=0.0)
+    idx[0, 0, 10:70] = -1
+    idx[1, 0, ::3] = S
+    idx[1, 0, 1::7] = -5
+    idx[1, 0, 2::11] = 2**31 - 1
+    idx[2] = -1
+    idx[3, 0, :] = 7
+    idx[4, 0, 64:] = S + 1000
+    idx[5, 0, :] = idx[5, 0, torch.arange(K) % 5]
+    out, lse, reports = run_fwd(lib, q, kv, idx, SCALE, wgmma=wgmma)
+    assert reports == []
+    check_fwd(out, lse, q, kv, idx, SCALE)
+    assert torch.isneginf(lse[2]).all() and (out[2] == 0).all()
+    torch.testing.assert_close(out[3].float(), kv[7, 0, :D_V].float().expand(H, D_V), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("wgmma", [False, True], ids=["mma.sync", "wgmma"])
+def test_fwd_empty_rows(lib, gen, wgmma):
+    """Every row empty, three ways: all indices -1; all out of range; lengths 0 and negative
+    (valid indices never read). Also a sink, which must not make an empty row non-empty."""
+    T, H, S, K = 3, 64, 50, 64
+    q, kv, idx = make_inputs(T, H, S, K, gen)
+    sink = randn(H, gen=gen)
+    for case_idx, tl in ((torch.full_like(idx, -1), None),
+                         (torch.tensor([S, 2**31 - 1, -7], dtype=torch.int32).repeat_interleave(K).view(T, 1, K), None),
+                         (idx, torch.tensor([0, -3, 0], dtype=torch.int32))):
+        out, lse, reports = run_fwd(lib, q, kv, case_idx.contiguous(), 0.1, sink, tl, wgmma)
+        assert reports == []
+        assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+# ---- backward --------------------------------------------------------------------------------
+
+# name -> (H, head block, the main kernel the launcher must pick)
+BWD_VARIANTS = {
+    "hb16": (16, 16, "sparse_mla_bwd_kernel<16>"),
+    "hb16x3": (48, 16, "sparse_mla_bwd_kernel<16>"),
+    "hb32": (32, 32, "sparse_mla_bwd_kernel<32>"),
+    "hb64": (64, 64, "sparse_mla_bwd_kernel<64>"),
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("variant", list(BWD_VARIANTS))
+def test_bwd_every_kernel(lib, gen, variant, deterministic):
+    """T = 3, K = 70 (three 32-token blocks, the last ragged), S = 40 < K so dkv rows collect
+    many contributions across tokens and head blocks; a sink, lengths 70, 33 and 0."""
+    H, hb, kernel = BWD_VARIANTS[variant]
+    T, S, K = 3, 40, 70
+    q, kv, idx = make_inputs(T, H, S, K, gen, scale_q=2.0)
+    sink = randn(H, gen=gen)
+    tl = torch.tensor([70, 33, 0], dtype=torch.int32)
+    lib.emu_clear_counters()
+    dq, _, reports = bwd_case(lib, gen, q, kv, idx, SCALE, sink, tl, deterministic)
+    assert reports == []
+    assert (dq[2] == 0).all()
+
+    kernels = kernels_launched(lib)
+    main = kernels.pop(f"dsa::sparse_mla::{kernel}")
+    assert main["ctas"] == T * (H // hb) and main["mma_sync"] > 0 and main["ldmatrix"] > 0
+    assert sorted(k.split("::")[-1] for k in kernels) == (sorted(DETERMINISTIC_KERNELS) if deterministic else [])
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_bwd_sink_topk_length_adversarial(lib, gen, deterministic):
+    """test_sparse_mla.test_bwd_sink_topk_length_adversarial on the emulator: an all -1 row, a
+    row repeating one kv row 40 times, half its entries out of range, lengths 0 and 65."""
+    T, H, S, K = 5, 16, 90, 128
+    q, kv, idx = make_inputs(T, H, S, K, gen, scale_q=2.0)
+    idx[0] = -1
+    idx[1, 0, :40] = 3
+    idx[2, 0, ::2] = S + 7
+    idx[2, 0, 1::4] = 2**31 - 1
+    sink = randn(H, gen=gen)
+    tl = torch.tensor([128, 100, 128, 0, 65], dtype=torch.int32)
+    dq, _, reports = bwd_case(lib, gen, q, kv, idx, SCALE, sink, tl, deterministic)
+    assert reports == []
+    assert (dq[0] == 0).all() and (dq[3] == 0).all()
+
+
+def test_bwd_deterministic_matches_atomic(lib, gen):
+    """Both reductions of the same contributions agree to fp32 rounding (the deterministic one
+    sums each row in (head block, token, slot) order, the atomic one in arrival order)."""
+    T, H, S, K = 2, 32, 24, 64
+    q, kv, idx = make_inputs(T, H, S, K, gen)
+    out, lse = ref.sparse_mla_fwd(q, kv, idx, SCALE)
+    dout = randn(*out.shape, gen=gen, dtype=torch.bfloat16)
+    dq_a, dkv_a, rep_a = run_bwd(lib, q, kv, out, dout, idx, lse, SCALE, deterministic=False)
+    dq_d, dkv_d, rep_d = run_bwd(lib, q, kv, out, dout, idx, lse, SCALE, deterministic=True)
+    assert rep_a == [] and rep_d == []
+    assert torch.equal(dq_a, dq_d)
+    torch.testing.assert_close(dkv_d, dkv_a, atol=1e-5, rtol=1e-5)
+
+
+def test_bwd_deterministic_several_chunks(lib, gen):
+    """K = 65536: two tokens per deterministic chunk (131072 entries), so T = 3 takes two chunks
+    and the second launch's tokens start at t_begin = 2. topk_length keeps the work small (the
+    count / fill kernels still visit every one of the chunk's entries)."""
+    T, H, S, K = 3, 16, 30, 65536
+    q, kv, idx = make_inputs(T, H, S, K, gen)
+    tl = torch.tensor([40, 0, 70], dtype=torch.int32)
+    lib.emu_clear_counters()
+    dq, _, reports = bwd_case(lib, gen, q, kv, idx, SCALE, None, tl, deterministic=True)
+    assert reports == []
+    assert (dq[1] == 0).all()
+    kernels = kernels_launched(lib)
+    assert kernels["dsa::sparse_mla::sparse_mla_bwd_kernel<16>"]["launches"] == 2
+    assert kernels["dsa::sparse_mla::reduce_rows_kernel"]["launches"] == 2
