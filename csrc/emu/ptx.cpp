@@ -132,6 +132,13 @@ Coord wgmma_accumulator_coord(int thread, int i) {
   return {16 * w + c.row, 8 * (i >> 2) + c.col};
 }
 
+// PTX 9.7.15.5.1.1 "Register Fragments", A of m64nNk16 (.bf16) / m64nNk32 (.e4m3): warp w
+// holds rows 16w..16w+15 in the mma.sync m16 A layout of the same type.
+Coord wgmma_a_fragment_coord(WgmmaType type, int thread, int i) {
+  const Coord c = mma_fragment_coord(type, 'A', thread & 31, i);
+  return {16 * (thread >> 5) + c.row, c.col};
+}
+
 // PTX 9.7.15.5.1.2.2 "Matrix Descriptor Format".
 MatrixDescriptor decode_descriptor(uint64_t d) {
   MatrixDescriptor m;
@@ -189,7 +196,7 @@ void ldmatrix(uint32_t* r, int num, bool trans, uint32_t addr) {
                     uint16_t rows[4][8][8] = {};
                     for (int j = 0; j < num; ++j)
                       for (int i = 0; i < 8; ++i) {
-                        const int lane = 8 * j + i;
+                        const int lane = ldmatrix_row_lane(j, i);
                         const uint32_t a = in[lane];
                         if (a % 16) {
                           char buf[120];
@@ -355,8 +362,8 @@ void wgmma_fn(const uint32_t* in, uint32_t* out, int n_in, int base) {
     const int pr = per_reg(type);
     for (int t = 0; t < 128; ++t)
       for (int i = 0; i < 4 * pr; ++i) {
-        const Coord c = mma_fragment_coord(type, 'A', t & 31, i);
-        A[(16 * (t >> 5) + c.row) * K + c.col] = unpack(type, in[t * n_in + 5 + i / pr], i % pr);
+        const Coord c = wgmma_a_fragment_coord(type, t, i);
+        A[c.row * K + c.col] = unpack(type, in[t * n_in + 5 + i / pr], i % pr);
       }
   } else {
     read_operand(A, type, desc_a, 64, trans_a, base);

@@ -125,8 +125,12 @@ Coord mma_fragment_coord(WgmmaType type, char operand, int lane, int elem);
 // ldmatrix (not .trans): lane, register, half -> (row, col) within the matrix `register`;
 // with trans the roles of row and col swap.
 Coord ldmatrix_coord(int lane, int half, bool trans);
+// The lane whose address gives row `row` of matrix `matrix` of an ldmatrix.
+inline int ldmatrix_row_lane(int matrix, int row) { return 8 * matrix + row; }
 // wgmma accumulator register i of thread t (0-127) -> (m, n) of D.
 Coord wgmma_accumulator_coord(int thread, int i);
+// Register-A wgmma: element i (over the 4 registers, packed low first) of thread t -> (m, k).
+Coord wgmma_a_fragment_coord(WgmmaType type, int thread, int i);
 // Shared-window byte address of element (mn, k) of a wgmma operand with `elem_bytes` per
 // element (2 bf16, 1 e4m3), K-major (mn_major false) or MN-major, read through descriptor
 // `desc`: the canonical layouts of PTX 9.7.15.5.1.2 "Shared Memory Matrix Layout", the swizzle
