@@ -8,8 +8,9 @@ The cache, indices, lengths and sink are registered as device memory exactly, so
 invalid slot (-1, other negatives, num_slots, 2^31 - 1), of a cache with no blocks or of an
 entry past topk_length is an out-of-bounds report, not a silent zero. Outputs start as NaN, so
 an entry the kernels should write but do not fails the comparison. Shapes are tiny (one or a
-few query rows, K <= 256): a decode CTA is 256 threads over 64-entry tiles, and the split plan
-is decided by shapes alone (K = 256 gives 2 splits on the emulated 132-SM GPU, K <= 192 none).
+few query rows, K <= 384): a decode CTA is 256 threads over 64-entry tiles, and the split plan
+is decided by shapes alone (on the emulated 132-SM GPU a single row gets one split per 2 tiles,
+so K = 256 gives 2 splits and K = 384 gives 3; K <= 192 none).
 """
 import ctypes
 
@@ -112,19 +113,19 @@ VARIANTS = {"hb16": (12, 16, False), "hb32": (24, 32, False), "hb64": (64, 64, F
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_kernel(lib, gen, variant, fp8, split):
     """One query row per kernel. Unsplit: K = 150 (3 tiles, the last ragged), no topk_length.
-    Split: K = 256 in 2 splits of 2 tiles, topk_length 200 cutting the last tile to 8 entries,
-    partials merged by the combine kernel. Invalid slots of every kind; a sink."""
+    Split: K = 384 in 3 splits of 2 tiles, topk_length 300 leaving the last split 1 tile of 44
+    entries, partials merged by the combine kernel. Invalid slots of every kind; a sink."""
     H, hb, wgmma = VARIANTS[variant]
-    K = 256 if split else 150
+    K = 384 if split else 150
     cache = make_cache(3, 64, fp8, gen)
     q = randn(1, 1, H, D_QK, gen=gen, dtype=torch.bfloat16)
     idx = make_indices(1, 1, K, 3 * 64, gen)
     sink = randn(H, gen=gen)
-    lengths = torch.tensor([200], dtype=torch.int32) if split else None
+    lengths = torch.tensor([300], dtype=torch.int32) if split else None
     lib.emu_clear_counters()
     out, lse, splits, reports = run_decode(lib, q, cache, idx, D_QK ** -0.5, sink, lengths, wgmma)
     assert reports == []
-    assert (splits > 1) == split
+    assert splits == (3 if split else 1)
     check(out, lse, q, cache, idx, D_QK ** -0.5, sink, lengths)
 
     kernels = launched(lib)
