@@ -65,21 +65,22 @@ def _nan_out(rows, cols):
     return torch.full((rows, cols), float("nan"))
 
 
-def run_dense(lib, q, k, k_scale, w, ks, ke, clean_logits, registered=None):
+def run_dense(lib, q, k, k_scale, w, ks, ke, clean_logits, registered=None, status=0):
     """registered: the device memory (default: every argument whole); narrower views of the
-    inputs make reads of what the kernel should skip out-of-bounds reports."""
+    inputs make reads of what the kernel should skip out-of-bounds reports. status: the CUDA
+    status the launcher must return."""
     T, H, _ = q.shape
     S = k.shape[0]
     out = _nan_out(T, S)
     reports, rc = E.run(lib.emu_indexer_logits, P(q), P(k), P(k_scale), P(w), P(ks), P(ke), P(out),
                         T, S, H, int(clean_logits),
                         buffers=(registered or [q, k, k_scale, w, ks, ke]) + [out], lib=lib)
-    assert rc == 0
+    assert rc == status
     return out, reports
 
 
 def run_paged(lib, q, cache, w, context_lens, block_table, max_context_len, clean_logits,
-              registered=None):
+              registered=None, status=0):
     B, N, H, _ = q.shape
     nb, bs = cache.shape[:2]
     out = _nan_out(B * N, max_context_len)
@@ -88,7 +89,7 @@ def run_paged(lib, q, cache, w, context_lens, block_table, max_context_len, clea
         P(block_table), block_table.stride(0), P(out), B, N, H, nb, bs, block_table.shape[1],
         max_context_len, int(clean_logits),
         buffers=(registered or [q, cache, w, context_lens, block_table]) + [out], lib=lib)
-    assert rc == 0
+    assert rc == status
     return out, reports
 
 
@@ -222,3 +223,24 @@ def test_counters(lib, mma, gen):
     assert c["cp_async_bytes"] >= ctas * COLS * 128 + cta_tiles * TILE_KEYS * 128
     assert c["barriers"] > 0 and c["smem_requests"] > 0 and c["gmem_requests"] > 0
     assert c["gmem_bytes_written"] == T * S * 4
+    # The XOR-swizzled 128-byte rows make ldmatrix and the fills conflict-free; these are the
+    # wavefronts of that layout at this shape (a swizzle on row & 3 instead of row & 7 still
+    # computes the right logits on the mma.sync path, but takes 8168 wavefronts there).
+    assert c["smem_wavefronts"] <= {"wgmma": 3560, "sync": 5096}[mma]
+
+
+def test_launcher_refuses_what_the_kernels_do_not_serve(lib, gen):
+    """The launchers' own checks (the glue checks first, but the launcher must not launch on
+    its own either): H outside {32, 64}, a paged block_size not a multiple of 4; and empty
+    problems return success without a launch."""
+    invalid_value = 1
+    lib.emu_clear_counters()
+    _, reports = run_dense(lib, *_prefill_inputs(4, 20, 16, 128, gen, "cpu", "full"), True,
+                           status=invalid_value)
+    assert reports == []
+    args = _paged_inputs(2, 1, 64, 128, 6, 40, gen, "cpu", False)
+    _, reports = run_paged(lib, *args, 40, True, status=invalid_value)
+    assert reports == []
+    out, reports = run_dense(lib, *_prefill_inputs(0, 20, 32, 128, gen, "cpu", "full"), True)
+    assert reports == [] and out.numel() == 0
+    assert not any(KERNEL in n for n in E.counters(lib))
