@@ -192,6 +192,21 @@ def test_pipeline_wraps_its_stages(lib, mma, sms, gen):
     assert _kernel_counters(lib)["ctas"] == qb * splits
 
 
+def test_paged_pipeline_wraps_its_stages(lib, mma, sms, gen):
+    """The same on the paged path (H = 64: one query block of two rows), with bad block-table
+    entries scattered over the tiles of every CTA."""
+    sms(1)
+    L = 40 * TILE_KEYS - 30
+    args = _paged_inputs(1, 2, 64, 128, 64, L, gen, "cpu", True, bad_blocks=True)
+    lib.emu_clear_counters()
+    out, reports = run_paged(lib, *args, L, True)
+    assert reports == []
+    expected = ref.paged_indexer_logits(*args, L)
+    _assert_in_range_close(out, expected, _position_mask(args[3], 2, L), True, _cuda_magnitude(args, L))
+    qb, splits, chunk_tiles = _grid(1, L, 1)
+    assert chunk_tiles > STAGES and _kernel_counters(lib)["ctas"] == qb * splits
+
+
 def _kernel_counters(lib):
     counters = E.counters(lib)
     names = [n for n in counters if KERNEL in n]
