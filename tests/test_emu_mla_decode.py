@@ -146,7 +146,11 @@ def test_every_kernel(lib, gen, variant, fp8, split):
         assert c["ldmatrix"] == tiles * WARPS * (D_QK // 16 * (1 + max(mt // 2, 1)) + 4 * (mt + 4))
     # Only valid entries are copied, each as one whole record; invalid ones are zero-filled.
     assert c["cp_async_bytes"] == valid_entries(idx, cache, lengths) * (656 if fp8 else 2 * D_QK)
-    assert any(COMBINE in n for n in kernels) == split
+    combine = [kernels[n] for n in kernels if COMBINE in n]
+    assert len(combine) == int(split)
+    if split:   # one 128-thread CTA per (row, head), reading every split's partial row
+        assert combine[0]["ctas"] == H and combine[0]["threads"] == 128 * H
+        assert combine[0]["gmem_bytes_written"] == H * (2 * D_V + 4)
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["unsplit", "split"])
