@@ -224,28 +224,6 @@ def test_cuda_graph_capture(gen):
     assert not torch.equal(out, want)
 
 
-# ---------------------------------------------------------------- the CUDA kernel, emulated
-def test_cuda_kernel_host_emulation(tmp_path):
-    """topk_radix_kernel's source compiled for the host (csrc/topk/emulation): every CUDA thread a
-    std::thread, clusters of 1-4 CTAs; checks the kernel's logic against an exact reference on
-    machines without a GPU (not memory ordering or speed). `full` adds 8- and 16-CTA clusters."""
-    import os
-    import shutil
-    import subprocess
-
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    root = os.path.join(os.path.dirname(__file__), "..")
-    exe = tmp_path / "topk_emulate"
-    subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-DDSA_TOPK_HOST_EMULATION",
-                    "-I", os.path.join(root, "csrc"),
-                    os.path.join(root, "csrc", "topk", "emulation", "topk_emulate.cpp"),
-                    "-o", str(exe)], check=True)
-    res = subprocess.run([str(exe), "quick"], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "rows ok" in res.stdout, res.stdout + res.stderr
-
-
 # ---------------------------------------------------------------- opcheck and bad input
 def test_opcheck_topk_indices(device, gen):
     x = randn(4, 700, gen=gen, device=device)

@@ -1,6 +1,6 @@
 // topk family: torch-free host launchers (raw pointers, sizes, strides, stream).
 #pragma once
-#include <cuda_runtime_api.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
