@@ -162,12 +162,33 @@ def test_fwd_every_kernel(lib, gen, variant, extras):
     kernels = kernels_launched(lib)
     assert list(kernels) == [f"dsa::sparse_mla::{kernel}"], list(kernels)
     c = kernels[f"dsa::sparse_mla::{kernel}"]
+    limits = [K] * T if tl is None else tl.clamp(0, K).tolist()
     assert c["ctas"] == T * (H // hb)
-    if "wgmma" in kernel:
-        assert c["wgmma"] > 0 and c["mma_sync"] == 0 and c["ldmatrix"] == 0
+    assert {k: c[k] for k in FWD_WORK} == fwd_work(hb, wgmma and hb == 64, limits, H // hb)
+
+
+FWD_WORK = ("cp_async_bytes", "mma_sync", "ldmatrix", "wgmma", "barriers")
+
+
+def fwd_work(hb, wgmma, limits, head_blocks):
+    """What the forward kernel issues for rows of these lengths (each row once per head block):
+    the Q tile and one 64-row gather per KV block (zero-filled entries are copies too); per block
+    and warp 36 k-steps of S (4 mma, 1 + 2 ldmatrix) and 4 of P·V (32 mma per warp's tile of O;
+    ldmatrix: one P fragment per 16-row tile, one V fragment per two n-tiles); 4 barriers per
+    block and the epilogue's (wgmma: per block 36 wgmma of S and 4 of P·V per warpgroup, the
+    barriers after the softmax and at the block's end, the prologue's and the epilogue's)."""
+    k_steps = D_QK // 16
+    blocks = head_blocks * sum((n + 63) // 64 for n in limits)
+    ctas = head_blocks * len(limits)
+    work = {"cp_async_bytes": (ctas * hb + blocks * 64) * D_QK * 2}
+    if wgmma:
+        work.update(mma_sync=0, ldmatrix=0, wgmma=blocks * (k_steps + 2 * 4), barriers=2 * blocks + 2 * ctas)
     else:
-        assert c["wgmma"] == 0 and c["mma_sync"] > 0 and c["ldmatrix"] > 0
-    assert c["cp_async_bytes"] > 0
+        warps, pv_tiles = hb // 8, 2 if hb >= 32 else 1
+        work.update(mma_sync=blocks * warps * (4 * k_steps + 4 * 32),
+                    ldmatrix=blocks * warps * (3 * k_steps + 4 * (pv_tiles + 16 // pv_tiles)),
+                    wgmma=0, barriers=4 * blocks + ctas)
+    return work
 
 
 @pytest.mark.parametrize("wgmma", [False, True], ids=["mma.sync", "wgmma"])
@@ -235,6 +256,11 @@ def test_bwd_every_kernel(lib, gen, variant, deterministic):
     main = kernels.pop(f"dsa::sparse_mla::{kernel}")
     assert main["ctas"] == T * (H // hb) and main["mma_sync"] > 0 and main["ldmatrix"] > 0
     assert sorted(k.split("::")[-1] for k in kernels) == (sorted(DETERMINISTIC_KERNELS) if deterministic else [])
+    if deterministic:  # one chunk: a thread per entry, one 1024-thread scan, a CTA per kv row
+        ctas = {k.split("::")[-1]: (c["ctas"], c["threads"]) for k, c in kernels.items()}
+        per_entry = (-(-T * K // 256), -(-T * K // 256) * 256)
+        assert ctas == {"count_rows_kernel": per_entry, "scan_rows_kernel": (1, 1024),
+                        "fill_rows_kernel": per_entry, "reduce_rows_kernel": (S, 160 * S)}
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
