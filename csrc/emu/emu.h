@@ -103,7 +103,8 @@ struct ThreadPos {
   int tid;            // linear thread index in the CTA
   int cluster_tid;    // linear index over the cluster's threads (fiber id)
 };
-const ThreadPos& self();
+// By value: kernel code (instrumented) must not read emulator memory, which is not device memory.
+ThreadPos self();
 Dim3 block_dim();
 Dim3 grid_dim();
 Dim3 cluster_dim();

@@ -152,7 +152,8 @@ struct LoadRange {
 
 struct State {
   bool in_launch = false;
-  bool in_collective_fn = false;  // the emulator's own code of a collective: not kernel accesses
+  bool in_collective_fn = false;
+  int live = 0;  // threads of the running cluster that have not exited  // the emulator's own code of a collective: not kernel accesses
   bool aborted = false;
   LaunchSpec spec;
   Dim3 grid, block, cluster;
@@ -247,6 +248,7 @@ void wake(Fiber* f) { f->wait = Wait::kNone; }
 void fiber_entry() {
   g.body(g.ctx);
   g.current->wait = Wait::kDone;  // the scheduler completes barriers only exited threads block
+  --g.live;
   emu_switch_stack(&g.current->sp, g.scheduler_sp);  // never resumed
 }
 
@@ -295,9 +297,7 @@ bool release_barrier(Cta* c, int id) {
 std::vector<Fiber*> g_cluster_waiting;
 
 bool release_cluster() {
-  int live = 0;
-  for (auto& f : g.fibers) live += f->wait != Wait::kDone;
-  if (g_cluster_waiting.empty() || static_cast<int>(g_cluster_waiting.size()) < live) return false;
+  if (g_cluster_waiting.empty() || static_cast<int>(g_cluster_waiting.size()) < g.live) return false;
   for (auto& c : g.ctas) {
     std::vector<Fiber*> mine;
     for (Fiber* f : g_cluster_waiting)
@@ -489,6 +489,13 @@ bool in_image(uintptr_t a) {
   return false;
 }
 
+// Ends the running launch from inside a thread: no thread resumes; launch() returns an error.
+void abort_launch() {
+  g.aborted = true;
+  switch_to_scheduler();
+  std::abort();  // unreachable: an aborted thread is never resumed
+}
+
 // Every plain load/store of the kernel TUs lands here.
 void on_access(void* p, size_t n, bool write, const void* pc) {
   if (!g.in_launch || !g.current || g.in_collective_fn) return;
@@ -537,6 +544,9 @@ void on_access(void* p, size_t n, bool write, const void* pc) {
   std::snprintf(buf, sizeof buf, "%s of %zu bytes at %p by %s: not inside any device buffer of this launch",
                 write ? "write" : "read", n, p, who(f).c_str());
   add_report("oob-global", buf, pc);
+  // The access itself would touch memory nobody owns (and may fault, losing every report):
+  // like a device fault, the launch ends here.
+  abort_launch();
 }
 
 int image_cb(dl_phdr_info* info, size_t, void*) {
@@ -653,7 +663,8 @@ int launch(const LaunchSpec& spec, void (*body)(void*), void* ctx) {
               c->shadow.assign(smem, ByteShadow{});
               g.ctas.push_back(std::move(c));
             }
-        ++k.ctas;
+        k.ctas += g.ctas.size();
+        g.live = static_cast<int>(g.ctas.size() * nthreads);
         for (auto& c : g.ctas) {
           for (unsigned t = 0; t < nthreads; ++t) {
             auto f = std::make_unique<Fiber>();
@@ -716,10 +727,7 @@ void clear_counters() { g.counters.clear(); }
 
 // ------------------------------------------------------------------ thread identity
 
-const ThreadPos& self() {
-  static ThreadPos host{};
-  return g.current ? g.current->pos : host;
-}
+ThreadPos self() { return g.current ? g.current->pos : ThreadPos{}; }
 Dim3 block_dim() { return g.block; }
 Dim3 grid_dim() { return g.grid; }
 Dim3 cluster_dim() { return g.cluster; }
@@ -1191,6 +1199,33 @@ DSA_EMU_HOOK(16)
 #undef DSA_EMU_HOOK
 void __tsan_read_range(void* p, unsigned long n) { emu::on_access_hook(p, n, false, __builtin_return_address(0)); }
 void __tsan_write_range(void* p, unsigned long n) { emu::on_access_hook(p, n, true, __builtin_return_address(0)); }
+// std::atomic in launcher host code (instrumented TU, outside kernels): plain atomics.
+#define DSA_EMU_ATOMIC(N, T)                                                                          \
+  T __tsan_atomic##N##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
+  void __tsan_atomic##N##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##N##_exchange(volatile T* a, T v, int) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##N##_fetch_add(volatile T* a, T v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##N##_fetch_sub(volatile T* a, T v, int) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##N##_fetch_and(volatile T* a, T v, int) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##N##_fetch_or(volatile T* a, T v, int) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##N##_fetch_xor(volatile T* a, T v, int) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); } \
+  int __tsan_atomic##N##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {                  \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);             \
+  }                                                                                                   \
+  int __tsan_atomic##N##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {                    \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);             \
+  }                                                                                                   \
+  T __tsan_atomic##N##_compare_exchange_val(volatile T* a, T c, T v, int, int) {                        \
+    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                   \
+    return c;                                                                                         \
+  }
+DSA_EMU_ATOMIC(8, uint8_t)
+DSA_EMU_ATOMIC(16, uint16_t)
+DSA_EMU_ATOMIC(32, uint32_t)
+DSA_EMU_ATOMIC(64, uint64_t)
+#undef DSA_EMU_ATOMIC
+void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void __tsan_atomic_signal_fence(int) {}
 void __tsan_init() {}
 void __tsan_func_entry(void*) {}
 void __tsan_func_exit() {}

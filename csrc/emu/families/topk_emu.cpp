@@ -4,19 +4,6 @@
 // choice from T and S on the emulated 132-SM H100 (16-CTA clusters allowed), as on the device.
 #include "topk_launch.gen.cu"
 
-// The launcher's once-per-device cache (DeviceInfo::ready, a std::atomic<bool>) compiles, under
-// -fsanitize=thread, to __tsan_atomic8_load/store calls, which runtime.cpp does not define yet.
-// Weak, uninstrumented host versions (the launcher runs on the one emulator thread, outside
-// any kernel): the runtime's own definitions replace them once it has them.
-extern "C" {
-__attribute__((weak, no_sanitize("thread"))) uint8_t __tsan_atomic8_load(const volatile uint8_t* a, int) {
-  return *a;
-}
-__attribute__((weak, no_sanitize("thread"))) void __tsan_atomic8_store(volatile uint8_t* a, uint8_t v, int) {
-  *a = v;
-}
-}
-
 extern "C" {
 
 int emu_topk_indices(const float* logits, int64_t T, int64_t S, int64_t row_stride, const int32_t* ks,
