@@ -224,6 +224,8 @@ void add_report(const char* kind, const std::string& text, const void* pc) {
   r.kind = kind;
   r.kernel = g.spec.kernel;
   r.text = text + (pc ? " at " + place(pc) : std::string());
+  static const bool echo = std::getenv("DSA_EMU_ECHO") != nullptr;  // survives a crash
+  if (echo) std::fprintf(stderr, "emu %s [%s]: %s\n", kind, g.spec.kernel, r.text.c_str());
   g.reports.push_back(std::move(r));
 }
 
