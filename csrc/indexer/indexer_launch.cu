@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/loaded_image.cuh"
 #include "indexer/indexer_kernels.cuh"
 #include "indexer/indexer_launch.h"
 
@@ -55,6 +56,9 @@ bool allow_wgmma() {
 template <bool kPaged>
 cudaError_t dispatch_heads(const indexer::LogitsParams& p, int64_t heads, int64_t query_blocks,
                            cudaStream_t stream) {
+  // The glue checks the device (sm_89+); an image compiled below sm_89 (an sm_80 cubin on a
+  // cc 8.9 GPU, compute_80 PTX JIT-compiled on an H100) still has only the trap for e4m3 MMA.
+  if (const cudaError_t err = require_loaded_image(ImageLevel::kFp8Mma); err != cudaSuccess) return err;
   const bool wgmma = allow_wgmma();
   if (heads == 64)
     return wgmma ? launch<64, kPaged, true>(p, query_blocks, stream)

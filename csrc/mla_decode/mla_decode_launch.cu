@@ -1,11 +1,10 @@
 // sparse_mla_decode: torch-free host launchers (split plan, kernel choice, combine).
 #include "common/cuda_utils.cuh"
+#include "common/loaded_image.cuh"
 #include "mla_decode/mla_decode_kernels.cuh"
 #include "mla_decode/mla_decode_launch.h"
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 namespace dsa::mla_decode {
 
@@ -50,13 +49,7 @@ SplitPlan plan_splits(int64_t batch, int64_t s_q, int64_t heads, int64_t topk, i
 }
 
 cudaError_t wgmma_opted_in(int device, bool* use_wgmma) {
-  *use_wgmma = false;
-  const char* env = std::getenv("DSA_MLA_DECODE_WGMMA");
-  if (env == nullptr || std::strcmp(env, "1") != 0) return cudaSuccess;
-  int major = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  *use_wgmma = err == cudaSuccess && major == 9;
-  return err;
+  return sm90a_wgmma_opted_in("DSA_MLA_DECODE_WGMMA", device, use_wgmma);
 }
 
 cudaError_t launch_sparse_mla_decode(const DecodeParams& p, cudaStream_t stream) {

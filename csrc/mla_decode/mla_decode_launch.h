@@ -41,6 +41,8 @@ struct DecodeParams {
 // been validated on hardware; the mma.sync kernel is the default. Read per call (host only, no
 // data dependence), so tests can exercise both. Torch-free so the emulator's entry points
 // (csrc/emu/families/mla_decode_emu.cpp) decide exactly as the glue does.
+// On Hopper with no sm_90a image loaded (a build without 9.0a in TORCH_CUDA_ARCH_LIST) the
+// opt-in returns cudaErrorNoKernelImageForDevice: see common/loaded_image.cuh.
 cudaError_t wgmma_opted_in(int device, bool* use_wgmma);
 
 cudaError_t launch_sparse_mla_decode(const DecodeParams& p, cudaStream_t stream);

@@ -1,11 +1,10 @@
 // sparse_mla family: torch-free host launchers (see sparse_mla_launch.h).
 #include "common/cuda_utils.cuh"
+#include "common/loaded_image.cuh"
 #include "sparse_mla/sparse_mla_kernels.cuh"
 #include "sparse_mla/sparse_mla_launch.h"
 #include "sparse_mla/sparse_mla_wgmma.cuh"
 
-#include <cstdlib>
-#include <cstring>
 
 namespace dsa::sparse_mla {
 static_assert(kMaxChunkEntries == kBwdDeterministicMaxK, "bitmap size and the glue's K check");
@@ -73,13 +72,7 @@ cudaError_t launch_bwd_main_any(const BwdArgs& a, int64_t t_begin, int64_t token
 }  // namespace
 
 cudaError_t wgmma_opted_in(int device, bool* use_wgmma) {
-  *use_wgmma = false;
-  const char* env = std::getenv("DSA_SPARSE_MLA_WGMMA");
-  if (env == nullptr || std::strcmp(env, "1") != 0) return cudaSuccess;
-  int major = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  *use_wgmma = err == cudaSuccess && major == 9;
-  return err;
+  return sm90a_wgmma_opted_in("DSA_SPARSE_MLA_WGMMA", device, use_wgmma);
 }
 
 cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream) {

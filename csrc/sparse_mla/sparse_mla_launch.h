@@ -28,6 +28,8 @@ struct FwdArgs {
 // been validated on hardware; the mma.sync kernel is the default. Read per call (host only, no
 // data dependence), so tests can exercise both. Torch-free so the emulator's entry points
 // (csrc/emu/families/sparse_mla_emu.cpp) decide exactly as the glue does.
+// On Hopper with no sm_90a image loaded (a build without 9.0a in TORCH_CUDA_ARCH_LIST) the
+// opt-in returns cudaErrorNoKernelImageForDevice: see common/loaded_image.cuh.
 cudaError_t wgmma_opted_in(int device, bool* use_wgmma);
 
 cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream);
