@@ -41,9 +41,11 @@ cudaError_t launch_quantize_groups(const T* src, int64_t num_groups, int64_t gro
                                    Rule rule, bool vec_ok, cudaStream_t stream) {
   if (num_groups == 0 || group_size == 0) return cudaSuccess;
   const int64_t n_chunks = group_size / kChunk;
+  // Kernels are named with every template argument (none deduced from the launch arguments), so
+  // that the CPU emulator's <<<>>> rewrite (csrc/emu/launch_rewrite.py) can take their address.
   auto vec = [&](auto tpg, auto cpl) {
     constexpr int TPG = decltype(tpg)::value, CPL = decltype(cpl)::value;
-    quantize_groups_vec_kernel<T, TPG, CPL><<<grid_for(num_groups * TPG), kThreads, 0, stream>>>(
+    quantize_groups_vec_kernel<T, TPG, CPL, Dest, Rule><<<grid_for(num_groups * TPG), kThreads, 0, stream>>>(
         src, num_groups, int(group_size), dest, rule);
     return last_launch_error();
   };
@@ -59,7 +61,7 @@ cudaError_t launch_quantize_groups(const T* src, int64_t num_groups, int64_t gro
     if (n_chunks <= 128) return vec(std::integral_constant<int, 32>{}, std::integral_constant<int, 4>{});
     return vec(std::integral_constant<int, 32>{}, std::integral_constant<int, 8>{});
   }
-  quantize_groups_scalar_kernel<T><<<grid_for(num_groups * kWarpSize), kThreads, 0, stream>>>(
+  quantize_groups_scalar_kernel<T, Dest, Rule><<<grid_for(num_groups * kWarpSize), kThreads, 0, stream>>>(
       src, num_groups, group_size, dest, rule);
   return last_launch_error();
 }
