@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <tuple>
 #include <memory>
 #include <unordered_map>
 
@@ -112,6 +113,7 @@ struct CollectiveState {
   const char* op = nullptr;
   std::vector<uint32_t> in, out;
   std::vector<uint32_t*> out_ptr;
+  std::vector<char> joined;  // members that have arrived (out may be null for an op with no result)
   uint64_t arrived_lo = 0, arrived_hi = 0;  // up to 128 members
   int arrived = 0, n_in = 0, n_out = 0;
 };
@@ -137,7 +139,9 @@ struct Cta {
   std::vector<ByteShadow> shadow;
   std::vector<Fiber*> fibers;
   BarrierState bars[kMaxBarriers];
-  std::map<std::pair<int, int>, CollectiveState> collectives;  // (scope, group index)
+  // (scope, group index, member mask): a warp's disjoint member masks (sub-warp shuffles over
+  // 16 lanes each, say) are independent collectives that may be in flight at once.
+  std::map<std::tuple<int, int, uint32_t>, CollectiveState> collectives;
   std::unordered_map<uint64_t, std::vector<Access>> warp_requests[32];  // per warp (pc, instance)
 };
 
@@ -831,7 +835,7 @@ void collective(const char* op, int scope, uint32_t lanes, const uint32_t* in, i
   } else {
     expected = std::min(size, c->nthreads - group * size);
   }
-  CollectiveState& s = c->collectives[{scope, group}];
+  CollectiveState& s = c->collectives[{scope, group, scope == 32 ? lanes : 0u}];
   if (s.arrived == 0) {
     s.op = op;
     s.n_in = n_in;
@@ -839,6 +843,7 @@ void collective(const char* op, int scope, uint32_t lanes, const uint32_t* in, i
     s.in.assign(static_cast<size_t>(size) * n_in, 0);
     s.out.assign(static_cast<size_t>(size) * n_out, 0);
     s.out_ptr.assign(size, nullptr);
+    s.joined.assign(size, 0);
   } else if (std::strcmp(s.op, op) != 0 || s.n_in != n_in || s.n_out != n_out) {
     add_report("divergent-collective",
                who(f) + " reached " + op + " while other members of its group wait in " + s.op, pc);
@@ -847,6 +852,7 @@ void collective(const char* op, int scope, uint32_t lanes, const uint32_t* in, i
   }
   std::memcpy(&s.in[static_cast<size_t>(member) * n_in], in, 4 * n_in);
   s.out_ptr[member] = out;
+  s.joined[member] = 1;
   ++s.arrived;
   if (s.arrived < expected) {
     block_current(Wait::kCollective, op, group);
@@ -856,17 +862,18 @@ void collective(const char* op, int scope, uint32_t lanes, const uint32_t* in, i
   fn(s.in.data(), s.out.data(), size);
   g.in_collective_fn = false;
   for (int m = 0; m < size; ++m)
-    if (s.out_ptr[m]) std::memcpy(s.out_ptr[m], &s.out[static_cast<size_t>(m) * n_out], 4 * n_out);
+    if (s.out_ptr[m] && n_out) std::memcpy(s.out_ptr[m], &s.out[static_cast<size_t>(m) * n_out], 4 * n_out);
   if (!std::strcmp(op, "syncwarp")) {  // bar.warp.sync orders memory among its lanes (PTX 9.7.13.3)
     std::vector<Fiber*> members;
     for (int m = 0; m < size; ++m)
-      if (s.out_ptr[m]) members.push_back(c->fibers[group * size + m]);
+      if (s.joined[m]) members.push_back(c->fibers[group * size + m]);
     join_clocks(members);
   }
-  for (Fiber* o : c->fibers)
-    if (o->wait == Wait::kCollective && o->wait_id == group && (scope ? o->pos.tid / scope : 0) == group &&
-        std::strcmp(o->wait_what, s.op) == 0)
-      wake(o);
+  // Only this collective's members: other masks of the same warp may wait in the same op.
+  for (int m = 0; m < size; ++m) {
+    Fiber* o = s.joined[m] ? c->fibers[(scope ? group * size : 0) + m] : nullptr;
+    if (o && o != f && o->wait == Wait::kCollective) wake(o);
+  }
   s.arrived = 0;
 }
 
