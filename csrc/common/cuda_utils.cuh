@@ -4,13 +4,20 @@
 
 #include <cstdint>
 
-// The CTA's dynamic shared memory as `uint8_t* name`, aligned to `align` bytes. All shared
-// memory of this project is dynamic (no static __shared__): the CPU emulator (csrc/emu) then
-// knows every shared byte a CTA owns, per CTA, also when a cluster's CTAs run together.
+// The CTA's dynamic shared memory as `uint8_t* name`, aligned to `align` bytes, and a static
+// shared object `Type& name`. Plain `__shared__` is not used: the CPU emulator (csrc/emu) must
+// give every CTA its own copy (also when a cluster's CTAs run together) and know every shared
+// byte a CTA owns; under it both come from the CTA's emulated shared window.
 #if defined(DSA_EMULATOR)
 #define DSA_DYNAMIC_SMEM(name, align) uint8_t* const name = ::emu::dynamic_smem()
+#define DSA_STATIC_SMEM(Type, name)                                                           \
+  Type& name = *reinterpret_cast<Type*>(::emu::static_smem(sizeof(Type), alignof(Type), \
+                                                             __FILE__ ":" DSA_STRINGIFY(__LINE__)))
+#define DSA_STRINGIFY_(x) #x
+#define DSA_STRINGIFY(x) DSA_STRINGIFY_(x)
 #else
 #define DSA_DYNAMIC_SMEM(name, align) extern __shared__ __align__(align) uint8_t name[]
+#define DSA_STATIC_SMEM(Type, name) __shared__ Type name
 #endif
 
 namespace dsa {

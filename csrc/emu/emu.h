@@ -114,6 +114,10 @@ Dim3 cluster_dim();
 // shared window starts at 0; the CTA's dynamic region follows the static region, which this
 // project does not use: all shared memory is dynamic, see DSA_DYNAMIC_SMEM).
 uint8_t* dynamic_smem();
+// A static shared object of the calling CTA (DSA_STATIC_SMEM): the first call from `site` in a
+// launch places it after the dynamic region (every CTA at the same shared address, as on the
+// device), extending each CTA's shared window.
+uint8_t* static_smem(size_t bytes, size_t align, const char* site);
 size_t dynamic_smem_size();
 uint32_t shared_addr(const void* generic);          // __cvta_generic_to_shared
 uint8_t* shared_ptr(uint32_t addr);                  // inverse, for the calling CTA

@@ -157,7 +157,9 @@ struct LoadRange {
 struct State {
   bool in_launch = false;
   bool in_collective_fn = false;
-  int live = 0;  // threads of the running cluster that have not exited  // the emulator's own code of a collective: not kernel accesses
+  int live = 0;  // threads of the running cluster that have not exited
+  std::map<std::string, size_t> static_sites;  // DSA_STATIC_SMEM objects of this launch: offset
+  size_t static_end = 0;                       // end of the CTA shared window (dynamic + static)  // the emulator's own code of a collective: not kernel accesses
   bool aborted = false;
   LaunchSpec spec;
   Dim3 grid, block, cluster;
@@ -495,6 +497,14 @@ bool in_image(uintptr_t a) {
   return false;
 }
 
+// Grows a CTA's shared window to `end` bytes (static objects after the dynamic region).
+void extend_window(Cta* c, size_t end) {
+  if (end <= c->smem_size) return;
+  std::memset(c->smem + c->smem_size, 0xA5, end - c->smem_size);
+  c->smem_size = end;
+  c->shadow.resize(end);
+}
+
 // Ends the running launch from inside a thread: no thread resumes; launch() returns an error.
 void abort_launch() {
   g.aborted = true;
@@ -643,6 +653,8 @@ int launch(const LaunchSpec& spec, void (*body)(void*), void* ctx) {
   g.in_launch = true;
   g.aborted = false;
   const size_t smem = spec.dynamic_smem;
+  g.static_sites.clear();
+  g.static_end = (smem + 15) / 16 * 16;
   for (unsigned cz = 0; cz < spec.grid.z; cz += spec.cluster.z)
     for (unsigned cy = 0; cy < spec.grid.y; cy += spec.cluster.y)
       for (unsigned cx = 0; cx < spec.grid.x; cx += spec.cluster.x) {
@@ -667,6 +679,7 @@ int launch(const LaunchSpec& spec, void (*body)(void*), void* ctx) {
               c->smem_size = smem;
               std::memset(c->smem, 0xA5, smem);  // garbage, as uninitialised shared memory is
               c->shadow.assign(smem, ByteShadow{});
+              extend_window(c.get(), g.static_sites.empty() ? smem : g.static_end);
               g.ctas.push_back(std::move(c));
             }
         k.ctas += g.ctas.size();
@@ -739,6 +752,22 @@ Dim3 grid_dim() { return g.grid; }
 Dim3 cluster_dim() { return g.cluster; }
 
 uint8_t* dynamic_smem() { return g.current ? g.current->cta->smem : nullptr; }
+
+uint8_t* static_smem(size_t bytes, size_t align, const char* site) {
+  Fiber* f = cur();
+  auto it = g.static_sites.find(site);
+  if (it == g.static_sites.end()) {
+    const size_t off = (g.static_end + align - 1) / align * align;
+    if (off + bytes > kMaxDynamicSmem) {
+      add_report("bad-launch", std::string("static shared object at ") + site + " exceeds the CTA's shared memory", nullptr);
+      abort_launch();
+    }
+    it = g.static_sites.emplace(site, off).first;
+    g.static_end = off + bytes;
+    for (auto& c : g.ctas) extend_window(c.get(), g.static_end);
+  }
+  return f->cta->smem + it->second;
+}
 size_t dynamic_smem_size() { return g.current ? g.current->cta->smem_size : 0; }
 
 uint32_t shared_addr(const void* generic) {

@@ -69,12 +69,11 @@ constexpr size_t smem_for(int64_t slice, int k, bool sorted) {
   int sort_pairs = 1;
   while (sort_pairs < k) sort_pairs <<= 1;
   const int64_t keys = std::min<int64_t>(slice, topk::kMaxCacheKeys);
-  return topk::kSharedStateBytes + std::max<size_t>(size_t(keys + 4) * sizeof(uint32_t),
-                                                    sorted ? size_t(sort_pairs) * sizeof(uint64_t) : 0);
+  return std::max<size_t>(size_t(keys + 4) * sizeof(uint32_t), sorted ? size_t(sort_pairs) * sizeof(uint64_t) : 0);
 }
 // __launch_bounds__(kBlock, 2): two CTAs of the largest footprint share an SM (228 KB of
 // shared memory per SM on sm_90, 1 KB of it reserved per CTA).
-static_assert(2 * (smem_for(topk::kMaxCacheKeys, topk::kMaxSortK, true) + 1024) <= 228 * 1024,
+static_assert(2 * (smem_for(topk::kMaxCacheKeys, topk::kMaxSortK, true) + topk::kSharedStateBytes + 1024) <= 228 * 1024,
               "two topk_radix_kernel CTAs per SM");
 
 // Per device, once: SM count, architecture, the kernel's shared-memory limit raised to the
