@@ -111,8 +111,8 @@ Dim3 cluster_dim();
 
 // Base of the calling CTA's dynamic shared memory (1024-byte aligned) and its size; the
 // shared-window address used by cvta/ldmatrix/cp.async/descriptors is ptr - base (a CTA's
-// shared window starts at 0; the CTA's dynamic region follows the static region, which this
-// project does not use: all shared memory is dynamic, see DSA_DYNAMIC_SMEM).
+// shared window starts at 0 with the dynamic region; static objects, DSA_STATIC_SMEM, follow
+// it — the reverse of the device's order, which no code may depend on).
 uint8_t* dynamic_smem();
 // A static shared object of the calling CTA (DSA_STATIC_SMEM): the first call from `site` in a
 // launch places it after the dynamic region (every CTA at the same shared address, as on the
