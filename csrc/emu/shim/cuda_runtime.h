@@ -24,7 +24,7 @@
 #define __align__(n) alignas(n)
 #define __restrict__ __restrict
 #define __constant__
-// All shared memory of the project is dynamic (DSA_DYNAMIC_SMEM in common/cuda_utils.cuh):
+// Shared memory is declared with DSA_DYNAMIC_SMEM / DSA_STATIC_SMEM (common/cuda_utils.cuh):
 // a plain __shared__ variable would be one object for every CTA on the host, so it is refused.
 #define __shared__ static_assert(false, "plain __shared__ is not emulated: use DSA_DYNAMIC_SMEM / DSA_STATIC_SMEM");
 
