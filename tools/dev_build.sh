@@ -13,4 +13,6 @@ mkdir -p "$(dirname "$BUILD")"
 cmake -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$(command -v $PY)" \
   -DDSA_OUTPUT_DIR="$PWD/dsa_ext" -DTORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST" \
   -DDSA_WITH_CUDA="${DSA_WITH_CUDA:-AUTO}" > "$BUILD.configure.log" 2>&1 || { cat "$BUILD.configure.log"; exit 1; }
+# One build at a time in this tree (parallel sessions/helpers share it): wait for the lock.
+exec 9>"$BUILD.lock"; flock 9
 cmake --build "$BUILD" -j "${MAX_JOBS:-2}"
