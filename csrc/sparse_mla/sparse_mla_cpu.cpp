@@ -81,7 +81,9 @@ inline acc_t denominator_log(acc_t lse, const float* sink, int64_t h) {
   if (!sink) return lse;
   const acc_t s = static_cast<acc_t>(sink[h]);
   const acc_t m = std::max(lse, s);
-  if (m == -std::numeric_limits<acc_t>::infinity()) return m;
+  // -inf (empty row, no sink) stays -inf; a +inf sink makes the denominator infinite, so every
+  // p is 0 and the head's output is 0 (FlashMLA's rule), where exp(s - m) would be NaN.
+  if (std::isinf(m)) return m;
   return m + std::log(std::exp(lse - m) + std::exp(s - m));
 }
 

@@ -41,9 +41,11 @@ def _forward_math(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
         # The sink joins the denominator only: log(sum exp(s) + exp(sink)).
         sink = attn_sink.to(scores.dtype)[None, :].expand_as(lse)
         denom_log = torch.logaddexp(lse, sink)
-    # Empty rows: every score is -inf; define p = 0 there (out = 0) instead of NaN.
-    finite = torch.isfinite(denom_log)
-    p = torch.exp(scores - torch.where(finite, denom_log, 0.0)[..., None])
+    # Empty rows without a sink: every score and the denominator are -inf; define p = 0 there
+    # (out = 0) instead of NaN. A +inf sink makes the denominator +inf: p = 0 (FlashMLA's "that
+    # head's output is 0"), lse unaffected. A -inf sink is no sink.
+    empty = denom_log == float("-inf")
+    p = torch.exp(scores - torch.where(empty, 0.0, denom_log)[..., None])
     p = torch.where(valid[:, None, :], p, 0.0)
     out = torch.einsum("thk,tkd->thd", p, rows[..., :d_v])
     return out, lse
