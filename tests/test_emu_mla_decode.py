@@ -215,3 +215,21 @@ def test_two_head_blocks(lib, gen):
     out, lse, splits, reports = run_decode(lib, q, cache, idx, D_QK ** -0.5, sink, wgmma=True)
     assert reports == [] and splits == 1
     check(out, lse, q, cache, idx, D_QK ** -0.5, sink)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["unsplit", "split"])
+@pytest.mark.parametrize("variant", ["hb16", "hb64-wgmma"])
+def test_infinite_sink(lib, gen, variant, split):
+    """attn_sink +inf / -inf / finite per head: +inf gives the head output 0 with lse
+    unaffected, -inf is no sink — in the main kernel (unsplit) and in the combine (split)."""
+    H, _, wgmma = VARIANTS[variant]
+    K = 384 if split else 150
+    cache = make_cache(3, 64, True, gen)
+    q = randn(1, 1, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(1, 1, K, 3 * 64, gen)
+    sink = randn(H, gen=gen)
+    sink[0::3], sink[1::3] = float("inf"), float("-inf")
+    out, lse, splits, reports = run_decode(lib, q, cache, idx, D_QK ** -0.5, sink, None, wgmma)
+    assert reports == [] and (splits > 1) == split
+    check(out, lse, q, cache, idx, D_QK ** -0.5, sink)
+    assert (out[:, :, torch.isposinf(sink)] == 0).all()

@@ -306,3 +306,36 @@ def test_bwd_deterministic_several_chunks(lib, gen):
     kernels = kernels_launched(lib)
     assert kernels["dsa::sparse_mla::sparse_mla_bwd_kernel<16>"]["launches"] == 2
     assert kernels["dsa::sparse_mla::reduce_rows_kernel"]["launches"] == 2
+
+
+# ---- infinite sinks: +inf -> the head's output (and gradient) is 0, lse unaffected; -inf -> none
+
+def infinite_sink(H, gen):
+    sink = randn(H, gen=gen) * 2
+    sink[0::3], sink[1::3] = float("inf"), float("-inf")
+    return sink
+
+
+@pytest.mark.parametrize("variant", ["hb16", "hb32", "hb64", "wgmma"])
+def test_fwd_infinite_sink(lib, gen, variant):
+    H, wgmma, _, _ = FWD_VARIANTS[variant]
+    T, S, K = 3, 100, 80
+    q, kv, idx = make_inputs(T, H, S, K, gen)
+    idx[1] = -1                                                  # an empty row
+    sink = infinite_sink(H, gen)
+    out, lse, reports = run_fwd(lib, q, kv, idx, SCALE, sink, None, wgmma)
+    assert reports == []
+    check_fwd(out, lse, q, kv, idx, SCALE, sink)
+    assert (out[:, torch.isposinf(sink)] == 0).all()
+    _, lse_plain = ref.sparse_mla_fwd(q, kv, idx, SCALE, D_V)
+    fin = torch.isfinite(lse_plain)
+    assert torch.allclose(lse[fin], lse_plain[fin], atol=LSE_ATOL, rtol=LSE_RTOL)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_bwd_infinite_sink(lib, gen, deterministic):
+    T, H, S, K = 3, 16, 40, 70
+    q, kv, idx = make_inputs(T, H, S, K, gen)
+    sink = infinite_sink(H, gen)
+    dq, _ = bwd_case(lib, gen, q, kv, idx, SCALE, sink, None, deterministic)
+    assert (dq[:, torch.isposinf(sink)] == 0).all()

@@ -290,6 +290,26 @@ def test_mixed_devices_rejected():
         dsa_ext.sparse_mla_decode(**a)
 
 
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("B,s_q,H,K", [(2, 2, 16, 64), (1, 1, 64, 1024)], ids=["unsplit", "split"])
+def test_infinite_sink(device, gen, fp8, B, s_q, H, K):
+    """attn_sink = +inf: that head's output is 0, lse unaffected; -inf: no sink (FlashMLA's
+    rule), on both caches and on the split path (the sink is applied in the combine)."""
+    cache = make_cache(20, 64, fp8, gen)
+    q = randn(B, s_q, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(B, s_q, K, 20 * 64, gen)
+    idx[0, 0] = -1                                       # an empty row too
+    sink = randn(H, gen=gen)
+    sink[0::3], sink[1::3] = float("inf"), float("-inf")
+    out, lse = check(q, cache, idx, D_QK ** -0.5, device, sink=sink)
+    plain, plain_lse = dsa_ext.sparse_mla_decode(q.to(device), cache.to(device), idx.to(device),
+                                                 D_QK ** -0.5)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert (out[:, :, torch.isposinf(sink)] == 0).all()
+    assert torch.equal(out[:, :, torch.isneginf(sink)], plain.cpu()[:, :, torch.isneginf(sink)])
+    assert torch.equal(lse, plain_lse.cpu())
+
+
 @pytest.mark.parametrize("B,s_q,H,K", [
     (1, 1, 64, 1024),    # few CTAs: K split over many CTAs, partials merged by lse
     (1, 2, 16, 704),     # split with a ragged last split (11 tiles)

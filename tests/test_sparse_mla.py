@@ -436,3 +436,97 @@ def test_fwd_wgmma_cuda_falls_back_for_small_head_blocks(gen, monkeypatch):
     monkeypatch.setenv("DSA_SPARSE_MLA_WGMMA", "1")   # H = 32 is not a 64-head block: mma.sync
     q, kv, idx = make_inputs(4, 32, 300, 128, gen=gen, device="cuda")
     check_fwd(q, kv, idx, scale_for(D_QK))
+
+
+# ---- infinite sinks (FlashMLA's rule: +inf -> the head's output is 0, lse unaffected) ---------
+
+def mixed_sink(H, gen, device):
+    """Per head: +inf, -inf, finite, cycling, so every kind sits in every head block."""
+    sink = randn(H, gen=gen) * 2
+    sink[0::3] = float("inf")
+    sink[1::3] = float("-inf")
+    return sink.to(device)
+
+
+@pytest.mark.parametrize("H", [16, 64])
+def test_fwd_infinite_sink(device, gen, H):
+    T, S, K = 4, 200, 128
+    q, kv, idx = make_inputs(T, H, S, K, gen=gen, device=device)
+    idx[1] = -1                                               # an empty row as well
+    sink = mixed_sink(H, gen, device)
+    out, lse = check_fwd(q, kv, idx, scale_for(D_QK), sink=sink)
+    out0, lse0 = dsa_ext.sparse_mla_fwd(q, kv, idx, scale_for(D_QK), D_V)
+    assert not out.isnan().any() and not lse.isnan().any()
+    pos, neg = torch.isposinf(sink), torch.isneginf(sink)
+    assert (out[:, pos] == 0).all()                           # +inf: output exactly 0
+    assert torch.equal(out[:, neg], out0[:, neg])             # -inf: no sink at all
+    assert torch.equal(lse, lse0)                             # lse never includes the sink
+    r_out, _ = ref_fwd(q.cpu(), kv.cpu(), idx.cpu(), scale_for(D_QK), D_V, sink.cpu())
+    assert (r_out[:, pos.cpu()] == 0).all()
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bwd_infinite_sink(device, gen, deterministic):
+    T, H, S, K = 5, 16, 90, 128
+    q, kv, idx = make_inputs(T, H, S, K, gen=gen, device=device)
+    sink = mixed_sink(H, gen, device)
+    dq, dkv, out, lse, dout = check_bwd(q, kv, idx, scale_for(D_QK), sink=sink,
+                                        deterministic=deterministic)
+    assert not dq.isnan().any() and not dkv.isnan().any()
+    assert (dq[:, torch.isposinf(sink)] == 0).all()
+    # dkv without the +inf heads' (zero) contributions is the same computation
+    keep = ~torch.isposinf(sink)
+    sub_sink = sink[keep]
+    out_s, lse_s = dsa_ext.sparse_mla_fwd(q[:, keep].contiguous(), kv, idx, scale_for(D_QK), D_V,
+                                          sub_sink)
+    _, dkv_s = dsa_ext.sparse_mla_bwd(q[:, keep].contiguous(), kv, out_s,
+                                      dout[:, keep].contiguous(), idx, lse_s, scale_for(D_QK),
+                                      D_V, sub_sink, None, deterministic)
+    assert rel_err(dkv, dkv_s) < 1e-2
+
+
+def _reference_sink_grad(q, kv, idx, scale, d_v, sink, dout, tl=None):
+    """d loss / d sink by float64 autograd through the reference forward."""
+    from dsa_ext.reference.sparse_mla import _forward_math
+    s64 = sink.detach().double().requires_grad_()
+    o, _ = _forward_math(q.detach().double(), kv.detach().double(), idx, scale, d_v, s64, tl)
+    (g,) = torch.autograd.grad(o, s64, dout.double())
+    return g
+
+
+def test_sink_gradient(device, gen):
+    """attn_sink receives its gradient through dsa_ext.sparse_mla: against fp64 autograd of the
+    reference, finite / +inf / -inf heads, an empty row and topk_length; 0 (not NaN) at +-inf."""
+    T, H, S, K = 6, 16, 80, 64
+    q, kv, idx = make_inputs(T, H, S, K, gen=gen, device=device)
+    idx[2] = -1
+    tl = torch.tensor([64, 10, 64, 0, 33, 64], dtype=torch.int32, device=device)
+    for sink in (randn(H, gen=gen).to(device), mixed_sink(H, gen, device)):
+        sink = sink.clone().requires_grad_()
+        for det in (False, True):
+            out, lse = dsa_ext.sparse_mla(q, kv, idx, scale_for(D_QK), D_V, sink, tl,
+                                          deterministic=det)
+            dout = randn(*out.shape, gen=gen, dtype=q.dtype, device=device)
+            (g,) = torch.autograd.grad(out, sink, dout)
+            r = _reference_sink_grad(q.cpu(), kv.cpu(), idx.cpu(), scale_for(D_QK), D_V,
+                                     sink.cpu(), dout.cpu(), tl.cpu())
+            inf = torch.isinf(sink.detach())
+            assert g.dtype == torch.float32 and not g.isnan().any()
+            assert (g[inf] == 0).all()
+            fin = ~inf.cpu()                 # fp64 autograd of logaddexp is NaN at -inf itself
+            gf, rf = g.cpu().double()[fin], r[fin]
+            assert torch.allclose(gf, rf, rtol=2e-2, atol=2e-2 * rf.abs().max().item())
+
+
+def test_sink_gradcheck_float64_cpu(gen):
+    """Gradcheck of (q, kv, sink) together; the sink is fp32 by the op's contract, so it is
+    checked through a float64 parameter cast at the call (finite differences see fp32 rounding
+    of the sink only, well inside gradcheck's tolerance at eps=1e-3)."""
+    T, H, S, K, D, dv = 3, 3, 9, 6, 12, 8
+    q = randn(T, H, D, gen=gen, dtype=torch.float64).requires_grad_()
+    kv = randn(S, 1, D, gen=gen, dtype=torch.float64).requires_grad_()
+    sink = randn(H, gen=gen, dtype=torch.float64).requires_grad_()
+    idx = torch.tensor([[0, 3, -1, 3, 8, 9], [1, 1, 2, 5, 7, 4], [-1] * 6],
+                       dtype=torch.int32)[:, None]
+    fn = lambda q, kv, s: dsa_ext.sparse_mla(q, kv, idx, 0.4, dv, s.float())[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, kv, sink), eps=1e-3, atol=1e-3, rtol=1e-2)

@@ -4,8 +4,11 @@
 Differences from FlashMLA a user should know:
 - a query row with no valid index returns out = 0 and lse = **-inf** (FlashMLA returns +inf);
   -inf is the value under which lse-weighted merging of partial results stays correct.
-- `attn_sink` joins the softmax denominator only; its gradient is not computed (autograd
-  returns None for it, i.e. it is treated as a constant).
+- `attn_sink` joins the softmax denominator only. `attn_sink[h] = +inf` makes head h's output
+  0 with lse unaffected (FlashMLA's rule); `-inf` means no sink. Its gradient (autograd, when
+  the sink requires grad) is `-Σ_t sigmoid(sink[h] - lse[t,h]) · (dout[t,h] · out[t,h])`,
+  computed from the forward's out and lse in fp32 with torch reductions ([T, H] work;
+  deterministic); it is 0 for an infinite sink.
 - the gradient that flows into `lse` is ignored by the backward (lse is an auxiliary output);
   only `out` is differentiated.
 
@@ -23,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["sparse_mla_fwd", "sparse_mla_bwd", "sparse_mla"]
+__all__ = ["sparse_mla_fwd", "sparse_mla_bwd", "sparse_mla", "sparse_mla_sink_grad"]
 
 
 def sparse_mla_fwd(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, d_v: int = 512,
@@ -65,7 +68,7 @@ def sparse_mla_bwd(q: Tensor, kv: Tensor, out: Tensor, dout: Tensor, indices: Te
     accumulated in float32 over every query that selected a row; ``dkv[..., :d_v]`` holds both
     the key and the value gradient. ``deterministic=True`` gives bitwise-identical results run
     to run (the CPU kernel always does; CUDA otherwise uses float atomics). The gradient of
-    attn_sink is not computed.
+    attn_sink is `sparse_mla_sink_grad` (autograd calls it).
     """
     return torch.ops.dsa.sparse_mla_bwd(q, kv, out, dout, indices, lse, sm_scale, d_v,
                                         attn_sink, topk_length, deterministic)
@@ -75,7 +78,7 @@ def sparse_mla(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, d_v: int
                attn_sink: Optional[Tensor] = None, topk_length: Optional[Tensor] = None,
                deterministic: bool = False) -> Tuple[Tensor, Tensor]:
     """Differentiable sparse MLA attention: `sparse_mla_fwd` whose backward is
-    `sparse_mla_bwd` (gradients for q and kv; attn_sink and lse are treated as constants).
+    `sparse_mla_bwd` (gradients for q, kv and attn_sink; lse is treated as a constant).
     ``deterministic`` selects the bitwise-reproducible backward. Returns (out, lse)."""
     if deterministic:
         return _DeterministicSparseMLA.apply(q, kv, indices, sm_scale, d_v, attn_sink,
@@ -116,7 +119,24 @@ def _backward(ctx, dout, dlse):
     dq, dkv = torch.ops.dsa.sparse_mla_bwd(q, kv, out, dout.contiguous(), indices, lse,
                                            ctx.sm_scale, ctx.d_v, attn_sink, topk_length,
                                            ctx.deterministic)
-    return dq, dkv, None, None, None, None, None
+    dsink = None
+    if attn_sink is not None and ctx.needs_input_grad[5]:
+        dsink = sparse_mla_sink_grad(out, dout, lse, attn_sink)
+    return dq, dkv, None, None, None, dsink, None
+
+
+def sparse_mla_sink_grad(out: Tensor, dout: Tensor, lse: Tensor, attn_sink: Tensor) -> Tensor:
+    """Gradient of the loss w.r.t. ``attn_sink [H]`` given the forward's ``out [T, H, d_v]`` and
+    ``lse [T, H]`` and ``dout``: the sink's probability is ``sigmoid(sink - lse)`` and every
+    entry's p shrinks by that factor, so ``d sink[h] = -Σ_t sigmoid(sink[h] - lse[t,h]) ·
+    (dout[t,h] · out[t,h])``. 0 for an infinite sink (out = 0 at +inf, probability 0 at -inf)
+    and for empty rows (out = 0). fp32, in attn_sink's dtype."""
+    delta = (dout.float() * out.float()).sum(-1)                          # [T, H]
+    sink = attn_sink.float()[None, :]
+    # A -inf sink has probability 0 even on an empty row (lse = -inf, where sink - lse is NaN);
+    # at +inf out = 0, so the product is 0 · 1.
+    p_sink = torch.where(sink == float("-inf"), 0.0, torch.sigmoid(sink - lse.float()))
+    return (-(p_sink * delta).sum(0)).to(attn_sink.dtype)
 
 
 torch.library.register_autograd("dsa::sparse_mla_fwd", _backward, setup_context=_setup_context)
