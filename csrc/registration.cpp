@@ -29,4 +29,15 @@ TORCH_LIBRARY(dsa, m) {
 
   // ---- sparse MLA decode over a paged cache (csrc/mla_decode) ----
   m.def("sparse_mla_decode(Tensor q, Tensor kv_cache, Tensor indices, float sm_scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None) -> (Tensor out, Tensor lse)");
+
+  // ---- training the indexer (csrc/training, SPEC section 7; dsa_ext/ops/training.py) ----
+  // The indexer in training precision (bf16/fp32, fp64 on CPU) with its backward, the main
+  // attention's head-averaged target over the selected entries, and the KL alignment losses
+  // (sparse stage over the selected entries; dense warm-up streamed by key blocks). The loss ops
+  // return the loss with its gradients into q, k, weights (the autograd backward scales them).
+  m.def("indexer_train_logits(Tensor q, Tensor k, Tensor weights, Tensor ks, Tensor ke) -> Tensor");
+  m.def("indexer_train_logits_bwd(Tensor grad, Tensor q, Tensor k, Tensor weights, Tensor ks, Tensor ke, bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dw)");
+  m.def("sparse_attention_target(Tensor q, Tensor kv, Tensor indices, Tensor lse, float sm_scale, Tensor? topk_length=None) -> Tensor");
+  m.def("indexer_kl_loss_sparse(Tensor q, Tensor k, Tensor weights, Tensor indices, Tensor target, Tensor? topk_length=None, str reduction=\"sum\", bool deterministic=False) -> (Tensor loss, Tensor dq, Tensor dk, Tensor dw)");
+  m.def("indexer_kl_loss_dense(Tensor q, Tensor k, Tensor weights, Tensor ks, Tensor ke, Tensor q_main, Tensor kv_main, float sm_scale, str reduction=\"sum\", int block_size=1024, bool deterministic=False) -> (Tensor loss, Tensor dq, Tensor dk, Tensor dw)");
 }

@@ -19,6 +19,8 @@ OP_NAMES = (
     "indexer_logits", "paged_indexer_logits", "indexer_topk",
     "topk_indices", "topk_slot_ids",
     "sparse_mla_fwd", "sparse_mla_bwd", "sparse_mla_decode",
+    "indexer_train_logits", "indexer_train_logits_bwd", "sparse_attention_target",
+    "indexer_kl_loss_sparse", "indexer_kl_loss_dense",
 )
 
 
