@@ -267,8 +267,11 @@ def test_opcheck(device, gen):
 def test_bad_inputs(device, gen):
     q, kv, idx = make_inputs(2, 16, 40, 64, gen=gen, device=device)
     f = dsa_ext.sparse_mla_fwd
+    raw = torch.ops.dsa.sparse_mla_fwd          # the raw op keeps SPEC's strict contract
     with pytest.raises(RuntimeError, match="indices must be int32"):
-        f(q, kv, idx.long(), 0.1)
+        raw(q, kv, idx.long(), 0.1)
+    with pytest.raises(RuntimeError, match="indices must be int32"):
+        f(q, kv, idx.short(), 0.1)
     with pytest.raises(RuntimeError, match="indices"):
         f(q, kv, idx[:1], 0.1)
     with pytest.raises(RuntimeError, match="indices"):
@@ -284,17 +287,21 @@ def test_bad_inputs(device, gen):
     with pytest.raises(RuntimeError, match="q"):
         f(q[0], kv, idx, 0.1)
     with pytest.raises(RuntimeError, match="q must be contiguous"):
-        f(q.transpose(0, 1).contiguous().transpose(0, 1), kv, idx, 0.1)
+        raw(q.transpose(0, 1).contiguous().transpose(0, 1), kv, idx, 0.1)
     with pytest.raises(ValueError, match="d_v"):
         f(q, kv, idx, 0.1, 600)
     with pytest.raises(ValueError, match="sm_scale"):
         f(q, kv, idx, float("nan"))
     with pytest.raises(RuntimeError, match="attn_sink"):
-        f(q, kv, idx, 0.1, D_V, torch.zeros(16, dtype=torch.float64, device=device))
+        raw(q, kv, idx, 0.1, D_V, torch.zeros(16, dtype=torch.float64, device=device))
+    with pytest.raises(RuntimeError, match="attn_sink"):
+        f(q, kv, idx, 0.1, D_V, torch.zeros(16, dtype=torch.int32, device=device))
     with pytest.raises(RuntimeError, match="attn_sink"):
         f(q, kv, idx, 0.1, D_V, torch.zeros(8, device=device))
     with pytest.raises(RuntimeError, match="topk_length"):
-        f(q, kv, idx, 0.1, D_V, None, torch.zeros(2, dtype=torch.int64, device=device))
+        raw(q, kv, idx, 0.1, D_V, None, torch.zeros(2, dtype=torch.int64, device=device))
+    with pytest.raises(RuntimeError, match="topk_length"):
+        f(q, kv, idx, 0.1, D_V, None, torch.zeros(2, dtype=torch.float32, device=device))
     with pytest.raises(RuntimeError, match="topk_length"):
         f(q, kv, idx, 0.1, D_V, None, torch.zeros(3, dtype=torch.int32, device=device))
     out, lse = f(q, kv, idx, 0.1)

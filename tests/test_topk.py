@@ -256,11 +256,13 @@ def test_bad_inputs_topk_indices(device, gen):
     with pytest.raises(RuntimeError, match="logits"):
         dsa_ext.topk_indices(x[0], 8)
     with pytest.raises(RuntimeError, match="logits"):
-        dsa_ext.topk_indices(randn(700, 4, gen=gen, device=device).t(), 8)
+        torch.ops.dsa.topk_indices(randn(700, 4, gen=gen, device=device).t(), 8)  # raw op
     with pytest.raises((RuntimeError, ValueError), match="k must be"):
         dsa_ext.topk_indices(x, 0)
     with pytest.raises(RuntimeError, match="ks"):
-        dsa_ext.topk_indices(x, 8, torch.zeros(4, dtype=torch.int64, device=device))
+        torch.ops.dsa.topk_indices(x, 8, torch.zeros(4, dtype=torch.int64, device=device))
+    with pytest.raises(RuntimeError, match="ks"):
+        dsa_ext.topk_indices(x, 8, torch.zeros(4, dtype=torch.float32, device=device))
     with pytest.raises(RuntimeError, match="ke"):
         dsa_ext.topk_indices(x, 8, None, torch.zeros(5, **i32))
     with pytest.raises(RuntimeError, match="ks"):
@@ -328,9 +330,9 @@ def test_bad_inputs_slot_ids(device):
     i32 = dict(dtype=torch.int32, device=device)
     idx, table = torch.zeros(4, 8, **i32), torch.zeros(2, 3, **i32)
     with pytest.raises(RuntimeError, match="indices"):
-        dsa_ext.topk_slot_ids(idx.long(), table, 64)
+        torch.ops.dsa.topk_slot_ids(idx.long(), table, 64)    # raw op: int32 only
     with pytest.raises(RuntimeError, match="block_table"):
-        dsa_ext.topk_slot_ids(idx, table.long(), 64)
+        torch.ops.dsa.topk_slot_ids(idx, table.long(), 64)
     with pytest.raises(RuntimeError, match="block_table"):
         dsa_ext.topk_slot_ids(idx, torch.zeros(3, 3, **i32), 64)
     with pytest.raises((RuntimeError, ValueError), match="block_size"):
@@ -338,7 +340,7 @@ def test_bad_inputs_slot_ids(device):
     with pytest.raises(RuntimeError, match="indices"):
         dsa_ext.topk_slot_ids(idx[0], table, 64)
     with pytest.raises(RuntimeError, match="indices"):
-        dsa_ext.topk_slot_ids(idx.t(), table, 64)  # not contiguous
+        torch.ops.dsa.topk_slot_ids(idx.t(), table, 64)  # not contiguous (the wrapper copies)
     if device == "cuda":
         with pytest.raises(RuntimeError, match="block_table"):
             dsa_ext.topk_slot_ids(idx, table.cpu(), 64)

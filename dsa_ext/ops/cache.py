@@ -20,6 +20,11 @@ The sign and payload of NaNs in bf16 outputs are not specified.
 
 Everything here except ``indexer_k_cache_gather`` is free of host synchronisation (CUDA-graph
 safe).
+
+Accepted forms (``dsa_ext.ops._accept``): a non-contiguous ``x`` / ``k`` / ``kv`` /
+``slot_mapping`` / ``slots`` is copied to a contiguous one; int64 ``block_table`` / ``seq_lens``
+are converted to int32; a ``float8_e4m3fn`` cache (FlashMLA's dtype) is viewed as its uint8
+bytes. Caches are written in place, so they must be contiguous (never copied).
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ from typing import Tuple
 
 import torch
 from torch import Tensor
+
+from ._accept import byte_view, dense, int32_index
 
 __all__ = [
     "fp8_quantize", "indexer_k_cache_write", "indexer_k_cache_gather",
@@ -45,7 +52,7 @@ def fp8_quantize(x: Tensor, block_size: int = 128, ue8m0: bool = True) -> Tuple[
 
     Returns ``(x_fp8 [..., D], scale [..., D // block_size] fp32)``, ``x ~= x_fp8 * scale``.
     """
-    return torch.ops.dsa.fp8_quantize(x, block_size, ue8m0)
+    return torch.ops.dsa.fp8_quantize(dense(x), block_size, ue8m0)
 
 
 def indexer_k_cache_write(k: Tensor, slot_mapping: Tensor, kv_cache: Tensor,
@@ -53,7 +60,7 @@ def indexer_k_cache_write(k: Tensor, slot_mapping: Tensor, kv_cache: Tensor,
     """Quantise ``k [N, D]`` (one fp32 scale per token, the :func:`fp8_quantize` rule with
     ``block_size = D``) into the indexer K cache ``uint8 [nb, bs, 1, D + 4]``, in place, at
     ``slot_mapping [N]`` (int64 or int32; negative = skip)."""
-    torch.ops.dsa.indexer_k_cache_write(k, slot_mapping, kv_cache, ue8m0)
+    torch.ops.dsa.indexer_k_cache_write(dense(k), dense(slot_mapping), byte_view(kv_cache), ue8m0)
 
 
 def indexer_k_cache_gather(kv_cache: Tensor, block_table: Tensor,
@@ -67,7 +74,8 @@ def indexer_k_cache_gather(kv_cache: Tensor, block_table: Tensor,
     reads as zeros. The output size depends on ``seq_lens``' values, so on CUDA this op
     synchronises once with the host (not CUDA-graph safe).
     """
-    return torch.ops.dsa.indexer_k_cache_gather(kv_cache, block_table, seq_lens)
+    return torch.ops.dsa.indexer_k_cache_gather(byte_view(kv_cache), int32_index(block_table),
+                                                int32_index(seq_lens))
 
 
 def mla_kv_cache_write(kv: Tensor, slot_mapping: Tensor, kv_cache: Tensor) -> None:
@@ -75,14 +83,14 @@ def mla_kv_cache_write(kv: Tensor, slot_mapping: Tensor, kv_cache: Tensor) -> No
     (int64 or int32; negative = skip). A uint8 ``[nb, bs, 1, 656]`` cache receives FlashMLA
     FP8 records (per 128-value tile ``s = 2**ceil(log2(max(amax / 448, 1e-4)))``, rope kept in
     bf16); a bf16 ``[nb, bs, 1, 576]`` cache receives the values rounded to bf16."""
-    torch.ops.dsa.mla_kv_cache_write(kv, slot_mapping, kv_cache)
+    torch.ops.dsa.mla_kv_cache_write(dense(kv), dense(slot_mapping), byte_view(kv_cache))
 
 
 def mla_kv_cache_gather(kv_cache: Tensor, slots: Tensor) -> Tensor:
     """The rows of an MLA cache at ``slots [M]`` (int32 / int64), dequantised:
     ``[M, 1, 576]`` bf16 (``fp8 * scale`` in fp32, rounded to bf16). Slots outside the cache
     (e.g. -1) give zeros."""
-    return torch.ops.dsa.mla_kv_cache_gather(kv_cache, slots)
+    return torch.ops.dsa.mla_kv_cache_gather(byte_view(kv_cache), dense(slots))
 
 
 # ---- fake (meta) kernels: shapes only, for torch.compile / FakeTensor tracing ----------------

@@ -5,6 +5,8 @@ from typing import Tuple
 
 import torch
 
+from ._accept import dense
+
 __all__ = ["hadamard_fp8_quantize"]
 
 
@@ -24,7 +26,7 @@ def hadamard_fp8_quantize(x: torch.Tensor, block_size: int = 128,
         ``x_fp8 [..., D]`` float8_e4m3fn and ``scale [..., D // block_size]`` fp32; the bytes
         equal ``fp8_quantize(hadamard_transform(x))`` of ``dsa_ext.reference``.
     """
-    return torch.ops.dsa.hadamard_fp8_quantize(x, block_size, ue8m0)
+    return torch.ops.dsa.hadamard_fp8_quantize(dense(x), block_size, ue8m0)
 
 
 @torch.library.register_fake("dsa::hadamard_fp8_quantize")

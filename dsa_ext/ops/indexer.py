@@ -12,10 +12,18 @@ of ``[0, num_blocks)`` is never read and scores ``-inf``. With ``clean_logits=Tr
 entry outside a row's range is ``-inf``; with ``clean_logits=False`` those entries are
 unspecified (the CUDA kernels leave whole skipped tiles unwritten, as DeepGEMM does), so only
 read in-range entries then.
+
+Accepted forms (``dsa_ext.ops._accept``): q / k as float8_e4m3fn or their uint8 bytes;
+``k_scale`` as ``[S]`` or ``[S, 1]`` (what ``fp8_quantize`` returns); ks / ke / context_lens /
+block_table as int32 or int64 (converted, clamped to the int32 range); a float8_e4m3fn cache
+viewed as uint8. Non-contiguous q, k, k_scale, weights, ks, ke are copied to contiguous ones
+(block_table keeps its row stride); the cache must be contiguous.
 """
 from __future__ import annotations
 
 import torch
+
+from ._accept import byte_view, dense, fp8_view, int32_index, scale_vector
 
 __all__ = ["indexer_logits", "paged_indexer_logits"]
 
@@ -37,7 +45,9 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor,
     Returns:
         ``[T, S]`` fp32 logits.
     """
-    return torch.ops.dsa.indexer_logits(q, k, k_scale, weights, ks, ke, clean_logits)
+    return torch.ops.dsa.indexer_logits(fp8_view(q), fp8_view(k), scale_vector(k_scale),
+                                        dense(weights), int32_index(ks), int32_index(ke),
+                                        clean_logits)
 
 
 def paged_indexer_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
@@ -62,7 +72,9 @@ def paged_indexer_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     Returns:
         ``[B * N, max_context_len]`` fp32 logits.
     """
-    return torch.ops.dsa.paged_indexer_logits(q, kv_cache, weights, context_lens, block_table,
+    return torch.ops.dsa.paged_indexer_logits(fp8_view(q), byte_view(kv_cache), dense(weights),
+                                              int32_index(context_lens),
+                                              int32_index(block_table, keep_strides=True),
                                               max_context_len, clean_logits)
 
 

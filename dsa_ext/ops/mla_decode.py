@@ -5,6 +5,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._accept import byte_view, dense, fp32, int32_index
+
 __all__ = ["sparse_mla_decode"]
 
 
@@ -16,17 +18,19 @@ def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     """Sparse MLA attention of decode queries over the cache slots top-k selected for them.
 
     Args:
-        q: ``[B, s_q, H, 576]`` bf16 (512 nope + 64 rope), contiguous.
+        q: ``[B, s_q, H, 576]`` bf16 (512 nope + 64 rope); a non-contiguous view is copied.
         kv_cache: the MLA cache, either FP8 ``uint8 [num_blocks, block_size, 1, 656]``
             (FlashMLA V3.2 layout: 512 e4m3 values in 4 tiles of 128, 4 fp32 tile scales,
-            64 bf16 rope values) or ``bfloat16 [num_blocks, block_size, 1, 576]``.
-        indices: ``[B, s_q, K]`` int32 global slot ids ``blk * block_size + off``; an entry that
+            64 bf16 rope values; ``float8_e4m3fn``, FlashMLA's dtype, is viewed as uint8) or
+            ``bfloat16 [num_blocks, block_size, 1, 576]``; contiguous (never copied).
+        indices: ``[B, s_q, K]`` int32 (or int64) global slot ids ``blk * block_size + off``; an entry that
             is negative or ``>= num_blocks * block_size`` is skipped (never read).
         sm_scale: scale of the scores ``q . k`` before the softmax.
         d_v: must be 512: V is the 512 nope values of each latent row.
-        attn_sink: optional ``[H]`` fp32; adds ``exp(attn_sink[h])`` to the softmax denominator
-            only (lse excludes it).
-        topk_length: optional ``[B]`` (FlashMLA's form) or ``[B, s_q]`` int32: only the first
+        attn_sink: optional ``[H]`` (fp32; other float dtypes are cast); adds
+            ``exp(attn_sink[h])`` to the softmax denominator only (lse excludes it). ``+inf``
+            makes head h's output 0 (lse unaffected), ``-inf`` is no sink.
+        topk_length: optional ``[B]`` (FlashMLA's form) or ``[B, s_q]`` int32 / int64: only the first
             ``topk_length`` entries of a row are used (clamped to ``[0, K]``).
 
     Returns:
@@ -40,8 +44,9 @@ def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     64-head blocks (H >= 64) instead of the default mma.sync kernel; it is opt-in until
     validated on hardware.
     """
-    return torch.ops.dsa.sparse_mla_decode(q, kv_cache, indices, sm_scale, d_v, attn_sink,
-                                           topk_length)
+    return torch.ops.dsa.sparse_mla_decode(dense(q), byte_view(kv_cache), int32_index(indices),
+                                           sm_scale, d_v, fp32(attn_sink),
+                                           int32_index(topk_length))
 
 
 @torch.library.register_fake("dsa::sparse_mla_decode")

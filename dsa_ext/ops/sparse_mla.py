@@ -26,6 +26,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._accept import dense, fp32, int32_index
+
 __all__ = ["sparse_mla_fwd", "sparse_mla_bwd", "sparse_mla", "sparse_mla_sink_grad"]
 
 
@@ -38,22 +40,27 @@ def sparse_mla_fwd(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, d_v:
         q: ``[T, H, d_qk]`` bf16 (CPU also float32 / float64). CUDA: d_qk = 576, H a multiple
             of 16 (16, 32, 64, 128 for V3.2 tensor-parallel shards).
         kv: ``[S, 1, d_qk]`` latent rows, q's dtype; the value is ``kv[..., :d_v]``.
-        indices: ``[T, 1, K]`` int32 rows of kv each query attends to. ``-1``, negative or
+        indices: ``[T, 1, K]`` int32 (or int64) rows of kv each query attends to. ``-1``, negative or
             ``>= S`` entries are skipped (never read); a repeated index counts once per
             occurrence.
         sm_scale: softmax scale applied to q·k.
         d_v: value width (512 on CUDA).
-        attn_sink: optional ``[H]`` float32; adds ``exp(attn_sink[h])`` to the softmax
-            denominator only (lse excludes it).
-        topk_length: optional ``[T]`` int32; row t uses only its first ``topk_length[t]``
-            entries (values are clamped to ``[0, K]``).
+        attn_sink: optional ``[H]`` (float32; other float dtypes are cast); adds
+            ``exp(attn_sink[h])`` to the softmax denominator only (lse excludes it). ``+inf``
+            makes head h's output 0 (lse unaffected), ``-inf`` is no sink.
+        topk_length: optional ``[T]`` int32 / int64; row t uses only its first
+            ``topk_length[t]`` entries (values are clamped to ``[0, K]``).
+
+    Non-contiguous q, kv, indices (and, in the backward, out, dout, lse) are copied to
+    contiguous tensors before the kernels run; int64 index tensors are converted to int32.
 
     Returns:
         ``out [T, H, d_v]`` in q's dtype and ``lse [T, H]`` float32, the natural-log
         log-sum-exp of the scaled valid scores. A row with no valid entry gives out = 0 and
         lse = -inf (FlashMLA returns +inf there).
     """
-    return torch.ops.dsa.sparse_mla_fwd(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+    return torch.ops.dsa.sparse_mla_fwd(dense(q), dense(kv), int32_index(indices), sm_scale, d_v,
+                                        fp32(attn_sink), int32_index(topk_length))
 
 
 def sparse_mla_bwd(q: Tensor, kv: Tensor, out: Tensor, dout: Tensor, indices: Tensor,
@@ -70,8 +77,9 @@ def sparse_mla_bwd(q: Tensor, kv: Tensor, out: Tensor, dout: Tensor, indices: Te
     to run (the CPU kernel always does; CUDA otherwise uses float atomics). The gradient of
     attn_sink is `sparse_mla_sink_grad` (autograd calls it).
     """
-    return torch.ops.dsa.sparse_mla_bwd(q, kv, out, dout, indices, lse, sm_scale, d_v,
-                                        attn_sink, topk_length, deterministic)
+    return torch.ops.dsa.sparse_mla_bwd(dense(q), dense(kv), dense(out), dense(dout),
+                                        int32_index(indices), dense(lse), sm_scale, d_v,
+                                        fp32(attn_sink), int32_index(topk_length), deterministic)
 
 
 def sparse_mla(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, d_v: int = 512,
@@ -80,6 +88,8 @@ def sparse_mla(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, d_v: int
     """Differentiable sparse MLA attention: `sparse_mla_fwd` whose backward is
     `sparse_mla_bwd` (gradients for q, kv and attn_sink; lse is treated as a constant).
     ``deterministic`` selects the bitwise-reproducible backward. Returns (out, lse)."""
+    q, kv, attn_sink = dense(q), dense(kv), fp32(attn_sink)
+    indices, topk_length = int32_index(indices), int32_index(topk_length)
     if deterministic:
         return _DeterministicSparseMLA.apply(q, kv, indices, sm_scale, d_v, attn_sink,
                                              topk_length)

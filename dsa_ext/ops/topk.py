@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from ._accept import dense, fp8_view, int32_index, scale_vector
+
 __all__ = ["topk_indices", "topk_slot_ids", "indexer_topk"]
 
 #: largest k served by the CUDA kernel (the CPU kernel takes any k >= 1)
@@ -24,10 +26,11 @@ def topk_indices(logits: torch.Tensor, k: int, ks: Optional[torch.Tensor] = None
     """Columns of the k largest logits of each row.
 
     Args:
-        logits: ``[T, S]`` float32; ``stride(1)`` must be 1, any row stride (e.g. a view of
-            the first S columns of a wider buffer) is accepted without a copy.
+        logits: ``[T, S]`` float32, any strides: a row stride (e.g. a view of the first S
+            columns of a wider buffer) is read without a copy; a column stride other than 1
+            (``x[:, ::2]``, a transpose) is copied to a contiguous tensor first.
         k: number of columns to select, ``>= 1`` (``<= 4096`` on CUDA).
-        ks, ke: optional ``[T]`` int32, row t considers columns ``ks[t] <= s < ke[t]``
+        ks, ke: optional ``[T]`` int32 or int64, row t considers columns ``ks[t] <= s < ke[t]``
             (default: the whole row); values are clamped to ``[0, S]``.
         sorted: if True, each row is ordered by descending value, ties by ascending column;
             otherwise the order within a row is unspecified (the set is not).
@@ -35,16 +38,18 @@ def topk_indices(logits: torch.Tensor, k: int, ks: Optional[torch.Tensor] = None
     Returns:
         ``[T, k]`` int32 column indices, ``-1`` where a row has fewer than k columns in range.
     """
-    return torch.ops.dsa.topk_indices(logits, k, ks, ke, sorted)
+    if logits.dim() == 2 and logits.shape[1] > 1 and logits.stride(1) != 1:
+        logits = logits.contiguous()
+    return torch.ops.dsa.topk_indices(logits, k, int32_index(ks), int32_index(ke), sorted)
 
 
 def topk_slot_ids(indices: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
     """Map selected token positions to global paged-cache slot ids (for decode).
 
     Args:
-        indices: ``[R, K]`` or ``[B, N, K]`` int32 token positions (e.g. from
-            :func:`topk_indices`), contiguous.
-        block_table: ``[B, max_blocks]`` int32 physical block ids; ``R % B == 0`` and row r of
+        indices: ``[R, K]`` or ``[B, N, K]`` int32 (or int64) token positions (e.g. from
+            :func:`topk_indices`); a non-contiguous view is copied.
+        block_table: ``[B, max_blocks]`` int32 (or int64) physical block ids; ``R % B == 0`` and row r of
             the ``[R, K]`` view of ``indices`` belongs to sequence ``b = r // (R // B)``
             (R = B * N for N query tokens per sequence, as in ``paged_indexer_logits``'
             ``[B*N, ...]`` rows); a 3-D ``indices`` must have ``size(0) == B``.
@@ -56,7 +61,7 @@ def topk_slot_ids(indices: torch.Tensor, block_table: torch.Tensor, block_size: 
         ``-1`` stays ``-1``; a negative position, a position whose block lies past the table,
         a negative block-table entry, or a slot id that does not fit int32 also gives ``-1``.
     """
-    return torch.ops.dsa.topk_slot_ids(indices, block_table, block_size)
+    return torch.ops.dsa.topk_slot_ids(int32_index(indices), int32_index(block_table), block_size)
 
 
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, weights: torch.Tensor,
@@ -66,12 +71,15 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, weight
 
     Same inputs as ``indexer_logits`` (q ``[T, H, D]`` FP8, k ``[S, D]`` FP8, k_scale ``[S]``,
     weights ``[T, H]``, ks/ke ``[T]`` int32). Rows are processed in chunks whose fp32 logits fit
-    ``max_workspace_bytes`` (at least one row at a time). Returns exactly
+    ``max_workspace_bytes`` (at least one row at a time). Accepts the forms
+    ``indexer_logits`` accepts (uint8 bytes for FP8, ``[S, 1]`` k_scale, int64 ks/ke,
+    non-contiguous views, copied). Returns exactly
     ``topk_indices(indexer_logits(q, k, k_scale, weights, ks, ke), topk, ks, ke, sorted)``:
     ``[T, topk]`` int32.
     """
-    return torch.ops.dsa.indexer_topk(q, k, k_scale, weights, ks, ke, topk, sorted,
-                                      max_workspace_bytes)
+    return torch.ops.dsa.indexer_topk(fp8_view(q), fp8_view(k), scale_vector(k_scale),
+                                      dense(weights), int32_index(ks), int32_index(ke), topk,
+                                      sorted, max_workspace_bytes)
 
 
 def _check_k(k: int) -> None:
