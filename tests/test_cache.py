@@ -360,6 +360,41 @@ def test_mla_kv_cache_round_trip(device, gen, fp8):
     assert torch.allclose(ref.dequantize_mla_cache(cache.cpu())[slots], out, rtol=2**-8, atol=0)
 
 
+@pytest.mark.parametrize("which", ["indexer", "mla_fp8", "mla_bf16"])
+def test_cache_write_repeated_slot(device, gen, which):
+    """A slot written twice in one call: the CPU refuses before writing anything (the tokens
+    are written in parallel, so the record could mix two tokens); repeated negative slots are
+    fine. CUDA does not check (no host sync): the other slots land, the repeated one is
+    unspecified."""
+    if which == "indexer":
+        x = randn(4, 128, gen=gen, dtype=torch.bfloat16)
+        cache = random_bytes(2, 8, 1, 132, gen=gen, device=device)
+        write, ref_write = dsa_ext.indexer_k_cache_write, ref.indexer_k_cache_write
+    else:
+        x = randn(4, 576, gen=gen, dtype=torch.bfloat16)
+        cache = random_mla_cache(2, 8, which == "mla_fp8", gen, device)
+        write, ref_write = dsa_ext.mla_kv_cache_write, ref.mla_kv_cache_write
+    before = cache.cpu().clone()
+    slots = torch.tensor([3, 9, 3, -1], device=device)
+    if device == "cpu":
+        with pytest.raises(ValueError, match="slot 3 more than once"):
+            write(x, slots, cache)
+        assert torch.equal(cache, before)
+        write(x, torch.tensor([3, -1, 9, -1]), cache)              # -1 may repeat
+        ref_write(x, torch.tensor([3, -1, 9, -1]), before)
+        assert torch.equal(cache, before)
+    else:
+        write(x.to(device), slots, cache)
+        ref_write(x, torch.tensor([-1, 9, -1, -1]), before)
+        keep = torch.arange(16) != 3
+        if which == "indexer":                                     # values and scales apart
+            (gk, gs), (wk, ws) = ref.indexer_cache_tokens(cache.cpu()), ref.indexer_cache_tokens(before)
+            assert torch.equal(gk.view(torch.uint8)[keep], wk.view(torch.uint8)[keep])
+            assert torch.equal(gs[keep], ws[keep])
+        else:
+            assert torch.equal(cache.cpu().view(16, -1)[keep], before.view(16, -1)[keep])
+
+
 def test_mla_kv_cache_write_slot_past_cache(device, gen):
     kv = randn(2, 576, gen=gen, dtype=torch.bfloat16)
     cache = random_mla_cache(2, 4, True, gen, device)

@@ -3,8 +3,9 @@
 // .to(float8_e4m3fn)), the scale rules those of common/quant_rules.h, so the bytes equal the
 // reference's (dsa_ext/reference/cache.py) and the CUDA kernels'.
 //
-// Slots are checked before anything is written: a slot past the cache raises ValueError (a
-// cheap scan on the CPU; the CUDA kernels skip such slots instead of synchronising).
+// Slots are checked before anything is written: a slot past the cache, or a slot given twice,
+// raises ValueError (a cheap sort on the CPU; the CUDA kernels skip slots past the cache and
+// leave a twice-written record unspecified instead of synchronising).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -73,12 +74,23 @@ void store_bf16(const T* x, int64_t n, uint8_t* dst) {
   }
 }
 
+// A slot may be written by at most one token of a call: tokens are written in parallel, so two
+// writers of one record could leave one token's values beside another's scale. The CPU checks
+// it (a sort of the n slots); the CUDA writers do not (it would cost a device sync) and leave
+// such a record unspecified. Skipped (negative) slots may repeat.
 template <typename Idx>
 void check_write_slots(const Idx* slots, int64_t n, int64_t num_slots) {
-  int64_t max_slot = -1;
-  for (int64_t i = 0; i < n; ++i) max_slot = std::max<int64_t>(max_slot, slots[i]);
-  TORCH_CHECK_VALUE(max_slot < num_slots, "slot_mapping holds slot ", max_slot,
-                    ", past the cache's ", num_slots, " slots (num_blocks * block_size)");
+  std::vector<int64_t> used;
+  used.reserve(n);
+  for (int64_t i = 0; i < n; ++i)
+    if (slots[i] >= 0) used.push_back(slots[i]);
+  std::sort(used.begin(), used.end());
+  if (!used.empty())
+    TORCH_CHECK_VALUE(used.back() < num_slots, "slot_mapping holds slot ", used.back(),
+                      ", past the cache's ", num_slots, " slots (num_blocks * block_size)");
+  const auto dup = std::adjacent_find(used.begin(), used.end());
+  TORCH_CHECK_VALUE(dup == used.end(), "slot_mapping holds slot ", dup == used.end() ? 0 : *dup,
+                    " more than once (each slot may be written by one token per call)");
 }
 
 // Aim for ~64 KiB of input per parallel task so small calls stay on one thread.

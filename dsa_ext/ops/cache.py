@@ -10,7 +10,11 @@ Cache layouts (byte-compatible with DeepGEMM / vLLM / FlashMLA; see
 
 Slot id of (block, offset) is ``block * block_size + offset``. Writers skip negative slots. A
 slot at or past ``num_blocks * block_size`` raises ``ValueError`` on the CPU; the CUDA kernels
-skip it instead (checking would cost a device synchronisation). Readers return zeros for
+skip it instead (checking would cost a device synchronisation). A non-negative slot may
+appear at most once in one call's ``slot_mapping`` (vLLM's and FlashMLA's writers assume the
+same): the CPU raises ``ValueError`` for a repeated slot; the CUDA writers run tokens in
+parallel and leave such a record unspecified (it may mix two tokens' values and scales) —
+don't. Readers return zeros for
 any slot or block id outside the cache. Inputs may be bf16 or fp32; on CUDA an MLA cache must
 start on a 16-byte boundary (any whole-block slice of a cache does).
 

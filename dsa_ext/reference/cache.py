@@ -127,9 +127,15 @@ def _indexer_geometry(kv_cache: torch.Tensor):
 
 
 def _check_write_slots(slot_mapping: torch.Tensor, num_slots: int):
+    """A slot past the cache, or a non-negative slot given twice, raises ValueError (the CPU
+    kernels' rule; see dsa_ext.ops.cache)."""
     if slot_mapping.numel() and int(slot_mapping.max()) >= num_slots:
         raise ValueError(f"slot_mapping holds slot {int(slot_mapping.max())}, past the cache's "
                          f"{num_slots} slots")
+    used = slot_mapping[slot_mapping >= 0]
+    values, counts = torch.unique(used, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"slot_mapping holds slot {int(values[counts > 1][0])} more than once")
 
 
 def indexer_k_cache_write(k: torch.Tensor, slot_mapping: torch.Tensor, kv_cache: torch.Tensor,
