@@ -1,0 +1,398 @@
+"""FlashMLA's sparse Python API (``flash_mla/flash_mla_interface.py``, 2026 form) over
+``torch.ops.dsa``: ``flash_mla_sparse_fwd``, ``get_mla_metadata``, ``flash_mla_with_kvcache``.
+
+Conventions translated (our ops keep theirs, SPEC section 3):
+
+* lse is the natural-log log-sum-exp of the scaled scores in both APIs (FlashMLA releases
+  before 2026-01 returned a base-2 lse from ``flash_mla_sparse_fwd``; this adapter follows the
+  current one). A query with no valid index gets lse ``+inf`` here (FlashMLA) where our ops
+  return ``-inf``; its output is 0 in both.
+* ``flash_mla_with_kvcache`` returns lse as ``[B, H, s_q]`` (a transposed view of a
+  ``[B, s_q, H]`` tensor, as FlashMLA returns it).
+* ``attn_sink[h] = +inf`` zeroes head h's output (FlashMLA's rule), ``-inf`` means no sink; lse
+  never includes the sink.
+* ``flash_mla_sparse_fwd`` returns ``(out, max_logits, lse)``. ``max_logits`` (the largest
+  scaled score of each row, ``-inf`` for an empty row) is not an output of ``dsa.sparse_mla_fwd``,
+  so it is computed here by a chunked PyTorch pass (gather + fp32 batched matmul, at most
+  ``MAX_LOGITS_WORKSPACE_BYTES`` of scratch). That pass costs about as much as the QK half of
+  the attention; under ``torch.compile`` it is removed when the caller discards max_logits.
+
+Differences a user should know:
+
+* more shapes are served than FlashMLA's kernels take: any head count (FlashMLA: 64 or 128),
+  CPU tensors, and ``flash_mla_sparse_fwd`` is differentiable (our sparse backward) for q and kv.
+* inputs with strides our ops do not take are copied (``.contiguous()``) before the call: q and
+  indices cheaply, a non-contiguous paged cache (FlashMLA allows any page pitch) entirely.
+* dense attention (``indices=None``) is not served: ``NotImplementedError``.
+* ``extra_k_cache`` / ``extra_indices_in_kvcache`` / ``extra_topk_length`` (one softmax over a
+  second cache) are passed to ``dsa.sparse_mla_decode`` when its schema has them; until then the
+  two caches are attended separately and merged by lse here (exact in real arithmetic; the two
+  partial outputs are rounded to bf16 once before the merge).
+* the V4 (MODEL1) 584-byte cache (d_qk = 512) is not read by ``dsa.sparse_mla_decode`` yet:
+  ``NotImplementedError``.
+* ``FlashMLASchedMeta`` only records the call configuration (FlashMLA's consistency checks);
+  its ``tile_scheduler_metadata`` / ``num_splits`` stay ``None``: our decode kernel schedules
+  itself from the shapes, without host synchronisation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..ops.sparse_mla import sparse_mla
+
+__all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache",
+           "flash_mla_sparse_fwd", "MAX_LOGITS_WORKSPACE_BYTES"]
+
+#: scratch bound of the max_logits pass of ``flash_mla_sparse_fwd``
+MAX_LOGITS_WORKSPACE_BYTES = 256 * 1024 * 1024
+
+_V32_RECORD_BYTES = 656   # 512 e4m3 + 4 fp32 tile scales + 64 bf16 rope
+_MODEL1_RECORD_BYTES = 584
+_FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
+
+
+def _decode_schema_args():
+    return {a.name for a in torch.ops.dsa.sparse_mla_decode.default._schema.arguments}
+
+
+@dataclasses.dataclass
+class FlashMLASchedMeta:
+    """Scheduler handle of ``flash_mla_with_kvcache`` (FlashMLA's class, same fields). Here it
+    records the first call's configuration so later calls are checked against it, as FlashMLA
+    does; the tensor fields stay ``None`` (our kernel needs no precomputed schedule)."""
+
+    @dataclasses.dataclass
+    class Config:
+        b: int
+        s_q: int
+        h_q: int
+        page_block_size: int
+        h_k: int
+
+        causal: bool
+        is_fp8_kvcache: bool
+        topk: Optional[int]
+
+        extra_page_block_size: Optional[int]
+        extra_topk: Optional[int]
+
+    have_initialized: bool = False
+    config: Optional[Config] = None
+    tile_scheduler_metadata: Optional[Tensor] = None
+    num_splits: Optional[Tensor] = None
+
+
+def get_mla_metadata(*args, **kwargs) -> Tuple[FlashMLASchedMeta, None]:
+    """A fresh, empty ``FlashMLASchedMeta`` and ``None`` (FlashMLA's current form; the
+    arguments of the old interface are accepted and ignored)."""
+    return FlashMLASchedMeta(), None
+
+
+def _check(cond: bool, msg: str) -> None:
+    # FlashMLA's C++ checks (TORCH_CHECK) surface as RuntimeError
+    if not cond:
+        raise RuntimeError(msg)
+
+
+def _check_opt(t: Optional[Tensor], name: str, shape: tuple, dtype: torch.dtype,
+               device: torch.device) -> None:
+    if t is None:
+        return
+    _check(t.device == device, f"{name} must be on the device of q ({device}), got {t.device}")
+    _check(t.dim() == len(shape), f"{name} must have {len(shape)} dimensions, got {t.dim()}")
+    _check(t.dtype == dtype, f"{name} must have dtype {dtype}, got {t.dtype}")
+    _check(tuple(t.shape) == tuple(shape), f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _flashmla_sink(attn_sink: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(sink for our op, mask of +inf-sink heads). FlashMLA defines ``+inf`` as "that head's
+    output is 0"; our op is given a finite stand-in there and the head is zeroed after, so the
+    result (and its gradient, 0) does not depend on how the op treats an infinite sink."""
+    if attn_sink is None:
+        return None, None
+    zeroed = torch.isposinf(attn_sink)
+    return attn_sink.masked_fill(zeroed, 0.0), zeroed
+
+
+def _flashmla_lse(lse: Tensor) -> Tensor:
+    # an empty row: our -inf, FlashMLA's +inf
+    return lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+
+def _max_logits(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float,
+                topk_length: Optional[Tensor]) -> Tensor:
+    """Largest scaled score ``sm_scale * q . kv[idx]`` over the valid entries of each
+    (token, head); -inf where a row has none. fp32, in row chunks of bounded scratch."""
+    T, H, D = q.shape
+    S = kv.shape[0]
+    K = indices.shape[-1]
+    idx = indices.reshape(T, K).long()
+    valid = (idx >= 0) & (idx < S)
+    if topk_length is not None:
+        valid &= torch.arange(K, device=idx.device) < topk_length.long()[:, None]
+    rows = kv.reshape(S, -1)[:, :D]
+    per_row = max(1, K * (D + H) * 4)
+    chunk = max(1, MAX_LOGITS_WORKSPACE_BYTES // per_row)
+    parts = []
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        gathered = rows.index_select(0, idx[t0:t1].clamp(0, max(S - 1, 0)).reshape(-1))
+        gathered = gathered.reshape(t1 - t0, K, D).float()
+        scores = torch.bmm(q[t0:t1].float(), gathered.transpose(1, 2)) * sm_scale
+        scores = scores.masked_fill(~valid[t0:t1, None, :], float("-inf"))
+        parts.append(scores.amax(dim=-1) if K > 0 else scores.new_full((t1 - t0, H), float("-inf")))
+    if not parts:
+        return q.new_empty((0, H), dtype=torch.float32)
+    return torch.cat(parts, dim=0)
+
+
+def flash_mla_sparse_fwd(
+    q: Tensor,
+    kv: Tensor,
+    indices: Tensor,
+    sm_scale: float,
+    d_v: int = 512,
+    attn_sink: Optional[Tensor] = None,
+    topk_length: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Sparse attention prefill (FlashMLA's signature).
+
+    Args:
+        q: ``[s_q, h_q, d_qk]`` bf16, d_qk 576 (V3.2) or 512.
+        kv: ``[s_kv, h_kv, d_qk]`` bf16, h_kv = 1.
+        indices: ``[s_q, h_kv, topk]`` int32; ``-1`` / negative / ``>= s_kv`` entries are invalid.
+        sm_scale: scale of q.k before the softmax.
+        d_v: 512.
+        attn_sink: optional ``[h_q]`` fp32; the output is multiplied by
+            ``exp(lse) / (exp(lse) + exp(attn_sink))``; ``+inf`` zeroes the head, ``-inf`` is no sink.
+        topk_length: optional ``[s_q]`` int32; row i uses only ``indices[i, :, :topk_length[i]]``.
+
+    Returns:
+        ``(out [s_q, h_q, d_v] bf16, max_logits [s_q, h_q] fp32, lse [s_q, h_q] fp32)``; lse is
+        natural-log and ``+inf`` (max_logits ``-inf``, out 0) for a row with no valid index.
+        Differentiable in q and kv (not in attn_sink).
+    """
+    _check(q.dim() == 3, "q must have 3 dimensions")
+    _check(kv.dim() == 3, "kv must have 3 dimensions")
+    _check(indices.dim() == 3, "indices must have 3 dimensions")
+    s_q, h_q, d_qk = q.shape
+    s_kv, h_kv = kv.shape[0], kv.shape[1]
+    topk = indices.shape[2]
+    _check(d_qk in (576, 512), f"Invalid d_qk: {d_qk}")
+    _check(d_v == 512, f"Invalid d_v{d_v}")
+    for name, t in (("kv", kv), ("indices", indices)):
+        _check(t.device == q.device, f"{name} must be on the device of q ({q.device}), got {t.device}")
+    _check(q.dtype == torch.bfloat16, f"q must have dtype torch.bfloat16, got {q.dtype}")
+    _check(kv.dtype == torch.bfloat16, f"kv must have dtype torch.bfloat16, got {kv.dtype}")
+    _check(indices.dtype == torch.int32, f"indices must have dtype torch.int32, got {indices.dtype}")
+    _check(tuple(kv.shape) == (s_kv, h_kv, d_qk), f"kv must have shape (s_kv, h_kv, {d_qk})")
+    _check(tuple(indices.shape) == (s_q, h_kv, topk), f"indices must have shape ({s_q}, {h_kv}, topk)")
+    _check_opt(attn_sink, "attn_sink", (h_q,), torch.float32, q.device)
+    _check_opt(topk_length, "topk_length", (s_q,), torch.int32, q.device)
+    for name, t in (("q", q), ("kv", kv), ("indices", indices), ("attn_sink", attn_sink),
+                    ("topk_length", topk_length)):
+        if t is not None:
+            _check(t.size(-1) == 1 or t.stride(-1) == 1, f"{name} must have contiguous last dimension")
+    _check(h_kv == 1, f"h_kv must be 1 (one latent KV head, as FlashMLA's kernels), got {h_kv}")
+
+    # our op takes dense tensors; FlashMLA takes any leading strides
+    q_c, kv_c, idx_c = q.contiguous(), kv.contiguous(), indices.contiguous()
+    sink, zeroed = _flashmla_sink(attn_sink)
+    out, lse = sparse_mla(q_c, kv_c, idx_c, sm_scale, d_v, sink,
+                          None if topk_length is None else topk_length.contiguous())
+    if zeroed is not None:
+        out = out.masked_fill(zeroed[:, None], 0.0)
+    with torch.no_grad():
+        max_logits = _max_logits(q_c.detach(), kv_c.detach(), idx_c, sm_scale, topk_length)
+    return out, max_logits, _flashmla_lse(lse.detach())
+
+
+def _paged_cache_for_op(k_cache: Tensor, name: str) -> Tensor:
+    """FlashMLA's FP8 cache as our op takes it: the uint8 view of a float8/int8 cache, dense."""
+    if k_cache.dtype != torch.uint8:
+        k_cache = k_cache.view(torch.uint8)
+    # FlashMLA allows any page pitch (stride(0)); our op reads dense pages, so a padded cache
+    # is copied (slow for a large cache; lay the cache out densely to avoid it)
+    return k_cache.contiguous()
+
+
+def _check_decode_cache(k_cache: Tensor, name: str, d_qk: int, q: Tensor) -> None:
+    _check(k_cache.device == q.device, f"{name} must be on the device of q ({q.device}), got {k_cache.device}")
+    _check(k_cache.dim() == 4, f"{name} must have 4 dimensions")
+    _check(k_cache.dtype in _FP8_CACHE_DTYPES,
+           f"{name} must have dtype fp8_e4m3fn, int8 or uint8, got {k_cache.dtype}")
+    _check(k_cache.shape[2] == 1,
+           "Currently only MQA (i.e. h_kv == 1) is supported for sparse decoding")
+    record = _V32_RECORD_BYTES if d_qk == 576 else _MODEL1_RECORD_BYTES
+    _check(k_cache.shape[3] == record,
+           f"{name} must have shape (num_blocks, page_block_size, 1, {record}), got {tuple(k_cache.shape)}")
+    _check(k_cache.shape[1] == 1 or k_cache.stride(1) == record,
+           f"The whole block must be contiguous when is_fp8_cache is True for {name}")
+
+
+def _merge_by_lse(out1: Tensor, lse1: Tensor, out2: Tensor, lse2: Tensor,
+                  attn_sink: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """One softmax over two key sets from their separate results (split-KV combine): the
+    weights ``exp(lse_i - lse)``, then the sink factor ``1 / (1 + exp(sink - lse))``."""
+    lse = torch.logaddexp(lse1, lse2)
+    empty = torch.isneginf(lse)
+    safe = lse.masked_fill(empty, 0.0)
+    w1 = torch.exp(lse1 - safe).masked_fill(empty, 0.0)
+    w2 = torch.exp(lse2 - safe).masked_fill(empty, 0.0)
+    out = w1[..., None] * out1.float() + w2[..., None] * out2.float()
+    if attn_sink is not None:
+        # sigmoid(lse - sink) = exp(lse) / (exp(lse) + exp(sink)); +inf sink -> 0, -inf -> 1
+        factor = torch.sigmoid(safe - attn_sink.view(1, 1, -1)).masked_fill(empty, 0.0)
+        out = out * factor[..., None]
+    return out.to(out1.dtype), lse
+
+
+def flash_mla_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    block_table: Optional[Tensor],
+    cache_seqlens: Optional[Tensor],
+    head_dim_v: int,
+    tile_scheduler_metadata: FlashMLASchedMeta,
+    num_splits: None = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    is_fp8_kvcache: bool = False,
+    indices: Optional[Tensor] = None,
+    attn_sink: Optional[Tensor] = None,
+    extra_k_cache: Optional[Tensor] = None,
+    extra_indices_in_kvcache: Optional[Tensor] = None,
+    topk_length: Optional[Tensor] = None,
+    extra_topk_length: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Sparse FP8 decode over a paged MLA cache (FlashMLA's signature; sparse path only).
+
+    Args:
+        q: ``[B, s_q, h_q, 576]`` bf16.
+        k_cache: ``[num_blocks, page_block_size, 1, 656]`` FP8 records (float8_e4m3fn, int8 or
+            uint8 dtype; FlashMLA's V3.2 layout = ours).
+        block_table, cache_seqlens: unused by the sparse path (may be None).
+        head_dim_v: 512.
+        tile_scheduler_metadata: the ``FlashMLASchedMeta`` from ``get_mla_metadata()``; reuse it
+            only across calls with the same shapes (checked, as FlashMLA does).
+        num_splits: must be None.
+        softmax_scale: default ``d_qk ** -0.5``.
+        causal: must be False for sparse attention.
+        is_fp8_kvcache: must be True for sparse attention.
+        indices: ``[B, s_q, topk]`` int32 slot ids ``block * page_block_size + offset``; ``-1``
+            (and any id outside the cache) is skipped.
+        attn_sink: optional ``[h_q]`` fp32 (``+inf`` zeroes the head).
+        extra_k_cache, extra_indices_in_kvcache, extra_topk_length: a second cache and its slot
+            ids / lengths joining the same softmax.
+        topk_length: optional ``[B]`` int32, only the first topk_length indices of a row are used.
+
+    Returns:
+        ``out [B, s_q, h_q, 512]`` bf16 and ``softmax_lse [B, h_q, s_q]`` fp32 (natural log,
+        ``+inf`` where a query has no valid index; excludes the sink).
+    """
+    sched_meta = tile_scheduler_metadata
+    indices_in_kvcache = indices
+    assert isinstance(sched_meta, FlashMLASchedMeta), "tile_scheduler_metadata must be of type FlashMLASchedMeta"
+    assert num_splits is None, "num_splits must be None"
+
+    topk = indices_in_kvcache.shape[-1] if indices_in_kvcache is not None else None
+    extra_k_page_block_size = extra_k_cache.shape[1] if extra_k_cache is not None else None
+    extra_topk = extra_indices_in_kvcache.shape[-1] if extra_indices_in_kvcache is not None else None
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** (-0.5)
+
+    config = FlashMLASchedMeta.Config(q.shape[0], q.shape[1], q.shape[2], k_cache.shape[1],
+                                      k_cache.shape[2], causal, is_fp8_kvcache, topk,
+                                      extra_k_page_block_size, extra_topk)
+    if not sched_meta.have_initialized:
+        if indices_in_kvcache is not None:
+            assert not causal, "causal must be False when indices_in_kvcache is not None (i.e. sparse attention is enabled)"
+        sched_meta.have_initialized = True
+        sched_meta.config = config
+    else:
+        helper_msg = (" Your input arguments are inconsistent with sched_meta. Please make sure the input "
+                      "arguments are consistent across different invocations of flash_mla_with_kvcache on "
+                      "the same sched_meta.")
+        assert sched_meta.config is not None
+        for field in dataclasses.fields(config):
+            assert getattr(sched_meta.config, field.name) == getattr(config, field.name), \
+                f"sched_meta.config.{field.name} must be equal to {getattr(config, field.name)}." + helper_msg
+
+    if topk is None:
+        raise NotImplementedError(
+            "flash_mla_with_kvcache: dense attention (indices=None, with block_table / "
+            "cache_seqlens) is not served by dsa_ext; pass indices for the sparse path")
+    assert not causal, "causal must be False when sparse attention is enabled"
+    assert is_fp8_kvcache, "is_fp8_kvcache must be True when sparse attention is enabled"
+
+    _check(q.dim() == 4, "q must have 4 dimensions")
+    _check(indices_in_kvcache.dim() == 3, "indices must have 3 dimensions")
+    b, s_q, h_q, d_qk = q.shape
+    _check(b > 0 and s_q > 0 and h_q > 0, f"q must have non-empty B, s_q and h_q, got {tuple(q.shape)}")
+    _check(q.dtype == torch.bfloat16, f"q must have dtype torch.bfloat16, got {q.dtype}")
+    _check(d_qk in (576, 512), "Only head_size_k == 576 or 512 is supported for sparse decoding")
+    _check(head_dim_v == 512, "Only head_size_v == 512 is supported for sparse decoding")
+    _check(topk > 0, f"topk must be > 0, got {topk}")
+    if extra_k_cache is not None:
+        _check(extra_indices_in_kvcache is not None,
+               "extra_indices_in_kvcache must be provided when extra_kcache is provided for sparse attention")
+    else:
+        _check(extra_indices_in_kvcache is None,
+               "extra_indices_in_kvcache must not be provided when extra_k_cache is not provided")
+        _check(extra_topk_length is None,
+               "extra_topk_length must not be provided when extra_k_cache is not provided")
+    _check_decode_cache(k_cache, "k_cache", d_qk, q)
+    _check(indices_in_kvcache.device == q.device, "indices must be on the device of q")
+    _check(indices_in_kvcache.dtype == torch.int32, f"indices must have dtype torch.int32, got {indices_in_kvcache.dtype}")
+    _check(tuple(indices_in_kvcache.shape) == (b, s_q, topk), f"indices must have shape ({b}, {s_q}, topk)")
+    _check_opt(topk_length, "topk_length", (b,), torch.int32, q.device)
+    _check_opt(attn_sink, "attn_sink", (h_q,), torch.float32, q.device)
+    if extra_k_cache is not None:
+        _check_decode_cache(extra_k_cache, "extra_k_cache", d_qk, q)
+        _check(extra_indices_in_kvcache.device == q.device, "extra_indices_in_kvcache must be on the device of q")
+        _check(extra_indices_in_kvcache.dim() == 3, "extra_indices must have 3 dimensions")
+        _check(extra_indices_in_kvcache.dtype == torch.int32, "extra_indices must have dtype torch.int32")
+        _check(tuple(extra_indices_in_kvcache.shape) == (b, s_q, extra_topk),
+               f"extra_indices must have shape ({b}, {s_q}, extra_topk)")
+        _check_opt(extra_topk_length, "extra_topk_length", (b,), torch.int32, q.device)
+    for name, t in (("q", q), ("indices", indices_in_kvcache), ("extra_indices", extra_indices_in_kvcache)):
+        if t is not None:
+            _check(t.size(-1) == 1 or t.stride(-1) == 1, f"{name} must have contiguous last dimension")
+
+    op_args = _decode_schema_args()
+    serves_two_caches = "extra_kv_cache" in op_args
+    if d_qk == 512 and not serves_two_caches:
+        # the V4 geometry arrives in dsa.sparse_mla_decode with its two-cache form (issue 22)
+        raise NotImplementedError(
+            "flash_mla_with_kvcache: k_cache with 584-byte MODEL1 records (d_qk = 512, DeepSeek-V4) "
+            "is not read by dsa.sparse_mla_decode yet")
+
+    q_c = q.contiguous()
+    kv = _paged_cache_for_op(k_cache, "k_cache")
+    idx = indices_in_kvcache.contiguous()
+    tl = None if topk_length is None else topk_length.contiguous()
+    if extra_k_cache is None or serves_two_caches:
+        sink, zeroed = _flashmla_sink(attn_sink)
+        extra = {}
+        if extra_k_cache is not None:
+            extra = dict(extra_kv_cache=_paged_cache_for_op(extra_k_cache, "extra_k_cache"),
+                         extra_indices=extra_indices_in_kvcache.contiguous(),
+                         extra_topk_length=None if extra_topk_length is None else extra_topk_length.contiguous())
+        out, lse = torch.ops.dsa.sparse_mla_decode(q_c, kv, idx, softmax_scale, head_dim_v, sink, tl,
+                                                   **extra)
+        if zeroed is not None:
+            out = out.masked_fill(zeroed[:, None], 0.0)
+    else:
+        # workaround until dsa.sparse_mla_decode takes the second cache: attend to each cache
+        # alone (no sink) and merge the two partial results by lse
+        out1, lse1 = torch.ops.dsa.sparse_mla_decode(q_c, kv, idx, softmax_scale, head_dim_v, None, tl)
+        out2, lse2 = torch.ops.dsa.sparse_mla_decode(
+            q_c, _paged_cache_for_op(extra_k_cache, "extra_k_cache"),
+            extra_indices_in_kvcache.contiguous(), softmax_scale, head_dim_v, None,
+            None if extra_topk_length is None else extra_topk_length.contiguous())
+        out, lse = _merge_by_lse(out1, lse1, out2, lse2, attn_sink)
+    return out, _flashmla_lse(lse).transpose(1, 2)
