@@ -1,0 +1,626 @@
+// training family: torch-free device code of the indexer in training precision (SPEC 7).
+//
+//   I[t,s] = sum_h w[t,h] relu(q[t,h] . k[s])        (ks[t] <= s < ke[t], clamped to [0, S])
+//   dw[t,h] = sum_s g relu(z), dq[t,h] = sum_s g w 1[z>0] k[s], dk[s] = sum_t sum_h g w 1[z>0] q[t,h]
+//
+// Structure. Every kernel works on one query row's q[t] (all heads, fp32 in shared memory,
+// heads padded to a multiple of 4 with zeros) against a tile of kTileKeys key rows (fp32 in
+// shared memory, row pitch D + 1 so that a thread per key reads its row without bank
+// conflicts). In the score phase thread `key` computes z = q[t,h] . k[key] for four heads at a
+// time (one k load feeds four FMAs against broadcast q loads).
+//
+// Performance model (SIMT, fp32 FMA; a correct, coalesced, shared-memory-tiled first version,
+// no tensor cores): the forward costs H*D FMAs per (t, s) and about 1.25 shared loads per FMA,
+// so it runs near the SM's shared-memory bandwidth, roughly a quarter of the fp32 FMA peak
+// (~15 TFLOP/s of useful work on an H100 at best); global traffic is one read of q[t] per CTA
+// and one read of each key tile per (row, tile) pair, served mostly from L2. The backward
+// does the score phase once more plus two products of the same size (dq: coef x k, dk:
+// coef^T x q), ~3x the forward. mma.sync bf16 tiles are the obvious next step.
+//
+// Ownership and determinism. The row kernels own their query row: dq[t] and dw[t] are summed by
+// one thread each in key order, so they are deterministic. dk is summed over queries: in the
+// atomic mode the row kernel adds its tile's contribution with fp32 atomics into a zeroed fp32
+// [S, D] buffer; in the deterministic mode a key kernel owns a tile of keys and loops over
+// every query row in order (no [T, S] scratch in either mode).
+//
+// Index values are not trusted: ks/ke are clamped to [0, S]; a selected index that is negative,
+// >= S, or at j >= topk_length[t] is never dereferenced (its key row is zeros, its gradient 0).
+// Offsets that can exceed int32 (t*S, s*D, t*H*D, t*K) are computed in int64.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/cuda_utils.cuh"
+#include "training/training_launch.h"
+
+namespace dsa::training {
+
+constexpr int kThreads = 128;    // one thread per key of a tile in the score phase
+constexpr int kTileKeys = kThreads;
+constexpr int kWarps = kThreads / 32;
+constexpr int kHeadGroup = 4;    // heads per score-phase step (register blocking)
+
+__host__ __device__ constexpr int padded_heads(int H) { return (H + kHeadGroup - 1) / kHeadGroup * kHeadGroup; }
+__host__ __device__ constexpr int key_pitch(int D) { return D + 1; }
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Shared-memory layout (in floats) of the indexer kernels, identical on host (sizing) and
+// device (carving). Only the parts a kernel uses are sized for it.
+struct Layout {
+  int Hp, D, ldk;
+  int q, w, k, coef, red, acc, dw, rows;  // offsets in 4-byte words
+  int words;
+};
+enum class Parts { kForward, kRowBackward, kKeyBackward };
+
+__host__ __device__ inline Layout make_layout(int H, int D, Parts parts) {
+  Layout L{};
+  L.Hp = padded_heads(H);
+  L.D = D;
+  L.ldk = key_pitch(D);
+  int o = 0;
+  L.q = o; o += L.Hp * D;
+  L.w = o; o += L.Hp;
+  L.rows = o; o += kTileKeys;          // gathered key rows (int32), -1 = none
+  L.k = o; o += kTileKeys * L.ldk;
+  L.coef = L.red = L.acc = L.dw = o;
+  if (parts != Parts::kForward) {
+    L.coef = o; o += L.Hp * kTileKeys;
+    L.red = o; o += kWarps * (L.Hp > kTileKeys ? L.Hp : kTileKeys);
+    L.acc = o; o += parts == Parts::kRowBackward ? L.Hp * D : kTileKeys * D;
+    L.dw = o; o += L.Hp;
+  }
+  L.words = o;
+  return L;
+}
+__host__ __device__ inline size_t smem_bytes(const Layout& L) { return static_cast<size_t>(L.words) * 4; }
+
+// ---- small helpers ----------------------------------------------------------------------------
+
+struct RowRange {
+  int64_t lo, hi;  // clamped, hi >= lo
+};
+__device__ __forceinline__ RowRange row_range(const int32_t* ks, const int32_t* ke, int64_t t, int64_t S) {
+  int64_t lo = ks[t], hi = ke[t];
+  lo = lo < 0 ? 0 : (lo > S ? S : lo);
+  hi = hi < 0 ? 0 : (hi > S ? S : hi);
+  return {lo, hi < lo ? lo : hi};
+}
+
+// Number of leading entries of row t that may be valid (topk_length clamped to [0, K]).
+__device__ __forceinline__ int64_t row_entries(const int32_t* topk_length, int64_t t, int64_t K) {
+  if (topk_length == nullptr) return K;
+  const int64_t n = topk_length[t];
+  return n < 0 ? 0 : (n > K ? K : n);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide sum / max in a fixed order (warp butterfly, then warps 0..kWarps-1), the result
+// in every thread. `red` holds kWarps words; the caller's next write to it must follow a barrier
+// (each call ends with one).
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  v = warp_sum(v);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float s = 0.f;
+  for (int w = 0; w < kWarps; ++w) s += red[w];
+  __syncthreads();
+  return s;
+}
+__device__ __forceinline__ float block_max(float v, float* red) {
+  v = warp_max(v);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float m = -INFINITY;
+  for (int w = 0; w < kWarps; ++w) m = fmaxf(m, red[w]);
+  __syncthreads();
+  return m;
+}
+
+// q[t] (H x D) and w[t] into shared memory as fp32, heads padded with zeros.
+template <typename TQ, typename TW>
+__device__ __forceinline__ void load_query_row(const TQ* q, const TW* w, int64_t t, int H, int D, const Layout& L,
+                                               float* sm) {
+  const TQ* qt = q + t * H * D;
+  for (int e = threadIdx.x; e < L.Hp * D; e += kThreads) sm[L.q + e] = e < H * D ? to_f32(qt[e]) : 0.f;
+  for (int h = threadIdx.x; h < L.Hp; h += kThreads) sm[L.w + h] = h < H ? to_f32(w[t * H + h]) : 0.f;
+}
+
+// Key rows into the tile: row `key` is k[rows[key]] (rows in shared memory, -1 = zeros).
+// Threads walk (key, d) with d fastest, so a warp reads D-contiguous runs of one key row.
+template <typename TQ>
+__device__ __forceinline__ void load_key_tile(const TQ* k, int D, const Layout& L, float* sm) {
+  const int32_t* rows = reinterpret_cast<const int32_t*>(sm + L.rows);
+  for (int e = threadIdx.x; e < kTileKeys * D; e += kThreads) {
+    const int key = e / D, d = e - key * D;
+    const int32_t r = rows[key];
+    sm[L.k + key * L.ldk + d] = r >= 0 ? to_f32(k[static_cast<int64_t>(r) * D + d]) : 0.f;
+  }
+}
+
+// Key rows s0 .. s0 + n - 1 (n <= kTileKeys) as the tile's rows.
+__device__ __forceinline__ void set_contiguous_rows(int64_t s0, int n, const Layout& L, float* sm) {
+  int32_t* rows = reinterpret_cast<int32_t*>(sm + L.rows);
+  for (int key = threadIdx.x; key < kTileKeys; key += kThreads) rows[key] = key < n ? static_cast<int32_t>(s0 + key) : -1;
+}
+
+// Score phase of the calling thread's key: f(h, z) for every padded head h, z = q[t,h] . k[key].
+template <typename F>
+__device__ __forceinline__ void for_each_head_score(const Layout& L, const float* sm, int key, F&& f) {
+  const float* krow = sm + L.k + key * L.ldk;
+  const int D = L.D;
+  for (int h0 = 0; h0 < L.Hp; h0 += kHeadGroup) {
+    const float* qh = sm + L.q + h0 * D;
+    float z0 = 0.f, z1 = 0.f, z2 = 0.f, z3 = 0.f;
+    for (int d = 0; d < D; ++d) {
+      const float kv = krow[d];
+      z0 = fmaf(qh[d], kv, z0);
+      z1 = fmaf(qh[D + d], kv, z1);
+      z2 = fmaf(qh[2 * D + d], kv, z2);
+      z3 = fmaf(qh[3 * D + d], kv, z3);
+    }
+    f(h0, z0);
+    f(h0 + 1, z1);
+    f(h0 + 2, z2);
+    f(h0 + 3, z3);
+  }
+}
+
+// The indexer logit of the calling thread's key: sum_h w[h] relu(z_h).
+__device__ __forceinline__ float key_logit(const Layout& L, const float* sm) {
+  float logit = 0.f;
+  const float* w = sm + L.w;
+  for_each_head_score(L, sm, threadIdx.x, [&](int h, float z) { logit = fmaf(w[h], fmaxf(z, 0.f), logit); });
+  return logit;
+}
+
+// Backward of one tile of a row-owned kernel, after the tile's keys are loaded. `g` is the
+// calling thread's key's dL/dI (0 for no key). Adds the tile's terms to dw (L.dw, per head) and
+// dq (L.acc, [Hp, D]); with dk32 != nullptr also adds dk of every tile row with fp32 atomics
+// (rows from L.rows, so duplicates within a tile each add their own term). Ends with a barrier.
+__device__ __forceinline__ void row_backward_tile(const Layout& L, float* sm, float g, int H, float* dk32) {
+  const int key = threadIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float* coef = sm + L.coef;
+  float* red = sm + L.red;
+  const float* w = sm + L.w;
+  for_each_head_score(L, sm, key, [&](int h, float z) {
+    coef[h * kTileKeys + key] = z > 0.f ? g * w[h] : 0.f;
+    const float part = warp_sum(g * fmaxf(z, 0.f));
+    if (lane == 0) red[warp * L.Hp + h] = part;
+  });
+  __syncthreads();
+  for (int h = threadIdx.x; h < L.Hp; h += kThreads) {
+    float s = 0.f;
+    for (int wi = 0; wi < kWarps; ++wi) s += red[wi * L.Hp + h];
+    sm[L.dw + h] += s;
+  }
+  const int D = L.D;
+  const float* kt = sm + L.k;
+  for (int e = threadIdx.x; e < H * D; e += kThreads) {
+    const int h = e / D, d = e - h * D;
+    const float* c = coef + h * kTileKeys;
+    float s = 0.f;
+    for (int j = 0; j < kTileKeys; ++j) s = fmaf(c[j], kt[j * L.ldk + d], s);
+    sm[L.acc + e] += s;
+  }
+  if (dk32 != nullptr) {
+    const int32_t* rows = reinterpret_cast<const int32_t*>(sm + L.rows);
+    for (int e = threadIdx.x; e < kTileKeys * D; e += kThreads) {
+      const int j = e / D, d = e - j * D;
+      if (rows[j] < 0) continue;
+      float s = 0.f;
+      for (int h = 0; h < H; ++h) s = fmaf(coef[h * kTileKeys + j], sm[L.q + h * D + d], s);
+      if (s != 0.f) atomicAdd(dk32 + static_cast<int64_t>(rows[j]) * D + d, s);
+    }
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__device__ __forceinline__ void zero_words(float* p, int n) {
+  for (int e = threadIdx.x; e < n; e += kThreads) p[e] = 0.f;
+}
+
+// Writes the row's dq (L.acc) and dw (L.dw) in the output dtypes.
+template <typename TQ, typename TW>
+__device__ __forceinline__ void store_row_grads(const Layout& L, const float* sm, int64_t t, int H, TQ* dq, TW* dw) {
+  const int D = L.D;
+  for (int e = threadIdx.x; e < H * D; e += kThreads) dq[t * H * D + e] = from_f32<TQ>(sm[L.acc + e]);
+  for (int h = threadIdx.x; h < H; h += kThreads) dw[t * H + h] = from_f32<TW>(sm[L.dw + h]);
+}
+
+// ---- indexer_train_logits forward --------------------------------------------------------------
+
+
+// grid (T, ceil(S / chunk)): CTA (t, c) writes out[t, c*chunk .. +chunk), -inf outside the row's
+// range, and computes only the tiles inside it.
+template <typename TQ, typename TW>
+__global__ void __launch_bounds__(kThreads) train_logits_kernel(LogitsArgs a) {
+  DSA_DYNAMIC_SMEM(smem_raw, 16);
+  float* sm = reinterpret_cast<float*>(smem_raw);
+  const Layout L = make_layout(a.H, a.D, Parts::kForward);
+  const int64_t t = blockIdx.x;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * a.chunk;
+  const int64_t c1 = c0 + a.chunk < a.S ? c0 + a.chunk : a.S;
+  const RowRange r = row_range(a.ks, a.ke, t, a.S);
+  float* out = a.out + t * a.S;
+  for (int64_t s = c0 + threadIdx.x; s < c1; s += kThreads)
+    if (s < r.lo || s >= r.hi) out[s] = -INFINITY;
+  const int64_t lo = r.lo > c0 ? r.lo : c0, hi = r.hi < c1 ? r.hi : c1;
+  if (lo >= hi) return;
+  load_query_row(static_cast<const TQ*>(a.q), static_cast<const TW*>(a.w), t, a.H, a.D, L, sm);
+  for (int64_t s0 = lo; s0 < hi; s0 += kTileKeys) {
+    const int n = static_cast<int>(hi - s0 < kTileKeys ? hi - s0 : kTileKeys);
+    __syncthreads();  // the previous tile's readers are done
+    set_contiguous_rows(s0, n, L, sm);
+    __syncthreads();
+    load_key_tile(static_cast<const TQ*>(a.k), a.D, L, sm);
+    __syncthreads();
+    const float logit = key_logit(L, sm);
+    if (static_cast<int>(threadIdx.x) < n) out[s0 + threadIdx.x] = logit;
+  }
+}
+
+// ---- indexer_train_logits backward -------------------------------------------------------------
+
+
+// grid (T): the CTA owns row t (dq[t], dw[t]) and walks the tiles of its range.
+template <typename TQ, typename TW>
+__global__ void __launch_bounds__(kThreads) train_logits_bwd_row_kernel(LogitsBwdArgs a) {
+  DSA_DYNAMIC_SMEM(smem_raw, 16);
+  float* sm = reinterpret_cast<float*>(smem_raw);
+  const Layout L = make_layout(a.H, a.D, Parts::kRowBackward);
+  const int64_t t = blockIdx.x;
+  const RowRange r = row_range(a.ks, a.ke, t, a.S);
+  load_query_row(static_cast<const TQ*>(a.q), static_cast<const TW*>(a.w), t, a.H, a.D, L, sm);
+  zero_words<float>(sm + L.acc, L.Hp * a.D);
+  zero_words<float>(sm + L.dw, L.Hp);
+  for (int64_t s0 = r.lo; s0 < r.hi; s0 += kTileKeys) {
+    const int n = static_cast<int>(r.hi - s0 < kTileKeys ? r.hi - s0 : kTileKeys);
+    set_contiguous_rows(s0, n, L, sm);
+    __syncthreads();
+    load_key_tile(static_cast<const TQ*>(a.k), a.D, L, sm);
+    __syncthreads();
+    const float g = static_cast<int>(threadIdx.x) < n ? a.grad[t * a.S + s0 + threadIdx.x] : 0.f;
+    row_backward_tile(L, sm, g, a.H, a.dk32);
+  }
+  __syncthreads();
+  store_row_grads(L, sm, t, a.H, static_cast<TQ*>(a.dq), static_cast<TW*>(a.dw));
+}
+
+// grid (ceil(S / kTileKeys)): deterministic dk. The CTA owns keys s0 .. s0 + kTileKeys - 1 and
+// loops over every query row in order; rows whose range misses the tile are skipped.
+template <typename TQ, typename TW>
+__global__ void __launch_bounds__(kThreads) train_logits_bwd_key_kernel(LogitsBwdArgs a) {
+  DSA_DYNAMIC_SMEM(smem_raw, 16);
+  float* sm = reinterpret_cast<float*>(smem_raw);
+  const Layout L = make_layout(a.H, a.D, Parts::kKeyBackward);
+  const int D = a.D;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kTileKeys;
+  const int n = static_cast<int>(a.S - s0 < kTileKeys ? a.S - s0 : kTileKeys);
+  set_contiguous_rows(s0, n, L, sm);
+  zero_words<float>(sm + L.acc, kTileKeys * D);
+  __syncthreads();
+  load_key_tile(static_cast<const TQ*>(a.k), D, L, sm);
+  float* coef = sm + L.coef;
+  const int key = threadIdx.x;
+  for (int64_t t = 0; t < a.T; ++t) {
+    const RowRange r = row_range(a.ks, a.ke, t, a.S);
+    if (r.hi <= s0 || r.lo >= s0 + n) continue;  // uniform: every thread reads the same ks/ke
+    __syncthreads();  // the previous row's readers of q / coef are done
+    load_query_row(static_cast<const TQ*>(a.q), static_cast<const TW*>(a.w), t, a.H, D, L, sm);
+    __syncthreads();
+    const int64_t s = s0 + key;
+    const float g = key < n && s >= r.lo && s < r.hi ? a.grad[t * a.S + s] : 0.f;
+    const float* w = sm + L.w;
+    for_each_head_score(L, sm, key, [&](int h, float z) { coef[h * kTileKeys + key] = z > 0.f ? g * w[h] : 0.f; });
+    __syncthreads();
+    for (int e = threadIdx.x; e < n * D; e += kThreads) {
+      const int j = e / D, d = e - j * D;
+      float v = 0.f;
+      for (int h = 0; h < a.H; ++h) v = fmaf(coef[h * kTileKeys + j], sm[L.q + h * D + d], v);
+      sm[L.acc + e] += v;
+    }
+  }
+  __syncthreads();
+  TQ* dk = static_cast<TQ*>(a.dk);
+  for (int e = threadIdx.x; e < n * D; e += kThreads) dk[s0 * D + e] = from_f32<TQ>(sm[L.acc + e]);
+}
+
+// fp32 -> output dtype (the atomic mode's dk).
+template <typename T>
+__global__ void __launch_bounds__(256) cast_f32_kernel(const float* src, T* dst, int64_t n) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; i < n; i += static_cast<int64_t>(gridDim.x) * 256)
+    dst[i] = from_f32<T>(src[i]);
+}
+
+// ---- sparse_attention_target --------------------------------------------------------------------
+
+
+__host__ __device__ inline size_t target_smem_bytes(int D, int head_chunk) {
+  return 4 * (static_cast<size_t>(head_chunk) * D + head_chunk + static_cast<size_t>(kWarps) * D);
+}
+
+// grid (T): warp w owns entries j = w, w + kWarps, ... of row t (the same ones in every head
+// chunk, so its running sum in out[t, j] is read and written by that warp's lane 0 only). Per
+// entry the warp stages kv[idx] in its shared row and reduces one dot product per head.
+// Cost model: H*D FMAs per (t, j) over 32 lanes plus 5 shuffles per head.
+template <typename TQ>
+__global__ void __launch_bounds__(kThreads) sparse_attention_target_kernel(TargetArgs a) {
+  DSA_DYNAMIC_SMEM(smem_raw, 16);
+  float* sm = reinterpret_cast<float*>(smem_raw);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int D = a.D, HC = a.head_chunk;
+  float* qs = sm;
+  float* lse_s = sm + HC * D;
+  float* kvrow = lse_s + HC + warp * D;
+  const int64_t t = blockIdx.x;
+  const int64_t n_entries = row_entries(a.topk_length, t, a.K);
+  const TQ* q = static_cast<const TQ*>(a.q) + t * a.H * D;
+  const TQ* kv = static_cast<const TQ*>(a.kv);
+  float* out = a.out + t * a.K;
+  for (int h0 = 0; h0 < a.H; h0 += HC) {
+    const int hn = a.H - h0 < HC ? a.H - h0 : HC;
+    __syncthreads();
+    for (int e = threadIdx.x; e < hn * D; e += kThreads) qs[e] = to_f32(q[h0 * D + e]);
+    for (int h = threadIdx.x; h < hn; h += kThreads) lse_s[h] = a.lse[t * a.H + h0 + h];
+    __syncthreads();
+    for (int64_t j = warp; j < a.K; j += kWarps) {
+      const int32_t idx = a.indices[t * a.K + j];
+      const bool valid = j < n_entries && idx >= 0 && idx < a.S;
+      float acc = 0.f;
+      if (valid) {
+        __syncwarp();
+        for (int d = lane; d < D; d += 32) kvrow[d] = to_f32(kv[static_cast<int64_t>(idx) * D + d]);
+        __syncwarp();
+        for (int h = 0; h < hn; ++h) {
+          float part = 0.f;
+          for (int d = lane; d < D; d += 32) part = fmaf(qs[h * D + d], kvrow[d], part);
+          const float z = warp_sum(part);
+          const float l = lse_s[h];
+          if (l != -INFINITY) acc += __expf(a.sm_scale * z - l);
+        }
+      }
+      if (lane == 0) {
+        const float sum = (h0 == 0 ? 0.f : out[j]) + acc;
+        out[j] = h0 + hn >= a.H ? (valid ? sum / static_cast<float>(a.H) : 0.f) : sum;
+      }
+    }
+  }
+}
+
+// ---- indexer_kl_loss_sparse -----------------------------------------------------------------------
+
+
+__device__ __forceinline__ bool entry_valid(const SparseLossArgs& a, int64_t t, int64_t j, int64_t n_entries,
+                                            int32_t* idx_out) {
+  if (j >= n_entries) return false;
+  const int32_t idx = a.indices[t * a.K + j];
+  *idx_out = idx;
+  return idx >= 0 && idx < a.S;
+}
+
+// The tile's rows for entries j0 .. j0 + kTileKeys - 1 of row t (-1 where invalid).
+__device__ __forceinline__ void set_selected_rows(const SparseLossArgs& a, int64_t t, int64_t j0, int64_t n_entries,
+                                                  const Layout& L, float* sm) {
+  int32_t* rows = reinterpret_cast<int32_t*>(sm + L.rows);
+  for (int jj = threadIdx.x; jj < kTileKeys; jj += kThreads) {
+    int32_t idx = -1;
+    rows[jj] = j0 + jj < a.K && entry_valid(a, t, j0 + jj, n_entries, &idx) ? idx : -1;
+  }
+}
+
+// grid (ceil(T / kThreads)): counts rows with at least one valid entry (integer atomics: exact).
+__global__ void __launch_bounds__(kThreads) count_nonempty_rows_kernel(const int32_t* indices, const int32_t* topk_length,
+                                                                      int64_t T, int64_t S, int64_t K, int32_t* count) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (t >= T) return;
+  const int64_t n = row_entries(topk_length, t, K);
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t idx = indices[t * K + j];
+    if (idx >= 0 && idx < S) {
+      atomicAdd(count, 1);
+      return;
+    }
+  }
+}
+
+// grid (T): row t. Pass 1: logits of the valid entries into the workspace; the row's softmax
+// (block max / sum in a fixed order), its loss and dL/dI_j = (sum p) r_j - p_j (scaled for
+// "mean"), written over the logits. Pass 2: the tiles again, backward into dq, dw (owned) and
+// dk (atomic mode, or left to sparse_loss_key_kernel).
+template <typename TQ, typename TW>
+__global__ void __launch_bounds__(kThreads) sparse_loss_row_kernel(SparseLossArgs a) {
+  DSA_DYNAMIC_SMEM(smem_raw, 16);
+  float* sm = reinterpret_cast<float*>(smem_raw);
+  const Layout L = make_layout(a.H, a.D, Parts::kRowBackward);
+  const int64_t t = blockIdx.x;
+  const int64_t n_entries = row_entries(a.topk_length, t, a.K);
+  const int32_t* rows = reinterpret_cast<const int32_t*>(sm + L.rows);
+  float* lg = a.logits + t * a.K;
+  const float* p = a.target + t * a.K;
+  load_query_row(static_cast<const TQ*>(a.q), static_cast<const TW*>(a.w), t, a.H, a.D, L, sm);
+  zero_words<float>(sm + L.acc, L.Hp * a.D);
+  zero_words<float>(sm + L.dw, L.Hp);
+  for (int64_t j0 = 0; j0 < a.K; j0 += kTileKeys) {
+    __syncthreads();
+    set_selected_rows(a, t, j0, n_entries, L, sm);
+    __syncthreads();
+    load_key_tile(static_cast<const TQ*>(a.k), a.D, L, sm);
+    __syncthreads();
+    const float logit = key_logit(L, sm);
+    const int64_t j = j0 + threadIdx.x;
+    if (j < a.K) lg[j] = rows[threadIdx.x] >= 0 ? logit : -INFINITY;
+  }
+  __syncthreads();
+  // Each thread revisits exactly the entries it wrote (j = j0 + threadIdx.x), so the workspace
+  // is read back without a cross-thread dependence; the block reductions combine them.
+  float m = -INFINITY;
+  for (int64_t j = threadIdx.x; j < a.K; j += kThreads) m = fmaxf(m, lg[j]);
+  float* red = sm + L.red;
+  m = block_max(m, red);
+  float se = 0.f, ps = 0.f;
+  if (m != -INFINITY) {
+    for (int64_t j = threadIdx.x; j < a.K; j += kThreads)
+      if (lg[j] != -INFINITY) {
+        se += __expf(lg[j] - m);
+        ps += p[j];
+      }
+  }
+  se = block_sum(se, red);
+  ps = block_sum(ps, red);
+  const bool empty = m == -INFINITY;
+  const float lse = empty ? 0.f : m + __logf(se);
+  float scale = 1.f;
+  if (a.nonempty_rows != nullptr) {
+    const int32_t c = *a.nonempty_rows;
+    scale = 1.f / static_cast<float>(c > 0 ? c : 1);
+  }
+  float loss = 0.f;
+  for (int64_t j = threadIdx.x; j < a.K; j += kThreads) {
+    const float x = lg[j];
+    float g = 0.f;
+    if (x != -INFINITY) {
+      const float pj = p[j];
+      const float log_r = x - lse;
+      if (pj > 0.f) loss += pj * (__logf(pj) - log_r);
+      g = (ps * __expf(log_r) - pj) * scale;
+    }
+    lg[j] = g;
+  }
+  loss = block_sum(loss, red);
+  if (threadIdx.x == 0) a.row_loss[t] = empty ? 0.f : loss * scale;
+  if (empty) {
+    __syncthreads();
+    store_row_grads(L, sm, t, a.H, static_cast<TQ*>(a.dq), static_cast<TW*>(a.dw));
+    return;
+  }
+  for (int64_t j0 = 0; j0 < a.K; j0 += kTileKeys) {
+    set_selected_rows(a, t, j0, n_entries, L, sm);
+    __syncthreads();
+    load_key_tile(static_cast<const TQ*>(a.k), a.D, L, sm);
+    __syncthreads();
+    const int64_t j = j0 + threadIdx.x;
+    const float g = j < a.K && rows[threadIdx.x] >= 0 ? lg[j] : 0.f;
+    row_backward_tile(L, sm, g, a.H, a.dk32);
+  }
+  __syncthreads();
+  store_row_grads(L, sm, t, a.H, static_cast<TQ*>(a.dq), static_cast<TW*>(a.dw));
+}
+
+// grid (ceil(S / kTileKeys)): deterministic dk of the sparse loss. The CTA owns a tile of keys
+// and scans every row's selected entries in order (t, then j); the entries that select one of
+// its keys are compacted in entry order, their coefficients computed thread-per-entry, and
+// their q[t] terms added key row by key row with thread d owning column d, so every dk element
+// is summed in (t, j) order by one thread. Cost model: T*K index reads per key tile (this scan
+// dominates at long S) plus the same arithmetic as the atomic mode.
+template <typename TQ, typename TW>
+__global__ void __launch_bounds__(kThreads) sparse_loss_key_kernel(SparseLossArgs a, void* dk_out) {
+  DSA_DYNAMIC_SMEM(smem_raw, 16);
+  float* sm = reinterpret_cast<float*>(smem_raw);
+  const Layout L = make_layout(a.H, a.D, Parts::kKeyBackward);
+  const int D = a.D;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kTileKeys;
+  const int n = static_cast<int>(a.S - s0 < kTileKeys ? a.S - s0 : kTileKeys);
+  set_contiguous_rows(s0, n, L, sm);
+  zero_words<float>(sm + L.acc, kTileKeys * D);
+  __syncthreads();
+  load_key_tile(static_cast<const TQ*>(a.k), D, L, sm);
+  // The matches of one chunk of a row's entries, in entry order: local key and dL/dI (in the
+  // reduction area, unused here); per-warp match counts in the row list, free once the tile is
+  // loaded (the first write to it follows a barrier).
+  int32_t* match_key = reinterpret_cast<int32_t*>(sm + L.red);
+  float* match_g = sm + L.red + kTileKeys;
+  int32_t* warp_count = reinterpret_cast<int32_t*>(sm + L.rows);
+  float* coef = sm + L.coef;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t t = 0; t < a.T; ++t) {
+    const int64_t n_entries = row_entries(a.topk_length, t, a.K);
+    bool loaded = false;
+    for (int64_t j0 = 0; j0 < n_entries; j0 += kThreads) {
+      const int64_t j = j0 + threadIdx.x;
+      int32_t idx = -1;
+      const bool hit = j < n_entries && (idx = a.indices[t * a.K + j]) >= s0 && idx < s0 + n;
+      // Entry-ordered compaction: per-warp ballots, then warps in order.
+      const unsigned ballot = __ballot_sync(0xffffffffu, hit);
+      __syncthreads();  // the previous chunk's matches are consumed
+      if (lane == 0) warp_count[warp] = __popc(ballot);
+      __syncthreads();
+      int base = 0, total = 0;
+      for (int wi = 0; wi < kWarps; ++wi) {
+        const int c = warp_count[wi];
+        if (wi < warp) base += c;
+        total += c;
+      }
+      if (total == 0) continue;  // uniform
+      if (hit) {
+        const int m = base + __popc(ballot & ((1u << lane) - 1u));
+        match_key[m] = idx - static_cast<int32_t>(s0);
+        match_g[m] = a.logits[t * a.K + j];
+      }
+      if (!loaded) {
+        __syncthreads();
+        load_query_row(static_cast<const TQ*>(a.q), static_cast<const TW*>(a.w), t, a.H, D, L, sm);
+        loaded = true;
+      }
+      __syncthreads();
+      // Coefficients: thread m scores its match's key row against q[t].
+      if (static_cast<int>(threadIdx.x) < total) {
+        const int m = threadIdx.x;
+        const float g = match_g[m];
+        const float* w = sm + L.w;
+        const float* krow = sm + L.k + match_key[m] * L.ldk;
+        for (int h = 0; h < a.H; ++h) {
+          const float* qh = sm + L.q + h * D;
+          float z = 0.f;
+          for (int d = 0; d < D; ++d) z = fmaf(qh[d], krow[d], z);
+          coef[h * kTileKeys + m] = z > 0.f ? g * w[h] : 0.f;
+        }
+      }
+      __syncthreads();
+      for (int m = 0; m < total; ++m) {
+        float* acc = sm + L.acc + match_key[m] * D;
+        for (int d = threadIdx.x; d < D; d += kThreads) {
+          float v = 0.f;
+          for (int h = 0; h < a.H; ++h) v = fmaf(coef[h * kTileKeys + m], sm[L.q + h * D + d], v);
+          acc[d] += v;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  TQ* dk = static_cast<TQ*>(dk_out);
+  for (int e = threadIdx.x; e < n * D; e += kThreads) dk[s0 * D + e] = from_f32<TQ>(sm[L.acc + e]);
+}
+
+struct WarpPartials {
+  float v[kWarps];
+};
+
+// One CTA: the sum of row_loss[0 .. T) in a fixed order into *loss.
+__global__ void __launch_bounds__(kThreads) sum_rows_kernel(const float* row_loss, int64_t T, float* loss) {
+  DSA_STATIC_SMEM(WarpPartials, red);
+  float s = 0.f;
+  for (int64_t i = threadIdx.x; i < T; i += kThreads) s += row_loss[i];
+  s = block_sum(s, red.v);
+  if (threadIdx.x == 0) *loss = s;
+}
+
+}  // namespace dsa::training

@@ -1,0 +1,172 @@
+// training family: torch-free host launchers (see training_launch.h). Plain SIMT kernels
+// (training_kernels.cuh): they compile for sm_80 and newer without arch-specific paths.
+#include "training/training_kernels.cuh"
+#include "training/training_launch.h"
+
+namespace dsa::training {
+namespace {
+
+constexpr size_t kMaxSmem = 227 * 1024;
+// Shared memory for sparse_attention_target's q chunk: several CTAs per SM.
+constexpr size_t kTargetSmem = 48 * 1024;
+
+int sm_count() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
+    n = 132;
+  return n;
+}
+
+size_t indexer_smem(int64_t H, int64_t D, Parts parts) {
+  return smem_bytes(make_layout(static_cast<int>(H), static_cast<int>(D), parts));
+}
+
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+// Calls f(TQ{}, TW{}) with the element types of q/k and of the weights.
+template <typename F>
+cudaError_t dispatch_types(DType qk, DType w, F&& f) {
+  if (qk == DType::kFloat32 && w == DType::kFloat32) return f(float{}, float{});
+  if (qk == DType::kBFloat16 && w == DType::kBFloat16) return f(__nv_bfloat16{}, __nv_bfloat16{});
+  if (qk == DType::kBFloat16 && w == DType::kFloat32) return f(__nv_bfloat16{}, float{});
+  return cudaErrorInvalidValue;  // fp32 q with bf16 weights: the checks refuse it
+}
+
+template <typename T>
+cudaError_t cast_into(const float* src, void* dst, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  int64_t blocks = ceil_div<int64_t>(n, 256);
+  if (blocks > 8 * sm_count()) blocks = 8 * sm_count();
+  cast_f32_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(src, static_cast<T*>(dst), n);
+  return cudaGetLastError();
+}
+
+bool grid_fits(int64_t x) { return x > 0 && x <= 0x7fffffffLL; }
+
+}  // namespace
+
+bool indexer_cuda_supports(int64_t H, int64_t D) {
+  if (H <= 0 || D <= 0 || H > 4096 || D > 4096) return false;
+  const size_t worst = indexer_smem(H, D, Parts::kRowBackward) > indexer_smem(H, D, Parts::kKeyBackward)
+                           ? indexer_smem(H, D, Parts::kRowBackward)
+                           : indexer_smem(H, D, Parts::kKeyBackward);
+  return worst <= kMaxSmem;
+}
+
+bool target_cuda_supports(int64_t D) { return D > 0 && target_smem_bytes(static_cast<int>(D), 1) <= kTargetSmem; }
+
+cudaError_t launch_indexer_train_logits(LogitsArgs a, DType qk, DType w, cudaStream_t stream) {
+  if (!indexer_cuda_supports(a.H, a.D)) return cudaErrorInvalidValue;
+  if (a.T == 0 || a.S == 0) return cudaSuccess;
+  if (!grid_fits(a.T)) return cudaErrorInvalidConfiguration;
+  // Key splits (blockIdx.y, whole tiles): about 8 CTAs per SM in all, so that few rows over
+  // long contexts still fill the GPU.
+  const int64_t tiles = ceil_div<int64_t>(a.S, kTileKeys);
+  int64_t splits = ceil_div<int64_t>(8 * sm_count(), a.T);
+  splits = splits < 1 ? 1 : (splits > tiles ? tiles : splits);
+  int64_t chunk_tiles = ceil_div<int64_t>(tiles, splits);
+  if (ceil_div<int64_t>(tiles, chunk_tiles) > 65535) chunk_tiles = ceil_div<int64_t>(tiles, 65535);
+  a.chunk = chunk_tiles * kTileKeys;
+  const size_t smem = indexer_smem(a.H, a.D, Parts::kForward);
+  const dim3 grid(static_cast<unsigned>(a.T), static_cast<unsigned>(ceil_div<int64_t>(a.S, a.chunk)));
+  return dispatch_types(qk, w, [&](auto tq, auto tw) {
+    using TQ = decltype(tq);
+    using TW = decltype(tw);
+    auto kernel = train_logits_kernel<TQ, TW>;
+    if (const cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
+    train_logits_kernel<TQ, TW><<<grid, kThreads, smem, stream>>>(a);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_indexer_train_logits_bwd(LogitsBwdArgs a, DType qk, DType w, bool deterministic,
+                                            cudaStream_t stream) {
+  if (!indexer_cuda_supports(a.H, a.D)) return cudaErrorInvalidValue;
+  if (a.T == 0 && a.S == 0) return cudaSuccess;
+  if (a.T > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  if (!deterministic && a.dk32 == nullptr) return cudaErrorInvalidValue;
+  float* const dk32 = a.dk32;
+  if (deterministic) a.dk32 = nullptr;
+  const size_t row_smem = indexer_smem(a.H, a.D, Parts::kRowBackward);
+  const size_t key_smem = indexer_smem(a.H, a.D, Parts::kKeyBackward);
+  const int64_t key_tiles = ceil_div<int64_t>(a.S, kTileKeys);
+  return dispatch_types(qk, w, [&](auto tq, auto tw) {
+    using TQ = decltype(tq);
+    using TW = decltype(tw);
+    if (a.T > 0) {
+      auto row = train_logits_bwd_row_kernel<TQ, TW>;
+      if (const cudaError_t err = allow_smem(row, row_smem); err != cudaSuccess) return err;
+      train_logits_bwd_row_kernel<TQ, TW><<<static_cast<unsigned>(a.T), kThreads, row_smem, stream>>>(a);
+      if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    }
+    if (key_tiles == 0) return cudaSuccess;
+    if (!deterministic) return cast_into<TQ>(dk32, a.dk, a.S * a.D, stream);
+    if (!grid_fits(key_tiles)) return cudaErrorInvalidConfiguration;
+    auto key = train_logits_bwd_key_kernel<TQ, TW>;
+    if (const cudaError_t err = allow_smem(key, key_smem); err != cudaSuccess) return err;
+    train_logits_bwd_key_kernel<TQ, TW><<<static_cast<unsigned>(key_tiles), kThreads, key_smem, stream>>>(a);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_sparse_attention_target(TargetArgs a, DType qk, cudaStream_t stream) {
+  if (!target_cuda_supports(a.D) || a.H <= 0) return cudaErrorInvalidValue;
+  if (a.T == 0 || a.K == 0) return cudaSuccess;
+  if (!grid_fits(a.T)) return cudaErrorInvalidConfiguration;
+  int chunk = a.H;
+  while (chunk > 1 && target_smem_bytes(a.D, chunk) > kTargetSmem) chunk = (chunk + 1) / 2;
+  a.head_chunk = chunk;
+  const size_t smem = target_smem_bytes(a.D, chunk);
+  auto go = [&](auto tq) {
+    using TQ = decltype(tq);
+    sparse_attention_target_kernel<TQ><<<static_cast<unsigned>(a.T), kThreads, smem, stream>>>(a);
+    return cudaGetLastError();
+  };
+  if (qk == DType::kFloat32) return go(float{});
+  if (qk == DType::kBFloat16) return go(__nv_bfloat16{});
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_indexer_kl_loss_sparse(SparseLossArgs a, DType qk, DType w, bool mean, bool deterministic,
+                                          int32_t* count, float* loss, void* dk, cudaStream_t stream) {
+  if (!indexer_cuda_supports(a.H, a.D)) return cudaErrorInvalidValue;
+  if (a.T > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  if (mean && count == nullptr) return cudaErrorInvalidValue;
+  if (!deterministic && a.dk32 == nullptr) return cudaErrorInvalidValue;
+  float* const dk32 = a.dk32;
+  if (deterministic) a.dk32 = nullptr;
+  a.nonempty_rows = mean ? count : nullptr;
+  const size_t row_smem = indexer_smem(a.H, a.D, Parts::kRowBackward);
+  const size_t key_smem = indexer_smem(a.H, a.D, Parts::kKeyBackward);
+  const int64_t key_tiles = ceil_div<int64_t>(a.S, kTileKeys);
+  return dispatch_types(qk, w, [&](auto tq, auto tw) {
+    using TQ = decltype(tq);
+    using TW = decltype(tw);
+    if (a.T > 0) {
+      if (mean) {
+        count_nonempty_rows_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(a.T, kThreads)), kThreads, 0, stream>>>(
+            a.indices, a.topk_length, a.T, a.S, a.K, count);
+        if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+      }
+      auto row = sparse_loss_row_kernel<TQ, TW>;
+      if (const cudaError_t err = allow_smem(row, row_smem); err != cudaSuccess) return err;
+      sparse_loss_row_kernel<TQ, TW><<<static_cast<unsigned>(a.T), kThreads, row_smem, stream>>>(a);
+      if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    }
+    sum_rows_kernel<<<1, kThreads, 0, stream>>>(a.row_loss, a.T, loss);
+    if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    if (key_tiles == 0) return cudaSuccess;
+    if (!deterministic) return cast_into<TQ>(dk32, dk, a.S * a.D, stream);
+    if (!grid_fits(key_tiles)) return cudaErrorInvalidConfiguration;
+    auto key = sparse_loss_key_kernel<TQ, TW>;
+    if (const cudaError_t err = allow_smem(key, key_smem); err != cudaSuccess) return err;
+    sparse_loss_key_kernel<TQ, TW><<<static_cast<unsigned>(key_tiles), kThreads, key_smem, stream>>>(a, dk);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace dsa::training
