@@ -11,7 +11,9 @@
 - `SparseMLAAttention`: attention of MLA latent queries over the selected latent rows
   (`dsa_ext.sparse_mla`, differentiable; `sparse_mla_decode` over a paged cache).
 - `DSAPath`: the two composed, for prefill (`forward`) and for a decode step over a
-  `dsa_ext.paged_cache.PagedDSACache` (`decode_step`).
+  `dsa_ext.paged_cache.PagedDSACache` (`decode_step`); `training_forward` is the training mode
+  (SPEC section 7): the attention output and the indexer's KL alignment loss, in the dense
+  warm-up or the sparse stage, with the report's detach rule.
 
 The MLA projections themselves (`wq_a`/`wq_b`/`wkv_a`/`wkv_b` and the absorption of `wkv_b`
 into the query) are the caller's: `DSAPath` takes the absorbed query latent `[T, H, 576]` and
@@ -34,7 +36,8 @@ from .reference.hadamard import walsh_hadamard_butterflies
 
 __all__ = [
     "rope_cos_sin", "apply_rope_neox", "hadamard_transform", "ragged_causal_ranges",
-    "LightningIndexer", "SparseMLAAttention", "DSAPath", "DSAOutput",
+    "LightningIndexer", "SparseMLAAttention", "DSAPath", "DSAOutput", "DSATrainOutput",
+    "full_range_selection",
 ]
 
 FP8_BLOCK = 128
@@ -125,6 +128,17 @@ class LightningIndexer(nn.Module):
         q = torch.cat((apply_rope_neox(q[..., :r], cos, sin), q[..., r:]), dim=-1)
         k = torch.cat((apply_rope_neox(k[..., :r], cos, sin), k[..., r:]), dim=-1)
         return q, hadamard_transform(k, self.head_dim ** -0.5)
+
+    def training_inputs(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """`(q, k, weights)` in training precision (no FP8, SPEC section 7), differentiable in the
+        indexer's parameters: q `[T, H, D]` and k `[T, D]` both rotated (the rotation is
+        orthonormal, so q . k is the unrotated product the FP8 path approximates) and the head
+        weights `[T, H]` fp32 with `H**-0.5 * D**-0.5` folded in. The inputs of
+        `dsa_ext.indexer_train_logits` and the KL losses."""
+        q, k = self.project(x, qr, cos, sin)
+        q = hadamard_transform(q, self.head_dim ** -0.5)
+        weights = self.weights_proj(x.float()) * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
+        return q.contiguous(), k.contiguous(), weights.contiguous()
 
     @torch.no_grad()
     def quantize_query(self, x: torch.Tensor, q: torch.Tensor):
@@ -243,6 +257,23 @@ class DSAOutput(NamedTuple):
     indices: torch.Tensor   # [T, K] key indices (prefill) / [B, n_new, K] cache slot ids (decode)
 
 
+class DSATrainOutput(NamedTuple):
+    out: torch.Tensor           # [T, H, d_v] attention output, differentiable in q_latent / kv_latent
+    lse: torch.Tensor           # [T, H] fp32
+    indices: torch.Tensor       # [T, K] the keys attended to (every causal key in the dense stage)
+    indexer_loss: torch.Tensor  # scalar KL alignment loss, differentiable in the indexer's parameters only
+
+
+def full_range_selection(ks: torch.Tensor, ke: torch.Tensor) -> torch.Tensor:
+    """int32 `[T, max(ke - ks)]`: every key of each row's range `[ks[t], ke[t])`, then `-1`
+    (dense attention through the sparse op: O(T * S) indices, for the warm-up at toy sizes)."""
+    lens = (ke.long() - ks.long()).clamp_min(0)
+    width = max(int(lens.max()) if lens.numel() else 0, 1)
+    cols = torch.arange(width, device=ks.device)
+    idx = ks.long()[:, None] + cols[None, :]
+    return torch.where(cols[None, :] < lens[:, None], idx, -1).int()
+
+
 class DSAPath(nn.Module):
     """Indexer -> top-k -> sparse MLA attention of one V3.2 layer. Keyword arguments go to
     `LightningIndexer`; `softmax_scale` and `d_v` to `SparseMLAAttention`."""
@@ -269,6 +300,56 @@ class DSAPath(nn.Module):
                 raise ValueError(f"seq_ids must name the {len(lens)} sequence(s) being stored in the cache")
             cache.append(seq_ids, lens, k, kv_latent)
         return DSAOutput(out, lse, indices)
+
+    def training_forward(self, x: torch.Tensor, qr: torch.Tensor, q_latent: torch.Tensor,
+                         kv_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         stage: str = "sparse", cu_seqlens: Optional[torch.Tensor] = None,
+                         reduction: str = "mean", block_size: int = 1024,
+                         deterministic: bool = False) -> DSATrainOutput:
+        """Training mode of the DSA path (DeepSeek-V3.2 report 2.1, SPEC section 7).
+
+        `stage="dense"` (warm-up): the attention runs over every causal key, and the indexer
+        loss is `dsa_ext.indexer_kl_loss_dense` over all of them (streamed; never [T, S]).
+        `stage="sparse"`: the indexer's FP8 top-k selects the keys, the attention runs over them
+        (`dsa_ext.sparse_mla`), and the loss is `dsa_ext.indexer_kl_loss_sparse` against
+        `dsa_ext.sparse_attention_target` from that attention's lse.
+
+        Detach rule: the indexer sees `x` and `qr` detached, so its loss trains only the
+        indexer's parameters and the model's loss (through `out`) never reaches them; the loss
+        gets the main attention's q_latent / kv_latent detached, so it sends them no gradient.
+        Optimise `indexer_loss` (indexer parameters) and the model loss (everything else)
+        together or separately; in the warm-up the report freezes the main model.
+        Inputs as in `forward` (`kv_latent` `[T, 576]` or `[T, 1, 576]`).
+        """
+        if stage not in ("dense", "sparse"):
+            raise ValueError(f'stage must be "dense" or "sparse", got "{stage}"')
+        from .ops import training as train_ops
+        T = x.shape[0]
+        x_i, qr_i = x.detach(), qr.detach()
+        if cu_seqlens is None:
+            ks, ke = causal_ranges(T, T, x.device)
+        else:
+            ks, ke = ragged_causal_ranges(cu_seqlens)
+        kv3 = kv_latent.view(kv_latent.shape[0], 1, kv_latent.shape[-1])
+        q_i, k_i, w_i = self.indexer.training_inputs(x_i, qr_i, cos, sin)
+        scale = self.attention.softmax_scale
+        if stage == "dense":
+            indices = full_range_selection(ks, ke)
+            out, lse = self.attention(q_latent, kv3, indices)
+            loss = train_ops.indexer_kl_loss_dense(q_i, k_i, w_i, ks, ke, q_latent.detach().contiguous(),
+                                                   kv3.detach().contiguous(), scale, reduction,
+                                                   block_size, deterministic)
+        else:
+            with torch.no_grad():
+                q_sel, k_sel = self.indexer.project(x_i, qr_i, cos, sin)
+                indices = self.indexer.select(x_i, q_sel, k_sel, ks, ke)
+            out, lse = self.attention(q_latent, kv3, indices)
+            idx3 = indices.view(T, 1, -1).contiguous()
+            target = train_ops.sparse_attention_target(q_latent.detach().contiguous(), kv3.detach().contiguous(),
+                                                       idx3, lse.detach().contiguous(), scale)
+            loss = train_ops.indexer_kl_loss_sparse(q_i, k_i, w_i, idx3, target, None, reduction,
+                                                    deterministic)
+        return DSATrainOutput(out, lse, indices, loss)
 
     def decode_step(self, x: torch.Tensor, qr: torch.Tensor, q_latent: torch.Tensor, kv_latent: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor, cache: PagedDSACache, seq_ids: Sequence[int],
