@@ -130,10 +130,12 @@ def _poly_hash(values: Sequence[int]) -> int:
 
 
 def _agree(group, device: torch.device, fields: Sequence[Tuple[str, int]], errors: List[str],
-           where: str) -> None:
+           where: str, check: bool = True) -> None:
     """Raise the same ValueError on every rank when any rank found a local error or the
     ranks disagree on a field. One all-gather of a small int64 vector; the error text of
     other ranks travels (all_gather_object) only on the error path."""
+    if not check:
+        return
     W, rank = dist.get_world_size(group), dist.get_rank(group)
     vec = torch.tensor([1 if errors else 0] + [int(v) for _, v in fields], dtype=torch.int64,
                        device=device)
@@ -387,7 +389,7 @@ def _decode_errors(cache: ShardedDSACache, seq_ids, q_index, weights, q_latent, 
 def decode_step(cache: ShardedDSACache, seq_ids: Sequence[int], q_index: torch.Tensor,
                 weights: torch.Tensor, q_latent: torch.Tensor, topk: int, sm_scale: float,
                 mode: str = "exact", attn_sink: Optional[torch.Tensor] = None,
-                stats: Optional[CommStats] = None) -> CPDecodeOutput:
+                stats: Optional[CommStats] = None, check: bool = True) -> CPDecodeOutput:
     """One context-parallel decode step of ``N`` new tokens for each of B sequences whose
     keys are already in ``cache`` (``cache.append``; query j of sequence b sees global
     positions ``< seq_len(b) - N + 1 + j``). Every rank calls it with the same arguments.
@@ -402,6 +404,10 @@ def decode_step(cache: ShardedDSACache, seq_ids: Sequence[int], q_index: torch.T
             local top-K, no candidate exchange) or ``"union_share"`` (local top ``ceil(K/W)``).
         attn_sink: optional ``[H]`` fp32, as ``sparse_mla_decode``.
         stats: optional :class:`CommStats` that the step's collectives are added to.
+        check: agree on the inputs first (one small all-gather and a host read of it); with
+            False a local error raises on its rank only, and the other ranks wait in the next
+            collective until the group's timeout. (The step is not CUDA-graph capturable
+            either way: it builds the step's lengths on the host from the cache's bookkeeping.)
 
     Returns :class:`CPDecodeOutput`; out/lse are the same on every rank.
     """
@@ -410,6 +416,8 @@ def decode_step(cache: ShardedDSACache, seq_ids: Sequence[int], q_index: torch.T
     B, N = len(seq_ids), q_index.shape[1] if q_index.dim() == 4 else 0
     errors = _decode_errors(cache, seq_ids, q_index, weights, q_latent, topk, mode, N, group)
     glens = [cache.seq_len(s) if s in cache._global_lens else -1 for s in seq_ids]
+    if not check and errors:
+        raise ValueError(f"context_parallel.decode_step (rank {rank} of {W}): " + "; ".join(errors))
     _agree(group, cache.device, [
         ("world_size", dist.get_world_size(group)), ("cache.world_size", cache.world_size),
         ("interleave", cache.placement.interleave), ("batch", B), ("n_new", N),
@@ -417,7 +425,7 @@ def decode_step(cache: ShardedDSACache, seq_ids: Sequence[int], q_index: torch.T
         ("q_index heads", q_index.shape[2] if q_index.dim() == 4 else -1),
         ("q_latent heads", q_latent.shape[2] if q_latent.dim() == 4 else -1),
         ("seq_ids", _poly_hash(list(seq_ids))), ("global seq lens", _poly_hash(glens)),
-    ], errors, "context_parallel.decode_step")
+    ], errors, "context_parallel.decode_step", check)
 
     P, dev = cache.placement, cache.device
     glen = torch.tensor(glens, dtype=torch.int64, device=dev)
@@ -574,7 +582,7 @@ def prefill(q_index: torch.Tensor, weights: torch.Tensor, k_index: torch.Tensor,
             k_scale: torch.Tensor, q_latent: torch.Tensor, kv_latent: torch.Tensor,
             seq_len: int, topk: int, sm_scale: float, group=None,
             attn_sink: Optional[torch.Tensor] = None, deterministic: bool = False,
-            stats: Optional[CommStats] = None) -> CPPrefillOutput:
+            stats: Optional[CommStats] = None, check: bool = True) -> CPPrefillOutput:
     """Context-parallel causal prefill of one ``seq_len``-token sequence. Rank r holds the
     tokens ``zigzag_positions(seq_len, W, r)`` (``T_r`` of them) and passes their rows:
 
@@ -584,6 +592,7 @@ def prefill(q_index: torch.Tensor, weights: torch.Tensor, k_index: torch.Tensor,
         q_latent ``[T_r, Hq, 576]`` bf16, kv_latent ``[T_r, 576]`` (or ``[T_r, 1, 576]``)
             bf16: the absorbed MLA queries and latent rows.
         topk: K; sm_scale, attn_sink, deterministic: as ``dsa_ext.sparse_mla``.
+        stats, check: as :func:`decode_step`.
 
     Query at position p sees keys ``[0, p]``. Returns this rank's rows of the single-rank
     result; differentiable in q_latent and kv_latent (each rank's kv gradient sums the
@@ -591,11 +600,13 @@ def prefill(q_index: torch.Tensor, weights: torch.Tensor, k_index: torch.Tensor,
     """
     errors = _prefill_errors(seq_len, topk, q_index, weights, k_index, k_scale, q_latent,
                              kv_latent, group)
+    if not check and errors:
+        raise ValueError(f"context_parallel.prefill (rank {dist.get_rank(group)}): " + "; ".join(errors))
     _agree(group, q_latent.device, [
         ("world_size", dist.get_world_size(group)), ("seq_len", seq_len), ("topk", topk),
         ("q_index heads", q_index.shape[1] if q_index.dim() == 3 else -1),
         ("head dim", q_index.shape[-1]), ("q_latent heads", q_latent.shape[1] if q_latent.dim() == 3 else -1),
-    ], errors, "context_parallel.prefill")
+    ], errors, "context_parallel.prefill", check)
     W, rank = dist.get_world_size(group), dist.get_rank(group)
     dev = q_latent.device
     positions = zigzag_positions(seq_len, W, rank, dev)

@@ -214,8 +214,13 @@ def _bad_input_body(rank, W):
                    torch.zeros(rows, IDX_D).to(torch.float8_e4m3fn), torch.ones(rows),
                    torch.zeros(rows, HQ, 576).bfloat16(), torch.zeros(rows, 576).bfloat16(),
                    T, 4, SM_SCALE)
-    # after every error the group still works: the step runs
-    cp.decode_step(shard, seqs, q, w, q_lat, 4, SM_SCALE)
+    # without the agreement every rank raises its own error locally
+    with pytest.raises(ValueError, match="mode must be one of"):
+        cp.decode_step(shard, seqs, q, w, q_lat, 4, SM_SCALE, mode="approx", check=False)
+    # after every error the group still works, with or without the agreement
+    a = cp.decode_step(shard, seqs, q, w, q_lat, 4, SM_SCALE)
+    b = cp.decode_step(shard, seqs, q, w, q_lat, 4, SM_SCALE, check=False)
+    assert torch.equal(a.out, b.out) and torch.equal(a.positions, b.positions)
 
 
 # ---------------------------------------------------------------- prefill
