@@ -1,12 +1,18 @@
 // indexer family: CPU kernels.
 //   I[t, s] = k_scale[s] * sum_h w[t, h] * relu(q[t, h, :] . k[s, :])
-// FP8 operands are decoded once through a 256-entry table (exact: every e4m3 value is an fp32),
-// dot products and the head sum accumulate in fp32. Outside a row's range the CPU kernels write
-// -inf whether or not clean_logits is set (the contract leaves those entries unspecified when
-// it is not; -inf is the cheap deterministic choice).
+// The q·k products are GEMM tiles: a block of query rows (tokens x heads) against a tile of keys,
+// then the ReLU and weighted head sum over the tile in fp32. Where the CPU has fast bf16 GEMMs
+// (common/cpu_gemm.h) the FP8 operands are decoded to bf16, which is exact (every e4m3 value is
+// a bf16) and so is every product in the fp32 accumulation; elsewhere they are decoded to fp32
+// and the tiles are sgemm through at::mm. Outside a row's range the CPU kernels write -inf
+// whether or not clean_logits is set (the contract leaves those entries unspecified when it is
+// not; -inf is the cheap deterministic choice).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 
@@ -16,6 +22,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/cpu_gemm.h"
 #include "common/fp8_cpu.h"
 #include "indexer/indexer_checks.h"
 #include "indexer/indexer_rules.h"
@@ -25,50 +32,79 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-inline void decode_fp8(const uint8_t* src, float* dst, int64_t n, const std::array<float, 256>& lut) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = lut[src[i]];
-}
+// Query rows per GEMM tile: whole tokens, about 128 rows (tokens x heads).
+inline int64_t tokens_per_tile(int64_t H) { return std::max<int64_t>(1, 128 / std::max<int64_t>(H, 1)); }
 
-// sum_h w[h] * relu(q[h, :] . k), q decoded [H, D] row-major.
-inline float weighted_relu_sum(const float* q, const float* w, const float* k, int64_t H,
-                               int64_t D) {
-  float acc = 0.f;
-  for (int64_t h = 0; h < H; ++h) {
-    const float* qh = q + h * D;
-    // 8 independent partial sums: a form the compiler vectorises without reassociating.
-    float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8)
-      for (int l = 0; l < 8; ++l) part[l] += qh[d + l] * k[d + l];
-    float dot = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-    for (; d < D; ++d) dot += qh[d] * k[d];
-    acc += w[h] * (dot > 0.f ? dot : 0.f);
-  }
-  return acc;
-}
+// FP8 bytes decoded as bf16 (brgemm path) or fp32 (at::mm path), and the key tile GEMM.
+struct TileGemm {
+  bool bf16;
+  int64_t D, key_tile;
 
-// weighted_relu_sum for 4 consecutive decoded keys k[4][D]: every q element loaded once feeds
-// 4 dot products (the loop is load-bound otherwise). Same summation order per key as above.
-inline void weighted_relu_sum4(const float* q, const float* w, const float* k, int64_t H,
-                               int64_t D, float* out4) {
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t h = 0; h < H; ++h) {
-    const float* qh = q + h * D;
-    float part[4][8] = {};
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8)
-      for (int l = 0; l < 8; ++l) {
-        const float qv = qh[d + l];
-        for (int j = 0; j < 4; ++j) part[j][l] += qv * k[j * D + d + l];
-      }
-    for (int j = 0; j < 4; ++j) {
-      const float* p = part[j];
-      float dot = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-      for (int64_t e = d; e < D; ++e) dot += qh[e] * k[j * D + e];
-      acc[j] += w[h] * (dot > 0.f ? dot : 0.f);
+  explicit TileGemm(int64_t D_)
+      : bf16(D_ % 2 == 0 && cpu::use_bf16_brgemm()), D(D_), key_tile(bf16 ? 64 : 256) {}
+
+  // Elements (of the decoded type) one key tile occupies.
+  int64_t tile_elems() const { return key_tile * D; }
+  size_t elem_bytes() const { return bf16 ? 2 : 4; }
+
+  // Decode n row-major FP8 rows into A-operand rows (row-major, D per row).
+  void decode_rows(const uint8_t* src, int64_t n, void* dst) const {
+    if (bf16) {
+      const auto& lut = cpu::fp8_e4m3_bf16_table();
+      auto* d = static_cast<c10::BFloat16*>(dst);
+      for (int64_t i = 0; i < n * D; ++i) d[i] = lut[src[i]];
+    } else {
+      const auto& lut = fp8_e4m3_table();
+      auto* d = static_cast<float*>(dst);
+      for (int64_t i = 0; i < n * D; ++i) d[i] = lut[src[i]];
     }
   }
-  for (int j = 0; j < 4; ++j) out4[j] = acc[j];
+
+  // Key `col` of a tile (the B operand): bf16 VNNI columns, or fp32 rows [key_tile, D].
+  void store_key(const uint8_t* src, void* tile, int64_t col) const {
+    if (bf16) {
+      const auto& lut = cpu::fp8_e4m3_bf16_table();
+      uint32_t* dst = static_cast<uint32_t*>(tile);
+      for (int64_t i = 0; i < D / 2; ++i)
+        dst[i * key_tile + col] = uint32_t(lut[src[2 * i]].x) | (uint32_t(lut[src[2 * i + 1]].x) << 16);
+    } else {
+      const auto& lut = fp8_e4m3_table();
+      float* dst = static_cast<float*>(tile) + col * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = lut[src[d]];
+    }
+  }
+  void zero_key(void* tile, int64_t col) const {
+    if (bf16) {
+      uint32_t* dst = static_cast<uint32_t*>(tile);
+      for (int64_t i = 0; i < D / 2; ++i) dst[i * key_tile + col] = 0;
+    } else {
+      std::fill_n(static_cast<float*>(tile) + col * D, D, 0.f);
+    }
+  }
+
+  // C [M, key_tile] (fp32, row-major) = A [M, D] · tileᵀ.
+  void scores(const void* A, int64_t M, const void* tile, float* C) const {
+    if (bf16) {
+      cpu::bf16_gemm(M, key_tile, D, static_cast<const c10::BFloat16*>(A), D,
+                     static_cast<const c10::BFloat16*>(tile), key_tile, C, key_tile, false);
+    } else {
+      auto f = at::TensorOptions().dtype(at::kFloat);
+      at::Tensor c = at::from_blob(C, {M, key_tile}, f);
+      at::mm_out(c, at::from_blob(const_cast<void*>(A), {M, D}, f),
+                 at::from_blob(const_cast<void*>(tile), {key_tile, D}, f).t());
+    }
+  }
+};
+
+// out[s] = sum_h w[h] * relu(C[h, s]) for s in [s0, s1) of a tile whose rows have stride ld.
+inline void weighted_relu_rows(const float* C, int64_t ld, const float* w, int64_t H, int64_t s0,
+                               int64_t s1, float* out) {
+  for (int64_t s = s0; s < s1; ++s) out[s] = 0.f;
+  for (int64_t h = 0; h < H; ++h) {
+    const float wh = w[h];
+    const float* c = C + h * ld;
+    for (int64_t s = s0; s < s1; ++s) out[s] += wh * (c[s] > 0.f ? c[s] : 0.f);
+  }
 }
 
 at::Tensor indexer_logits_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_scale,
@@ -79,38 +115,70 @@ at::Tensor indexer_logits_cpu(const at::Tensor& q, const at::Tensor& k, const at
   const int64_t T = shape.T, H = shape.H, D = shape.D, S = shape.S;
   at::Tensor out = at::empty({T, S}, q.options().dtype(at::kFloat));
   if (T == 0 || S == 0) return out;
-  const auto& lut = fp8_e4m3_table();
+  const TileGemm g(D);
+  const int64_t kt = g.key_tile, tiles = (S + kt - 1) / kt;
 
-  // Decode all keys once: S*D floats, reused by every row.
-  std::vector<float> k_dec(static_cast<size_t>(S * D));
+  // Keys: decoded once into B-operand tiles, reused by every query block.
+  std::vector<uint8_t> key_tiles(static_cast<size_t>(tiles * g.tile_elems()) * g.elem_bytes());
   const uint8_t* k_bytes = reinterpret_cast<const uint8_t*>(k.data_ptr());
-  at::parallel_for(0, S, 256, [&](int64_t s0, int64_t s1) {
-    decode_fp8(k_bytes + s0 * D, k_dec.data() + s0 * D, (s1 - s0) * D, lut);
+  at::parallel_for(0, tiles, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      void* tile = key_tiles.data() + j * g.tile_elems() * g.elem_bytes();
+      for (int64_t c = 0; c < kt; ++c) {
+        const int64_t s = j * kt + c;
+        if (s < S) g.store_key(k_bytes + s * D, tile, c); else g.zero_key(tile, c);
+      }
+    }
+  });
+  // Queries: decoded once, row-major [T * H, D].
+  std::vector<uint8_t> q_rows(static_cast<size_t>(T * H * D) * g.elem_bytes());
+  const uint8_t* q_bytes = reinterpret_cast<const uint8_t*>(q.data_ptr());
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    g.decode_rows(q_bytes + t0 * H * D, (t1 - t0) * H, q_rows.data() + t0 * H * D * g.elem_bytes());
   });
 
-  const uint8_t* q_bytes = reinterpret_cast<const uint8_t*>(q.data_ptr());
   const float* w_ptr = weights.data_ptr<float>();
   const float* scale_ptr = k_scale.data_ptr<float>();
   const int32_t* ks_ptr = ks.data_ptr<int32_t>();
   const int32_t* ke_ptr = ke.data_ptr<int32_t>();
   float* out_ptr = out.data_ptr<float>();
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> q_dec(static_cast<size_t>(H * D));
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      float* row = out_ptr + t * S;
-      const auto range = indexer::clamped_key_range(ks_ptr[t], ke_ptr[t], S);
-      for (int64_t s = 0; s < range.lo; ++s) row[s] = kNegInf;
-      for (int64_t s = range.hi; s < S; ++s) row[s] = kNegInf;
-      if (range.lo == range.hi) continue;
-      decode_fp8(q_bytes + t * H * D, q_dec.data(), H * D, lut);
-      const float* w = w_ptr + t * H;
-      int64_t s = range.lo;
-      for (float sums[4]; s + 4 <= range.hi; s += 4) {
-        weighted_relu_sum4(q_dec.data(), w, k_dec.data() + s * D, H, D, sums);
-        for (int j = 0; j < 4; ++j) row[s + j] = scale_ptr[s + j] * sums[j];
+      const auto r = indexer::clamped_key_range(ks_ptr[t], ke_ptr[t], S);
+      std::fill(out_ptr + t * S, out_ptr + t * S + r.lo, kNegInf);
+      std::fill(out_ptr + t * S + r.hi, out_ptr + (t + 1) * S, kNegInf);
+    }
+  });
+
+  // Work item = (block of query tokens, a run of key tiles) restricted to the block's ranges.
+  const int64_t tb = tokens_per_tile(H), row_blocks = (T + tb - 1) / tb;
+  const int64_t tiles_per_item = std::max<int64_t>(1, 512 / kt), runs = (tiles + tiles_per_item - 1) / tiles_per_item;
+  at::parallel_for(0, row_blocks * runs, 1, [&](int64_t i0, int64_t i1) {
+    cpu::BrgemmScope brgemm_scope;
+    std::vector<float> C(static_cast<size_t>(tb * H * kt));
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t rb = item / runs, run = item % runs;
+      const int64_t t0 = rb * tb, t1 = std::min(T, t0 + tb);
+      int64_t lo = S, hi = 0;
+      for (int64_t t = t0; t < t1; ++t) {
+        const auto r = indexer::clamped_key_range(ks_ptr[t], ke_ptr[t], S);
+        if (r.lo < r.hi) lo = std::min(lo, r.lo), hi = std::max(hi, r.hi);
       }
-      for (; s < range.hi; ++s)
-        row[s] = scale_ptr[s] * weighted_relu_sum(q_dec.data(), w, k_dec.data() + s * D, H, D);
+      const int64_t j_begin = std::max(run * tiles_per_item, lo / kt);
+      const int64_t j_end = std::min({(run + 1) * tiles_per_item, tiles, (hi + kt - 1) / kt});
+      const void* A = q_rows.data() + t0 * H * D * g.elem_bytes();
+      for (int64_t j = j_begin; j < j_end; ++j) {
+        g.scores(A, (t1 - t0) * H, key_tiles.data() + j * g.tile_elems() * g.elem_bytes(), C.data());
+        for (int64_t t = t0; t < t1; ++t) {
+          const auto r = indexer::clamped_key_range(ks_ptr[t], ke_ptr[t], S);
+          const int64_t s0 = std::max(r.lo, j * kt), s1 = std::min(r.hi, (j + 1) * kt);
+          if (s0 >= s1) continue;
+          float* row = out_ptr + t * S + j * kt;
+          weighted_relu_rows(C.data() + (t - t0) * H * kt, kt, w_ptr + t * H, H, s0 - j * kt,
+                             s1 - j * kt, row);
+          for (int64_t s = s0; s < s1; ++s) out_ptr[t * S + s] *= scale_ptr[s];
+        }
+      }
     }
   });
   return out;
@@ -127,10 +195,11 @@ at::Tensor paged_indexer_logits_cpu(const at::Tensor& q, const at::Tensor& kv_ca
   const int64_t bs = sh.block_size;
   at::Tensor out = at::empty({B * N, P}, q.options().dtype(at::kFloat));
   if (B == 0 || P == 0) return out;
-  const auto& lut = fp8_e4m3_table();
+  const TileGemm g(D);
+  const int64_t kt = g.key_tile;
 
-  std::vector<float> q_dec(static_cast<size_t>(B * N * H * D));
-  decode_fp8(reinterpret_cast<const uint8_t*>(q.data_ptr()), q_dec.data(), B * N * H * D, lut);
+  std::vector<uint8_t> q_rows(static_cast<size_t>(B * N * H * D) * g.elem_bytes());
+  g.decode_rows(reinterpret_cast<const uint8_t*>(q.data_ptr()), B * N * H, q_rows.data());
   const uint8_t* cache = kv_cache.data_ptr<uint8_t>();
   const float* w_ptr = weights.data_ptr<float>();
   const int32_t* cl_ptr = context_lens.data_ptr<int32_t>();
@@ -138,17 +207,18 @@ at::Tensor paged_indexer_logits_cpu(const at::Tensor& q, const at::Tensor& kv_ca
   float* out_ptr = out.data_ptr<float>();
 
   // Work item = (sequence b, a tile of positions): every cached token is decoded once and
-  // scored for all N queries of its sequence; tiles keep long single sequences parallel.
-  constexpr int64_t kTile = 64;
-  const int64_t tiles_per_seq = (P + kTile - 1) / kTile;
+  // scored for all N queries of its sequence (one GEMM of N x H rows); tiles keep long single
+  // sequences parallel.
+  const int64_t tiles_per_seq = (P + kt - 1) / kt;
   at::parallel_for(0, B * tiles_per_seq, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> k_tile(static_cast<size_t>(kTile * D));   // decoded keys of the tile
-    std::vector<float> scale(static_cast<size_t>(kTile));
-    std::vector<char> readable(static_cast<size_t>(kTile));
-    std::vector<int64_t> lens(static_cast<size_t>(N));
+    cpu::BrgemmScope brgemm_scope;
+    std::vector<uint8_t> tile(static_cast<size_t>(g.tile_elems()) * g.elem_bytes());
+    std::vector<float> C(static_cast<size_t>(N * H * kt)), scale(kt);
+    std::vector<char> readable(kt);
+    std::vector<int64_t> lens(N);
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t b = item / tiles_per_seq;
-      const int64_t p0 = (item % tiles_per_seq) * kTile, p1 = std::min(P, p0 + kTile);
+      const int64_t p0 = (item % tiles_per_seq) * kt, p1 = std::min(P, p0 + kt);
       int64_t longest = 0;
       for (int64_t j = 0; j < N; ++j) {
         lens[j] = indexer::visible_length(cl_ptr, sh.per_query_lens, b, j, N, P);
@@ -157,31 +227,26 @@ at::Tensor paged_indexer_logits_cpu(const at::Tensor& q, const at::Tensor& kv_ca
         for (int64_t p = std::max(p0, lens[j]); p < p1; ++p) row[p] = kNegInf;
       }
       const int64_t p_end = std::min(p1, longest);
+      if (p_end <= p0) continue;
       const int32_t* bt_row = bt_ptr + b * sh.block_table_stride;
-      for (int64_t p = p0; p < p_end; ++p) {
-        const int64_t i = p - p0;
-        const int64_t blk = indexer::physical_block(bt_row, p / bs, sh.max_blocks, sh.num_blocks);
+      for (int64_t i = 0; i < kt; ++i) {
+        const int64_t p = p0 + i;
+        const int64_t blk = p < p_end ? indexer::physical_block(bt_row, p / bs, sh.max_blocks, sh.num_blocks) : -1;
         readable[i] = blk >= 0;
         if (blk >= 0) {
-          decode_fp8(cache + indexer::k_value_offset(blk, p % bs, bs, D), k_tile.data() + i * D, D, lut);
+          g.store_key(cache + indexer::k_value_offset(blk, p % bs, bs, D), tile.data(), i);
           std::memcpy(&scale[i], cache + indexer::k_scale_offset(blk, p % bs, bs, D), sizeof(float));
         } else {
-          std::fill_n(k_tile.data() + i * D, D, 0.f);   // scored, then overwritten with -inf
+          g.zero_key(tile.data(), i);   // scored, then overwritten with -inf
         }
       }
+      g.scores(q_rows.data() + b * N * H * D * g.elem_bytes(), N * H, tile.data(), C.data());
       for (int64_t j = 0; j < N; ++j) {
-        const int64_t r = b * N + j;
-        const float* qr = q_dec.data() + r * H * D;
-        const float* wr = w_ptr + r * H;
-        float* row = out_ptr + r * P;
-        const int64_t end = std::min(p_end, lens[j]);
-        int64_t p = p0;
-        for (float sums[4]; p + 4 <= end; p += 4) {
-          weighted_relu_sum4(qr, wr, k_tile.data() + (p - p0) * D, H, D, sums);
-          for (int e = 0; e < 4; ++e) row[p + e] = sums[e];
-        }
-        for (; p < end; ++p) row[p] = weighted_relu_sum(qr, wr, k_tile.data() + (p - p0) * D, H, D);
-        for (p = p0; p < end; ++p) row[p] = readable[p - p0] ? row[p] * scale[p - p0] : kNegInf;
+        float* row = out_ptr + (b * N + j) * P + p0;
+        const int64_t end = std::min(p_end, lens[j]) - p0;
+        if (end <= 0) continue;
+        weighted_relu_rows(C.data() + j * H * kt, kt, w_ptr + (b * N + j) * H, H, 0, end, row);
+        for (int64_t i = 0; i < end; ++i) row[i] = readable[i] ? row[i] * scale[i] : kNegInf;
       }
     }
   });

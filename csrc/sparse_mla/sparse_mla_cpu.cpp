@@ -1,20 +1,25 @@
 // sparse_mla family: CPU kernels of sparse_mla_fwd / sparse_mla_bwd (SPEC section 3).
 //
-// Forward: parallel over query tokens. Each token gathers its valid latent rows once (converted
-// to the accumulation type), and every head reuses them: scores, a max-subtracted softmax with
-// the optional sink in the denominator, and the P·V sum, all in fp32 (fp64 for fp64 inputs).
+// Parallel over query tokens. Each token gathers its valid latent rows once and every head
+// reuses them: scores as one GEMM of the token's heads against the rows, an exact max-subtracted
+// softmax with the optional sink in the denominator (fp32), and P·V as a second GEMM. The GEMMs
+// are bf16 brgemm with fp32 accumulation where the CPU has fast bf16 and the inputs are bf16
+// (common/cpu_attention.h), else at::mm in the accumulation type (fp32, fp64 for fp64 inputs).
 //
 // Backward: P is recomputed from lse; Delta = rowsum(out ⊙ dout); dS = P ⊙ (dP − Delta)·scale.
 // dq is owned by its token. dkv is atomic-free and bitwise deterministic for any thread count:
 // phase 1 (parallel over tokens) writes each selected entry's contribution row
-// dSᵀq + Pᵀdout into a scratch buffer; phase 2 (parallel over column blocks of dkv) adds the
-// contributions in token-then-slot order, so every dkv element is summed in one fixed order.
-// Tokens are processed in chunks to bound the scratch memory.
+// dSᵀq + Pᵀdout into a scratch buffer (each GEMM single-threaded, its order fixed by its shape);
+// phase 2 (parallel over column blocks of dkv) adds the contributions in token-then-slot order,
+// so every dkv element is summed in one fixed order. Tokens are processed in chunks to bound the
+// scratch memory.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -25,6 +30,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_attention.h"
+#include "common/cpu_gemm.h"
 #include "sparse_mla/sparse_mla_checks.h"
 
 namespace dsa {
@@ -61,147 +68,263 @@ inline void gather_rows(const scalar_t* kv, const int64_t* row, int64_t n, int64
   }
 }
 
-// Eight independent partial sums: a fixed summation order the compiler can vectorise (a plain
-// running sum may not be reordered without -ffast-math).
 template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) part[k] += a[i + k] * b[i + k];
-  acc_t tail = 0;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) +
-         tail;
+at::Tensor view2d(acc_t* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(p, {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
-// log of the softmax denominator: lse, or log(exp(lse) + exp(sink)) with a sink.
-template <typename acc_t>
-inline acc_t denominator_log(acc_t lse, const float* sink, int64_t h) {
-  if (!sink) return lse;
-  const acc_t s = static_cast<acc_t>(sink[h]);
-  const acc_t m = std::max(lse, s);
-  // -inf (empty row, no sink) stays -inf; a +inf sink makes the denominator infinite, so every
-  // p is 0 and the head's output is 0 (FlashMLA's rule), where exp(s - m) would be NaN.
-  if (std::isinf(m)) return m;
-  return m + std::log(std::exp(lse - m) + std::exp(s - m));
+// bf16 brgemm kernels need even d_qk / d_v (VNNI pairs along the reduction dimension).
+bool bf16_brgemm_applies(at::ScalarType dtype, int64_t D, int64_t d_v) {
+  return dtype == at::kBFloat16 && D % 2 == 0 && d_v % 2 == 0 && cpu::use_bf16_brgemm();
 }
 
-template <typename scalar_t>
-void fwd_kernel(const scalar_t* q, const scalar_t* kv, const int32_t* indices, acc_type_t<scalar_t> scale,
-                int64_t d_v, const float* sink, const int32_t* lens, const SparseMlaSizes& sz,
-                scalar_t* out, float* lse) {
-  using acc_t = acc_type_t<scalar_t>;
+// ---- forward -----------------------------------------------------------------------------------
+
+// bf16 operands, bf16 GEMMs with fp32 accumulation (cpu_attention.h).
+void fwd_bf16(const c10::BFloat16* q, const c10::BFloat16* kv, const int32_t* indices, float scale,
+              int64_t d_v, const float* sink, const int32_t* lens, const SparseMlaSizes& sz,
+              c10::BFloat16* out, float* lse) {
   const int64_t H = sz.H, D = sz.D, K = sz.K, S = sz.S;
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, sz.T, 1, [&](int64_t t0, int64_t t1) {
+    cpu::BrgemmScope brgemm_scope;
     std::vector<int64_t> slot(K), row(K);
-    std::vector<acc_t> rows, qh(D), score(K), o(d_v);
+    std::vector<float> o(H * d_v);
+    cpu::PackedRows rows;
+    cpu::AttendScratch ws;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = collect_valid(indices + t * K, K, S, lens, t, slot.data(), row.data());
-      rows.resize(n * D);
-      gather_rows(kv, row.data(), n, D, rows.data());
-      for (int64_t h = 0; h < H; ++h) {
-        const scalar_t* qsrc = q + (t * H + h) * D;
-        for (int64_t d = 0; d < D; ++d) qh[d] = static_cast<acc_t>(qsrc[d]);
-        acc_t m = kNegInf;
-        for (int64_t i = 0; i < n; ++i) {
-          score[i] = scale * dot(qh.data(), rows.data() + i * D, D);
-          m = std::max(m, score[i]);
-        }
-        std::fill(o.begin(), o.end(), acc_t(0));
-        acc_t row_lse = kNegInf;
-        if (n > 0 && m != kNegInf) {
-          acc_t sum = 0;
-          for (int64_t i = 0; i < n; ++i) sum += std::exp(score[i] - m);
-          row_lse = m + std::log(sum);
-          const acc_t denom = denominator_log(row_lse, sink, h);
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t p = std::exp(score[i] - denom);
-            const acc_t* v = rows.data() + i * D;
-            for (int64_t d = 0; d < d_v; ++d) o[d] += p * v[d];
-          }
-        }
-        scalar_t* odst = out + (t * H + h) * d_v;
-        for (int64_t d = 0; d < d_v; ++d) odst[d] = static_cast<scalar_t>(o[d]);
-        lse[t * H + h] = static_cast<float>(row_lse);
+      rows.pack(D, n, [&](int64_t i) { return kv + row[i] * D; });
+      cpu::attend_bf16(q + t * H * D, H, D, rows, d_v, scale, sink, ws, o.data(), lse + t * H);
+      cpu::to_bf16(o.data(), out + t * H * d_v, H * d_v);
+    }
+  });
+}
+
+// Any dtype, GEMMs in the accumulation type (fp32, fp64 for fp64) through at::mm: the path
+// where bf16 matmul is emulated, and for fp32 / fp64 inputs.
+template <typename scalar_t>
+void fwd_mm(const scalar_t* q, const scalar_t* kv, const int32_t* indices, acc_type_t<scalar_t> scale,
+            int64_t d_v, const float* sink, const int32_t* lens, const SparseMlaSizes& sz,
+            scalar_t* out, float* lse) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t H = sz.H, D = sz.D, K = sz.K, S = sz.S;
+  at::parallel_for(0, sz.T, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int64_t> slot(K), row(K);
+    std::vector<acc_t> rows, qt(H * D), score, o(H * d_v);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = collect_valid(indices + t * K, K, S, lens, t, slot.data(), row.data());
+      std::fill(o.begin(), o.end(), acc_t(0));
+      if (n > 0) {
+        rows.resize(n * D);
+        gather_rows(kv, row.data(), n, D, rows.data());
+        for (int64_t e = 0; e < H * D; ++e) qt[e] = static_cast<acc_t>(q[t * H * D + e]);
+        score.resize(H * n);
+        at::Tensor R = view2d(rows.data(), n, D, D), P = view2d(score.data(), H, n, n);
+        at::mm_out(P, view2d(qt.data(), H, D, D), R.t());
+        cpu::softmax_rows<acc_t>(score.data(), H, n, n, scale, sink, lse + t * H);
+        at::Tensor O = view2d(o.data(), H, d_v, d_v);
+        at::mm_out(O, P, R.narrow(1, 0, d_v));
+      } else {
+        std::fill(lse + t * H, lse + (t + 1) * H, -std::numeric_limits<float>::infinity());
+      }
+      scalar_t* dst = out + t * H * d_v;
+      for (int64_t e = 0; e < H * d_v; ++e) dst[e] = static_cast<scalar_t>(o[e]);
+    }
+  });
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+
+// Tokens per chunk of the deterministic dkv reduction: the contribution scratch stays at about
+// 16M accumulators (64 MB in fp32).
+int64_t bwd_chunk(int64_t T, int64_t per_token) {
+  return std::max<int64_t>(1, std::min<int64_t>(T, (int64_t(1) << 24) / std::max<int64_t>(per_token, 1)));
+}
+
+// Phase 2 of the deterministic dkv: each task owns a block of dkv columns and adds the chunk's
+// contributions in the fixed (token, slot) order.
+template <typename acc_t>
+void reduce_contributions(const acc_t* contrib, int64_t token_stride, const int64_t* rows_of,
+                          int64_t K, const int64_t* count, int64_t tokens, int64_t D, acc_t* dkv_acc) {
+  constexpr int64_t kCols = 64;
+  at::parallel_for(0, (D + kCols - 1) / kCols, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t d0 = b0 * kCols, d1 = std::min(D, b1 * kCols);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t* row = rows_of + t * K;
+      const acc_t* cont = contrib + t * token_stride;
+      for (int64_t i = 0; i < count[t]; ++i) {
+        acc_t* dst = dkv_acc + row[i] * D;
+        const acc_t* src = cont + i * D;
+        for (int64_t d = d0; d < d1; ++d) dst[d] += src[d];
       }
     }
   });
 }
 
-template <typename scalar_t>
-void bwd_kernel(const scalar_t* q, const scalar_t* kv, const scalar_t* out, const scalar_t* dout,
-                const int32_t* indices, const float* lse, acc_type_t<scalar_t> scale, int64_t d_v,
-                const float* sink, const int32_t* lens, const SparseMlaSizes& sz, scalar_t* dq,
-                scalar_t* dkv) {
-  using acc_t = acc_type_t<scalar_t>;
+// bf16 backward: every product a bf16 GEMM (P and dS rounded to bf16, fp32 accumulation).
+void bwd_bf16(const c10::BFloat16* q, const c10::BFloat16* kv, const c10::BFloat16* out,
+              const c10::BFloat16* dout, const int32_t* indices, const float* lse, float scale,
+              int64_t d_v, const float* sink, const int32_t* lens, const SparseMlaSizes& sz,
+              c10::BFloat16* dq, c10::BFloat16* dkv) {
+  using cpu::kKeyBlock;
   const int64_t T = sz.T, H = sz.H, D = sz.D, K = sz.K, S = sz.S;
-  std::vector<acc_t> dkv_acc(static_cast<size_t>(S * D), acc_t(0));
-  // Scratch of at most ~16M accumulators (64 MB in fp32) per chunk of tokens.
-  const int64_t per_token = std::max<int64_t>(K * D, 1);
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(T, (int64_t(1) << 24) / per_token));
-  std::vector<acc_t> contrib(static_cast<size_t>(std::max<int64_t>(chunk * K * D, 1)));
-  std::vector<int64_t> rows_of(static_cast<size_t>(std::max<int64_t>(chunk * K, 1)));
+  const int64_t Hp = cpu::round_up(H, 2), Kp = cpu::round_up(std::max<int64_t>(K, 1), kKeyBlock);
+  std::vector<float> dkv_acc(static_cast<size_t>(S * D), 0.f);
+  const int64_t chunk = bwd_chunk(T, Kp * D);
+  std::vector<float> contrib(static_cast<size_t>(chunk * Kp * D));
+  std::vector<int64_t> rows_of(static_cast<size_t>(chunk * K + 1));
   std::vector<int64_t> count(chunk);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t c0 = 0; c0 < T; c0 += chunk) {
     const int64_t c1 = std::min(T, c0 + chunk);
-    // Phase 1: per token, dq and the contribution row of every valid entry.
     at::parallel_for(c0, c1, 1, [&](int64_t t0, int64_t t1) {
+      cpu::BrgemmScope brgemm_scope;
       std::vector<int64_t> slot(K);
-      std::vector<acc_t> rows, qh(D), doh(d_v), p(K), ds(K), dqh(D);
+      cpu::PackedRows rows;
+      cpu::AttendScratch ws;
+      std::vector<float> p, dp, dqf(H * D), denom(H), delta(H);
+      std::vector<c10::BFloat16> ds_b, pT, dsT, q_vnni(Hp * D), do_vnni(Hp * d_v);
       for (int64_t t = t0; t < t1; ++t) {
         int64_t* row = rows_of.data() + (t - c0) * K;
         const int64_t n = collect_valid(indices + t * K, K, S, lens, t, slot.data(), row);
         count[t - c0] = n;
-        rows.resize(n * D);
-        gather_rows(kv, row, n, D, rows.data());
-        acc_t* cont = contrib.data() + (t - c0) * K * D;
-        std::fill(cont, cont + n * D, acc_t(0));
+        c10::BFloat16* dq_t = dq + t * H * D;
+        if (n == 0) {
+          std::fill(dq_t, dq_t + H * D, c10::BFloat16(0.f));
+          continue;
+        }
+        rows.pack(D, n, [&](int64_t i) { return kv + row[i] * D; });
+        const int64_t np = rows.n_pad();
+        const c10::BFloat16* q_t = q + t * H * D;
+        const c10::BFloat16* do_t = dout + t * H * d_v;
+        p.resize(H * np);
+        dp.resize(H * np);
+        cpu::rows_times_lhs_t(q_t, H, D, D, rows, ws, p.data());
+        // dP = dO·Vᵀ: V is the first d_v dims of the rows
+        cpu::rows_times_lhs_t(do_t, H, d_v, d_v, rows, ws, dp.data());
         for (int64_t h = 0; h < H; ++h) {
-          const int64_t th = t * H + h;
-          std::fill(dqh.begin(), dqh.end(), acc_t(0));
-          const acc_t row_lse = static_cast<acc_t>(lse[th]);
-          if (n > 0 && std::isfinite(row_lse)) {
-            const acc_t denom = denominator_log(row_lse, sink, h);
-            for (int64_t d = 0; d < D; ++d) qh[d] = static_cast<acc_t>(q[th * D + d]);
-            acc_t delta = 0;
-            for (int64_t d = 0; d < d_v; ++d) {
-              doh[d] = static_cast<acc_t>(dout[th * d_v + d]);
-              delta += static_cast<acc_t>(out[th * d_v + d]) * doh[d];
-            }
-            for (int64_t i = 0; i < n; ++i) {
-              const acc_t* kr = rows.data() + i * D;
-              p[i] = std::exp(scale * dot(qh.data(), kr, D) - denom);
-              const acc_t dp = dot(doh.data(), kr, d_v);
-              ds[i] = p[i] * (dp - delta) * scale;
-              for (int64_t d = 0; d < D; ++d) dqh[d] += ds[i] * kr[d];
-            }
-            for (int64_t i = 0; i < n; ++i) {
-              acc_t* cr = cont + i * D;
-              for (int64_t d = 0; d < D; ++d) cr[d] += ds[i] * qh[d];
-              for (int64_t d = 0; d < d_v; ++d) cr[d] += p[i] * doh[d];
-            }
+          const float row_lse = lse[t * H + h];
+          denom[h] = std::isfinite(row_lse) ? cpu::denominator_log(row_lse, sink, h) : kNegInf;
+          float dl = 0.f;
+          for (int64_t d = 0; d < d_v; ++d)
+            dl += static_cast<float>(out[(t * H + h) * d_v + d]) * static_cast<float>(do_t[h * d_v + d]);
+          delta[h] = dl;
+          float* pr = p.data() + h * np;
+          if (denom[h] == kNegInf) {       // no softmax at this head: P = 0
+            std::fill(pr, pr + np, kNegInf);
+            continue;
           }
-          for (int64_t d = 0; d < D; ++d) dq[th * D + d] = static_cast<scalar_t>(dqh[d]);
+          for (int64_t i = 0; i < n; ++i) pr[i] = scale * pr[i] - denom[h];
+          std::fill(pr + n, pr + np, kNegInf);
+        }
+        cpu::exp_inplace(p.data(), H * np);
+        ds_b.resize(H * np);
+        pT.resize(np * Hp);
+        dsT.resize(np * Hp);
+        for (int64_t h = 0; h < H; ++h) {
+          const float* pr = p.data() + h * np;
+          const float* dpr = dp.data() + h * np;
+          for (int64_t i = 0; i < np; ++i) {
+            const c10::BFloat16 ds(pr[i] * (dpr[i] - delta[h]) * scale);
+            ds_b[h * np + i] = ds;
+            dsT[i * Hp + h] = ds;
+            pT[i * Hp + h] = c10::BFloat16(pr[i]);
+          }
+        }
+        if (Hp != H)
+          for (int64_t i = 0; i < np; ++i) dsT[i * Hp + H] = pT[i * Hp + H] = c10::BFloat16(0.f);
+        // dq = dS·K
+        for (int64_t j = 0; j < rows.blocks; ++j)
+          cpu::bf16_gemm(H, D, kKeyBlock, ds_b.data() + j * kKeyBlock, np, rows.vnni_block(j), D,
+                         dqf.data(), D, j > 0);
+        cpu::to_bf16(dqf.data(), dq_t, H * D);
+        // contribution rows: dSᵀ·Q + Pᵀ·dO (into the first d_v dims)
+        for (int64_t h = 0; h < H; h += 2) {
+          const c10::BFloat16* h1 = h + 1 < H ? q_t + (h + 1) * D : nullptr;
+          cpu::vnni_store_row_pair(q_t + h * D, h1, D, q_vnni.data(), D, h / 2);
+          const c10::BFloat16* o1 = h + 1 < H ? do_t + (h + 1) * d_v : nullptr;
+          cpu::vnni_store_row_pair(do_t + h * d_v, o1, d_v, do_vnni.data(), d_v, h / 2);
+        }
+        float* cont = contrib.data() + (t - c0) * Kp * D;
+        for (int64_t j = 0; j < rows.blocks; ++j) {
+          float* c = cont + j * kKeyBlock * D;
+          cpu::bf16_gemm(kKeyBlock, D, Hp, dsT.data() + j * kKeyBlock * Hp, Hp, q_vnni.data(), D, c, D, false);
+          cpu::bf16_gemm(kKeyBlock, d_v, Hp, pT.data() + j * kKeyBlock * Hp, Hp, do_vnni.data(), d_v, c, D, true);
         }
       }
     });
-    // Phase 2: each task owns a block of dkv columns and adds every contribution in the fixed
-    // (token, slot) order.
-    constexpr int64_t kCols = 64;
-    at::parallel_for(0, (D + kCols - 1) / kCols, 1, [&](int64_t b0, int64_t b1) {
-      const int64_t d0 = b0 * kCols, d1 = std::min(D, b1 * kCols);
-      for (int64_t t = c0; t < c1; ++t) {
-        const int64_t* row = rows_of.data() + (t - c0) * K;
-        const acc_t* cont = contrib.data() + (t - c0) * K * D;
-        for (int64_t i = 0; i < count[t - c0]; ++i) {
-          acc_t* dst = dkv_acc.data() + row[i] * D;
-          const acc_t* src = cont + i * D;
-          for (int64_t d = d0; d < d1; ++d) dst[d] += src[d];
+    reduce_contributions<float>(contrib.data(), Kp * D, rows_of.data(), K, count.data(), c1 - c0, D,
+                                dkv_acc.data());
+  }
+  cpu::to_bf16(dkv_acc.data(), dkv, S * D);
+}
+
+// Backward in the accumulation type through at::mm (see fwd_mm).
+template <typename scalar_t>
+void bwd_mm(const scalar_t* q, const scalar_t* kv, const scalar_t* out, const scalar_t* dout,
+            const int32_t* indices, const float* lse, acc_type_t<scalar_t> scale, int64_t d_v,
+            const float* sink, const int32_t* lens, const SparseMlaSizes& sz, scalar_t* dq,
+            scalar_t* dkv) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t T = sz.T, H = sz.H, D = sz.D, K = sz.K, S = sz.S;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  std::vector<acc_t> dkv_acc(static_cast<size_t>(S * D), acc_t(0));
+  const int64_t chunk = bwd_chunk(T, K * D);
+  std::vector<acc_t> contrib(static_cast<size_t>(std::max<int64_t>(chunk * K * D, 1)));
+  std::vector<int64_t> rows_of(static_cast<size_t>(chunk * K + 1));
+  std::vector<int64_t> count(chunk);
+  for (int64_t c0 = 0; c0 < T; c0 += chunk) {
+    const int64_t c1 = std::min(T, c0 + chunk);
+    at::parallel_for(c0, c1, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<int64_t> slot(K);
+      std::vector<acc_t> rows, qt(H * D), dot_(H * d_v), p, dp, dqh(H * D);
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t* row = rows_of.data() + (t - c0) * K;
+        const int64_t n = collect_valid(indices + t * K, K, S, lens, t, slot.data(), row);
+        count[t - c0] = n;
+        std::fill(dqh.begin(), dqh.end(), acc_t(0));
+        if (n > 0) {
+          rows.resize(n * D);
+          gather_rows(kv, row, n, D, rows.data());
+          for (int64_t e = 0; e < H * D; ++e) qt[e] = static_cast<acc_t>(q[t * H * D + e]);
+          for (int64_t e = 0; e < H * d_v; ++e) dot_[e] = static_cast<acc_t>(dout[t * H * d_v + e]);
+          p.resize(H * n);
+          dp.resize(H * n);
+          at::Tensor R = view2d(rows.data(), n, D, D), Q = view2d(qt.data(), H, D, D);
+          at::Tensor dO = view2d(dot_.data(), H, d_v, d_v);
+          at::Tensor P = view2d(p.data(), H, n, n), dP = view2d(dp.data(), H, n, n);
+          at::mm_out(P, Q, R.t());
+          at::mm_out(dP, dO, R.narrow(1, 0, d_v).t());
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t th = t * H + h;
+            const acc_t row_lse = static_cast<acc_t>(lse[th]);
+            acc_t* pr = p.data() + h * n;
+            acc_t* dpr = dp.data() + h * n;
+            if (!std::isfinite(row_lse)) {
+              std::fill(pr, pr + n, acc_t(0));
+              std::fill(dpr, dpr + n, acc_t(0));
+              continue;
+            }
+            const acc_t denom = cpu::denominator_log(row_lse, sink, h);
+            acc_t delta = 0;
+            for (int64_t d = 0; d < d_v; ++d)
+              delta += static_cast<acc_t>(out[th * d_v + d]) * dot_[h * d_v + d];
+            for (int64_t i = 0; i < n; ++i) pr[i] = denom == -kNegInf ? kNegInf : scale * pr[i] - denom;
+            cpu::exp_inplace(pr, n);
+            for (int64_t i = 0; i < n; ++i) dpr[i] = pr[i] * (dpr[i] - delta) * scale;  // dS
+          }
+          at::Tensor dQ = view2d(dqh.data(), H, D, D);
+          at::mm_out(dQ, dP, R);
+          at::Tensor C = view2d(contrib.data() + (t - c0) * K * D, n, D, D);
+          at::mm_out(C, dP.t(), Q);
+          C.narrow(1, 0, d_v).addmm_(P.t(), dO);
         }
+        for (int64_t e = 0; e < H * D; ++e) dq[t * H * D + e] = static_cast<scalar_t>(dqh[e]);
       }
     });
+    reduce_contributions<acc_t>(contrib.data(), K * D, rows_of.data(), K, count.data(), c1 - c0, D,
+                                dkv_acc.data());
   }
   at::parallel_for(0, S, 256, [&](int64_t s0, int64_t s1) {
     for (int64_t i = s0 * D; i < s1 * D; ++i) dkv[i] = static_cast<scalar_t>(dkv_acc[i]);
@@ -223,11 +346,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd_cpu(const at::Tensor& q, const
   const auto sz = check_sparse_mla_inputs(q, kv, indices, sm_scale, d_v, attn_sink, topk_length);
   auto out = at::empty({sz.T, sz.H, d_v}, q.options());
   auto lse = at::empty({sz.T, sz.H}, q.options().dtype(at::kFloat));
+  if (bf16_brgemm_applies(q.scalar_type(), sz.D, d_v)) {
+    fwd_bf16(q.data_ptr<c10::BFloat16>(), kv.data_ptr<c10::BFloat16>(), indices.data_ptr<int32_t>(),
+             static_cast<float>(sm_scale), d_v, opt_float_ptr(attn_sink), opt_int_ptr(topk_length), sz,
+             out.data_ptr<c10::BFloat16>(), lse.data_ptr<float>());
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "sparse_mla_fwd_cpu", [&] {
-    fwd_kernel<scalar_t>(q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(),
-                         indices.data_ptr<int32_t>(), static_cast<acc_type_t<scalar_t>>(sm_scale),
-                         d_v, opt_float_ptr(attn_sink), opt_int_ptr(topk_length), sz,
-                         out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+    fwd_mm<scalar_t>(q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(),
+                     indices.data_ptr<int32_t>(), static_cast<acc_type_t<scalar_t>>(sm_scale),
+                     d_v, opt_float_ptr(attn_sink), opt_int_ptr(topk_length), sz,
+                     out.data_ptr<scalar_t>(), lse.data_ptr<float>());
   });
   return {out, lse};
 }
@@ -242,13 +371,20 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_cpu(
                                                attn_sink, topk_length);
   auto dq = at::empty_like(q);
   auto dkv = at::empty_like(kv);
+  if (bf16_brgemm_applies(q.scalar_type(), sz.D, d_v)) {
+    bwd_bf16(q.data_ptr<c10::BFloat16>(), kv.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(),
+             dout.data_ptr<c10::BFloat16>(), indices.data_ptr<int32_t>(), lse.data_ptr<float>(),
+             static_cast<float>(sm_scale), d_v, opt_float_ptr(attn_sink), opt_int_ptr(topk_length), sz,
+             dq.data_ptr<c10::BFloat16>(), dkv.data_ptr<c10::BFloat16>());
+    return {dq, dkv};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "sparse_mla_bwd_cpu", [&] {
-    bwd_kernel<scalar_t>(q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(),
-                         out.data_ptr<scalar_t>(), dout.data_ptr<scalar_t>(),
-                         indices.data_ptr<int32_t>(), lse.data_ptr<float>(),
-                         static_cast<acc_type_t<scalar_t>>(sm_scale), d_v,
-                         opt_float_ptr(attn_sink), opt_int_ptr(topk_length), sz,
-                         dq.data_ptr<scalar_t>(), dkv.data_ptr<scalar_t>());
+    bwd_mm<scalar_t>(q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(),
+                     out.data_ptr<scalar_t>(), dout.data_ptr<scalar_t>(),
+                     indices.data_ptr<int32_t>(), lse.data_ptr<float>(),
+                     static_cast<acc_type_t<scalar_t>>(sm_scale), d_v,
+                     opt_float_ptr(attn_sink), opt_int_ptr(topk_length), sz,
+                     dq.data_ptr<scalar_t>(), dkv.data_ptr<scalar_t>());
   });
   return {dq, dkv};
 }
