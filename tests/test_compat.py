@@ -273,6 +273,8 @@ def test_flash_mla_with_kvcache_checks(gen):
         with pytest.raises(RuntimeError, match=name):
             call(**args)
     with pytest.raises(NotImplementedError, match="dense"):
+        flash_mla.flash_attn_varlen_func(q, q, q, None, None, 1, 1)
+    with pytest.raises(NotImplementedError, match="dense"):
         call(q, cache, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 512,
              flash_mla.get_mla_metadata()[0])
     if "extra_kv_cache" not in flash_mla._decode_schema_args():
@@ -706,3 +708,41 @@ def test_adapters_trace_under_torch_compile(gen):
     a = compiled(qf, k_fp8, k_sf, w, ks, ke, torch.empty(T, 8, dtype=torch.int32))
     b = indexer_step(qf, k_fp8, k_sf, w, ks, ke, torch.empty(T, 8, dtype=torch.int32))
     assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_adapters_add_no_host_sync_on_cuda(gen):
+    """The peers' decode / paged / top-k / cache calls have no host synchronisation; neither do
+    the adapters (torch raises on a synchronising call in sync-debug mode "error")."""
+    dev = "cuda"
+    cache, _ = _flashmla_fp8_cache(gen, 4, 64)
+    cache = cache.view(torch.uint8).contiguous().to(dev)
+    q = randn(2, 1, 64, 576, gen=gen).bfloat16().to(dev)
+    idx = _decode_indices(gen, 2, 1, 128, 256).to(dev)
+    meta, _ = flash_mla.get_mla_metadata()
+    B, N, H, D, bs = 2, 1, 64, 128, 64
+    kv_cache = ref.new_indexer_k_cache(4, bs, D).to(dev)
+    ref.indexer_k_cache_write(randn(4 * bs, D, gen=gen).to(dev), torch.arange(4 * bs, device=dev), kv_cache)
+    qf = randn(B, N, H, D, gen=gen).to(torch.float8_e4m3fn).to(dev)
+    w = randn(B * N, H, gen=gen).to(dev)
+    ctx = torch.tensor([[100], [200]], dtype=torch.int32, device=dev)
+    table = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]], dtype=torch.int32, device=dev)
+    sched = deep_gemm.get_paged_mqa_logits_metadata(ctx, bs, deep_gemm.get_num_sms())
+    out_idx = torch.empty(B * N, 64, dtype=torch.int32, device=dev)
+    k_new = randn(3, D, gen=gen).bfloat16().to(dev)
+    slots = torch.tensor([5, -1, 77], device=dev)
+    dst_k = torch.empty(300, D, dtype=torch.float8_e4m3fn, device=dev)
+    dst_s = torch.empty(300, 4, dtype=torch.uint8, device=dev)
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        flash_mla.flash_mla_with_kvcache(q, cache, None, None, 512, meta, None, None, False, True, idx)
+        logits = deep_gemm.fp8_paged_mqa_logits(qf, kv_cache, w, ctx, table, sched, 256)
+        vllm.top_k_per_row_decode(logits, N, ctx, out_idx, B * N, logits.stride(0), logits.stride(1), 64)
+        vllm.indexer_k_quant_and_cache(k_new, kv_cache.squeeze(2), slots, D, "ue8m0")
+        vllm.cp_gather_indexer_k_quant_cache(kv_cache.squeeze(2), dst_k, dst_s, table, cu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -45,7 +45,8 @@ from torch import Tensor
 from ..ops.sparse_mla import sparse_mla
 
 __all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache",
-           "flash_mla_sparse_fwd", "MAX_LOGITS_WORKSPACE_BYTES"]
+           "flash_mla_sparse_fwd", "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func",
+           "flash_attn_varlen_kvpacked_func", "MAX_LOGITS_WORKSPACE_BYTES"]
 
 #: scratch bound of the max_logits pass of ``flash_mla_sparse_fwd``
 MAX_LOGITS_WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -396,3 +397,19 @@ def flash_mla_with_kvcache(
             None if extra_topk_length is None else extra_topk_length.contiguous())
         out, lse = _merge_by_lse(out1, lse1, out2, lse2, attn_sink)
     return out, _flashmla_lse(lse).transpose(1, 2)
+
+
+def _dense_not_served(name: str):
+    def refuse(*args, **kwargs):
+        raise NotImplementedError(
+            f"flash_mla.{name}: FlashMLA's dense (MHA) prefill is not served by dsa_ext, which "
+            "implements the sparse DSA kernels only")
+    refuse.__name__ = name
+    refuse.__doc__ = f"FlashMLA's dense ``{name}``: not served here (raises NotImplementedError)."
+    return refuse
+
+
+# FlashMLA exports these too; present so that `from flash_mla import ...` lines keep importing
+flash_attn_varlen_func = _dense_not_served("flash_attn_varlen_func")
+flash_attn_varlen_qkvpacked_func = _dense_not_served("flash_attn_varlen_qkvpacked_func")
+flash_attn_varlen_kvpacked_func = _dense_not_served("flash_attn_varlen_kvpacked_func")
