@@ -58,7 +58,9 @@ inline void softmax_rows(acc_t* s, int64_t H, int64_t n, int64_t lds, acc_t scal
     acc_t m = kNegInf;
     for (int64_t i = 0; i < n; ++i) {
       row[i] *= scale;
-      m = std::max(m, row[i]);
+      // NaN-propagating max: a NaN score makes the row's out and lse NaN (the reference's
+      // answer), never an "empty" row (std::max would drop it).
+      m = (row[i] > m || row[i] != row[i]) ? row[i] : m;
     }
     mx[h] = m;
     if (m != kNegInf)
@@ -99,14 +101,21 @@ struct PackedRows {
   // row(i) -> const c10::BFloat16* of D values, for i < count.
   template <typename RowFn>
   void pack(int64_t D_, int64_t count, RowFn&& row) {
+    pack_written(D_, count, [&](int64_t i, c10::BFloat16* dst) {
+      std::memcpy(dst, row(i), static_cast<size_t>(D_) * sizeof(c10::BFloat16));
+    });
+  }
+
+  // write_row(i, dst) writes row i's D values to dst, for i < count.
+  template <typename WriteFn>
+  void pack_written(int64_t D_, int64_t count, WriteFn&& write_row) {
     D = D_;
     n = count;
     blocks = (count + kKeyBlock - 1) / kKeyBlock;
     const size_t elems = static_cast<size_t>(blocks * D * kKeyBlock);
     dense.resize(elems);
     vnni.resize(elems);
-    for (int64_t i = 0; i < count; ++i)
-      std::memcpy(dense.data() + i * D, row(i), static_cast<size_t>(D) * sizeof(c10::BFloat16));
+    for (int64_t i = 0; i < count; ++i) write_row(i, dense.data() + i * D);
     std::fill(dense.begin() + count * D, dense.end(), c10::BFloat16());
     for (int64_t i = 0; i < n_pad(); i += 2)
       vnni_store_row_pair(dense.data() + i * D, dense.data() + (i + 1) * D, D,
