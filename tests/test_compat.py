@@ -105,6 +105,17 @@ def test_flash_mla_sparse_fwd_formula(device, gen, with_sink, with_len, d_qk):
     assert torch.equal(lse, op_lse.masked_fill(torch.isneginf(op_lse), INF))
 
 
+def test_flash_mla_max_logits_chunks_and_opt_out(monkeypatch, gen):
+    q, kv, indices, sink, topk_length = _prefill_case(gen, s_q=7, s_kv=50, topk=32)
+    whole = flash_mla.flash_mla_sparse_fwd(q, kv, indices, 0.4, topk_length=topk_length)
+    monkeypatch.setattr(flash_mla, "MAX_LOGITS_WORKSPACE_BYTES", 1)      # one row per chunk
+    assert torch.equal(flash_mla.flash_mla_sparse_fwd(q, kv, indices, 0.4, topk_length=topk_length)[1],
+                       whole[1])
+    monkeypatch.setattr(flash_mla, "COMPUTE_MAX_LOGITS", False)
+    out, max_logits, lse = flash_mla.flash_mla_sparse_fwd(q, kv, indices, 0.4, topk_length=topk_length)
+    assert max_logits is None and torch.equal(out, whole[0]) and torch.equal(lse, whole[2])
+
+
 def test_flash_mla_sparse_fwd_views_and_grad(device, gen):
     q, kv, indices, sink, topk_length = _prefill_case(gen, s_q=5, s_kv=40, topk=16, h_q=16)
     qv, kvv, iv = (_non_contiguous(t.to(device)) for t in (q, kv, indices))
@@ -509,6 +520,23 @@ def test_vllm_cp_gather_indexer_k_quant_cache(device, gen):
     # the op we would otherwise call agrees (it syncs on CUDA; the adapter does not)
     op_k, op_s = torch.ops.dsa.indexer_k_cache_gather(cache, table, lens)
     assert torch.equal(op_k.view(torch.uint8), want_k.view(torch.uint8)) and torch.equal(op_s, want_s)
+
+
+def test_vllm_empty_inputs(gen):
+    """Empty chunks are no-ops: no rows to gather, no rows to rank, an empty cache reads zeros."""
+    cache = torch.zeros(0, 8, 36, dtype=torch.uint8)
+    dst_k = torch.full((3, 32), 9, dtype=torch.uint8)
+    dst_s = torch.full((3, 4), 9, dtype=torch.uint8)
+    vllm.cp_gather_indexer_k_quant_cache(cache, dst_k, dst_s, torch.zeros(1, 1, dtype=torch.int32),
+                                         torch.tensor([0, 2], dtype=torch.int32))
+    assert (dst_k[:2] == 0).all() and (dst_k[2] == 9).all() and (dst_s[:2] == 0).all()
+    vllm.cp_gather_indexer_k_quant_cache(cache, dst_k[:0], dst_s[:0], torch.zeros(1, 1, dtype=torch.int32),
+                                         torch.tensor([0, 0], dtype=torch.int32))
+    out = torch.full((2, 4), 5, dtype=torch.int32)
+    vllm.top_k_per_row_prefill(randn(2, 10, gen=gen), torch.zeros(2, dtype=torch.int32),
+                               torch.full((2,), 10, dtype=torch.int32), out, 0, 10, 1, 4)
+    vllm.top_k_per_row_decode(randn(2, 10, gen=gen), 1, torch.full((2,), 10, dtype=torch.int32), out, 0, 10, 1, 4)
+    assert (out == 5).all()
 
 
 def _assert_same_topk(logits_row, got, want):

@@ -13,9 +13,11 @@ Conventions translated (our ops keep theirs, SPEC section 3):
   never includes the sink.
 * ``flash_mla_sparse_fwd`` returns ``(out, max_logits, lse)``. ``max_logits`` (the largest
   scaled score of each row, ``-inf`` for an empty row) is not an output of ``dsa.sparse_mla_fwd``,
-  so it is computed here by a chunked PyTorch pass (gather + fp32 batched matmul, at most
-  ``MAX_LOGITS_WORKSPACE_BYTES`` of scratch). That pass costs about as much as the QK half of
-  the attention; under ``torch.compile`` it is removed when the caller discards max_logits.
+  so it is computed here by a chunked PyTorch pass (gather + batched matmul with fp32
+  accumulation: bf16 tensor cores on CUDA, fp32 on CPU; at most ``MAX_LOGITS_WORKSPACE_BYTES``
+  of scratch). That pass costs about as much as the QK half of the attention; under
+  ``torch.compile`` it is removed when the caller discards max_logits, and setting
+  ``dsa_ext.compat.flash_mla.COMPUTE_MAX_LOGITS = False`` skips it (max_logits is then None).
 
 Differences a user should know:
 
@@ -46,10 +48,12 @@ from ..ops.sparse_mla import sparse_mla
 
 __all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache",
            "flash_mla_sparse_fwd", "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func",
-           "flash_attn_varlen_kvpacked_func", "MAX_LOGITS_WORKSPACE_BYTES"]
+           "flash_attn_varlen_kvpacked_func", "MAX_LOGITS_WORKSPACE_BYTES", "COMPUTE_MAX_LOGITS"]
 
-#: scratch bound of the max_logits pass of ``flash_mla_sparse_fwd``
-MAX_LOGITS_WORKSPACE_BYTES = 256 * 1024 * 1024
+#: scratch bound of one chunk of the max_logits pass of ``flash_mla_sparse_fwd``
+MAX_LOGITS_WORKSPACE_BYTES = 32 * 1024 * 1024
+#: False: ``flash_mla_sparse_fwd`` skips the max_logits pass and returns None in its place
+COMPUTE_MAX_LOGITS = True
 
 _V32_RECORD_BYTES = 656   # 512 e4m3 + 4 fp32 tile scales + 64 bf16 rope
 _MODEL1_RECORD_BYTES = 584
@@ -136,14 +140,22 @@ def _max_logits(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float,
     if topk_length is not None:
         valid &= torch.arange(K, device=idx.device) < topk_length.long()[:, None]
     rows = kv.reshape(S, -1)[:, :D]
-    per_row = max(1, K * (D + H) * 4)
+    # CUDA: bf16 products accumulated in fp32 on the tensor cores (the attention kernels'
+    # numerics); CPU has no such bmm, so the rows are widened to fp32 there
+    tensor_cores = q.is_cuda and q.dtype == torch.bfloat16
+    elem = q.element_size() if tensor_cores else 4
+    per_row = max(1, K * (D * elem + H * 4))
     chunk = max(1, MAX_LOGITS_WORKSPACE_BYTES // per_row)
     parts = []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         gathered = rows.index_select(0, idx[t0:t1].clamp(0, max(S - 1, 0)).reshape(-1))
-        gathered = gathered.reshape(t1 - t0, K, D).float()
-        scores = torch.bmm(q[t0:t1].float(), gathered.transpose(1, 2)) * sm_scale
+        gathered = gathered.reshape(t1 - t0, K, D)
+        if tensor_cores:
+            scores = torch.bmm(q[t0:t1], gathered.transpose(1, 2), out_dtype=torch.float32)
+        else:
+            scores = torch.bmm(q[t0:t1].float(), gathered.float().transpose(1, 2))
+        scores = scores * sm_scale
         scores = scores.masked_fill(~valid[t0:t1, None, :], float("-inf"))
         parts.append(scores.amax(dim=-1) if K > 0 else scores.new_full((t1 - t0, H), float("-inf")))
     if not parts:
@@ -175,7 +187,8 @@ def flash_mla_sparse_fwd(
     Returns:
         ``(out [s_q, h_q, d_v] bf16, max_logits [s_q, h_q] fp32, lse [s_q, h_q] fp32)``; lse is
         natural-log and ``+inf`` (max_logits ``-inf``, out 0) for a row with no valid index.
-        Differentiable in q and kv (not in attn_sink).
+        Differentiable in q and kv (not in attn_sink). max_logits is None when
+        ``COMPUTE_MAX_LOGITS`` is False.
     """
     _check(q.dim() == 3, "q must have 3 dimensions")
     _check(kv.dim() == 3, "kv must have 3 dimensions")
@@ -207,8 +220,10 @@ def flash_mla_sparse_fwd(
                           None if topk_length is None else topk_length.contiguous())
     if zeroed is not None:
         out = out.masked_fill(zeroed[:, None], 0.0)
-    with torch.no_grad():
-        max_logits = _max_logits(q_c.detach(), kv_c.detach(), idx_c, sm_scale, topk_length)
+    max_logits = None
+    if COMPUTE_MAX_LOGITS:
+        with torch.no_grad():
+            max_logits = _max_logits(q_c.detach(), kv_c.detach(), idx_c, sm_scale, topk_length)
     return out, max_logits, _flashmla_lse(lse.detach())
 
 

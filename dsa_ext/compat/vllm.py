@@ -112,6 +112,8 @@ def cp_gather_indexer_k_quant_cache(kv_cache: Tensor, dst_k: Tensor, dst_scale: 
     scale_bytes = scale_bytes.view(T, 4)
     nb, bs = cache.shape[0], cache.shape[1]
     B, max_blocks = block_table.shape
+    if T == 0:
+        return
 
     # row r belongs to sequence b with cu[b] <= r < cu[b+1]; rows past cu[B] are not touched
     rows = torch.arange(T, device=dst_k.device)
@@ -128,7 +130,8 @@ def cp_gather_indexer_k_quant_cache(kv_cache: Tensor, dst_k: Tensor, dst_scale: 
     blk_c = blk.clamp(0, max(nb - 1, 0))
     off = pos.remainder(bs)
 
-    pages = cache.reshape(nb, bs * (D + 4))  # a view for a dense cache, else a copy
+    # a view for a dense cache, else a copy; an empty cache reads as one zero page
+    pages = cache.reshape(nb, bs * (D + 4)) if nb > 0 else cache.new_zeros((1, bs * (D + 4)))
     value_cols = off[:, None] * D + torch.arange(D, device=rows.device)
     scale_cols = bs * D + off[:, None] * 4 + torch.arange(4, device=rows.device)
     values = pages[blk_c[:, None], value_cols].masked_fill(~readable[:, None], 0)
@@ -166,6 +169,8 @@ def top_k_per_row_prefill(logits: Tensor, rowStarts: Tensor, rowEnds: Tensor, in
     to ``indices[r, :topK]`` as ``c - rowStarts[r]`` (``-1`` pads a short row), in place."""
     view = _rows_view(logits, numRows, stride0, stride1)
     _check_indices(indices, numRows, topK, logits)
+    if numRows == 0:
+        return
     ks = rowStarts[:numRows].to(torch.int32).contiguous()
     ke = rowEnds[:numRows].to(torch.int32).contiguous()
     cols = torch.ops.dsa.topk_indices(view, topK, ks, ke, False)
@@ -191,6 +196,8 @@ def top_k_per_row_decode(logits: Tensor, next_n: int, seq_lens: Tensor, indices:
     written to ``indices[r, :topK]`` (``-1`` pads), in place."""
     view = _rows_view(logits, numRows, stride0, stride1)
     _check_indices(indices, numRows, topK, logits)
+    if numRows == 0:
+        return
     ke = _decode_row_ends(next_n, seq_lens, numRows)
     ks = torch.zeros_like(ke)
     indices[:numRows, :topK].copy_(torch.ops.dsa.topk_indices(view, topK, ks, ke, False))
