@@ -60,6 +60,10 @@ _MODEL1_RECORD_BYTES = 584
 _FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
 
 
+# bf16 x bf16 -> fp32 batched matmul (aten::bmm.dtype, CUDA only, recent torch releases)
+_BMM_FP32_OUT = any("bmm.dtype(" in str(sch) for sch in torch._C._jit_get_schemas_for_operator("aten::bmm"))
+
+
 def _decode_schema_args():
     return {a.name for a in torch.ops.dsa.sparse_mla_decode.default._schema.arguments}
 
@@ -142,7 +146,7 @@ def _max_logits(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float,
     rows = kv.reshape(S, -1)[:, :D]
     # CUDA: bf16 products accumulated in fp32 on the tensor cores (the attention kernels'
     # numerics); CPU has no such bmm, so the rows are widened to fp32 there
-    tensor_cores = q.is_cuda and q.dtype == torch.bfloat16
+    tensor_cores = _BMM_FP32_OUT and q.is_cuda and q.dtype == torch.bfloat16
     elem = q.element_size() if tensor_cores else 4
     per_row = max(1, K * (D * elem + H * 4))
     chunk = max(1, MAX_LOGITS_WORKSPACE_BYTES // per_row)
