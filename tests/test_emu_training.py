@@ -36,6 +36,7 @@ def lib():
     lib.emu_indexer_train_logits_bwd.argtypes = [VP] * 10 + [I64] * 4 + [ctypes.c_int] * 3
     lib.emu_sparse_attention_target.argtypes = [VP] * 6 + [I64] * 5 + [ctypes.c_float, ctypes.c_int]
     lib.emu_indexer_kl_loss_sparse.argtypes = [VP] * 14 + [I64] * 5 + [ctypes.c_int] * 4
+    lib.emu_indexer_kl_loss_dense.argtypes = [VP] * 16 + [I64] * 6 + [ctypes.c_float] + [ctypes.c_int] * 5
     lib.emu_training_indexer_cuda_supports.argtypes = [I64, I64]
     return lib
 
@@ -291,6 +292,72 @@ def test_indexer_kl_loss_sparse_no_valid_entry(lib, gen):
         _no_reports(reports)
         assert got[0].item() == 0.0
         assert all((g == 0).all() for g in got[1:])
+
+
+# ---- indexer_kl_loss_dense --------------------------------------------------------------------
+
+def run_dense_loss(lib, q, k, w, ks, ke, q_main, kv_main, sm_scale, mean, deterministic):
+    T, H, D = q.shape
+    S, Hm, Dm = k.shape[0], q_main.shape[1], q_main.shape[2]
+    main_lse = torch.full((T, Hm), float("nan"))
+    index_lse = torch.full((T,), float("nan"))
+    row_loss = torch.full((T,), float("nan"))
+    count = torch.zeros(1, dtype=torch.int32)
+    loss = torch.full((1,), float("nan"))
+    dq = torch.full_like(q, float("nan"))
+    dk = torch.full_like(k, float("nan"))
+    dw = torch.full_like(w, float("nan"))
+    dk32 = None if deterministic else torch.zeros(S, D)
+    bufs = [q, k, w, ks, ke, q_main, kv_main, main_lse, index_lse, row_loss, count, loss, dq, dk, dw, dk32]
+    reports, rc = E.run(lib.emu_indexer_kl_loss_dense, *[P(b) for b in bufs], T, S, H, D, Hm, Dm, sm_scale,
+                        DTYPE_CODE[q.dtype], DTYPE_CODE[w.dtype], DTYPE_CODE[q_main.dtype], int(mean),
+                        int(deterministic), buffers=bufs, lib=lib)
+    assert rc == 0
+    return (loss[0], dq, dk, dw), reports
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_indexer_kl_loss_dense(lib, gen, dtypes, reduction, deterministic):
+    T, S, H, D, Hm, Dm = 9, 2 * TILE + 21, 5, 20, 3, 40
+    q, k, w = _indexer_inputs(T, S, H, D, dtypes, gen)
+    ks, ke = _ragged_ranges(T, S)
+    q_main = _randn(T, Hm, Dm, gen=gen, dtype=dtypes[0])
+    kv_main = _randn(S, 1, Dm, gen=gen, dtype=dtypes[0])
+    sm_scale = 1.0 / math.sqrt(Dm)
+    got, reports = run_dense_loss(lib, q, k, w, ks, ke, q_main, kv_main, sm_scale, reduction == "mean",
+                                  deterministic)
+    _no_reports(reports)
+    expected = ref.indexer_kl_loss_dense(q, k, w, ks, ke, q_main, kv_main, sm_scale, reduction)
+    torch.testing.assert_close(got[0].double(), expected[0].double(), rtol=1e-4, atol=1e-5)
+    for name, g, e in zip(("dq", "dk", "dw"), got[1:], expected[1:]):
+        assert g.dtype == e.dtype
+        _assert_close(g, e, name)
+    if deterministic:
+        again, reports = run_dense_loss(lib, q, k, w, ks, ke, q_main, kv_main, sm_scale, reduction == "mean", True)
+        _no_reports(reports)
+        for a, b in zip(got, again):
+            assert torch.equal(a.float().view(torch.int32) if a.dim() == 0 else a.view(torch.uint8),
+                               b.float().view(torch.int32) if b.dim() == 0 else b.view(torch.uint8))
+
+
+def test_indexer_kl_loss_dense_head_chunks(lib, gen):
+    """q_main heads in several chunks (64 KB of q_main per chunk: Hm * Dm * 4 > 64 KB), with a
+    peaked main attention (large scores) so that the online max matters."""
+    T, S, H, D, Hm, Dm = 3, 150, 4, 16, 40, 520
+    q, k, w = _indexer_inputs(T, S, H, D, DTYPES[0], gen)
+    ks = torch.tensor([0, 17, 140], dtype=torch.int32)
+    ke = torch.tensor([150, 99, 141], dtype=torch.int32)
+    q_main = _randn(T, Hm, Dm, gen=gen, dtype=torch.float32, scale=2.0)
+    kv_main = _randn(S, 1, Dm, gen=gen, dtype=torch.float32)
+    for deterministic in (False, True):
+        got, reports = run_dense_loss(lib, q, k, w, ks, ke, q_main, kv_main, 0.5, False, deterministic)
+        _no_reports(reports)
+        expected = ref.indexer_kl_loss_dense(q, k, w, ks, ke, q_main, kv_main, 0.5, "sum")
+        torch.testing.assert_close(got[0].double(), expected[0].double(), rtol=1e-4, atol=1e-4)
+        for name, g, e in zip(("dq", "dk", "dw"), got[1:], expected[1:]):
+            _assert_close(g, e, name)
 
 
 # ---- launcher limits ---------------------------------------------------------------------------

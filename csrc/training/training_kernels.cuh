@@ -610,6 +610,238 @@ __global__ void __launch_bounds__(kThreads) sparse_loss_key_kernel(SparseLossArg
   for (int e = threadIdx.x; e < n * D; e += kThreads) dk[s0 * D + e] = from_f32<TQ>(sm[L.acc + e]);
 }
 
+// ---- indexer_kl_loss_dense ------------------------------------------------------------------------
+//
+// The dense warm-up over all keys of each row's range, streamed by 128-key tiles: nothing of
+// size [T, S] exists. Pass 1 (per row): the indexer's lse (online max / sum over tiles) and the
+// main attention's per-head lse (online, per warp, combined in warp order; kept in the [T, Hm]
+// workspace). Pass 2: per tile the target p (head-averaged probabilities, q_main in chunks of
+// heads), the prediction r, the loss terms and g = r - p, then the indexer backward of the tile.
+// The main attention's scores cost Hm * Dm FMAs per (t, s) per pass (a warp per key, shuffled
+// dot products), i.e. two recomputations of the main attention's logits, as a fused
+// flash-style loss must.
+
+// The main attention's part of shared memory, after the indexer layout (words).
+struct MainLayout {
+  int qm, lse, kvrow, stats, p;  // offsets in words from the start of shared memory
+  int words;                     // total, indexer layout included
+};
+__host__ __device__ inline MainLayout make_main_layout(const Layout& L, int Dm, int head_chunk) {
+  MainLayout M{};
+  int o = L.words;
+  M.qm = o; o += head_chunk * Dm;
+  M.lse = o; o += head_chunk;
+  M.kvrow = o; o += kWarps * Dm;
+  M.stats = o; o += 2 * kWarps * head_chunk;
+  M.p = o; o += kTileKeys;
+  M.words = o;
+  return M;
+}
+
+// Loads heads h0 .. h0 + hn - 1 of q_main[t] (and, with lse_src, their lse) as fp32.
+template <typename TM>
+__device__ __forceinline__ void load_main_chunk(const TM* q_main, const float* lse_src, int64_t t, int Hm, int Dm,
+                                                int h0, int hn, const MainLayout& M, float* sm) {
+  const TM* qt = q_main + (t * Hm + h0) * Dm;
+  for (int e = threadIdx.x; e < hn * Dm; e += kThreads) sm[M.qm + e] = to_f32(qt[e]);
+  if (lse_src != nullptr)
+    for (int h = threadIdx.x; h < hn; h += kThreads) sm[M.lse + h] = lse_src[t * Hm + h0 + h];
+}
+
+// The calling warp stages kv_main[s] in its row and calls f(h, z) for the chunk's heads,
+// z = sm_scale * q_main[t, h0 + h] . kv_main[s] (in every lane).
+template <typename TM, typename F>
+__device__ __forceinline__ void for_each_main_score(const TM* kv_main, int64_t s, int Dm, int hn, float sm_scale,
+                                                    const MainLayout& M, float* sm, F&& f) {
+  const int lane = threadIdx.x & 31;
+  float* kvrow = sm + M.kvrow + (threadIdx.x >> 5) * Dm;
+  __syncwarp();
+  for (int d = lane; d < Dm; d += 32) kvrow[d] = to_f32(kv_main[s * Dm + d]);
+  __syncwarp();
+  for (int h = 0; h < hn; ++h) {
+    const float* qh = sm + M.qm + h * Dm;
+    float part = 0.f;
+    for (int d = lane; d < Dm; d += 32) part = fmaf(qh[d], kvrow[d], part);
+    f(h, sm_scale * warp_sum(part));
+  }
+}
+
+// p[key] = (1/Hm) sum_h exp(z_h - lse_h) for the tile's keys s0 + j in [lo, hi) (0 elsewhere),
+// into M.p. Warp w owns keys j = w, w + kWarps, ... (the same in every chunk).
+template <typename TM>
+__device__ __forceinline__ void tile_target(const DenseLossArgs& a, int64_t t, int64_t s0, int n, RowRange r,
+                                            const MainLayout& M, float* sm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int j = threadIdx.x; j < kTileKeys; j += kThreads) sm[M.p + j] = 0.f;
+  for (int h0 = 0; h0 < a.Hm; h0 += a.head_chunk) {
+    const int hn = a.Hm - h0 < a.head_chunk ? a.Hm - h0 : a.head_chunk;
+    __syncthreads();
+    load_main_chunk(static_cast<const TM*>(a.q_main), a.main_lse, t, a.Hm, a.Dm, h0, hn, M, sm);
+    __syncthreads();
+    for (int j = warp; j < n; j += kWarps) {
+      const int64_t s = s0 + j;
+      if (s < r.lo || s >= r.hi) continue;
+      float acc = 0.f;
+      for_each_main_score(static_cast<const TM*>(a.kv_main), s, a.Dm, hn, a.sm_scale, M, sm,
+                          [&](int h, float z) { acc += __expf(z - sm[M.lse + h]); });
+      if (lane == 0) sm[M.p + j] += acc;
+    }
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ float loss_scale(const int32_t* nonempty_rows) {
+  if (nonempty_rows == nullptr) return 1.f;
+  const int32_t c = *nonempty_rows;
+  return 1.f / static_cast<float>(c > 0 ? c : 1);
+}
+
+// grid (ceil(T / kThreads)): rows with a non-empty clamped range (integer atomics: exact).
+__global__ void __launch_bounds__(kThreads) count_nonempty_ranges_kernel(const int32_t* ks, const int32_t* ke,
+                                                                        int64_t T, int64_t S, int32_t* count) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (t >= T) return;
+  const RowRange r = row_range(ks, ke, t, S);
+  if (r.hi > r.lo) atomicAdd(count, 1);
+}
+
+// grid (T): row t, both passes, backward into dq, dw (owned) and dk (atomic mode).
+template <typename TQ, typename TW, typename TM>
+__global__ void __launch_bounds__(kThreads) dense_loss_row_kernel(DenseLossArgs a) {
+  DSA_DYNAMIC_SMEM(smem_raw, 16);
+  float* sm = reinterpret_cast<float*>(smem_raw);
+  const Layout L = make_layout(a.H, a.D, Parts::kRowBackward);
+  const MainLayout M = make_main_layout(L, a.Dm, a.head_chunk);
+  const int64_t t = blockIdx.x;
+  const RowRange r = row_range(a.ks, a.ke, t, a.S);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float* red = sm + L.red;
+  load_query_row(static_cast<const TQ*>(a.q), static_cast<const TW*>(a.w), t, a.H, a.D, L, sm);
+  zero_words<float>(sm + L.acc, L.Hp * a.D);
+  zero_words<float>(sm + L.dw, L.Hp);
+  // Pass 1a: the indexer's lse over the row.
+  float m_i = -INFINITY, s_i = 0.f;
+  for (int64_t s0 = r.lo; s0 < r.hi; s0 += kTileKeys) {
+    const int n = static_cast<int>(r.hi - s0 < kTileKeys ? r.hi - s0 : kTileKeys);
+    __syncthreads();
+    set_contiguous_rows(s0, n, L, sm);
+    __syncthreads();
+    load_key_tile(static_cast<const TQ*>(a.k), a.D, L, sm);
+    __syncthreads();
+    const float logit = static_cast<int>(threadIdx.x) < n ? key_logit(L, sm) : -INFINITY;
+    const float m_new = fmaxf(m_i, block_max(logit, red));
+    const float e = static_cast<int>(threadIdx.x) < n ? __expf(logit - m_new) : 0.f;
+    s_i = s_i * __expf(m_i - m_new) + block_sum(e, red);
+    m_i = m_new;
+  }
+  const float lse_i = m_i + __logf(s_i);
+  // Pass 1b: the main attention's lse per head (online per warp, warps combined in order).
+  float* stats = sm + M.stats;  // [kWarps][chunk] max, then [kWarps][chunk] sum
+  for (int h0 = 0; h0 < a.Hm && r.hi > r.lo; h0 += a.head_chunk) {
+    const int hn = a.Hm - h0 < a.head_chunk ? a.Hm - h0 : a.head_chunk;
+    __syncthreads();
+    load_main_chunk(static_cast<const TM*>(a.q_main), nullptr, t, a.Hm, a.Dm, h0, hn, M, sm);
+    for (int e = threadIdx.x; e < kWarps * a.head_chunk; e += kThreads) {
+      stats[e] = -INFINITY;
+      stats[kWarps * a.head_chunk + e] = 0.f;
+    }
+    __syncthreads();
+    for (int64_t s = r.lo + warp; s < r.hi; s += kWarps)
+      for_each_main_score(static_cast<const TM*>(a.kv_main), s, a.Dm, hn, a.sm_scale, M, sm, [&](int h, float z) {
+        if (lane != 0) return;
+        float& mx = stats[warp * a.head_chunk + h];
+        float& sum = stats[(kWarps + warp) * a.head_chunk + h];
+        const float m_new = fmaxf(mx, z);
+        sum = sum * __expf(mx - m_new) + __expf(z - m_new);
+        mx = m_new;
+      });
+    __syncthreads();
+    for (int h = threadIdx.x; h < hn; h += kThreads) {
+      float mx = -INFINITY;
+      for (int wi = 0; wi < kWarps; ++wi) mx = fmaxf(mx, stats[wi * a.head_chunk + h]);
+      float sum = 0.f;
+      for (int wi = 0; wi < kWarps; ++wi) {
+        const float mw = stats[wi * a.head_chunk + h];
+        if (mw != -INFINITY) sum += stats[(kWarps + wi) * a.head_chunk + h] * __expf(mw - mx);
+      }
+      a.main_lse[t * a.Hm + h0 + h] = mx + __logf(sum);
+    }
+  }
+  if (threadIdx.x == 0) a.index_lse[t] = lse_i;
+  const float scale = loss_scale(a.nonempty_rows);
+  // Pass 2: per tile p, r, loss terms and the backward.
+  float loss = 0.f;
+  for (int64_t s0 = r.lo; s0 < r.hi; s0 += kTileKeys) {
+    const int n = static_cast<int>(r.hi - s0 < kTileKeys ? r.hi - s0 : kTileKeys);
+    __syncthreads();
+    set_contiguous_rows(s0, n, L, sm);
+    __syncthreads();
+    load_key_tile(static_cast<const TQ*>(a.k), a.D, L, sm);
+    __syncthreads();
+    const float logit = key_logit(L, sm);
+    tile_target<TM>(a, t, s0, n, r, M, sm);
+    float g = 0.f;
+    if (static_cast<int>(threadIdx.x) < n) {
+      const float p = sm[M.p + threadIdx.x] / static_cast<float>(a.Hm);
+      const float log_r = logit - lse_i;
+      if (p > 0.f) loss += p * (__logf(p) - log_r);
+      g = (__expf(log_r) - p) * scale;
+    }
+    row_backward_tile(L, sm, g, a.H, a.dk32);
+  }
+  loss = block_sum(loss, red);
+  if (threadIdx.x == 0) a.row_loss[t] = r.hi > r.lo ? loss * scale : 0.f;
+  __syncthreads();
+  store_row_grads(L, sm, t, a.H, static_cast<TQ*>(a.dq), static_cast<TW*>(a.dw));
+}
+
+// grid (ceil(S / kTileKeys)): deterministic dk of the dense loss, after dense_loss_row_kernel
+// (which leaves both lse workspaces). The CTA owns a tile of keys and loops over the rows in
+// order, recomputing p, r and g for its keys (a third evaluation of the main scores: the
+// price of a fixed summation order without [T, S] scratch).
+template <typename TQ, typename TW, typename TM>
+__global__ void __launch_bounds__(kThreads) dense_loss_key_kernel(DenseLossArgs a, void* dk_out) {
+  DSA_DYNAMIC_SMEM(smem_raw, 16);
+  float* sm = reinterpret_cast<float*>(smem_raw);
+  const Layout L = make_layout(a.H, a.D, Parts::kKeyBackward);
+  const MainLayout M = make_main_layout(L, a.Dm, a.head_chunk);
+  const int D = a.D;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kTileKeys;
+  const int n = static_cast<int>(a.S - s0 < kTileKeys ? a.S - s0 : kTileKeys);
+  set_contiguous_rows(s0, n, L, sm);
+  zero_words<float>(sm + L.acc, kTileKeys * D);
+  __syncthreads();
+  load_key_tile(static_cast<const TQ*>(a.k), D, L, sm);
+  float* coef = sm + L.coef;
+  const int key = threadIdx.x;
+  const float scale = loss_scale(a.nonempty_rows);
+  for (int64_t t = 0; t < a.T; ++t) {
+    const RowRange r = row_range(a.ks, a.ke, t, a.S);
+    if (r.hi <= s0 || r.lo >= s0 + n) continue;  // uniform
+    __syncthreads();
+    load_query_row(static_cast<const TQ*>(a.q), static_cast<const TW*>(a.w), t, a.H, D, L, sm);
+    __syncthreads();
+    const float logit = key_logit(L, sm);
+    tile_target<TM>(a, t, s0, n, r, M, sm);
+    const int64_t s = s0 + key;
+    float g = 0.f;
+    if (key < n && s >= r.lo && s < r.hi)
+      g = (__expf(logit - a.index_lse[t]) - sm[M.p + key] / static_cast<float>(a.Hm)) * scale;
+    const float* w = sm + L.w;
+    for_each_head_score(L, sm, key, [&](int h, float z) { coef[h * kTileKeys + key] = z > 0.f ? g * w[h] : 0.f; });
+    __syncthreads();
+    for (int e = threadIdx.x; e < n * D; e += kThreads) {
+      const int j = e / D, d = e - j * D;
+      float v = 0.f;
+      for (int h = 0; h < a.H; ++h) v = fmaf(coef[h * kTileKeys + j], sm[L.q + h * D + d], v);
+      sm[L.acc + e] += v;
+    }
+  }
+  __syncthreads();
+  TQ* dk = static_cast<TQ*>(dk_out);
+  for (int e = threadIdx.x; e < n * D; e += kThreads) dk[s0 * D + e] = from_f32<TQ>(sm[L.acc + e]);
+}
+
 struct WarpPartials {
   float v[kWarps];
 };

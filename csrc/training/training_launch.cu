@@ -47,6 +47,22 @@ cudaError_t cast_into(const float* src, void* dst, int64_t n, cudaStream_t strea
 
 bool grid_fits(int64_t x) { return x > 0 && x <= 0x7fffffffLL; }
 
+// Heads of q_main per chunk of the dense loss: as many as fit next to the indexer's tiles (and
+// at most 64 KB of them).
+int dense_head_chunk(int64_t H, int64_t D, int64_t Hm, int64_t Dm, Parts parts) {
+  const Layout L = make_layout(static_cast<int>(H), static_cast<int>(D), parts);
+  int chunk = static_cast<int>(Hm);
+  while (chunk > 1 && (chunk * Dm * 4 > 64 * 1024 ||
+                       static_cast<size_t>(make_main_layout(L, static_cast<int>(Dm), chunk).words) * 4 > kMaxSmem))
+    chunk = (chunk + 1) / 2;
+  return chunk;
+}
+
+size_t dense_smem(int64_t H, int64_t D, int64_t Dm, int chunk, Parts parts) {
+  const Layout L = make_layout(static_cast<int>(H), static_cast<int>(D), parts);
+  return static_cast<size_t>(make_main_layout(L, static_cast<int>(Dm), chunk).words) * 4;
+}
+
 }  // namespace
 
 bool indexer_cuda_supports(int64_t H, int64_t D) {
@@ -58,6 +74,12 @@ bool indexer_cuda_supports(int64_t H, int64_t D) {
 }
 
 bool target_cuda_supports(int64_t D) { return D > 0 && target_smem_bytes(static_cast<int>(D), 1) <= kTargetSmem; }
+
+bool dense_loss_cuda_supports(int64_t H, int64_t D, int64_t Dm) {
+  if (!indexer_cuda_supports(H, D) || Dm <= 0 || Dm > 16384) return false;
+  return dense_smem(H, D, Dm, 1, Parts::kRowBackward) <= kMaxSmem &&
+         dense_smem(H, D, Dm, 1, Parts::kKeyBackward) <= kMaxSmem;
+}
 
 cudaError_t launch_indexer_train_logits(LogitsArgs a, DType qk, DType w, cudaStream_t stream) {
   if (!indexer_cuda_supports(a.H, a.D)) return cudaErrorInvalidValue;
@@ -166,6 +188,54 @@ cudaError_t launch_indexer_kl_loss_sparse(SparseLossArgs a, DType qk, DType w, b
     if (const cudaError_t err = allow_smem(key, key_smem); err != cudaSuccess) return err;
     sparse_loss_key_kernel<TQ, TW><<<static_cast<unsigned>(key_tiles), kThreads, key_smem, stream>>>(a, dk);
     return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_indexer_kl_loss_dense(DenseLossArgs a, DType qk, DType w, DType main, bool mean,
+                                         bool deterministic, int32_t* count, float* loss, void* dk,
+                                         cudaStream_t stream) {
+  if (!dense_loss_cuda_supports(a.H, a.D, a.Dm) || a.Hm <= 0) return cudaErrorInvalidValue;
+  if (a.T > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  if (mean && count == nullptr) return cudaErrorInvalidValue;
+  if (!deterministic && a.dk32 == nullptr) return cudaErrorInvalidValue;
+  float* const dk32 = a.dk32;
+  if (deterministic) a.dk32 = nullptr;
+  a.nonempty_rows = mean ? count : nullptr;
+  // One chunk size for both kernels (the key kernel's layout is the larger one).
+  a.head_chunk = dense_head_chunk(a.H, a.D, a.Hm, a.Dm, Parts::kKeyBackward);
+  const int row_chunk = dense_head_chunk(a.H, a.D, a.Hm, a.Dm, Parts::kRowBackward);
+  if (row_chunk < a.head_chunk) a.head_chunk = row_chunk;
+  const size_t row_smem = dense_smem(a.H, a.D, a.Dm, a.head_chunk, Parts::kRowBackward);
+  const size_t key_smem = dense_smem(a.H, a.D, a.Dm, a.head_chunk, Parts::kKeyBackward);
+  const int64_t key_tiles = ceil_div<int64_t>(a.S, kTileKeys);
+  auto go = [&](auto tq, auto tw, auto tm) {
+    using TQ = decltype(tq);
+    using TW = decltype(tw);
+    using TM = decltype(tm);
+    if (a.T > 0) {
+      if (mean) {
+        count_nonempty_ranges_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(a.T, kThreads)), kThreads, 0, stream>>>(
+            a.ks, a.ke, a.T, a.S, count);
+        if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+      }
+      auto row = dense_loss_row_kernel<TQ, TW, TM>;
+      if (const cudaError_t err = allow_smem(row, row_smem); err != cudaSuccess) return err;
+      dense_loss_row_kernel<TQ, TW, TM><<<static_cast<unsigned>(a.T), kThreads, row_smem, stream>>>(a);
+      if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    }
+    sum_rows_kernel<<<1, kThreads, 0, stream>>>(a.row_loss, a.T, loss);
+    if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    if (key_tiles == 0) return cudaSuccess;
+    if (!deterministic) return cast_into<TQ>(dk32, dk, a.S * a.D, stream);
+    if (!grid_fits(key_tiles)) return cudaErrorInvalidConfiguration;
+    auto key = dense_loss_key_kernel<TQ, TW, TM>;
+    if (const cudaError_t err = allow_smem(key, key_smem); err != cudaSuccess) return err;
+    dense_loss_key_kernel<TQ, TW, TM><<<static_cast<unsigned>(key_tiles), kThreads, key_smem, stream>>>(a, dk);
+    return cudaGetLastError();
+  };
+  return dispatch_types(qk, w, [&](auto tq, auto tw) {
+    if (main == DType::kBFloat16) return go(tq, tw, __nv_bfloat16{});
+    return go(tq, tw, float{});
   });
 }
 

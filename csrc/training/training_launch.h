@@ -68,6 +68,27 @@ struct SparseLossArgs {
   int H, D;
 };
 
+struct DenseLossArgs {
+  const void* q;
+  const void* k;
+  const void* w;
+  const int32_t* ks;            // [T]
+  const int32_t* ke;            // [T]
+  const void* q_main;           // [T, Hm, Dm]
+  const void* kv_main;          // [S, 1, Dm], q_main's dtype
+  float* main_lse;              // [T, Hm] fp32 workspace
+  float* index_lse;             // [T] fp32 workspace
+  float* row_loss;              // [T] fp32 workspace
+  const int32_t* nonempty_rows; // set by the launcher (mean), else null
+  void* dq;
+  void* dw;
+  float* dk32;                  // atomic mode: [S, D] fp32 zeroed by the caller; else null
+  int64_t T, S;
+  int H, D, Hm, Dm;
+  int head_chunk;               // set by the launcher
+  float sm_scale;
+};
+
 // Whether the indexer kernels (logits, backward, sparse loss) serve H heads of dim D: q[t] and a
 // 128-key tile in fp32 shared memory must fit the 227 KB a CTA may use (H * D <= 8192 at D = 128).
 bool indexer_cuda_supports(int64_t H, int64_t D);
@@ -88,5 +109,16 @@ cudaError_t launch_sparse_attention_target(TargetArgs a, DType qk, cudaStream_t 
 // zeroed by the caller.
 cudaError_t launch_indexer_kl_loss_sparse(SparseLossArgs a, DType qk, DType w, bool mean, bool deterministic,
                                           int32_t* count, float* loss, void* dk, cudaStream_t stream);
+
+// Whether indexer_kl_loss_dense serves these shapes (the indexer's tiles plus one head of q_main
+// and a kv_main row per warp in shared memory).
+bool dense_loss_cuda_supports(int64_t H, int64_t D, int64_t Dm);
+
+// Writes *loss, dq, dw, dk like the sparse loss. Workspace: a.main_lse [T, Hm], a.index_lse [T],
+// a.row_loss [T], `count` (mean), a.dk32 (atomic mode), as there. The key axis is streamed in
+// the kernels' 128-key tiles whatever the op's block_size (memory O(T * Hm) either way).
+cudaError_t launch_indexer_kl_loss_dense(DenseLossArgs a, DType qk, DType w, DType main, bool mean,
+                                         bool deterministic, int32_t* count, float* loss, void* dk,
+                                         cudaStream_t stream);
 
 }  // namespace dsa::training

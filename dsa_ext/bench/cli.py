@@ -5,8 +5,10 @@
     dsa-bench all --quick --json r.json --plot e2e.png
     python -m dsa_ext.bench.cli ...    # the same without the console script
 
-Subcommands pick the case family: indexer, topk, attn-fwd, attn-bwd, decode, cache, e2e, all.
-Cases come from the family modules `dsa_ext.bench.{cache,indexer,topk,sparse_mla,mla_decode,e2e}`
+Subcommands pick the case family: indexer, topk, attn-fwd, attn-bwd, decode, cache, e2e, train,
+all. `dsa-bench train-demo [--steps N ...]` instead runs `dsa_ext.train_demo` (the indexer
+trained by the dense warm-up loss on a toy layer, on the CPU in about two minutes).
+Cases come from the family modules `dsa_ext.bench.{cache,indexer,topk,sparse_mla,mla_decode,e2e,training}`
 (`cases(device, quick) -> list[Case]`, see common.py); a module that is absent is skipped with
 a message, and a case that raises (an op not built yet, out of memory) becomes an error row
 while the run goes on. The device is CUDA when available (`--device` to choose); on a GPU the
@@ -74,6 +76,7 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "attn-bwd": ("attn_bwd", "sparse_mla"),
     "decode": ("decode", "mla_decode"),
     "e2e": ("e2e", "e2e"),
+    "train": ("train", "training"),
 }
 
 
@@ -256,6 +259,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-demo"]:   # not a case family: the training demonstration
+        from ..train_demo import main as train_demo
+        return train_demo(argv[1:])
     args = parse_args(argv)
     import dsa_ext  # noqa: F401  (loads torch.ops.dsa)
 

@@ -98,4 +98,35 @@ int emu_indexer_kl_loss_sparse(const void* q, const void* k, const void* w, cons
                                                       deterministic != 0, count, loss, dk, nullptr);
 }
 
+// main_lse [T, Hm], index_lse [T], row_loss [T]: workspace; count, dk32 as for the sparse loss.
+int emu_indexer_kl_loss_dense(const void* q, const void* k, const void* w, const int32_t* ks, const int32_t* ke,
+                              const void* q_main, const void* kv_main, float* main_lse, float* index_lse,
+                              float* row_loss, int32_t* count, float* loss, void* dq, void* dk, void* dw, float* dk32,
+                              int64_t T, int64_t S, int64_t H, int64_t D, int64_t Hm, int64_t Dm, float sm_scale,
+                              int qk_dtype, int w_dtype, int main_dtype, int mean, int deterministic) {
+  dsa::training::DenseLossArgs a{};
+  a.q = q;
+  a.k = k;
+  a.w = w;
+  a.ks = ks;
+  a.ke = ke;
+  a.q_main = q_main;
+  a.kv_main = kv_main;
+  a.main_lse = main_lse;
+  a.index_lse = index_lse;
+  a.row_loss = row_loss;
+  a.dq = dq;
+  a.dw = dw;
+  a.dk32 = dk32;
+  a.T = T;
+  a.S = S;
+  a.H = static_cast<int>(H);
+  a.D = static_cast<int>(D);
+  a.Hm = static_cast<int>(Hm);
+  a.Dm = static_cast<int>(Dm);
+  a.sm_scale = sm_scale;
+  return dsa::training::launch_indexer_kl_loss_dense(a, dtype(qk_dtype), dtype(w_dtype), dtype(main_dtype), mean != 0,
+                                                     deterministic != 0, count, loss, dk, nullptr);
+}
+
 }  // extern "C"
