@@ -27,6 +27,7 @@ FAMILY_OPS = {
     "decode": ["sparse_mla_decode"],
     "e2e": ["fp8_quantize", "hadamard_fp8_quantize", "indexer_logits", "indexer_topk", "sparse_mla_fwd", "indexer_k_cache_write", "mla_kv_cache_write",
             "paged_indexer_logits", "topk_indices", "topk_slot_ids", "sparse_mla_decode"],
+    "train": ["indexer_train_logits_bwd", "indexer_kl_loss_sparse", "indexer_kl_loss_dense"],
 }
 
 

@@ -453,52 +453,63 @@ def test_bad_inputs(device, gen):
 
 # ---- long context: the dense loss's memory bound ------------------------------------------------
 
-def _status_bytes(field):
+_MEMORY_PROBE = r"""
+import sys
+import torch
+import dsa_ext
+from dsa_ext import reference as ref
+
+def status(field):
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
-
-def _peak_rss_growth(fn):
-    """Peak resident-set growth while fn runs (Linux: clear_refs 5 resets VmHWM to VmRSS)."""
+def peak_growth(fn):
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_bytes("VmRSS")
-    result = fn()
-    return _status_bytes("VmHWM") - base, result
+        f.write("5")                       # VmHWM := VmRSS
+    base = status("VmRSS")
+    out = fn()
+    return status("VmHWM") - base, out
+
+torch.manual_seed(0)
+T, H, D, S, Hm, Dm = 256, 4, 8, 32768, 2, 8
+q, k, w = torch.randn(T, H, D), torch.randn(S, D), torch.randn(T, H)
+q_main, kv_main = torch.randn(T, Hm, Dm), torch.randn(S, 1, Dm)
+ks = torch.zeros(T, dtype=torch.int32)
+ke = torch.arange(S - T + 1, S + 1, dtype=torch.int32)      # the last T queries, causal
+sm = Dm ** -0.5
+f = dsa_ext.indexer_kl_loss_dense_with_grads
+f(q[:4], k[:64], w[:4], ks[:4], ks[:4] + 64, q_main[:4], kv_main[:64], sm)  # warm the pool
+peak, (loss, dq, dk, dw) = peak_growth(lambda: f(q, k, w, ks, ke, q_main, kv_main, sm, "mean"))
+probe, _ = peak_growth(lambda: torch.ones(T, S).sum())     # what [T, S] fp32 would add
+rows = torch.tensor([0, 100, T - 1])
+r = ref.indexer_kl_loss_dense(q[rows], k, w[rows], ks[rows], ke[rows], q_main[rows], kv_main,
+                              sm, "sum")
+g = f(q[rows], k, w[rows], ks[rows], ke[rows], q_main[rows], kv_main, sm, "sum")
+err = max(float((a.double() - b).norm() / b.norm()) for a, b in zip(g[:2] + g[3:], r[:2] + r[3:]))
+print(peak, probe, T * S * 4, float(loss), err)
+"""
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"),
                     reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
-def test_dense_loss_memory_bound_at_32k(gen):
-    """Dense warm-up loss at S = 32768: the peak memory it adds is far below [T, S] fp32 (the
-    measurement is validated by the same probe seeing a [T, S] allocation)."""
-    T, H, D, S, Hm, Dm = 256, 4, 8, 32768, 2, 8
-    q, k, w = indexer_inputs(T, H, D, S, gen=gen, device="cpu", dtype=torch.float32)
-    q_main = randn(T, Hm, Dm, gen=gen)
-    kv_main = randn(S, 1, Dm, gen=gen)
-    ks = torch.zeros(T, dtype=torch.int32)
-    ke = torch.arange(S - T + 1, S + 1, dtype=torch.int32)   # the last T queries, causal
-    sm = Dm ** -0.5
-    # Warm up the thread pool and allocator on a small problem first.
-    dsa_ext.indexer_kl_loss_dense_with_grads(q[:4], k[:64], w[:4], ks[:4], ks[:4] + 64,
-                                             q_main[:4], kv_main[:64], sm)
-    ts_bytes = T * S * 4
-    probe, _ = _peak_rss_growth(lambda: torch.ones(T, S).sum())
-    assert probe >= 0.9 * ts_bytes            # the probe sees a [T, S] fp32 buffer
-    peak, (loss, dq, dk, dw) = _peak_rss_growth(
-        lambda: dsa_ext.indexer_kl_loss_dense_with_grads(q, k, w, ks, ke, q_main, kv_main, sm,
-                                                         "mean"))
+def test_dense_loss_memory_bound_at_32k():
+    """Dense warm-up loss at S = 32768 (T = 256 causal queries): the peak memory it adds is
+    at least 10x below [T, S] fp32. Measured in a fresh process whose glibc serves every
+    allocation >= 64 KiB by mmap (no resident free heap to hide a peak); the same probe must
+    see a [T, S] fp32 buffer, so the bound is not an artefact of the measurement."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    peak, probe, ts_bytes, loss, err = proc.stdout.split()
+    peak, probe, ts_bytes = int(peak), int(probe), int(ts_bytes)
+    assert probe >= 0.9 * ts_bytes, (probe, ts_bytes)
     assert ts_bytes >= 10 * peak, (peak, ts_bytes)
-    assert torch.isfinite(loss) and loss > 0
-    # Spot-check the numbers on a few rows against the oracle (rows are independent in the
-    # loss; dq/dw of a row depend only on that row).
-    rows = torch.tensor([0, 100, T - 1])
-    r_loss, r_dq, _, r_dw = ref.indexer_kl_loss_dense(q[rows], k, w[rows], ks[rows], ke[rows],
-                                                      q_main[rows], kv_main, sm, "sum")
-    got_sum, got_dq, _, got_dw = dsa_ext.indexer_kl_loss_dense_with_grads(
-        q[rows], k, w[rows], ks[rows], ke[rows], q_main[rows], kv_main, sm, "sum")
-    assert rel_err(got_sum, r_loss) < 1e-4
-    assert rel_err(got_dq, r_dq) < 1e-4 and rel_err(got_dw, r_dw) < 1e-4
+    assert float(loss) > 0 and float(err) < 1e-4, (loss, err)

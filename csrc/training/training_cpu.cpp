@@ -441,7 +441,8 @@ struct RowLse {
 // Online log-sum-exp: running max m and sum of exp(x - m).
 template <typename acc_t>
 struct OnlineLse {
-  acc_t m = neg_inf<acc_t>(), sum = 0;
+  acc_t m = neg_inf<acc_t>();
+  double sum = 0;  // tens of thousands of terms: summed in double
   void add(acc_t x) {
     if (x == neg_inf<acc_t>()) return;  // adds nothing (and -inf - -inf would be NaN)
     if (x > m) {
@@ -451,7 +452,9 @@ struct OnlineLse {
       sum += std::exp(x - m);
     }
   }
-  acc_t value() const { return m == neg_inf<acc_t>() ? m : m + std::log(sum); }
+  acc_t value() const {
+    return m == neg_inf<acc_t>() ? m : m + static_cast<acc_t>(std::log(sum));
+  }
 };
 
 // The loss term and gradient g = dL/dI at (t, s) from pass 1's lse; dots gets q[h] . k[s].
@@ -505,19 +508,28 @@ double dense_kl_kernel(const acc_t* q, const acc_t* k, const acc_t* w, const acc
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> dots(static_cast<size_t>(block * H));
     std::vector<acc_t> g(static_cast<size_t>(block));
+    // Per-block partial sums added to the row's totals: long rows lose less precision than
+    // with one running sum.
+    std::vector<acc_t> dq_block(static_cast<size_t>(H * D)), dw_block(static_cast<size_t>(H));
     for (int64_t t = t0; t < t1; ++t) {
       const auto row = row_view(t);
       const auto lse = row_lse(t);
-      acc_t loss = 0;
+      double loss = 0;
       for (int64_t b0 = ranges[t].lo; b0 < ranges[t].hi; b0 += block) {
         const int64_t b1 = std::min(ranges[t].hi, b0 + block);
+        acc_t loss_block = 0;
         for (int64_t s = b0; s < b1; ++s)
-          g[s - b0] = dense_pair(row, lse, s, row_scale, dots.data() + (s - b0) * H, &loss);
+          g[s - b0] = dense_pair(row, lse, s, row_scale, dots.data() + (s - b0) * H, &loss_block);
+        std::fill(dq_block.begin(), dq_block.end(), acc_t(0));
+        std::fill(dw_block.begin(), dw_block.end(), acc_t(0));
         for (int64_t s = b0; s < b1; ++s)
           accumulate_row_grads(g[s - b0], row.w, dots.data() + (s - b0) * H, k + s * D, H, D,
-                               dq + t * H * D, dw + t * H);
+                               dq_block.data(), dw_block.data());
+        axpy(dq + t * H * D, acc_t(1), dq_block.data(), H * D);
+        axpy(dw + t * H, acc_t(1), dw_block.data(), H);
+        loss += static_cast<double>(loss_block);
       }
-      row_loss[t] = static_cast<double>(loss);
+      row_loss[t] = loss;
     }
   });
   // Pass 2b: per key tile, dk over every row that sees it (g recomputed the same way).
