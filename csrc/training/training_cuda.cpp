@@ -144,6 +144,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_spars
   return {loss, dq, dk, dw};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_dense_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& weights, const at::Tensor& ks, const at::Tensor& ke,
+    const at::Tensor& q_main, const at::Tensor& kv_main, double sm_scale, c10::string_view reduction,
+    int64_t block_size, bool deterministic) {
+  const std::string red(reduction);
+  const auto sh = check_indexer_kl_loss_dense_inputs(q, k, weights, ks, ke, q_main, kv_main, sm_scale, red,
+                                                     block_size, /*allow_fp64=*/false);
+  check_indexer_cuda_shape(sh.H, sh.D);
+  TORCH_CHECK_VALUE(training::dense_loss_cuda_supports(sh.H, sh.D, sh.Dm),
+                    "q_main: the CUDA dense-loss kernel keeps one head of q_main and a kv_main row per warp "
+                    "beside the indexer's tiles in shared memory, got d = ", sh.Dm, " with H = ", sh.H,
+                    ", D = ", sh.D);
+  const bool mean = check_kl_reduction(red);
+  c10::cuda::CUDAGuard guard(q.device());
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({}, f32);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dw = at::empty_like(weights);
+  at::Tensor main_lse = at::empty({sh.T, sh.Hm}, f32), index_lse = at::empty({sh.T}, f32);
+  at::Tensor row_loss = at::empty({sh.T}, f32);
+  at::Tensor count = at::zeros({1}, q.options().dtype(at::kInt));
+  at::Tensor dk32;
+  if (!deterministic) dk32 = at::zeros({sh.S, sh.D}, f32);
+  training::DenseLossArgs a{};
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.w = weights.data_ptr();
+  a.ks = ks.data_ptr<int32_t>();
+  a.ke = ke.data_ptr<int32_t>();
+  a.q_main = q_main.data_ptr();
+  a.kv_main = kv_main.data_ptr();
+  a.main_lse = main_lse.data_ptr<float>();
+  a.index_lse = index_lse.data_ptr<float>();
+  a.row_loss = row_loss.data_ptr<float>();
+  a.dq = dq.data_ptr();
+  a.dw = dw.data_ptr();
+  a.dk32 = deterministic ? nullptr : dk32.data_ptr<float>();
+  a.T = sh.T;
+  a.S = sh.S;
+  a.H = static_cast<int>(sh.H);
+  a.D = static_cast<int>(sh.D);
+  a.Hm = static_cast<int>(sh.Hm);
+  a.Dm = static_cast<int>(sh.Dm);
+  a.sm_scale = static_cast<float>(sm_scale);
+  DSA_CHECK_CUDA(training::launch_indexer_kl_loss_dense(a, dtype_code(q), dtype_code(weights), dtype_code(q_main),
+                                                        mean, deterministic, count.data_ptr<int32_t>(),
+                                                        loss.data_ptr<float>(), dk.data_ptr(), current_stream(q)));
+  return {loss, dq, dk, dw};
+}
+
 }  // namespace
 }  // namespace dsa
 
@@ -152,4 +201,5 @@ TORCH_LIBRARY_IMPL(dsa, CUDA, m) {
   m.impl("indexer_train_logits_bwd", &dsa::indexer_train_logits_bwd_cuda);
   m.impl("sparse_attention_target", &dsa::sparse_attention_target_cuda);
   m.impl("indexer_kl_loss_sparse", &dsa::indexer_kl_loss_sparse_cuda);
+  m.impl("indexer_kl_loss_dense", &dsa::indexer_kl_loss_dense_cuda);
 }
