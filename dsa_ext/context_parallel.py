@@ -103,6 +103,8 @@ def _nbytes(t: torch.Tensor) -> int:
 def _all_gather(inp: torch.Tensor, group, stats: Optional[CommStats], what: str) -> torch.Tensor:
     """``[W, *inp.shape]``: every rank's ``inp`` (same shape and dtype on every rank)."""
     W = dist.get_world_size(group)
+    if W == 1:
+        return inp.unsqueeze(0)
     out = inp.new_empty((W,) + tuple(inp.shape))
     dist.all_gather_into_tensor(out.view(-1), inp.contiguous().view(-1), group=group)
     if stats is not None:
@@ -112,6 +114,8 @@ def _all_gather(inp: torch.Tensor, group, stats: Optional[CommStats], what: str)
 
 def _all_reduce_sum(t: torch.Tensor, group, stats: Optional[CommStats], what: str) -> torch.Tensor:
     W = dist.get_world_size(group)
+    if W == 1:
+        return t
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     if stats is not None:
         stats.record(f"all_reduce:{what}", _nbytes(t), 2 * (W - 1) * _nbytes(t) // W)
@@ -542,8 +546,11 @@ class _AllGatherSequence(torch.autograd.Function):
         full = grad.new_zeros((W * ctx.padded,) + tuple(grad.shape[1:]), dtype=torch.float32)
         full.index_copy_(0, ctx.where, grad.float())
         mine = full.new_empty((ctx.padded,) + tuple(grad.shape[1:]))
-        dist.reduce_scatter_tensor(mine, full, op=dist.ReduceOp.SUM, group=ctx.group)
-        if ctx.stats is not None:
+        if W == 1:
+            mine = full
+        else:
+            dist.reduce_scatter_tensor(mine, full, op=dist.ReduceOp.SUM, group=ctx.group)
+        if ctx.stats is not None and W > 1:
             ctx.stats.record("reduce_scatter:row grads", _nbytes(full), (W - 1) * _nbytes(mine))
         return mine[:ctx.rows].to(grad.dtype), None, None, None
 
