@@ -92,7 +92,7 @@ def test_flash_mla_sparse_fwd_formula(device, gen, with_sink, with_len, d_qk):
     assert max_logits.dtype == lse.dtype == torch.float32 and lse.shape == max_logits.shape == (9, 16)
     torch.testing.assert_close(out.cpu().double(), r_out, atol=8e-4, rtol=3.01 / 128)
     # FlashMLA's tolerance on both: abs 1e-6, rel 2/65536 (fp32 math over bf16 inputs)
-    torch.testing.assert_close(max_logits.cpu().double(), r_max, atol=1e-5, rtol=2.01 / 65536)
+    torch.testing.assert_close(max_logits.cpu().double(), r_max, atol=1e-6, rtol=2.01 / 65536)
     torch.testing.assert_close(lse.cpu().double(), r_lse, atol=1e-5, rtol=2.01 / 65536)
     # the conventions, explicitly: row 3 has no valid index -> lse +inf, max_logits -inf, out 0
     assert torch.isposinf(lse[3]).all() and torch.isneginf(max_logits[3]).all()
@@ -105,12 +105,17 @@ def test_flash_mla_sparse_fwd_formula(device, gen, with_sink, with_len, d_qk):
     assert torch.equal(lse, op_lse.masked_fill(torch.isneginf(op_lse), INF))
 
 
-def test_flash_mla_max_logits_chunks_and_opt_out(monkeypatch, gen):
+def test_flash_mla_max_logits_ties_scale_and_opt_out(monkeypatch, gen):
+    """max_logits = lse(2**32 s) / 2**32: exact to fp32 rounding with many tied maxima, tiny
+    and large scores, a negative scale; COMPUTE_MAX_LOGITS = False skips it."""
     q, kv, indices, sink, topk_length = _prefill_case(gen, s_q=7, s_kv=50, topk=32)
+    dup = indices.clone()
+    dup[0, 0, :] = 5                                        # 32 copies of one key: 32 tied maxima
+    for scale in (0.4, 1e-4, 30.0, -0.7):
+        _, got, _ = flash_mla.flash_mla_sparse_fwd(q, kv, dup, scale, topk_length=topk_length)
+        _, want, _ = flashmla_prefill_formula(q, kv, dup, scale, None, topk_length)
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=2.01 / 65536)
     whole = flash_mla.flash_mla_sparse_fwd(q, kv, indices, 0.4, topk_length=topk_length)
-    monkeypatch.setattr(flash_mla, "MAX_LOGITS_WORKSPACE_BYTES", 1)      # one row per chunk
-    assert torch.equal(flash_mla.flash_mla_sparse_fwd(q, kv, indices, 0.4, topk_length=topk_length)[1],
-                       whole[1])
     monkeypatch.setattr(flash_mla, "COMPUTE_MAX_LOGITS", False)
     out, max_logits, lse = flash_mla.flash_mla_sparse_fwd(q, kv, indices, 0.4, topk_length=topk_length)
     assert max_logits is None and torch.equal(out, whole[0]) and torch.equal(lse, whole[2])
