@@ -233,3 +233,25 @@ def test_infinite_sink(lib, gen, variant, split):
     assert reports == [] and (splits > 1) == split
     check(out, lse, q, cache, idx, D_QK ** -0.5, sink)
     assert (out[:, :, torch.isposinf(sink)] == 0).all()
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["unsplit", "split"])
+@pytest.mark.parametrize("variant", ["hb16", "hb64-wgmma"])
+def test_nan_score_propagates(lib, gen, variant, split):
+    """A NaN score gives NaN out and lse for its row (the reference's answer), in the main
+    kernel and through the split combine — also when it is the row's only valid entry."""
+    H, _, wgmma = VARIANTS[variant]
+    K = 384 if split else 150
+    kv = randn(3 * 64, D_QK, gen=gen)
+    kv[5, 10] = float("nan")
+    cache = kv.to(torch.bfloat16).view(3, 64, 1, D_QK)   # bf16: the FP8 writer would scale NaN away
+    for only in (False, True):
+        q = randn(1, 1, H, D_QK, gen=gen, dtype=torch.bfloat16)
+        idx = make_indices(1, 1, K, 3 * 64, gen)
+        idx[idx == 5] = 6
+        if only:
+            idx[:] = -1
+        idx[0, 0, K - 3] = 5
+        out, lse, splits, reports = run_decode(lib, q, cache, idx, D_QK ** -0.5, None, None, wgmma)
+        assert reports == [] and (splits > 1) == split
+        assert out.float().isnan().all() and lse.isnan().all()

@@ -339,3 +339,23 @@ def test_bwd_infinite_sink(lib, gen, deterministic):
     sink = infinite_sink(H, gen)
     dq, _ = bwd_case(lib, gen, q, kv, idx, SCALE, sink, None, deterministic)
     assert (dq[:, torch.isposinf(sink)] == 0).all()
+
+
+@pytest.mark.parametrize("variant", ["hb16", "hb64", "wgmma"])
+def test_fwd_nan_score_propagates(lib, gen, variant):
+    """A NaN score makes that row's out and lse NaN (as in the reference), never an "empty"
+    row: row 0 selects one NaN latent row among finite ones, row 1 selects only it, row 2
+    never selects it."""
+    H, wgmma, _, _ = FWD_VARIANTS[variant]
+    T, S, K = 3, 100, 80
+    q, kv, idx = make_inputs(T, H, S, K, gen, invalid_frac=0.0)
+    kv[7, 0, 3] = float("nan")
+    idx[0, 0, 40] = 7
+    idx[1, 0, :] = -1
+    idx[1, 0, 5] = 7
+    idx[2][idx[2] == 7] = 8
+    out, lse, reports = run_fwd(lib, q, kv, idx, SCALE, None, None, wgmma)
+    assert reports == []
+    assert out[:2].float().isnan().all() and lse[:2].isnan().all()
+    r_out, r_lse = ref.sparse_mla_fwd(q, kv, idx, SCALE, D_V)
+    assert rel_err(out[2], r_out[2]) < OUT_TOL and torch.allclose(lse[2], r_lse[2], atol=LSE_ATOL, rtol=LSE_RTOL)

@@ -298,6 +298,29 @@ def test_mixed_devices_rejected():
         dsa_ext.sparse_mla_decode(**a)
 
 
+@pytest.mark.parametrize("B,s_q,H,K", [(2, 2, 16, 64), (1, 1, 64, 1024)], ids=["unsplit", "split"])
+def test_nan_score_propagates(device, gen, B, s_q, H, K):
+    """A NaN score gives NaN out and lse for its row (the reference's answer), also through the
+    split combine and when it is the row's only valid entry."""
+    kv = randn(20 * 64, D_QK, gen=gen)
+    kv[5, 10] = float("nan")
+    cache = kv.to(torch.bfloat16).view(20, 64, 1, D_QK)     # bf16 keeps the NaN in place
+    q = randn(B, s_q, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(B, s_q, K, 20 * 64, gen)
+    idx[idx == 5] = 6
+    idx[0, 0, K - 3] = 5                   # among valid entries
+    if B * s_q > 1:
+        idx[-1, -1] = -1
+        idx[-1, -1, 0] = 5                 # the only valid entry
+    out, lse = dsa_ext.sparse_mla_decode(q.to(device), cache.to(device), idx.to(device), D_QK ** -0.5)
+    nan_rows = [(0, 0)] + ([(B - 1, s_q - 1)] if B * s_q > 1 else [])
+    for b, s in nan_rows:
+        assert out[b, s].float().isnan().all() and lse[b, s].isnan().all()
+    ro, rl = ref.sparse_mla_decode(q, cache, idx, D_QK ** -0.5)
+    for b, s in nan_rows:
+        assert rl[b, s].isnan().all()
+
+
 @pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
 @pytest.mark.parametrize("B,s_q,H,K", [(2, 2, 16, 64), (1, 1, 64, 1024)], ids=["unsplit", "split"])
 def test_infinite_sink(device, gen, fp8, B, s_q, H, K):

@@ -537,3 +537,20 @@ def test_sink_gradcheck_float64_cpu(gen):
                        dtype=torch.int32)[:, None]
     fn = lambda q, kv, s: dsa_ext.sparse_mla(q, kv, idx, 0.4, dv, s.float())[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, kv, sink), eps=1e-3, atol=1e-3, rtol=1e-2)
+
+
+def test_fwd_nan_score_propagates(device, gen):
+    """A NaN score makes that query row's out and lse NaN (the reference's answer), also when it
+    is the row's only valid entry — never the zeros / -inf of an empty row."""
+    T, H, S, K = 3, 16, 60, 64
+    q, kv, idx = make_inputs(T, H, S, K, gen=gen, device=device, invalid_frac=0.0)
+    kv[7, 0, 3] = float("nan")
+    idx[idx == 7] = 8
+    idx[0, 0, 40] = 7
+    idx[1, 0, :] = -1
+    idx[1, 0, 5] = 7
+    out, lse = dsa_ext.sparse_mla_fwd(q, kv, idx, scale_for(D_QK))
+    assert out[:2].float().isnan().all() and lse[:2].isnan().all()
+    r_out, r_lse = ref_fwd(q.cpu(), kv.cpu(), idx.cpu(), scale_for(D_QK))
+    assert r_lse[:2].isnan().all()
+    assert rel_err(out[2], r_out[2]) < 1e-2 and torch.isfinite(lse[2]).all()

@@ -73,6 +73,9 @@ inline void softmax_rows(acc_t* s, int64_t H, int64_t n, int64_t lds, acc_t scal
   }
   for (int64_t h = 0; h < H; ++h) {
     acc_t* row = s + h * lds;
+    // Padding columns (zero key rows) scored q·0, which is NaN when q holds inf/NaN: P there
+    // must be exactly 0, or P·V spreads NaN over the whole head.
+    std::fill(row + n, row + lds, acc_t(0));
     if (n == 0 || mx[h] == kNegInf) {
       std::fill(row, row + n, acc_t(0));
       lse[h] = -std::numeric_limits<float>::infinity();

@@ -288,10 +288,13 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
       const bool none = m_new == -INFINITY;        // nothing valid in this row yet
       const float alpha = none ? 1.f : exp2f(m_run - m_new);
       float sum = 0.f;
+      // fmaxf drops NaN, so a row whose only valid scores are NaN still has m = -inf: its p
+      // stays NaN (not 0) so that the NaN reaches out and lse instead of an "empty" row.
+      auto p_of = [&](float x) { return none ? (x != x ? x : 0.f) : exp2f(x - m_new); };
 #pragma unroll
       for (int i = 0; i < kVPT; i += 2) {
-        const float p0 = none ? 0.f : exp2f(sv[i] - m_new);
-        const float p1 = none ? 0.f : exp2f(sv[i + 1] - m_new);
+        const float p0 = p_of(sv[i]);
+        const float p1 = p_of(sv[i + 1]);
         sum += p0 + p1;
         *reinterpret_cast<uint32_t*>(p_s + core_offset<HB>(soft_row, soft_part * kVPT + i)) = pack_bf16x2(p0, p1);
       }
@@ -360,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
   if (soft_part == 0) {
     const int h = h0 + soft_row;
     float inv = 0.f, lse = -INFINITY;
-    if (l_run > 0.f) {
+    if (l_run != 0.f) {   // 0 only for a row with no valid entry; NaN (a NaN score) propagates
       lse = (m_run + log2f(l_run)) * kLn2;
       float denom = l_run;
       if (!split_mode && p.attn_sink != nullptr && h < p.heads)
@@ -406,7 +409,10 @@ __global__ void __launch_bounds__(128) sparse_mla_decode_combine_kernel(const De
   const int64_t stride_lse = p.batch * p.s_q * p.heads;
   const int splits = p.plan.num_splits;
   float mx = -INFINITY;
-  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, p.lse_partial[s * stride_lse + rh]);
+  for (int s = 0; s < splits; ++s) {   // a NaN partial (a NaN score) must reach the output
+    const float v = p.lse_partial[s * stride_lse + rh];
+    mx = (v > mx || v != v) ? v : mx;
+  }
   const int c = threadIdx.x * 4;
   auto* out = static_cast<__nv_bfloat16*>(p.out) + rh * kDV + c;
   if (mx == -INFINITY) {

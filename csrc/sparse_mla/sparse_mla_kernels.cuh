@@ -40,13 +40,14 @@ __device__ __forceinline__ int row_limit(const int32_t* topk_length, int64_t t, 
 // Entry j of row t names a kv row (>= 0) or is skipped (-1): j beyond the row's limit, or an
 // index outside [0, S).
 // The end of a row's online softmax: the factor that normalises its output (the sink joins the
-// denominator only) and its natural-log lse; a row with no valid entry (l == 0) gives 0 and -inf.
+// denominator only) and its natural-log lse; a row with no valid entry (l == 0) gives 0 and -inf,
+// a NaN score (l is NaN: fmaxf drops NaN from the max, exp2 of it does not) gives NaN.
 struct RowNorm {
   float inv, lse;
 };
 __device__ __forceinline__ RowNorm finish_row(float l, float m, const float* attn_sink, int h) {
   RowNorm r{0.f, -INFINITY};
-  if (l > 0.f) {
+  if (l != 0.f) {
     float denom = l;
     if (attn_sink) denom += exp2f(__ldg(attn_sink + h) * kLog2e - m);
     r.inv = 1.f / denom;

@@ -31,7 +31,9 @@ inline void check_topk_indices(const at::Tensor& logits, int64_t k,
                                const std::optional<at::Tensor>& ke, int64_t max_k) {
   check_dim(logits, "logits", 2, "[T, S]");
   check_dtype(logits, "logits", at::kFloat);
-  TORCH_CHECK(logits.size(1) <= 1 || logits.stride(1) == 1,
+  // An empty matrix is read nowhere: its strides do not matter (torch keeps any strides on
+  // contiguous() of a tensor with no elements).
+  TORCH_CHECK(logits.numel() == 0 || logits.size(1) <= 1 || logits.stride(1) == 1,
               "logits must have unit stride along S (stride(1) == 1), got strides ",
               logits.strides());
   TORCH_CHECK(logits.size(0) <= 1 || logits.stride(0) >= 0,
