@@ -219,10 +219,12 @@ def plot_e2e(rows: List[dict], path: str) -> str:
         sel = sorted((r for r in points if r["name"] == kind), key=lambda r: r["shape"]["L"])
         L = [r["shape"]["L"] for r in sel]
         ax.plot(L, [r["ours_us"] / 1e3 for r in sel], "o-", label="DSA (indexer + top-k + sparse MLA)")
-        dense = [(r["shape"]["L"], r["baselines"].get("dense", {}).get("us")) for r in sel]
+        from .e2e import fastest_dense
+        dense = [(r["shape"]["L"], (fastest_dense(r) or {}).get("us")) for r in sel]
         dense = [(x, y) for x, y in dense if y]
         if dense:
-            ax.plot([x for x, _ in dense], [y / 1e3 for _, y in dense], "s--", label="dense attention")
+            ax.plot([x for x, _ in dense], [y / 1e3 for _, y in dense], "s--",
+                    label="dense attention (faster of bf16 / fp32)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context length L (tokens)")
@@ -250,10 +252,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--plot", metavar="PATH", help="PNG of time vs context length, DSA vs dense (e2e rows)")
     p.add_argument("--filter", metavar="TEXT", help="only cases whose name contains TEXT")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
-    p.add_argument("--min-reps", type=int, default=3)
+    p.add_argument("--min-reps", type=int, default=None,
+                   help="at least this many timed calls (default 3 on CUDA, 5 on CPU)")
     p.add_argument("--max-reps", type=int, default=100)
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                   help="aim for this much timed wall time per callable (default 0.5 on CUDA, 0.1 on CPU)")
+                   help="aim for this much timed wall time per callable (default 0.5 on CUDA, 0.3 on CPU)")
+    p.add_argument("--v32-heads", action="store_true",
+                   help="e2e on the CPU at the DeepSeek-V3.2 layer sizes (128 heads, 64 indexer heads, "
+                        "K=2048, L=2K..16K): a run of many minutes")
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any case failed")
     return p.parse_args(argv)
 
@@ -271,8 +277,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = args.quick or device.type == "cpu"
-    opts = TimingOptions(warmup=args.warmup, min_reps=args.min_reps, max_reps=args.max_reps,
-                         budget_s=args.budget if args.budget is not None else (0.5 if device.type == "cuda" else 0.1),
+    # CPU calls are timed by the wall clock among other processes: more repetitions keep the
+    # median clear of scheduler ticks.
+    min_reps = args.min_reps if args.min_reps is not None else (3 if device.type == "cuda" else 5)
+    opts = TimingOptions(warmup=args.warmup, min_reps=min_reps, max_reps=args.max_reps,
+                         budget_s=args.budget if args.budget is not None else (0.5 if device.type == "cuda" else 0.3),
                          graphs=args.graphs and device.type == "cuda")
     if args.graphs and device.type != "cuda":
         print("dsa-bench: --graphs applies to CUDA only; timing eagerly", file=sys.stderr)
@@ -284,6 +293,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, commit {_git_commit()}; {shapes}; "
           f"median of >= {opts.min_reps} reps after {opts.warmup} warm-up" + (", CUDA graphs" if opts.graphs else ""))
 
+    if args.v32_heads:
+        from . import e2e
+        e2e.V32_HEADS = True
     cases, rows, skipped = collect_cases(args.command, device, quick)
     if args.filter:
         cases = [c for c in cases if args.filter in c.name]

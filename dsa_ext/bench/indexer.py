@@ -7,10 +7,11 @@
   block-64 paged cache with shuffled blocks, N = 1 or 2 queries each. Bytes: the cached tokens'
   132 bytes each, q, weights, block table, context lengths, and the ``[B*N, ctx]`` output.
 
-Baseline: what a user would otherwise run in PyTorch — dequantise to bf16, ``q @ k^T`` per
-head, ReLU, the weighted head sum as a batched matmul, times the key scale (paged: gather the
-keys through the block table first) — included only where its ``[T, H, S]`` bf16 score tensor
-fits in 16 GiB. ``quick`` / CPU: tiny shapes that run in a second or two.
+Baselines: what a user would otherwise run in PyTorch — dequantise, ``q @ k^T`` per head, ReLU,
+the weighted head sum as a batched matmul, times the key scale (paged: gather the keys through
+the block table first) — once in bf16 (``torch bf16``) and once upcast to fp32 (``torch fp32``:
+the faster one on CPUs whose bf16 matmul is emulated), included only where the ``[T, H, S]``
+score tensor fits in 16 GiB. ``quick`` / CPU: tiny shapes that run in a second or two.
 """
 from __future__ import annotations
 
@@ -23,20 +24,22 @@ __all__ = ["cases"]
 
 _FP8 = torch.float8_e4m3fn
 _BASELINE_SCORE_BYTES = 16 << 30
+# The PyTorch composites, each in bf16 and upcast to fp32 (which is faster depends on the CPU).
+_COMPOSITE_DTYPES = (("bf16", torch.bfloat16), ("fp32", torch.float32))
 
 
-def _torch_prefill(q, k, k_scale, weights, ks, ke):
-    """Dense PyTorch formulation: [T, H, S] bf16 scores."""
+def _torch_prefill(q, k, k_scale, weights, ks, ke, dtype=torch.bfloat16):
+    """Dense PyTorch formulation: [T, H, S] scores in `dtype`."""
     t_len, h_len, d_len = q.shape
     s_len = k.shape[0]
-    scores = torch.matmul(q.to(torch.bfloat16).view(t_len * h_len, d_len), k.to(torch.bfloat16).t())
+    scores = torch.matmul(q.to(dtype).view(t_len * h_len, d_len), k.to(dtype).t())
     scores = scores.relu_().view(t_len, h_len, s_len)
-    logits = torch.bmm(weights.to(torch.bfloat16)[:, None, :], scores)[:, 0].float() * k_scale[None]
+    logits = torch.bmm(weights.to(dtype)[:, None, :], scores)[:, 0].float() * k_scale[None]
     cols = torch.arange(s_len, device=q.device)[None]
     return logits.masked_fill_((cols < ks[:, None]) | (cols >= ke[:, None]), float("-inf"))
 
 
-def _torch_paged(q, kv_cache, weights, context_lens, block_table, max_context_len):
+def _torch_paged(q, kv_cache, weights, context_lens, block_table, max_context_len, dtype=torch.bfloat16):
     """Gather the keys through the block table, then the dense formulation per sequence."""
     b_len, n_len, h_len, d_len = q.shape
     nb, bs = kv_cache.shape[:2]
@@ -45,10 +48,10 @@ def _torch_paged(q, kv_cache, weights, context_lens, block_table, max_context_le
     k_scale = flat[:, bs * d_len:].contiguous().view(torch.float32).reshape(nb * bs)
     pos = torch.arange(max_context_len, device=q.device)
     slots = (block_table.long()[:, pos // bs] * bs + pos % bs)                     # [B, P]
-    k = k_fp8[slots].to(torch.bfloat16)                                            # [B, P, D]
-    scores = torch.matmul(q.to(torch.bfloat16).view(b_len, n_len * h_len, d_len), k.transpose(1, 2))
+    k = k_fp8[slots].to(dtype)                                                     # [B, P, D]
+    scores = torch.matmul(q.to(dtype).view(b_len, n_len * h_len, d_len), k.transpose(1, 2))
     scores = scores.relu_().view(b_len * n_len, h_len, max_context_len)
-    logits = torch.bmm(weights.to(torch.bfloat16)[:, None, :], scores)[:, 0].float()
+    logits = torch.bmm(weights.to(dtype)[:, None, :], scores)[:, 0].float()
     logits = logits * k_scale[slots].repeat_interleave(n_len, 0)
     lens = (context_lens.long()[:, None] - n_len + 1 + torch.arange(n_len, device=q.device)).reshape(-1)
     return logits.masked_fill_(pos[None] >= lens[:, None], float("-inf"))
@@ -87,9 +90,10 @@ def cases(device, quick: bool):
         ks = torch.zeros(t_len, dtype=torch.int32, device=device)
         pairs = int((ke.long() - ks.long()).sum())
         baselines = {}
-        if 2 * t_len * heads * s_len <= _BASELINE_SCORE_BYTES:
-            baselines["torch bf16 (dequant + matmul)"] = (
-                lambda q=q, k=k, s=k_scale, w=weights, ks=ks, ke=ke: _torch_prefill(q, k, s, w, ks, ke))
+        if 4 * t_len * heads * s_len <= _BASELINE_SCORE_BYTES:
+            for name, dt in _COMPOSITE_DTYPES:
+                baselines[f"torch dequant + matmul {name}"] = (
+                    lambda q=q, k=k, s=k_scale, w=weights, ks=ks, ke=ke, dt=dt: _torch_prefill(q, k, s, w, ks, ke, dt))
         out.append(Case(
             family="indexer", name="indexer_logits",
             shape=dict(T=t_len, S=s_len, H=heads, D=head_dim),
@@ -114,9 +118,11 @@ def cases(device, quick: bool):
         weights = torch.randn(b_len * n_len, heads, generator=g).to(device)
         visible = b_len * sum(ctx - n_len + 1 + j for j in range(n_len))
         baselines = {}
-        if 2 * b_len * n_len * heads * ctx <= _BASELINE_SCORE_BYTES and 2 * b_len * ctx * head_dim <= _BASELINE_SCORE_BYTES:
-            baselines["torch bf16 (gather + dequant + matmul)"] = (
-                lambda q=q, c=cache, w=weights, cl=context_lens, bt=block_table, P=ctx: _torch_paged(q, c, w, cl, bt, P))
+        if 4 * b_len * n_len * heads * ctx <= _BASELINE_SCORE_BYTES and 4 * b_len * ctx * head_dim <= _BASELINE_SCORE_BYTES:
+            for name, dt in _COMPOSITE_DTYPES:
+                baselines[f"torch gather + dequant + matmul {name}"] = (
+                    lambda q=q, c=cache, w=weights, cl=context_lens, bt=block_table, P=ctx, dt=dt:
+                    _torch_paged(q, c, w, cl, bt, P, dt))
         out.append(Case(
             family="indexer", name="paged_indexer_logits",
             shape=dict(B=b_len, N=n_len, ctx=ctx, H=heads, D=head_dim, block_size=block_size),

@@ -2,8 +2,9 @@
 
 CUDA: FlashMLA's decode shape (SPEC section 6: B=128, s_q=2, H=128, K=2048, FP8 cache), the
 same with a bf16 cache, and small batches (B=1, 8) where the split-KV path carries the load.
-CPU / quick: tiny shapes. Baseline: what a user would otherwise run, i.e. gather the selected
-records, dequantise them, and run PyTorch attention over them.
+CPU / quick: tiny shapes. Baselines: what a user would otherwise run, i.e. gather the selected
+records, dequantise them, and run PyTorch attention over them, once with bf16 GEMMs (`... bf16`)
+and once upcast to fp32 (`... fp32`: the faster one on CPUs whose bf16 matmul is emulated).
 """
 from __future__ import annotations
 
@@ -29,20 +30,20 @@ def _fp8_cache(num_slots: int, block_size: int, device) -> torch.Tensor:
     return rec.view(num_slots // block_size, block_size, 1, 656)
 
 
-def _gathered_attention(q, kv_cache, indices, sm_scale):
-    """Baseline: gather + dequantise the selected records, then PyTorch attention (bf16 GEMMs)."""
+def _gathered_attention(q, kv_cache, indices, sm_scale, dtype=torch.bfloat16):
+    """Baseline: gather + dequantise the selected records, then PyTorch attention (GEMMs in `dtype`)."""
     B, s_q, H, _ = q.shape
     K = indices.shape[-1]
     flat = kv_cache.view(-1, kv_cache.shape[-1])
     valid = (indices >= 0) & (indices < flat.shape[0])
     rows = flat[torch.where(valid, indices, 0).view(-1).long()]
     kv = dequantize_mla_cache(rows.view(-1, 1, 1, rows.shape[-1]))
-    kv = kv.to(torch.bfloat16).view(B * s_q, K, D_QK)
-    scores = torch.bmm(q.view(B * s_q, H, D_QK), kv.transpose(1, 2)).float() * sm_scale
+    kv = kv.to(dtype).view(B * s_q, K, D_QK)
+    scores = torch.bmm(q.to(dtype).view(B * s_q, H, D_QK), kv.transpose(1, 2)).float() * sm_scale
     scores = scores.masked_fill(~valid.view(B * s_q, 1, K), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - lse[..., None]).to(torch.bfloat16)
-    out = torch.bmm(p, kv[..., :D_V])
+    p = torch.exp(scores - lse[..., None]).to(dtype)
+    out = torch.bmm(p, kv[..., :D_V]).to(q.dtype)
     return out.view(B, s_q, H, D_V), lse.view(B, s_q, H)
 
 
@@ -86,7 +87,9 @@ def _case(device, B, s_q, H, K, fp8, block_size=64, invalid_frac=0.0, wgmma=Fals
         bytes=float(q.numel() * 2 + B * s_q * K * (record_bytes + 4) + B * s_q * H * (D_V * 2 + 4)),
         bound="compute",
         flops_dtype="bf16",
-        baselines={"gather+dequant+torch attention": lambda: _gathered_attention(q, cache, indices, sm_scale)},
+        baselines={f"gather+dequant+torch attention {name}":
+                   (lambda dt=dt: _gathered_attention(q, cache, indices, sm_scale, dt))
+                   for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))},
         note=("FP8 cache" if fp8 else "bf16 cache") + f", {num_slots} cached slots",
     )
 

@@ -88,12 +88,30 @@ def measure_roofline(device: torch.device) -> Roofline:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
         rates[dtype] = 2 * n**3 / time_callable(lambda: a @ b, device, opts).median_s / 1e12
-    name = torch.cuda.get_device_name(device) if big else "CPU"
+    name = torch.cuda.get_device_name(device) if big else cpu_model()
     threads = "" if big else f", {torch.get_num_threads()} threads"
     return Roofline(name, rates[torch.bfloat16], rates[torch.bfloat16], rates[torch.float32],
                     2 * src.nbytes / copy_s / 1e9,
                     f"measured: {src.nbytes >> 20} MiB copy, {n}^3 matmuls{threads}"
                     + ("" if big else "; no FP8 math, fp8 = bf16 rate"))
+
+
+def cpu_model() -> str:
+    """The CPU's model name and whether it has the fast bf16 GEMMs (AMX or AVX512-BF16) that
+    the CPU kernels use when oneDNN offers them (else fp32 GEMMs, common/cpu_gemm.h)."""
+    model, flags = "CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "CPU":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}" + (f", {'+'.join(bf16)})" if bf16 else ")")
 
 
 # ---------------------------------------------------------------- timing

@@ -6,8 +6,10 @@ sm_90a wgmma kernel (DSA_SPARSE_MLA_WGMMA=1) at S in {8K, 128K}. FLOPs: forward
 2*T*H*K*(576+512) over valid entries (all entries are valid here), backward 2.5x that; both
 compute-bound against the bf16 tensor-core roofline. Bytes: each input read once, each output
 written once (kv counted once, not per selection).
-Baselines: gather the selected rows and run PyTorch attention (bf16 bmm, fp32 softmax; chunked
-over T to bound memory), and dense attention over the whole context where it fits (S = 8K).
+Baselines: gather the selected rows and run PyTorch attention (bmm, fp32 softmax; chunked over T
+to bound memory), and dense attention over the whole context where it fits (S = 8K), each once
+in bf16 (`... bf16`) and once upcast to fp32 (`... fp32`: the faster one on CPUs whose bf16
+matmul is emulated).
 CPU / quick: tiny shapes that run in well under a second.
 """
 from __future__ import annotations
@@ -37,45 +39,50 @@ def _chunk(T, H, K, budget_elems=1 << 28):
     return max(1, min(T, budget_elems // max(1, K * max(D_QK, H))))
 
 
-def _gathered_attention(q, kv, idx, scale, chunk):
-    """What a user would run without the kernel: gather the selected rows, bf16 bmm, fp32
-    softmax, bf16 bmm (chunked over tokens)."""
+# The PyTorch composites, each in bf16 and upcast to fp32 (which is faster depends on the CPU).
+COMPOSITE_DTYPES = (("bf16", torch.bfloat16), ("fp32", torch.float32))
+
+
+def _gathered_attention(q, kv, idx, scale, chunk, dtype=torch.bfloat16):
+    """What a user would run without the kernel: gather the selected rows, bmm in `dtype`, fp32
+    softmax, bmm in `dtype` (chunked over tokens)."""
     outs = []
     flat = kv[:, 0]
     for t0 in range(0, q.shape[0], chunk):
-        qi, ii = q[t0:t0 + chunk], idx[t0:t0 + chunk, 0].long()
-        rows = flat[ii]                                                   # [Tc, K, 576]
+        qi, ii = q[t0:t0 + chunk].to(dtype), idx[t0:t0 + chunk, 0].long()
+        rows = flat[ii].to(dtype)                                         # [Tc, K, 576]
         s = torch.bmm(qi, rows.transpose(1, 2)).float() * scale           # [Tc, H, K]
-        p = torch.softmax(s, dim=-1).to(q.dtype)
-        outs.append(torch.bmm(p, rows[..., :D_V]))
+        p = torch.softmax(s, dim=-1).to(dtype)
+        outs.append(torch.bmm(p, rows[..., :D_V]).to(q.dtype))
     return torch.cat(outs)
 
 
-def _gathered_attention_bwd(q, kv, idx, scale, dout, chunk):
-    """Baseline backward: autograd through the gathered PyTorch attention, chunk by chunk."""
-    kvg = kv.detach().requires_grad_(True)
+def _gathered_attention_bwd(q, kv, idx, scale, dout, chunk, dtype=torch.bfloat16):
+    """Baseline backward: autograd through the gathered PyTorch attention in `dtype`, chunk by
+    chunk (inputs and dout already in `dtype`: the upcast is not part of the backward)."""
+    kvg = kv.detach().to(dtype).requires_grad_(True)
     dq = []
     for t0 in range(0, q.shape[0], chunk):
-        qi = q[t0:t0 + chunk].detach().requires_grad_(True)
+        qi = q[t0:t0 + chunk].detach().to(dtype).requires_grad_(True)
         rows = kvg[:, 0][idx[t0:t0 + chunk, 0].long()]
         s = torch.bmm(qi, rows.transpose(1, 2)).float() * scale
-        p = torch.softmax(s, dim=-1).to(q.dtype)
+        p = torch.softmax(s, dim=-1).to(dtype)
         o = torch.bmm(p, rows[..., :D_V])
-        o.backward(dout[t0:t0 + chunk])
+        o.backward(dout[t0:t0 + chunk].to(dtype))
         dq.append(qi.grad)
     return torch.cat(dq), kvg.grad
 
 
-def _dense_attention(q, kv, scale, chunk):
-    """Dense attention of every query over the whole context (no sparsity, no mask)."""
-    flat = kv[:, 0]
+def _dense_attention(q, kv, scale, chunk, dtype=torch.bfloat16):
+    """Dense attention of every query over the whole context (no sparsity, no mask), in `dtype`."""
+    flat = kv[:, 0].to(dtype)
     outs = []
     for t0 in range(0, q.shape[0], chunk):
-        qi = q[t0:t0 + chunk]
+        qi = q[t0:t0 + chunk].to(dtype)
         Tc, H, _ = qi.shape
         s = (qi.reshape(Tc * H, D_QK) @ flat.t()).float() * scale        # [Tc*H, S]
-        p = torch.softmax(s, dim=-1).to(q.dtype)
-        outs.append((p @ flat[:, :D_V]).view(Tc, H, D_V))
+        p = torch.softmax(s, dim=-1).to(dtype)
+        outs.append((p @ flat[:, :D_V]).view(Tc, H, D_V).to(q.dtype))
     return torch.cat(outs)
 
 
@@ -101,10 +108,13 @@ def _fwd_case(device, T, H, S, K, gen, dense: bool, wgmma: bool = False) -> Case
     q, kv, idx = _inputs(device, T, H, S, K, gen)
     scale = D_QK ** -0.5
     chunk = _chunk(T, H, K)
-    baselines = {"gather + torch attention": lambda: _gathered_attention(q, kv, idx, scale, chunk)}
+    baselines = {f"gather + torch attention {name}": (lambda dt=dt: _gathered_attention(q, kv, idx, scale, chunk, dt))
+                 for name, dt in COMPOSITE_DTYPES}
     if dense:
         dchunk = max(1, min(T, (1 << 28) // (H * S)))
-        baselines["dense torch attention (all S)"] = lambda: _dense_attention(q, kv, scale, dchunk)
+        for name, dt in COMPOSITE_DTYPES:
+            baselines[f"dense torch attention (all S) {name}"] = (
+                lambda dt=dt: _dense_attention(q, kv, scale, dchunk, dt))
     flops = 2.0 * T * H * K * (D_QK + D_V)
     nbytes = (q.numel() + kv.numel()) * 2 + idx.numel() * 4 + T * H * D_V * 2 + T * H * 4
     op = lambda: dsa_ext.sparse_mla_fwd(q, kv, idx, scale)  # noqa: E731
@@ -122,6 +132,7 @@ def _bwd_case(device, T, H, S, K, gen, deterministic: bool) -> Case:
     scale = D_QK ** -0.5
     out, lse = dsa_ext.sparse_mla_fwd(q, kv, idx, scale)
     dout = (torch.randn(out.shape, generator=gen) * 0.1).to(torch.bfloat16).to(device)
+    upcast = {torch.float32: (q.float(), kv.float(), dout.float())}   # built once, outside the timing
     chunk = max(1, _chunk(T, H, K) // 2)
     flops = 2.5 * 2.0 * T * H * K * (D_QK + D_V)
     nbytes = ((q.numel() + kv.numel() + 2 * out.numel()) * 2 + idx.numel() * 4 + lse.numel() * 4
@@ -131,8 +142,11 @@ def _bwd_case(device, T, H, S, K, gen, deterministic: bool) -> Case:
                 fn=lambda: dsa_ext.sparse_mla_bwd(q, kv, out, dout, idx, lse, scale,
                                                   deterministic=deterministic),
                 flops=flops, bytes=float(nbytes), bound="compute", flops_dtype="bf16",
-                baselines={"gather + torch attention autograd":
-                           lambda: _gathered_attention_bwd(q, kv, idx, scale, dout, chunk)},
+                baselines={"gather + torch attention autograd bf16":
+                           lambda: _gathered_attention_bwd(q, kv, idx, scale, dout, chunk),
+                           "gather + torch attention autograd fp32":
+                           lambda: _gathered_attention_bwd(*upcast[torch.float32][:2], idx, scale,
+                                                           upcast[torch.float32][2], chunk, torch.float32)},
                 note="FLOPs = 2.5x forward; random indices, all valid")
 
 
