@@ -727,6 +727,23 @@ def test_adapters_trace_under_torch_compile(gen):
                     flash_mla.flash_mla_sparse_fwd(q, kv, idx, 0.2, 512, sink, tl)):
         assert torch.equal(a, b)
 
+    # the max_logits pass is dead code when the caller drops max_logits (as every engine does)
+    from torch._dynamo.backends.common import aot_autograd
+    calls = []
+
+    def count_attention(gm, example_inputs):
+        calls.append(sum(1 for n in gm.graph.nodes if "sparse_mla_fwd" in str(n.target)))
+        return gm
+
+    def drops_max_logits(q, kv, idx):
+        out, _, lse = flash_mla.flash_mla_sparse_fwd(q, kv, idx, 0.2)
+        return out, lse
+
+    for fn in (drops_max_logits, lambda q, kv, idx: flash_mla.flash_mla_sparse_fwd(q, kv, idx, 0.2)):
+        torch._dynamo.reset()
+        torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=count_attention))(q, kv, idx)
+    assert calls == [1, 2]
+
     T, S, H, D = 8, 40, 4, 32
     qf = randn(T, H, D, gen=gen).to(torch.float8_e4m3fn)
     k_fp8, k_sf = _per_token_fp8(randn(S, D, gen=gen))
