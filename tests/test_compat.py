@@ -335,7 +335,7 @@ def _cp_ranges(seq_len, seq_len_kv):
 
 @pytest.mark.parametrize("cp", [False, True])
 def test_deep_gemm_fp8_mqa_logits_formula(device, gen, cp):
-    T, S, H, D = 16, 96, 8, 64
+    T, S, H, D = 16, 96, 32, 128        # the CUDA indexer kernels serve H in {32, 64}, D = 128
     q = randn(T, H, D, gen=gen).to(torch.float8_e4m3fn)
     k_fp8, k_sf = _per_token_fp8(randn(S, D, gen=gen).bfloat16())
     w = randn(T, H, gen=gen)
@@ -357,7 +357,7 @@ def test_deep_gemm_fp8_mqa_logits_formula(device, gen, cp):
 
 
 def test_deep_gemm_compressed_and_bf16_logits(device, gen):
-    T, S, H, D = 8, 70, 4, 32
+    T, S, H, D = 8, 70, 32, 128
     q = randn(T, H, D, gen=gen).to(torch.float8_e4m3fn).to(device)
     k_fp8, k_sf = _per_token_fp8(randn(S, D, gen=gen))
     kv = (k_fp8.to(device), k_sf.to(device))
@@ -411,7 +411,7 @@ def deepgemm_paged_formula(q, k_deq, weights, visible, block_table, max_len):
 
 @pytest.mark.parametrize("two_d", [True, False])
 def test_deep_gemm_fp8_paged_mqa_logits_formula(device, gen, two_d):
-    B, N, H, D, bs = 3, 2, 8, 64, 64
+    B, N, H, D, bs = 3, 2, 32, 128, 64
     ctx = torch.tensor([70, 130, 9], dtype=torch.int32)
     nblk = (ctx + bs - 1) // bs
     total = int(nblk.sum())
