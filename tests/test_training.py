@@ -392,6 +392,10 @@ def test_opcheck_autograd_float64(gen):
     torch.library.opcheck(torch.ops.dsa.indexer_train_logits, (q, k, w, ks, ke))
     torch.library.opcheck(torch.ops.dsa.indexer_kl_loss_dense,
                           (q, k, w, ks, ke, qm, kvm, 0.3, "sum", 4, False))
+    idx, tl = selection(4, 5, 7, gen=gen, device="cpu")
+    target = torch.rand(4, 5, generator=gen, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.dsa.indexer_kl_loss_sparse,
+                          (q, k, w, idx, target, tl, "mean", False))
 
 
 # ---- bad input ----------------------------------------------------------------------------------
