@@ -57,6 +57,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from .ops.sparse_mla import sparse_mla as _sparse_mla
 from .paged_cache import PagedDSACache
 
 __all__ = [
@@ -282,6 +283,23 @@ class ShardedDSACache:
         for s, n in zip(seq_ids, counts):
             self._global_lens[s] += n
         return mapping.to(self.device)
+
+    def slot_mapping(self, seq_id: int, positions: torch.Tensor) -> torch.Tensor:
+        """Local slot ids int64 of a sequence's global ``positions`` (already reserved): the
+        slot on this rank for a position it owns, ``-1`` for the others, so that rewriting
+        tokens (e.g. after rejected draft tokens) goes through the cache writers unchanged.
+        Raises ValueError for a position outside ``[0, seq_len)``."""
+        L = self.seq_len(seq_id)
+        pos = positions.to(torch.int64).cpu()
+        bad = (pos < 0) | (pos >= L)
+        if bool(bad.any()):
+            raise ValueError(f"positions must lie in [0, {L}) for seq {seq_id}, got "
+                             f"{pos[bad][:8].tolist()}")
+        mine = self.placement.owner(pos) == self.rank
+        local = self.local.slot_ids(seq_id).cpu()
+        out = torch.full_like(pos, -1)
+        out[mine] = local[self.placement.local_position(pos[mine])]
+        return out.to(self.device)
 
     def append(self, seq_ids: Sequence[int], num_new: Union[int, Sequence[int]],
                index_k: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
@@ -630,7 +648,6 @@ def prefill(q_index: torch.Tensor, weights: torch.Tensor, k_index: torch.Tensor,
                                          256 * 1024 * 1024)
 
     kv_full = all_gather_sequence(kv_latent.reshape(kv_latent.shape[0], kv_latent.shape[-1]), seq_len, group, stats)
-    from .ops.sparse_mla import sparse_mla
-    out, lse = sparse_mla(q_latent, kv_full.unsqueeze(1), indices.unsqueeze(1), sm_scale, 512,
+    out, lse = _sparse_mla(q_latent, kv_full.unsqueeze(1), indices.unsqueeze(1), sm_scale, 512,
                           attn_sink, None, deterministic)
     return CPPrefillOutput(out, lse, indices)

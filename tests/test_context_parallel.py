@@ -124,6 +124,16 @@ def _build_caches(rank, W, lens, n_new, kv_dtype, interleave, block_size, gen, t
         mapping = shard.append(seqs, counts, ik, kv)
         owners = torch.cat([shard.placement.owner(torch.arange(a, a + c)) for a, c in zip(starts, counts)])
         assert torch.equal(mapping >= 0, owners == rank)     # written on the owning rank only
+    for s_id, L in zip(seqs, lens):
+        pos = torch.randperm(L, generator=gen)
+        slots = shard.slot_mapping(s_id, pos)
+        assert torch.equal(slots >= 0, shard.placement.owner(pos) == rank)
+        # a rewrite through the local slots lands on the rows the single-rank cache holds
+        kv_local = torch.ops.dsa.mla_kv_cache_gather(shard.kv_cache, slots[slots >= 0])
+        kv_full = torch.ops.dsa.mla_kv_cache_gather(full.kv_cache, full.slot_ids(s_id)[pos[slots >= 0]])
+        assert torch.equal(kv_local, kv_full)
+        with pytest.raises(ValueError, match=r"positions must lie in \[0, "):
+            shard.slot_mapping(s_id, torch.tensor([L]))
     return full, shard, seqs
 
 
