@@ -522,6 +522,18 @@ def test_vllm_cp_gather_indexer_k_quant_cache(device, gen):
     assert torch.equal(dst_k.cpu()[:n].view(torch.uint8), want_k.view(torch.uint8))
     assert torch.equal(dst_s.cpu()[:n].view(torch.float32).squeeze(-1), want_s)
     assert (dst_k.cpu()[n:].view(torch.uint8) == 0x33).all() and (dst_s.cpu()[n:] == 0x77).all()
+    # odd geometries and an offset destination: the gather falls back to narrower words
+    for nb2, bs2, D2, offset in ((3, 3, 12, 0), (2, 5, 16, 3), (2, 4, 8, 4)):
+        c2 = ref.new_indexer_k_cache(nb2, bs2, D2)
+        ref.indexer_k_cache_write(randn(nb2 * bs2, D2, gen=gen), torch.arange(nb2 * bs2), c2)
+        t2 = torch.tensor([[1, 0]], dtype=torch.int32)
+        n2 = 2 * bs2 - 1
+        flat = torch.zeros(offset + n2 * D2, dtype=torch.uint8)
+        dk2 = flat[offset:].view(n2, D2)
+        ds2 = torch.zeros(n2, 4, dtype=torch.uint8)
+        vllm.cp_gather_indexer_k_quant_cache(c2.squeeze(2), dk2, ds2, t2, torch.tensor([0, n2], dtype=torch.int32))
+        wk, ws = ref.indexer_k_cache_gather(c2, t2, torch.tensor([n2], dtype=torch.int32))
+        assert torch.equal(dk2, wk.view(torch.uint8)) and torch.equal(ds2.view(torch.float32).squeeze(-1), ws)
     # the op we would otherwise call agrees (it syncs on CUDA; the adapter does not)
     op_k, op_s = torch.ops.dsa.indexer_k_cache_gather(cache, table, lens)
     assert torch.equal(op_k.view(torch.uint8), want_k.view(torch.uint8)) and torch.equal(op_s, want_s)

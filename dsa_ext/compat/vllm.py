@@ -130,16 +130,31 @@ def cp_gather_indexer_k_quant_cache(kv_cache: Tensor, dst_k: Tensor, dst_scale: 
     blk_c = blk.clamp(0, max(nb - 1, 0))
     off = pos.remainder(bs)
 
-    # a view for a dense cache, else a copy; an empty cache reads as one zero page
+    # per page: bs*D value bytes, then bs*4 scale bytes (a view for a dense cache, else a
+    # copy); an empty cache reads as one zero page
     pages = cache.reshape(nb, bs * (D + 4)) if nb > 0 else cache.new_zeros((1, bs * (D + 4)))
-    value_cols = off[:, None] * D + torch.arange(D, device=rows.device)
-    scale_cols = bs * D + off[:, None] * 4 + torch.arange(4, device=rows.device)
-    values = pages[blk_c[:, None], value_cols].masked_fill(~readable[:, None], 0)
-    scales = pages[blk_c[:, None], scale_cols].masked_fill(~readable[:, None], 0)
-    dst_k_bytes = dst_k.view(torch.uint8)
-    keep = ~in_batch[:, None]
-    dst_k_bytes.copy_(torch.where(keep, dst_k_bytes, values))
-    scale_bytes.copy_(torch.where(keep, scale_bytes, scales))
+    for src, dst, width in ((pages[:, :bs * D], dst_k.view(torch.uint8), D),
+                            (pages[:, bs * D:], scale_bytes, 4)):
+        # moved as the widest machine words the layout allows (8x fewer elements than bytes)
+        word = _widest_word(src, dst, width)
+        rows_src = src.view(word).unflatten(1, (bs, -1))[blk_c, off]
+        dst_w = dst.view(word)
+        fill = torch.where(readable[:, None], rows_src, torch.zeros_like(rows_src))
+        dst_w.copy_(torch.where(in_batch[:, None], fill, dst_w))
+
+
+def _widest_word(src: Tensor, dst: Tensor, width: int) -> torch.dtype:
+    """The widest integer dtype whose view of both byte tensors is legal: the row width, every
+    stride and the storage offsets divide by its size. Bytes under torch.compile, which does not
+    trace storage_offset() (same result, more elements)."""
+    if torch.compiler.is_compiling():
+        return torch.uint8
+    for word, size in ((torch.int64, 8), (torch.int32, 4), (torch.uint8, 1)):
+        if width % size == 0 and all(
+                t.storage_offset() % size == 0 and t.stride(0) % size == 0 and t.size(-1) % size == 0
+                for t in (src, dst)):
+            return word
+    return torch.uint8
 
 
 def _rows_view(logits: Tensor, num_rows: int, stride0: int, stride1: int) -> Tensor:
