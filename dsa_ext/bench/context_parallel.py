@@ -10,8 +10,8 @@ mode (exact / union / union_share) it prints the median step time (the slowest r
 step between barriers), the bytes each rank sends and receives per step (counted by
 `context_parallel.CommStats`, ring all-reduce assumed), the bytes of vLLM's exact mode for the
 same step (all-gather of W*K (fp32 value, int32 id) candidates per query, the same collective
-as ours), and the union modes' recall against exact on the bench's random inputs (random
-keys, not a model's: a model's recall differs). Prefill: the forward per token, and its bytes.
+as ours), and the union modes' recall against exact, averaged over --recall-queries random
+queries (random keys, not a model's: a model's recall differs). Prefill: the forward per token, and its bytes.
 On a 2-core CPU, W > 2 oversubscribes the cores: the times are not a scaling measurement there.
 """
 from __future__ import annotations
@@ -74,17 +74,24 @@ def run_rows(args, device):
     q_lat = torch.randn(1, N, Hq, 576, generator=g).bfloat16().to(device)
     scale = 192 ** -0.5
 
-    exact_pos = None
+    def recall_over_queries(mode):
+        """Mean union-mode recall over --recall-queries fresh random queries (untimed)."""
+        gq = torch.Generator().manual_seed(2)
+        total = 0.0
+        for _ in range(args.recall_queries):
+            qq = (torch.randn(1, N, H, D, generator=gq) * 4).to(torch.float8_e4m3fn).to(device)
+            ww = (torch.rand(N, H, generator=gq) * H ** -0.5).to(device)
+            ex = cp.decode_step(cache, [seq], qq, ww, q_lat, K, scale, "exact", check=False)
+            un = cp.decode_step(cache, [seq], qq, ww, q_lat, K, scale, mode, check=False)
+            total += cp.selection_recall(ex.positions, cp.gather_selection(un.positions))
+        return total / max(args.recall_queries, 1)
+
     for mode in MODES:
         stats = cp.CommStats()
         cp.decode_step(cache, [seq], q, w, q_lat, K, scale, mode, stats=stats, check=False)
         sec, res = _timed(lambda: cp.decode_step(cache, [seq], q, w, q_lat, K, scale, mode,
                                                  check=False), device, args.reps)
-        if mode == "exact":
-            exact_pos = res.positions
-            recall = 1.0
-        else:
-            recall = cp.selection_recall(exact_pos, cp.gather_selection(res.positions))
+        recall = 1.0 if mode == "exact" else recall_over_queries(mode)
         vllm_exact = (W - 1) * N * K * 8       # received per rank: (W-1) ranks x K x (4 + 4) B
         rows.append(dict(kind="decode", W=W, mode=mode, context=L, topk=K, n_new=N, heads=Hq,
                          index_heads=H, us=sec * 1e6, sent_bytes=stats.sent,
@@ -147,6 +154,8 @@ def main(argv=None):
     p.add_argument("--index-heads", type=int, default=64)
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--reps", type=int, default=8)
+    p.add_argument("--recall-queries", type=int, default=8,
+                   help="random decode queries the union modes' recall is averaged over")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
 
