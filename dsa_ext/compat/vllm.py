@@ -137,9 +137,8 @@ def cp_gather_indexer_k_quant_cache(kv_cache: Tensor, dst_k: Tensor, dst_scale: 
                             (pages[:, bs * D:], scale_bytes, 4)):
         # moved as the widest machine words the layout allows (8x fewer elements than bytes)
         word = _widest_word(src, dst, width)
-        rows_src = src.view(word).unflatten(1, (bs, -1))[blk_c, off]
+        fill = src.view(word).unflatten(1, (bs, -1))[blk_c, off].masked_fill_(~readable[:, None], 0)
         dst_w = dst.view(word)
-        fill = torch.where(readable[:, None], rows_src, torch.zeros_like(rows_src))
         dst_w.copy_(torch.where(in_batch[:, None], fill, dst_w))
 
 
