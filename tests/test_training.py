@@ -257,6 +257,32 @@ def test_dense_equals_sparse_over_all_keys(device, gen):
             assert rel_err(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("T,S,K", [(0, 5, 3), (3, 0, 3), (0, 0, 2), (3, 5, 0)])
+def test_empty_problems(device, gen, T, S, K):
+    """No queries, no keys or no selected entries: shapes right, loss and gradients 0."""
+    q, k, w, ks, ke, qm, kvm = dense_case(T, 2, 4, S, 2, 3, gen=gen, device=device,
+                                          dtype=torch.float32)
+    logits = dsa_ext.indexer_train_logits(q, k, w, ks, ke)
+    assert logits.shape == (T, S)
+    grads = dsa_ext.indexer_train_logits_bwd(randn(T, S, gen=gen, device=device), q, k, w, ks, ke)
+    if T and S:   # (K = 0: no empty indexer problem to check)
+        grads = ()
+    idx = torch.randint(-1, max(S, 1), (T, 1, K), generator=gen, dtype=torch.int32).to(device)
+    target = torch.rand(T, K, generator=gen).to(device)
+    lse = randn(T, 2, gen=gen, device=device)
+    p = dsa_ext.sparse_attention_target(qm, kvm, idx, lse, 0.5)
+    assert p.shape == (T, K) and (S > 0 or (p == 0).all())
+    outs = [dsa_ext.indexer_kl_loss_sparse_with_grads(q, k, w, idx, target, None, "mean")]
+    if T == 0 or S == 0:   # (K = 0 leaves the dense loss its keys)
+        outs.append(dsa_ext.indexer_kl_loss_dense_with_grads(q, k, w, ks, ke, qm, kvm, 0.5, "mean"))
+    for loss, *gs in outs:
+        assert loss.item() == 0
+        for g_, x in zip(gs, (q, k, w)):
+            assert g_.shape == x.shape and (g_ == 0).all()
+    for g_, x in zip(grads, (q, k, w)):
+        assert g_.shape == x.shape and (g_ == 0).all()
+
+
 # ---- autograd ----------------------------------------------------------------------------------
 
 def test_gradcheck_train_logits(gen):

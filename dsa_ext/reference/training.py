@@ -35,6 +35,13 @@ __all__ = [
 ]
 
 
+def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x[idx] for idx [T, K] whose invalid entries were set to 0 (zeros when x has no row)."""
+    if x.shape[0] == 0:
+        return x.new_zeros((*idx.shape, *x.shape[1:]))
+    return x[idx]
+
+
 def _out_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
@@ -85,7 +92,7 @@ def sparse_attention_target(q: Tensor, kv: Tensor, indices: Tensor, lse: Tensor,
     sums to 1 over its valid entries: the sink is left out and p renormalised (SPEC 7)."""
     T, H, _ = q.shape
     valid = sparse_mla_valid_mask(indices, kv.shape[0], topk_length)           # [T, K]
-    rows = kv[:, 0, :].double()[torch.where(valid, indices[:, 0, :].long(), 0)]  # [T, K, D]
+    rows = _gather_rows(kv[:, 0, :].double(), torch.where(valid, indices[:, 0, :].long(), 0))
     scores = torch.einsum("thd,tkd->thk", q.double(), rows) * sm_scale
     lse64 = lse.double()
     live = torch.isfinite(lse64)[..., None] & valid[:, None, :]                 # [T, H, K]
@@ -122,7 +129,7 @@ def _sparse_loss_math(q, k, w, indices, target, topk_length, reduction):
     S = k.shape[0]
     valid = sparse_mla_valid_mask(indices, S, topk_length)                     # [T, K]
     idx = torch.where(valid, indices[:, 0, :].long(), 0)
-    scores = torch.einsum("thd,tkd->thk", q, k[idx])                             # [T, H, K]
+    scores = torch.einsum("thd,tkd->thk", q, _gather_rows(k, idx))              # [T, H, K]
     logits = torch.einsum("th,thk->tk", w, torch.relu(scores))                  # [T, K]
     log_r = _log_softmax_masked(logits, valid)
     p = torch.where(valid, target, 0.0)
