@@ -21,8 +21,9 @@ Conventions kept from DeepGEMM:
 
 Differences a user should know:
 
-* any head count and head dim are served (DeepGEMM: 32/64 heads on SM90, D in 32/64/128), on
-  CPU too; a paged ``block_kv`` other than 64 is accepted.
+* the shapes are those of our ops: on CUDA H in {32, 64} and D = 128 (DeepGEMM's SM90 set for
+  V3.2) and a paged ``block_kv`` that is a multiple of 4 (DeepGEMM: 64 on SM90); on CPU any H,
+  D and block size. Unserved CUDA shapes raise our op's ValueError naming q / kv_cache.
 * ``schedule_meta`` is opaque in DeepGEMM and unused here (our paged kernel splits the work
   from the shapes); ``get_paged_mqa_logits_metadata`` returns an int32 ``[num_sms + 1, 2]`` of
   zeros so code that builds and passes it runs unchanged.
