@@ -21,8 +21,9 @@ Conventions translated (our ops keep theirs, SPEC section 3):
 
 Differences a user should know:
 
-* more shapes are served than FlashMLA's kernels take: any head count (FlashMLA: 64 or 128),
-  CPU tensors, and ``flash_mla_sparse_fwd`` is differentiable (our sparse backward) for q and kv.
+* more shapes are served than FlashMLA's kernels take: H a multiple of 16 on CUDA, any H on CPU
+  (FlashMLA: 64 or 128), CPU tensors, and ``flash_mla_sparse_fwd`` is differentiable (our sparse
+  backward) in q, kv and attn_sink.
 * inputs with strides our ops do not take are copied (``.contiguous()``) before the call: q and
   indices cheaply, a non-contiguous paged cache (FlashMLA allows any page pitch) entirely.
 * dense attention (``indices=None``) is not served: ``NotImplementedError``.
@@ -167,7 +168,7 @@ def flash_mla_sparse_fwd(
     Returns:
         ``(out [s_q, h_q, d_v] bf16, max_logits [s_q, h_q] fp32, lse [s_q, h_q] fp32)``; lse is
         natural-log and ``+inf`` (max_logits ``-inf``, out 0) for a row with no valid index.
-        Differentiable in q and kv (not in attn_sink). max_logits is None when
+        Differentiable in q, kv and attn_sink (out only). max_logits is None when
         ``COMPUTE_MAX_LOGITS`` is False.
     """
     _check(q.dim() == 3, "q must have 3 dimensions")
