@@ -446,6 +446,8 @@ def decode_step(cache: ShardedDSACache, seq_ids: Sequence[int], q_index: torch.T
         ("topk", topk), ("mode", DECODE_MODES.index(mode) if mode in DECODE_MODES else -1),
         ("q_index heads", q_index.shape[2] if q_index.dim() == 4 else -1),
         ("q_latent heads", q_latent.shape[2] if q_latent.dim() == 4 else -1),
+        ("q_index head dim", q_index.shape[-1] if q_index.dim() else -1),
+        ("q_latent dim", q_latent.shape[-1] if q_latent.dim() else -1),
         ("seq_ids", _poly_hash(list(seq_ids))), ("global seq lens", _poly_hash(glens)),
     ], errors, "context_parallel.decode_step", check)
 
@@ -630,7 +632,9 @@ def prefill(q_index: torch.Tensor, weights: torch.Tensor, k_index: torch.Tensor,
     _agree(group, q_latent.device, [
         ("world_size", dist.get_world_size(group)), ("seq_len", seq_len), ("topk", topk),
         ("q_index heads", q_index.shape[1] if q_index.dim() == 3 else -1),
-        ("head dim", q_index.shape[-1]), ("q_latent heads", q_latent.shape[1] if q_latent.dim() == 3 else -1),
+        ("head dim", q_index.shape[-1] if q_index.dim() else -1),
+        ("q_latent heads", q_latent.shape[1] if q_latent.dim() == 3 else -1),
+        ("q_latent dim", q_latent.shape[-1] if q_latent.dim() else -1),
     ], errors, "context_parallel.prefill", check)
     W, rank = dist.get_world_size(group), dist.get_rank(group)
     dev = q_latent.device

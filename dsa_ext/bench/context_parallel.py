@@ -11,7 +11,8 @@ step between barriers), the bytes each rank sends and receives per step (counted
 `context_parallel.CommStats`, ring all-reduce assumed), the bytes of vLLM's exact mode for the
 same step (all-gather of W*K (fp32 value, int32 id) candidates per query, the same collective
 as ours), and the union modes' recall against exact, averaged over --recall-queries random
-queries (random keys, not a model's: a model's recall differs). Prefill: the forward per token, and its bytes.
+queries (random keys, not a model's: a model's recall differs), with the relative error of
+their output against exact (||out - out_exact|| / ||out_exact||). Prefill: the forward per token, and its bytes.
 On a 2-core CPU, W > 2 oversubscribes the cores: the times are not a scaling measurement there.
 """
 from __future__ import annotations
@@ -75,30 +76,33 @@ def run_rows(args, device):
     scale = 192 ** -0.5
 
     def recall_over_queries(mode):
-        """Mean union-mode recall over --recall-queries fresh random queries (untimed)."""
+        """Mean union-mode recall and relative output error against exact over
+        --recall-queries fresh random queries (untimed)."""
         gq = torch.Generator().manual_seed(2)
-        total = 0.0
+        total, err = 0.0, 0.0
         for _ in range(args.recall_queries):
             qq = (torch.randn(1, N, H, D, generator=gq) * 4).to(torch.float8_e4m3fn).to(device)
             ww = (torch.rand(N, H, generator=gq) * H ** -0.5).to(device)
             ex = cp.decode_step(cache, [seq], qq, ww, q_lat, K, scale, "exact", check=False)
             un = cp.decode_step(cache, [seq], qq, ww, q_lat, K, scale, mode, check=False)
             total += cp.selection_recall(ex.positions, cp.gather_selection(un.positions))
-        return total / max(args.recall_queries, 1)
+            err += ((un.out.double() - ex.out.double()).norm() / ex.out.double().norm()).item()
+        n = max(args.recall_queries, 1)
+        return total / n, err / n
 
     for mode in MODES:
         stats = cp.CommStats()
         cp.decode_step(cache, [seq], q, w, q_lat, K, scale, mode, stats=stats, check=False)
         sec, res = _timed(lambda: cp.decode_step(cache, [seq], q, w, q_lat, K, scale, mode,
                                                  check=False), device, args.reps)
-        recall = 1.0 if mode == "exact" else recall_over_queries(mode)
+        recall, out_err = (1.0, 0.0) if mode == "exact" else recall_over_queries(mode)
         vllm_exact = (W - 1) * N * K * 8       # received per rank: (W-1) ranks x K x (4 + 4) B
         rows.append(dict(kind="decode", W=W, mode=mode, context=L, topk=K, n_new=N, heads=Hq,
                          index_heads=H, us=sec * 1e6, sent_bytes=stats.sent,
                          received_bytes=stats.received,
                          candidate_bytes=sum(c[2] for c in stats.calls if "candidates" in c[0]),
                          vllm_exact_candidate_bytes=vllm_exact if W > 1 else 0,
-                         recall=recall))
+                         recall=recall, out_rel_err=out_err))
 
     T = args.prefill_tokens
     gp = torch.Generator().manual_seed(1)
@@ -123,12 +127,13 @@ def run_rows(args, device):
 
 def _print(rows, file=sys.stdout):
     print(f"{'kind':8} {'W':>2} {'mode':12} {'ctx':>7} {'K':>5} {'time us':>11} {'us/token':>9} "
-          f"{'sent B':>10} {'recv B':>10} {'vLLM-exact cand B':>17} {'recall':>7}", file=file)
+          f"{'sent B':>10} {'recv B':>10} {'vLLM-exact cand B':>17} {'recall':>7} {'out err':>8}", file=file)
     for r in rows:
         print(f"{r['kind']:8} {r['W']:>2} {r['mode']:12} {r['context']:>7} {r['topk']:>5} "
               f"{r['us']:>11.1f} {r.get('us_per_token', float('nan')):>9.2f} {r['sent_bytes']:>10} "
               f"{r['received_bytes']:>10} {r.get('vllm_exact_candidate_bytes', 0):>17} "
-              f"{r.get('recall', float('nan')):>7.4f}", file=file)
+              f"{r.get('recall', float('nan')):>7.4f} {r.get('out_rel_err', float('nan')):>8.2e}",
+              file=file)
 
 
 def _worker(rank, W, store, args, out_path):
