@@ -33,11 +33,13 @@ DTYPE_IDS = ["f32", "bf16", "bf16-w32"]
 def lib():
     lib = E.load("training")
     lib.emu_indexer_train_logits.argtypes = [VP] * 6 + [I64] * 4 + [ctypes.c_int] * 2
-    lib.emu_indexer_train_logits_bwd.argtypes = [VP] * 10 + [I64] * 4 + [ctypes.c_int] * 3
+    lib.emu_indexer_train_logits_bwd.argtypes = [VP] * 11 + [I64] * 4 + [ctypes.c_int] * 3
     lib.emu_sparse_attention_target.argtypes = [VP] * 6 + [I64] * 5 + [ctypes.c_float, ctypes.c_int]
-    lib.emu_indexer_kl_loss_sparse.argtypes = [VP] * 14 + [I64] * 5 + [ctypes.c_int] * 4
-    lib.emu_indexer_kl_loss_dense.argtypes = [VP] * 16 + [I64] * 6 + [ctypes.c_float] + [ctypes.c_int] * 5
+    lib.emu_indexer_kl_loss_sparse.argtypes = [VP] * 15 + [I64] * 5 + [ctypes.c_int] * 4
+    lib.emu_indexer_kl_loss_dense.argtypes = [VP] * 17 + [I64] * 6 + [ctypes.c_float] + [ctypes.c_int] * 5
     lib.emu_training_indexer_cuda_supports.argtypes = [I64, I64]
+    lib.emu_deterministic_dk_splits.argtypes = [I64, I64]
+    lib.emu_deterministic_dk_splits.restype = I64
     return lib
 
 
@@ -86,6 +88,16 @@ def _assert_close(out, expected, what):
     torch.testing.assert_close(out.double(), exp, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
 
+def _dk_workspaces(lib, T, S, D, deterministic):
+    """(dk32, dk_partial) as the glue allocates them: the zeroed fp32 accumulator of the atomic
+    mode; the deterministic mode's per-split partial sums when the launcher splits the rows
+    (NaN-filled: every entry must be written before it is summed)."""
+    if not deterministic:
+        return torch.zeros(S, D), None
+    splits = lib.emu_deterministic_dk_splits(T, S)
+    return None, (torch.full((splits, S, D), float("nan")) if splits > 1 else None)
+
+
 def _no_reports(reports):
     assert reports == [], "\n".join(f"{r['kind']} in {r['kernel']}: {r['text']}" for r in reports[:5])
 
@@ -126,18 +138,24 @@ def run_logits_bwd(lib, grad, q, k, w, ks, ke, deterministic):
     dq = torch.full_like(q, float("nan"))
     dk = torch.full_like(k, float("nan"))
     dw = torch.full_like(w, float("nan"))
-    dk32 = None if deterministic else torch.zeros(S, D)
+    dk32, part = _dk_workspaces(lib, T, S, D, deterministic)
     reports, rc = E.run(lib.emu_indexer_train_logits_bwd, P(grad), P(q), P(k), P(w), P(ks), P(ke), P(dq), P(dk),
-                        P(dw), P(dk32), T, S, H, D, DTYPE_CODE[q.dtype], DTYPE_CODE[w.dtype], int(deterministic),
-                        buffers=[grad, q, k, w, ks, ke, dq, dk, dw, dk32], lib=lib)
+                        P(dw), P(dk32), P(part), T, S, H, D, DTYPE_CODE[q.dtype], DTYPE_CODE[w.dtype],
+                        int(deterministic), buffers=[grad, q, k, w, ks, ke, dq, dk, dw, dk32, part], lib=lib)
     assert rc == 0
     return (dq, dk, dw), reports
 
 
 @pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_indexer_train_logits_bwd(lib, gen, dtypes, deterministic):
+@pytest.mark.parametrize("deterministic,num_sms", [(False, None), (True, None), (True, 1)],
+                         ids=["atomic", "deterministic-split", "deterministic-1split"])
+def test_indexer_train_logits_bwd(lib, sms, gen, dtypes, deterministic, num_sms):
+    """deterministic-split: 132 SMs and 3 key tiles give one row per split (partials summed in
+    order); one SM gives a single split that writes dk itself."""
+    if num_sms:
+        sms(num_sms)
     T, S, H, D = 10, 2 * TILE + 37, 5, 36
+    assert (lib.emu_deterministic_dk_splits(T, S) > 1) == (num_sms is None)
     q, k, w = _indexer_inputs(T, S, H, D, dtypes, gen)
     ks, ke = _ragged_ranges(T, S)
     grad = torch.randn(T, S, generator=gen)
@@ -172,10 +190,10 @@ def test_indexer_train_logits_bwd_empty_rows(lib, gen):
         dq = torch.full_like(q, float("nan"))
         dk = torch.full_like(k, float("nan"))
         dw = torch.full_like(w, float("nan"))
-        dk32 = None if deterministic else torch.zeros(S, D)
+        dk32, part = _dk_workspaces(lib, T, S, D, deterministic)
         reports, rc = E.run(lib.emu_indexer_train_logits_bwd, P(grad), P(q), P(k), P(w), P(ks), P(ke), P(dq),
-                            P(dk), P(dw), P(dk32), T, S, H, D, 1, 1, int(deterministic),
-                            buffers=[q, k, w, ks, ke, dq, dk, dw, dk32], lib=lib)
+                            P(dk), P(dw), P(dk32), P(part), T, S, H, D, 1, 1, int(deterministic),
+                            buffers=[q, k, w, ks, ke, dq, dk, dw, dk32, part], lib=lib)
         assert rc == 0
         _no_reports(reports)
         assert (dq == 0).all() and (dk == 0).all() and (dw == 0).all()
@@ -239,12 +257,12 @@ def run_sparse_loss(lib, q, k, w, indices, target, topk_length, mean, determinis
     dq = torch.full_like(q, float("nan"))
     dk = torch.full_like(k, float("nan"))
     dw = torch.full_like(w, float("nan"))
-    dk32 = None if deterministic else torch.zeros(S, D)
+    dk32, part = _dk_workspaces(lib, T, S, D, deterministic)
     reports, rc = E.run(lib.emu_indexer_kl_loss_sparse, P(q), P(k), P(w), P(indices), P(target), P(topk_length),
-                        P(logits), P(row_loss), P(count), P(loss), P(dq), P(dk), P(dw), P(dk32), T, S, H, D, K,
-                        DTYPE_CODE[q.dtype], DTYPE_CODE[w.dtype], int(mean), int(deterministic),
+                        P(logits), P(row_loss), P(count), P(loss), P(dq), P(dk), P(dw), P(dk32), P(part), T, S, H, D,
+                        K, DTYPE_CODE[q.dtype], DTYPE_CODE[w.dtype], int(mean), int(deterministic),
                         buffers=[q, k, w, indices, target, topk_length, logits, row_loss, count, loss, dq, dk, dw,
-                                 dk32], lib=lib)
+                                 dk32, part], lib=lib)
     assert rc == 0
     return (loss[0], dq, dk, dw), reports
 
@@ -307,8 +325,8 @@ def run_dense_loss(lib, q, k, w, ks, ke, q_main, kv_main, sm_scale, mean, determ
     dq = torch.full_like(q, float("nan"))
     dk = torch.full_like(k, float("nan"))
     dw = torch.full_like(w, float("nan"))
-    dk32 = None if deterministic else torch.zeros(S, D)
-    bufs = [q, k, w, ks, ke, q_main, kv_main, main_lse, index_lse, row_loss, count, loss, dq, dk, dw, dk32]
+    dk32, part = _dk_workspaces(lib, T, S, D, deterministic)
+    bufs = [q, k, w, ks, ke, q_main, kv_main, main_lse, index_lse, row_loss, count, loss, dq, dk, dw, dk32, part]
     reports, rc = E.run(lib.emu_indexer_kl_loss_dense, *[P(b) for b in bufs], T, S, H, D, Hm, Dm, sm_scale,
                         DTYPE_CODE[q.dtype], DTYPE_CODE[w.dtype], DTYPE_CODE[q_main.dtype], int(mean),
                         int(deterministic), buffers=bufs, lib=lib)

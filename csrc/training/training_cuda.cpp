@@ -20,6 +20,16 @@ using training::DType;
 
 DType dtype_code(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32; }
 
+// The deterministic mode's per-split dk partial sums (training_launch.h), or an undefined tensor.
+at::Tensor dk_partial_workspace(const at::Tensor& q, int64_t T, int64_t S, int64_t D, bool deterministic) {
+  if (!deterministic) return {};
+  const int64_t splits = training::deterministic_dk_splits(T, S);
+  if (splits <= 1) return {};
+  return at::empty({splits, S, D}, q.options().dtype(at::kFloat));
+}
+
+float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
 void check_indexer_cuda_shape(int64_t H, int64_t D) {
   TORCH_CHECK_VALUE(training::indexer_cuda_supports(H, D),
                     "q: the CUDA training-indexer kernels keep q[t] (H x D) and a 128-key tile in fp32 "
@@ -57,6 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_train_logits_bwd_cuda(
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dw = at::empty_like(weights);
   at::Tensor dk32;
   if (!deterministic) dk32 = at::zeros({sh.S, sh.D}, q.options().dtype(at::kFloat));
+  const at::Tensor dk_partial = dk_partial_workspace(q, sh.T, sh.S, sh.D, deterministic);
   training::LogitsBwdArgs a{};
   a.grad = grad.data_ptr<float>();
   a.q = q.data_ptr();
@@ -68,6 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_train_logits_bwd_cuda(
   a.dw = dw.data_ptr();
   a.dk = dk.data_ptr();
   a.dk32 = deterministic ? nullptr : dk32.data_ptr<float>();
+  a.dk_partial = data_or_null(dk_partial);
   a.T = sh.T;
   a.S = sh.S;
   a.H = static_cast<int>(sh.H);
@@ -121,6 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_spars
   at::Tensor count = at::zeros({1}, q.options().dtype(at::kInt));
   at::Tensor dk32;
   if (!deterministic) dk32 = at::zeros({sh.S, sh.D}, f32);
+  const at::Tensor dk_partial = dk_partial_workspace(q, sh.T, sh.S, sh.D, deterministic);
   training::SparseLossArgs a{};
   a.q = q.data_ptr();
   a.k = k.data_ptr();
@@ -133,6 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_spars
   a.dq = dq.data_ptr();
   a.dw = dw.data_ptr();
   a.dk32 = deterministic ? nullptr : dk32.data_ptr<float>();
+  a.dk_partial = data_or_null(dk_partial);
   a.T = sh.T;
   a.S = sh.S;
   a.K = sh.K;
@@ -166,6 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_dense
   at::Tensor count = at::zeros({1}, q.options().dtype(at::kInt));
   at::Tensor dk32;
   if (!deterministic) dk32 = at::zeros({sh.S, sh.D}, f32);
+  const at::Tensor dk_partial = dk_partial_workspace(q, sh.T, sh.S, sh.D, deterministic);
   training::DenseLossArgs a{};
   a.q = q.data_ptr();
   a.k = k.data_ptr();
@@ -180,6 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_dense
   a.dq = dq.data_ptr();
   a.dw = dw.data_ptr();
   a.dk32 = deterministic ? nullptr : dk32.data_ptr<float>();
+  a.dk_partial = data_or_null(dk_partial);
   a.T = sh.T;
   a.S = sh.S;
   a.H = static_cast<int>(sh.H);

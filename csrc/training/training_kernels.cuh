@@ -305,10 +305,50 @@ __global__ void __launch_bounds__(kThreads) train_logits_bwd_row_kernel(LogitsBw
   store_row_grads(L, sm, t, a.H, static_cast<TQ*>(a.dq), static_cast<TW*>(a.dw));
 }
 
-// grid (ceil(S / kTileKeys)): deterministic dk. The CTA owns keys s0 .. s0 + kTileKeys - 1 and
+// ---- key-owned (deterministic) dk: the rows of a split --------------------------------------------
+//
+// A key kernel's grid is (key tiles, row splits): CTA (x, y) sums the rows of split y in order
+// for its keys. With one split it writes dk itself; with several each writes its fp32 partial
+// sums ([split, S, D]) and sum_partials_kernel adds the splits in order, so the result does
+// not depend on scheduling either way.
+struct KeySplit {
+  float* partial;           // [gridDim.y, S, D] fp32 when gridDim.y > 1
+  int64_t rows_per_split;
+};
+
+__device__ __forceinline__ void split_rows(const KeySplit& sp, int64_t T, int64_t* t0, int64_t* t1) {
+  *t0 = static_cast<int64_t>(blockIdx.y) * sp.rows_per_split;
+  *t1 = *t0 + sp.rows_per_split < T ? *t0 + sp.rows_per_split : T;
+}
+
+// The tile's accumulated dk (L.acc, [kTileKeys, D]) into dk (TQ) or the split's partial.
+template <typename TQ>
+__device__ __forceinline__ void store_key_grads(const Layout& L, const float* sm, int64_t s0, int n, int64_t S,
+                                                void* dk, const KeySplit& sp) {
+  const int D = L.D;
+  if (gridDim.y == 1) {
+    TQ* out = static_cast<TQ*>(dk);
+    for (int e = threadIdx.x; e < n * D; e += kThreads) out[s0 * D + e] = from_f32<TQ>(sm[L.acc + e]);
+  } else {
+    float* out = sp.partial + static_cast<int64_t>(blockIdx.y) * S * D;
+    for (int e = threadIdx.x; e < n * D; e += kThreads) out[s0 * D + e] = sm[L.acc + e];
+  }
+}
+
+// dst[i] = sum over splits in order of partial[split, i].
+template <typename T>
+__global__ void __launch_bounds__(256) sum_partials_kernel(const float* partial, int splits, int64_t n, T* dst) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; i < n; i += static_cast<int64_t>(gridDim.x) * 256) {
+    float v = 0.f;
+    for (int y = 0; y < splits; ++y) v += partial[y * n + i];
+    dst[i] = from_f32<T>(v);
+  }
+}
+
+// grid (ceil(S / kTileKeys), splits): deterministic dk. The CTA owns keys s0 .. s0 + kTileKeys - 1 and
 // loops over every query row in order; rows whose range misses the tile are skipped.
 template <typename TQ, typename TW>
-__global__ void __launch_bounds__(kThreads) train_logits_bwd_key_kernel(LogitsBwdArgs a) {
+__global__ void __launch_bounds__(kThreads) train_logits_bwd_key_kernel(LogitsBwdArgs a, KeySplit sp) {
   DSA_DYNAMIC_SMEM(smem_raw, 16);
   float* sm = reinterpret_cast<float*>(smem_raw);
   const Layout L = make_layout(a.H, a.D, Parts::kKeyBackward);
@@ -321,7 +361,9 @@ __global__ void __launch_bounds__(kThreads) train_logits_bwd_key_kernel(LogitsBw
   load_key_tile(static_cast<const TQ*>(a.k), D, L, sm);
   float* coef = sm + L.coef;
   const int key = threadIdx.x;
-  for (int64_t t = 0; t < a.T; ++t) {
+  int64_t t_begin, t_end;
+  split_rows(sp, a.T, &t_begin, &t_end);
+  for (int64_t t = t_begin; t < t_end; ++t) {
     const RowRange r = row_range(a.ks, a.ke, t, a.S);
     if (r.hi <= s0 || r.lo >= s0 + n) continue;  // uniform: every thread reads the same ks/ke
     __syncthreads();  // the previous row's readers of q / coef are done
@@ -340,8 +382,7 @@ __global__ void __launch_bounds__(kThreads) train_logits_bwd_key_kernel(LogitsBw
     }
   }
   __syncthreads();
-  TQ* dk = static_cast<TQ*>(a.dk);
-  for (int e = threadIdx.x; e < n * D; e += kThreads) dk[s0 * D + e] = from_f32<TQ>(sm[L.acc + e]);
+  store_key_grads<TQ>(L, sm, s0, n, a.S, a.dk, sp);
 }
 
 // fp32 -> output dtype (the atomic mode's dk).
@@ -525,14 +566,14 @@ __global__ void __launch_bounds__(kThreads) sparse_loss_row_kernel(SparseLossArg
   store_row_grads(L, sm, t, a.H, static_cast<TQ*>(a.dq), static_cast<TW*>(a.dw));
 }
 
-// grid (ceil(S / kTileKeys)): deterministic dk of the sparse loss. The CTA owns a tile of keys
+// grid (ceil(S / kTileKeys), splits): deterministic dk of the sparse loss. The CTA owns a tile of keys
 // and scans every row's selected entries in order (t, then j); the entries that select one of
 // its keys are compacted in entry order, their coefficients computed thread-per-entry, and
 // their q[t] terms added key row by key row with thread d owning column d, so every dk element
 // is summed in (t, j) order by one thread. Cost model: T*K index reads per key tile (this scan
 // dominates at long S) plus the same arithmetic as the atomic mode.
 template <typename TQ, typename TW>
-__global__ void __launch_bounds__(kThreads) sparse_loss_key_kernel(SparseLossArgs a, void* dk_out) {
+__global__ void __launch_bounds__(kThreads) sparse_loss_key_kernel(SparseLossArgs a, void* dk_out, KeySplit sp) {
   DSA_DYNAMIC_SMEM(smem_raw, 16);
   float* sm = reinterpret_cast<float*>(smem_raw);
   const Layout L = make_layout(a.H, a.D, Parts::kKeyBackward);
@@ -551,7 +592,9 @@ __global__ void __launch_bounds__(kThreads) sparse_loss_key_kernel(SparseLossArg
   int32_t* warp_count = reinterpret_cast<int32_t*>(sm + L.rows);
   float* coef = sm + L.coef;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int64_t t = 0; t < a.T; ++t) {
+  int64_t t_begin, t_end;
+  split_rows(sp, a.T, &t_begin, &t_end);
+  for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t n_entries = row_entries(a.topk_length, t, a.K);
     bool loaded = false;
     for (int64_t j0 = 0; j0 < n_entries; j0 += kThreads) {
@@ -606,8 +649,7 @@ __global__ void __launch_bounds__(kThreads) sparse_loss_key_kernel(SparseLossArg
     }
   }
   __syncthreads();
-  TQ* dk = static_cast<TQ*>(dk_out);
-  for (int e = threadIdx.x; e < n * D; e += kThreads) dk[s0 * D + e] = from_f32<TQ>(sm[L.acc + e]);
+  store_key_grads<TQ>(L, sm, s0, n, a.S, dk_out, sp);
 }
 
 // ---- indexer_kl_loss_dense ------------------------------------------------------------------------
@@ -795,12 +837,12 @@ __global__ void __launch_bounds__(kThreads) dense_loss_row_kernel(DenseLossArgs 
   store_row_grads(L, sm, t, a.H, static_cast<TQ*>(a.dq), static_cast<TW*>(a.dw));
 }
 
-// grid (ceil(S / kTileKeys)): deterministic dk of the dense loss, after dense_loss_row_kernel
+// grid (ceil(S / kTileKeys), splits): deterministic dk of the dense loss, after dense_loss_row_kernel
 // (which leaves both lse workspaces). The CTA owns a tile of keys and loops over the rows in
 // order, recomputing p, r and g for its keys (a third evaluation of the main scores: the
 // price of a fixed summation order without [T, S] scratch).
 template <typename TQ, typename TW, typename TM>
-__global__ void __launch_bounds__(kThreads) dense_loss_key_kernel(DenseLossArgs a, void* dk_out) {
+__global__ void __launch_bounds__(kThreads) dense_loss_key_kernel(DenseLossArgs a, void* dk_out, KeySplit sp) {
   DSA_DYNAMIC_SMEM(smem_raw, 16);
   float* sm = reinterpret_cast<float*>(smem_raw);
   const Layout L = make_layout(a.H, a.D, Parts::kKeyBackward);
@@ -815,7 +857,9 @@ __global__ void __launch_bounds__(kThreads) dense_loss_key_kernel(DenseLossArgs 
   float* coef = sm + L.coef;
   const int key = threadIdx.x;
   const float scale = loss_scale(a.nonempty_rows);
-  for (int64_t t = 0; t < a.T; ++t) {
+  int64_t t_begin, t_end;
+  split_rows(sp, a.T, &t_begin, &t_end);
+  for (int64_t t = t_begin; t < t_end; ++t) {
     const RowRange r = row_range(a.ks, a.ke, t, a.S);
     if (r.hi <= s0 || r.lo >= s0 + n) continue;  // uniform
     __syncthreads();
@@ -838,8 +882,7 @@ __global__ void __launch_bounds__(kThreads) dense_loss_key_kernel(DenseLossArgs 
     }
   }
   __syncthreads();
-  TQ* dk = static_cast<TQ*>(dk_out);
-  for (int e = threadIdx.x; e < n * D; e += kThreads) dk[s0 * D + e] = from_f32<TQ>(sm[L.acc + e]);
+  store_key_grads<TQ>(L, sm, s0, n, a.S, dk_out, sp);
 }
 
 struct WarpPartials {

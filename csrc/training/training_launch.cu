@@ -47,6 +47,28 @@ cudaError_t cast_into(const float* src, void* dst, int64_t n, cudaStream_t strea
 
 bool grid_fits(int64_t x) { return x > 0 && x <= 0x7fffffffLL; }
 
+// A key-owned kernel over (key tiles, row splits), then the splits' ordered sum (several splits
+// only; `partial` null means one split). The kernel's trailing parameter is its KeySplit.
+template <typename TQ, typename... P, typename... A>
+cudaError_t launch_key_owned(void (*kernel)(P...), size_t smem, int64_t T, int64_t S, int64_t D, float* partial,
+                             void* dk, cudaStream_t stream, A... args) {
+  const int64_t tiles = ceil_div<int64_t>(S, kTileKeys);
+  if (tiles == 0) return cudaSuccess;
+  if (!grid_fits(tiles)) return cudaErrorInvalidConfiguration;
+  const int64_t wanted = partial == nullptr ? 1 : deterministic_dk_splits(T, S);
+  KeySplit sp{partial, wanted > 1 ? ceil_div<int64_t>(T, wanted) : (T > 0 ? T : 1)};
+  const int64_t splits = wanted > 1 ? ceil_div<int64_t>(T, sp.rows_per_split) : 1;
+  if (const cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+  kernel<<<grid, kThreads, smem, stream>>>(args..., sp);
+  if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess || splits == 1) return err;
+  int64_t blocks = ceil_div<int64_t>(S * D, 256);
+  if (blocks > 8 * sm_count()) blocks = 8 * sm_count();
+  sum_partials_kernel<TQ><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(partial, static_cast<int>(splits), S * D,
+                                                                           static_cast<TQ*>(dk));
+  return cudaGetLastError();
+}
+
 // Heads of q_main per chunk of the dense loss: as many as fit next to the indexer's tiles (and
 // at most 64 KB of them).
 int dense_head_chunk(int64_t H, int64_t D, int64_t Hm, int64_t Dm, Parts parts) {
@@ -64,6 +86,14 @@ size_t dense_smem(int64_t H, int64_t D, int64_t Dm, int chunk, Parts parts) {
 }
 
 }  // namespace
+
+int64_t deterministic_dk_splits(int64_t T, int64_t S) {
+  const int64_t tiles = ceil_div<int64_t>(S, kTileKeys);
+  if (tiles == 0 || T <= 1) return 1;
+  int64_t splits = ceil_div<int64_t>(2 * sm_count(), tiles);
+  const int64_t cap = T < 32 ? T : 32;
+  return splits < 1 ? 1 : (splits > cap ? cap : splits);
+}
 
 bool indexer_cuda_supports(int64_t H, int64_t D) {
   if (H <= 0 || D <= 0 || H > 4096 || D > 4096) return false;
@@ -127,11 +157,8 @@ cudaError_t launch_indexer_train_logits_bwd(LogitsBwdArgs a, DType qk, DType w, 
     }
     if (key_tiles == 0) return cudaSuccess;
     if (!deterministic) return cast_into<TQ>(dk32, a.dk, a.S * a.D, stream);
-    if (!grid_fits(key_tiles)) return cudaErrorInvalidConfiguration;
-    auto key = train_logits_bwd_key_kernel<TQ, TW>;
-    if (const cudaError_t err = allow_smem(key, key_smem); err != cudaSuccess) return err;
-    train_logits_bwd_key_kernel<TQ, TW><<<static_cast<unsigned>(key_tiles), kThreads, key_smem, stream>>>(a);
-    return cudaGetLastError();
+    return launch_key_owned<TQ>(train_logits_bwd_key_kernel<TQ, TW>, key_smem, a.T, a.S, a.D, a.dk_partial, a.dk,
+                                stream, a);
   });
 }
 
@@ -183,11 +210,8 @@ cudaError_t launch_indexer_kl_loss_sparse(SparseLossArgs a, DType qk, DType w, b
     if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
     if (key_tiles == 0) return cudaSuccess;
     if (!deterministic) return cast_into<TQ>(dk32, dk, a.S * a.D, stream);
-    if (!grid_fits(key_tiles)) return cudaErrorInvalidConfiguration;
-    auto key = sparse_loss_key_kernel<TQ, TW>;
-    if (const cudaError_t err = allow_smem(key, key_smem); err != cudaSuccess) return err;
-    sparse_loss_key_kernel<TQ, TW><<<static_cast<unsigned>(key_tiles), kThreads, key_smem, stream>>>(a, dk);
-    return cudaGetLastError();
+    return launch_key_owned<TQ>(sparse_loss_key_kernel<TQ, TW>, key_smem, a.T, a.S, a.D, a.dk_partial, dk, stream,
+                                a, dk);
   });
 }
 
@@ -227,11 +251,8 @@ cudaError_t launch_indexer_kl_loss_dense(DenseLossArgs a, DType qk, DType w, DTy
     if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
     if (key_tiles == 0) return cudaSuccess;
     if (!deterministic) return cast_into<TQ>(dk32, dk, a.S * a.D, stream);
-    if (!grid_fits(key_tiles)) return cudaErrorInvalidConfiguration;
-    auto key = dense_loss_key_kernel<TQ, TW, TM>;
-    if (const cudaError_t err = allow_smem(key, key_smem); err != cudaSuccess) return err;
-    dense_loss_key_kernel<TQ, TW, TM><<<static_cast<unsigned>(key_tiles), kThreads, key_smem, stream>>>(a, dk);
-    return cudaGetLastError();
+    return launch_key_owned<TQ>(dense_loss_key_kernel<TQ, TW, TM>, key_smem, a.T, a.S, a.D, a.dk_partial, dk,
+                                stream, a, dk);
   };
   return dispatch_types(qk, w, [&](auto tq, auto tw) {
     if (main == DType::kBFloat16) return go(tq, tw, __nv_bfloat16{});

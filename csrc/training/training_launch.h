@@ -34,6 +34,8 @@ struct LogitsBwdArgs {
   void* dw;            // [T, H], weights' dtype
   float* dk32;         // [S, D] fp32 accumulator, zeroed by the caller (atomic mode only)
   void* dk;            // [S, D], k's dtype
+  float* dk_partial;            // deterministic mode: [deterministic_dk_splits, S, D] fp32 when
+                                // that is > 1 (no zeroing needed), else unused
   int64_t T, S;
   int H, D;
 };
@@ -64,6 +66,8 @@ struct SparseLossArgs {
   void* dq;                     // [T, H, D], q's dtype
   void* dw;                     // [T, H], weights' dtype
   float* dk32;                  // atomic mode: [S, D] fp32 zeroed by the caller; else null
+  float* dk_partial;            // deterministic mode: [deterministic_dk_splits, S, D] fp32 when
+                                // that is > 1 (no zeroing needed), else unused
   int64_t T, S, K;
   int H, D;
 };
@@ -83,6 +87,8 @@ struct DenseLossArgs {
   void* dq;
   void* dw;
   float* dk32;                  // atomic mode: [S, D] fp32 zeroed by the caller; else null
+  float* dk_partial;            // deterministic mode: [deterministic_dk_splits, S, D] fp32 when
+                                // that is > 1 (no zeroing needed), else unused
   int64_t T, S;
   int H, D, Hm, Dm;
   int head_chunk;               // set by the launcher
@@ -94,6 +100,11 @@ struct DenseLossArgs {
 bool indexer_cuda_supports(int64_t H, int64_t D);
 // Whether sparse_attention_target serves head dim D (one head of q plus the warps' kv rows).
 bool target_cuda_supports(int64_t D);
+
+// Row splits of the deterministic (key-owned) dk kernels: enough CTAs for about two per SM when
+// S has few key tiles. The glue sizes the dk_partial workspace with it (splits * S * D fp32 when
+// it is > 1); the launchers ask again and get the same answer.
+int64_t deterministic_dk_splits(int64_t T, int64_t S);
 
 cudaError_t launch_indexer_train_logits(LogitsArgs a, DType qk, DType w, cudaStream_t stream);
 

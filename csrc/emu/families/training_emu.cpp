@@ -14,6 +14,9 @@ extern "C" {
 
 int emu_training_indexer_cuda_supports(int64_t H, int64_t D) { return dsa::training::indexer_cuda_supports(H, D); }
 
+// Row splits of the deterministic dk kernels (the glue sizes dk_partial [splits, S, D] with it).
+int64_t emu_deterministic_dk_splits(int64_t T, int64_t S) { return dsa::training::deterministic_dk_splits(T, S); }
+
 int emu_indexer_train_logits(const void* q, const void* k, const void* w, const int32_t* ks, const int32_t* ke,
                              float* out, int64_t T, int64_t S, int64_t H, int64_t D, int qk_dtype, int w_dtype) {
   dsa::training::LogitsArgs a{};
@@ -31,7 +34,7 @@ int emu_indexer_train_logits(const void* q, const void* k, const void* w, const 
 }
 
 int emu_indexer_train_logits_bwd(const float* grad, const void* q, const void* k, const void* w, const int32_t* ks,
-                                 const int32_t* ke, void* dq, void* dk, void* dw, float* dk32, int64_t T, int64_t S,
+                                 const int32_t* ke, void* dq, void* dk, void* dw, float* dk32, float* dk_partial, int64_t T, int64_t S,
                                  int64_t H, int64_t D, int qk_dtype, int w_dtype, int deterministic) {
   dsa::training::LogitsBwdArgs a{};
   a.grad = grad;
@@ -44,6 +47,7 @@ int emu_indexer_train_logits_bwd(const float* grad, const void* q, const void* k
   a.dw = dw;
   a.dk = dk;
   a.dk32 = dk32;
+  a.dk_partial = dk_partial;
   a.T = T;
   a.S = S;
   a.H = static_cast<int>(H);
@@ -74,7 +78,7 @@ int emu_sparse_attention_target(const void* q, const void* kv, const int32_t* in
 // logits [T, K], row_loss [T]: workspace; count: one int32, zero; dk32 [S, D] zero (atomic mode).
 int emu_indexer_kl_loss_sparse(const void* q, const void* k, const void* w, const int32_t* indices,
                                const float* target, const int32_t* topk_length, float* logits, float* row_loss,
-                               int32_t* count, float* loss, void* dq, void* dk, void* dw, float* dk32, int64_t T,
+                               int32_t* count, float* loss, void* dq, void* dk, void* dw, float* dk32, float* dk_partial, int64_t T,
                                int64_t S, int64_t H, int64_t D, int64_t K, int qk_dtype, int w_dtype, int mean,
                                int deterministic) {
   dsa::training::SparseLossArgs a{};
@@ -89,6 +93,7 @@ int emu_indexer_kl_loss_sparse(const void* q, const void* k, const void* w, cons
   a.dq = dq;
   a.dw = dw;
   a.dk32 = dk32;
+  a.dk_partial = dk_partial;
   a.T = T;
   a.S = S;
   a.K = K;
@@ -102,7 +107,7 @@ int emu_indexer_kl_loss_sparse(const void* q, const void* k, const void* w, cons
 int emu_indexer_kl_loss_dense(const void* q, const void* k, const void* w, const int32_t* ks, const int32_t* ke,
                               const void* q_main, const void* kv_main, float* main_lse, float* index_lse,
                               float* row_loss, int32_t* count, float* loss, void* dq, void* dk, void* dw, float* dk32,
-                              int64_t T, int64_t S, int64_t H, int64_t D, int64_t Hm, int64_t Dm, float sm_scale,
+                              float* dk_partial, int64_t T, int64_t S, int64_t H, int64_t D, int64_t Hm, int64_t Dm, float sm_scale,
                               int qk_dtype, int w_dtype, int main_dtype, int mean, int deterministic) {
   dsa::training::DenseLossArgs a{};
   a.q = q;
@@ -118,6 +123,7 @@ int emu_indexer_kl_loss_dense(const void* q, const void* k, const void* w, const
   a.dq = dq;
   a.dw = dw;
   a.dk32 = dk32;
+  a.dk_partial = dk_partial;
   a.T = T;
   a.S = S;
   a.H = static_cast<int>(H);
