@@ -178,6 +178,26 @@ def test_indexer_train_logits_bwd(lib, sms, gen, dtypes, deterministic, num_sms)
                                b.view(torch.int16 if b.dtype == torch.bfloat16 else torch.int32))
 
 
+def test_more_heads_than_threads(lib, gen):
+    """H = 133 > 128 threads: the per-head loops stride over the CTA, 136 padded heads."""
+    T, S, H, D = 3, TILE + 12, 133, 8
+    q, k, w = _indexer_inputs(T, S, H, D, DTYPES[0], gen)
+    ks = torch.tensor([0, 5, 100], dtype=torch.int32)
+    ke = torch.tensor([S, 130, 101], dtype=torch.int32)
+    out, reports = run_logits(lib, q, k, w, ks, ke)
+    _no_reports(reports)
+    mask = ref.row_range_mask(ks, ke, S)
+    torch.testing.assert_close(out[mask].double(), ref.indexer_train_logits(q, k, w, ks, ke)[mask].double(),
+                               rtol=1e-5, atol=1e-5)
+    grad = torch.randn(T, S, generator=gen)
+    expected = ref.indexer_train_logits_bwd(grad, q, k, w, ks, ke)
+    for deterministic in (False, True):
+        grads, reports = run_logits_bwd(lib, grad, q, k, w, ks, ke, deterministic)
+        _no_reports(reports)
+        for name, g, e in zip(("dq", "dk", "dw"), grads, expected):
+            _assert_close(g, e, name)
+
+
 def test_indexer_train_logits_bwd_empty_rows(lib, gen):
     """Every row empty: dq, dw, dk are exact zeros (written, not left as the NaN fill) in both
     modes; no grad entry is read (grad is registered as a 0-byte region: any read is a report)."""

@@ -233,7 +233,6 @@ __device__ __forceinline__ void row_backward_tile(const Layout& L, float* sm, fl
   __syncthreads();
 }
 
-template <typename T>
 __device__ __forceinline__ void zero_words(float* p, int n) {
   for (int e = threadIdx.x; e < n; e += kThreads) p[e] = 0.f;
 }
@@ -290,8 +289,8 @@ __global__ void __launch_bounds__(kThreads) train_logits_bwd_row_kernel(LogitsBw
   const int64_t t = blockIdx.x;
   const RowRange r = row_range(a.ks, a.ke, t, a.S);
   load_query_row(static_cast<const TQ*>(a.q), static_cast<const TW*>(a.w), t, a.H, a.D, L, sm);
-  zero_words<float>(sm + L.acc, L.Hp * a.D);
-  zero_words<float>(sm + L.dw, L.Hp);
+  zero_words(sm + L.acc, L.Hp * a.D);
+  zero_words(sm + L.dw, L.Hp);
   for (int64_t s0 = r.lo; s0 < r.hi; s0 += kTileKeys) {
     const int n = static_cast<int>(r.hi - s0 < kTileKeys ? r.hi - s0 : kTileKeys);
     set_contiguous_rows(s0, n, L, sm);
@@ -356,7 +355,7 @@ __global__ void __launch_bounds__(kThreads) train_logits_bwd_key_kernel(LogitsBw
   const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kTileKeys;
   const int n = static_cast<int>(a.S - s0 < kTileKeys ? a.S - s0 : kTileKeys);
   set_contiguous_rows(s0, n, L, sm);
-  zero_words<float>(sm + L.acc, kTileKeys * D);
+  zero_words(sm + L.acc, kTileKeys * D);
   __syncthreads();
   load_key_tile(static_cast<const TQ*>(a.k), D, L, sm);
   float* coef = sm + L.coef;
@@ -498,8 +497,8 @@ __global__ void __launch_bounds__(kThreads) sparse_loss_row_kernel(SparseLossArg
   float* lg = a.logits + t * a.K;
   const float* p = a.target + t * a.K;
   load_query_row(static_cast<const TQ*>(a.q), static_cast<const TW*>(a.w), t, a.H, a.D, L, sm);
-  zero_words<float>(sm + L.acc, L.Hp * a.D);
-  zero_words<float>(sm + L.dw, L.Hp);
+  zero_words(sm + L.acc, L.Hp * a.D);
+  zero_words(sm + L.dw, L.Hp);
   for (int64_t j0 = 0; j0 < a.K; j0 += kTileKeys) {
     __syncthreads();
     set_selected_rows(a, t, j0, n_entries, L, sm);
@@ -581,7 +580,7 @@ __global__ void __launch_bounds__(kThreads) sparse_loss_key_kernel(SparseLossArg
   const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kTileKeys;
   const int n = static_cast<int>(a.S - s0 < kTileKeys ? a.S - s0 : kTileKeys);
   set_contiguous_rows(s0, n, L, sm);
-  zero_words<float>(sm + L.acc, kTileKeys * D);
+  zero_words(sm + L.acc, kTileKeys * D);
   __syncthreads();
   load_key_tile(static_cast<const TQ*>(a.k), D, L, sm);
   // The matches of one chunk of a row's entries, in entry order: local key and dL/dI (in the
@@ -759,8 +758,8 @@ __global__ void __launch_bounds__(kThreads) dense_loss_row_kernel(DenseLossArgs 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* red = sm + L.red;
   load_query_row(static_cast<const TQ*>(a.q), static_cast<const TW*>(a.w), t, a.H, a.D, L, sm);
-  zero_words<float>(sm + L.acc, L.Hp * a.D);
-  zero_words<float>(sm + L.dw, L.Hp);
+  zero_words(sm + L.acc, L.Hp * a.D);
+  zero_words(sm + L.dw, L.Hp);
   // Pass 1a: the indexer's lse over the row.
   float m_i = -INFINITY, s_i = 0.f;
   for (int64_t s0 = r.lo; s0 < r.hi; s0 += kTileKeys) {
@@ -851,7 +850,7 @@ __global__ void __launch_bounds__(kThreads) dense_loss_key_kernel(DenseLossArgs 
   const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kTileKeys;
   const int n = static_cast<int>(a.S - s0 < kTileKeys ? a.S - s0 : kTileKeys);
   set_contiguous_rows(s0, n, L, sm);
-  zero_words<float>(sm + L.acc, kTileKeys * D);
+  zero_words(sm + L.acc, kTileKeys * D);
   __syncthreads();
   load_key_tile(static_cast<const TQ*>(a.k), D, L, sm);
   float* coef = sm + L.coef;
