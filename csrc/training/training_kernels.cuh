@@ -10,18 +10,21 @@
 // time (one k load feeds four FMAs against broadcast q loads).
 //
 // Performance model (SIMT, fp32 FMA; a correct, coalesced, shared-memory-tiled first version,
-// no tensor cores): the forward costs H*D FMAs per (t, s) and about 1.25 shared loads per FMA,
-// so it runs near the SM's shared-memory bandwidth, roughly a quarter of the fp32 FMA peak
-// (~15 TFLOP/s of useful work on an H100 at best); global traffic is one read of q[t] per CTA
-// and one read of each key tile per (row, tile) pair, served mostly from L2. The backward
-// does the score phase once more plus two products of the same size (dq: coef x k, dk:
-// coef^T x q), ~3x the forward. mma.sync bf16 tiles are the obvious next step.
+// no tensor cores). The forward costs H*D FMAs per (t, s) and 5 shared loads per 4 FMAs (one k
+// load, four broadcast q loads), so it is bound by shared-memory bandwidth, not by the FMA
+// pipes; global traffic is one read of q[t] per CTA and one read of each key tile per (row,
+// tile) pair (from L2 for all but the first row). The backward repeats the score phase and adds
+// two products of the same size (dq: coef x k, dk: coef^T x q): ~3x the forward. At H = 64,
+// D = 128 a row CTA holds ~163 KB of shared memory, so one CTA (4 warps) per SM: latency is
+// hidden poorly. None of this has been measured on a GPU yet (no device in the sessions that
+// wrote it); bf16 mma.sync tiles and smaller fp32 staging are the obvious next steps.
 //
 // Ownership and determinism. The row kernels own their query row: dq[t] and dw[t] are summed by
 // one thread each in key order, so they are deterministic. dk is summed over queries: in the
 // atomic mode the row kernel adds its tile's contribution with fp32 atomics into a zeroed fp32
-// [S, D] buffer; in the deterministic mode a key kernel owns a tile of keys and loops over
-// every query row in order (no [T, S] scratch in either mode).
+// [S, D] buffer; in the deterministic mode a key kernel owns a tile of keys and loops over the
+// query rows of its split in order, and the splits' fp32 partials are added in split order (no
+// [T, S] scratch in either mode).
 //
 // Index values are not trusted: ks/ke are clamped to [0, S]; a selected index that is negative,
 // >= S, or at j >= topk_length[t] is never dereferenced (its key row is zeros, its gradient 0).
