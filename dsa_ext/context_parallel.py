@@ -361,26 +361,47 @@ def merge_topk_candidates(values: torch.Tensor, positions: torch.Tensor, k: int)
 
 def combine_partials(out: torch.Tensor, lse: torch.Tensor, group=None,
                      attn_sink: Optional[torch.Tensor] = None,
-                     stats: Optional[CommStats] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     stats: Optional[CommStats] = None,
+                     scatter_heads: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact merge of the ranks' partial attention ``out [..., H, d_v]`` / ``lse [..., H]``
     (each over a disjoint set of rows): ``lse = logsumexp_r lse_r``, ``out = sum_r
     exp(lse_r - lse) out_r``. An empty partial (lse -inf) has weight 0; all empty gives
     out 0 and lse -inf. ``attn_sink [H]`` joins the denominator once, here (the partials
-    must be computed without it). Returns (out in ``out``'s dtype, lse fp32) on every rank."""
+    must be computed without it). Returns (out in ``out``'s dtype, lse fp32): every head on
+    every rank (an fp32 all-reduce), or with ``scatter_heads`` rank r's ``H / W`` heads
+    ``[r H/W, (r+1) H/W)`` (a reduce-scatter: half the bytes, for groups whose ranks are also
+    the tensor-parallel ranks that own those heads, as in vLLM's decode context parallelism)."""
+    W, rank = dist.get_world_size(group), dist.get_rank(group)
+    H = lse.shape[-1]
     lse_all = _all_gather(lse.float(), group, stats, "lse")
     lse_g = torch.logsumexp(lse_all, dim=0)
     finite = torch.isfinite(lse_g)
     weight = torch.where(finite, torch.exp(lse.float() - torch.where(finite, lse_g, 0.0)), 0.0)
     acc = out.float() * weight.unsqueeze(-1)
-    acc = _all_reduce_sum(acc, group, stats, "out")
+    if scatter_heads:
+        if H % W:
+            raise ValueError(f"scatter_heads needs the heads ({H}) divisible by the world size ({W})")
+        heads = slice(rank * H // W, (rank + 1) * H // W)
+        if W > 1:
+            by_head = acc.movedim(-2, 0).contiguous()                  # [H, ..., d_v]
+            mine = by_head.new_empty((H // W,) + tuple(by_head.shape[1:]))
+            dist.reduce_scatter_tensor(mine, by_head, op=dist.ReduceOp.SUM, group=group)
+            if stats is not None:
+                stats.record("reduce_scatter:out", _nbytes(by_head), (W - 1) * _nbytes(mine))
+            acc = mine.movedim(0, -2)
+        lse_g = lse_g[..., heads]
+        if attn_sink is not None:
+            attn_sink = attn_sink[heads]
+    else:
+        acc = _all_reduce_sum(acc, group, stats, "out")
     if attn_sink is not None:
         # exp(lse) / (exp(lse) + exp(sink)); 0 where lse = -inf
         acc = acc * torch.sigmoid(lse_g - attn_sink.float()).unsqueeze(-1)
-    return acc.to(out.dtype), lse_g
+    return acc.to(out.dtype), lse_g.contiguous()
 
 
 def _decode_errors(cache: ShardedDSACache, seq_ids, q_index, weights, q_latent, topk, mode,
-                   n_new, group) -> List[str]:
+                   n_new, group, scatter_heads) -> List[str]:
     errs = []
     if mode not in DECODE_MODES:
         errs.append(f"mode must be one of {DECODE_MODES}, got {mode!r}")
@@ -400,6 +421,9 @@ def _decode_errors(cache: ShardedDSACache, seq_ids, q_index, weights, q_latent, 
         errs.append(f"weights must be [B*N={B * n_new}, H={q_index.shape[2]}], got {tuple(weights.shape)}")
     if q_latent.dim() != 4 or q_latent.shape[:2] != (B, n_new):
         errs.append(f"q_latent must be [B={B}, N={n_new}, H, 576], got {tuple(q_latent.shape)}")
+    elif scatter_heads and q_latent.shape[2] % W:
+        errs.append(f"scatter_heads needs q_latent's heads ({q_latent.shape[2]}) divisible by "
+                    f"the world size ({W})")
     if not errs:
         for s in seq_ids:
             if cache.seq_len(s) < n_new:
@@ -411,7 +435,8 @@ def _decode_errors(cache: ShardedDSACache, seq_ids, q_index, weights, q_latent, 
 def decode_step(cache: ShardedDSACache, seq_ids: Sequence[int], q_index: torch.Tensor,
                 weights: torch.Tensor, q_latent: torch.Tensor, topk: int, sm_scale: float,
                 mode: str = "exact", attn_sink: Optional[torch.Tensor] = None,
-                stats: Optional[CommStats] = None, check: bool = True) -> CPDecodeOutput:
+                stats: Optional[CommStats] = None, check: bool = True,
+                scatter_heads: bool = False) -> CPDecodeOutput:
     """One context-parallel decode step of ``N`` new tokens for each of B sequences whose
     keys are already in ``cache`` (``cache.append``; query j of sequence b sees global
     positions ``< seq_len(b) - N + 1 + j``). Every rank calls it with the same arguments.
@@ -430,13 +455,16 @@ def decode_step(cache: ShardedDSACache, seq_ids: Sequence[int], q_index: torch.T
             False a local error raises on its rank only, and the other ranks wait in the next
             collective until the group's timeout. (The step is not CUDA-graph capturable
             either way: it builds the step's lengths on the host from the cache's bookkeeping.)
+        scatter_heads: return only this rank's ``Hq / W`` heads (see :func:`combine_partials`).
 
-    Returns :class:`CPDecodeOutput`; out/lse are the same on every rank.
+    Returns :class:`CPDecodeOutput`; out/lse are the same on every rank (or each rank's
+    heads with ``scatter_heads``).
     """
     group = cache.group
     W, rank = cache.world_size, cache.rank
     B, N = len(seq_ids), q_index.shape[1] if q_index.dim() == 4 else 0
-    errors = _decode_errors(cache, seq_ids, q_index, weights, q_latent, topk, mode, N, group)
+    errors = _decode_errors(cache, seq_ids, q_index, weights, q_latent, topk, mode, N, group,
+                            scatter_heads)
     glens = [cache.seq_len(s) if s in cache._global_lens else -1 for s in seq_ids]
     if not check and errors:
         raise ValueError(f"context_parallel.decode_step (rank {rank} of {W}): " + "; ".join(errors))
@@ -448,6 +476,7 @@ def decode_step(cache: ShardedDSACache, seq_ids: Sequence[int], q_index: torch.T
         ("q_latent heads", q_latent.shape[2] if q_latent.dim() == 4 else -1),
         ("q_index head dim", q_index.shape[-1] if q_index.dim() else -1),
         ("q_latent dim", q_latent.shape[-1] if q_latent.dim() else -1),
+        ("scatter_heads", int(scatter_heads)),
         ("seq_ids", _poly_hash(list(seq_ids))), ("global seq lens", _poly_hash(glens)),
     ], errors, "context_parallel.decode_step", check)
 
@@ -488,7 +517,7 @@ def decode_step(cache: ShardedDSACache, seq_ids: Sequence[int], q_index: torch.T
                                         cache.block_size)
     out_p, lse_p = torch.ops.dsa.sparse_mla_decode(q_latent, cache.kv_cache, slots, sm_scale,
                                                    512, None, None)
-    out, lse = combine_partials(out_p, lse_p, group, attn_sink, stats)
+    out, lse = combine_partials(out_p, lse_p, group, attn_sink, stats, scatter_heads)
     return CPDecodeOutput(out, lse, selected.view(B, N, -1))
 
 

@@ -169,6 +169,16 @@ def _decode_body(rank, W):
             assert sum(c[2] for c in stats.calls if c[0] == "all_gather:candidates") == cand - cand // W
             assert stats.received == (W - 1) * (2 * R * topk * 4 + R * HQ * 4) + 2 * (W - 1) * R * HQ * 2048 // W
 
+        # each rank's heads only (Hq = 4: W = 1, 2, 4; W = 3 is refused on every rank)
+        if HQ % W == 0:
+            res = cp.decode_step(shard, seqs, q, w, q_lat, topk, SM_SCALE, "exact", sink,
+                                 scatter_heads=True)
+            heads = slice(rank * HQ // W, (rank + 1) * HQ // W)
+            _close(res.out, ref_out[:, :, heads], res.lse, ref_lse[:, :, heads])
+        else:
+            with pytest.raises(ValueError, match="scatter_heads needs q_latent's heads"):
+                cp.decode_step(shard, seqs, q, w, q_lat, topk, SM_SCALE, scatter_heads=True)
+
         # union modes: the output is attention over the union of the ranks' selections
         for mode in ("union", "union_share"):
             res = cp.decode_step(shard, seqs, q, w, q_lat, topk, SM_SCALE, mode)
