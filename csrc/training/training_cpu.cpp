@@ -48,6 +48,32 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   return s;
 }
 
+// out[j * out_stride] = dot(a, rows + j * n) for j < count. Four rows share each load of a;
+// every result is bitwise the dot() of its row (the same partial sums in the same order), so
+// how keys are grouped into runs never changes a value.
+template <typename acc_t>
+inline void dot_rows(const acc_t* a, const acc_t* rows, int64_t count, int64_t n, acc_t* out,
+                     int64_t out_stride) {
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const acc_t* r = rows + j * n;
+    acc_t part[4][8] = {};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      for (int l = 0; l < 8; ++l) {
+        const acc_t av = a[i + l];
+        for (int c = 0; c < 4; ++c) part[c][l] += av * r[c * n + i + l];
+      }
+    for (int c = 0; c < 4; ++c) {
+      const acc_t* p = part[c];
+      acc_t s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+      for (int64_t e = i; e < n; ++e) s += a[e] * r[c * n + e];
+      out[(j + c) * out_stride] = s;
+    }
+  }
+  for (; j < count; ++j) out[j * out_stride] = dot(a, rows + j * n, n);
+}
+
 template <typename acc_t>
 inline void axpy(acc_t* y, acc_t a, const acc_t* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
@@ -65,6 +91,36 @@ inline acc_t indexer_logit(const acc_t* q, const acc_t* w, const acc_t* k, int64
   }
   return logit;
 }
+
+// indexer_logit for `count` consecutive keys k[0..count): dots [count, H], logits [count]
+// (bitwise the per-key values).
+template <typename acc_t>
+inline void indexer_logits_run(const acc_t* q, const acc_t* w, const acc_t* k, int64_t count,
+                               int64_t H, int64_t D, acc_t* dots, acc_t* logits) {
+  for (int64_t h = 0; h < H; ++h) dot_rows(q + h * D, k, count, D, dots + h, H);
+  for (int64_t j = 0; j < count; ++j) {
+    const acc_t* dj = dots + j * H;
+    acc_t logit = 0;
+    for (int64_t h = 0; h < H; ++h) logit += w[h] * (dj[h] > 0 ? dj[h] : acc_t(0));
+    logits[j] = logit;
+  }
+}
+
+// dk[j] += sum_h g[j] w[h] 1[q[h] . k[j] > 0] q[h] for one query and `count` consecutive keys
+// (scores recomputed into scratch [count]); per dk[j] the heads are added in ascending order.
+template <typename acc_t>
+inline void accumulate_key_grads_run(const acc_t* g, const acc_t* q, const acc_t* w,
+                                     const acc_t* k, int64_t count, int64_t H, int64_t D,
+                                     acc_t* dk, acc_t* scratch) {
+  for (int64_t h = 0; h < H; ++h) {
+    dot_rows(q + h * D, k, count, D, scratch, 1);
+    for (int64_t j = 0; j < count; ++j)
+      if (scratch[j] > 0) axpy(dk + j * D, g[j] * w[h], q + h * D, D);
+  }
+}
+
+// Keys per run of the row loops (the scratch of one run is [kRun, H]).
+constexpr int64_t kRun = 64;
 
 // dq[h] += g w[h] 1[dots[h] > 0] k and dw[h] += g relu(dots[h]) for one key.
 template <typename acc_t>
@@ -148,15 +204,15 @@ void train_logits_kernel(const acc_t* q, const acc_t* k, const acc_t* w,
                          const std::vector<KeyRange>& ranges, int64_t T, int64_t H, int64_t D,
                          int64_t S, acc_t* out) {
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> dots(static_cast<size_t>(H));
+    std::vector<acc_t> dots(static_cast<size_t>(kRun * H));
     for (int64_t t = t0; t < t1; ++t) {
       acc_t* row = out + t * S;
       const KeyRange r = ranges[t];
-      for (int64_t s = 0; s < S; ++s) {
-        row[s] = (s >= r.lo && s < r.hi)
-                     ? indexer_logit(q + t * H * D, w + t * H, k + s * D, H, D, dots.data())
-                     : neg_inf<acc_t>();
-      }
+      std::fill(row, row + r.lo, neg_inf<acc_t>());
+      std::fill(row + r.hi, row + S, neg_inf<acc_t>());
+      for (int64_t s0 = r.lo; s0 < r.hi; s0 += kRun)
+        indexer_logits_run(q + t * H * D, w + t * H, k + s0 * D, std::min(kRun, r.hi - s0), H,
+                           D, dots.data(), row + s0);
     }
   });
 }
@@ -188,26 +244,29 @@ void train_logits_bwd_kernel(const acc_t* grad, const acc_t* q, const acc_t* k, 
                              const std::vector<KeyRange>& ranges, int64_t T, int64_t H,
                              int64_t D, int64_t S, acc_t* dq, acc_t* dk, acc_t* dw) {
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> dots(static_cast<size_t>(H));
+    std::vector<acc_t> dots(static_cast<size_t>(kRun * H)), logits(static_cast<size_t>(kRun));
     for (int64_t t = t0; t < t1; ++t) {
       const acc_t* qt = q + t * H * D;
       const acc_t* wt = w + t * H;
-      for (int64_t s = ranges[t].lo; s < ranges[t].hi; ++s) {
-        indexer_logit(qt, wt, k + s * D, H, D, dots.data());
-        accumulate_row_grads(grad[t * S + s], wt, dots.data(), k + s * D, H, D, dq + t * H * D,
-                             dw + t * H);
+      for (int64_t s0 = ranges[t].lo; s0 < ranges[t].hi; s0 += kRun) {
+        const int64_t n = std::min(kRun, ranges[t].hi - s0);
+        indexer_logits_run(qt, wt, k + s0 * D, n, H, D, dots.data(), logits.data());
+        for (int64_t j = 0; j < n; ++j)
+          accumulate_row_grads(grad[t * S + s0 + j], wt, dots.data() + j * H, k + (s0 + j) * D,
+                               H, D, dq + t * H * D, dw + t * H);
       }
     }
   });
   const int64_t tiles = (S + kKeyTile - 1) / kKeyTile;
   at::parallel_for(0, tiles, 1, [&](int64_t i0, int64_t i1) {
+    acc_t scratch[kKeyTile];
     for (int64_t tile = i0; tile < i1; ++tile) {
       const int64_t s0 = tile * kKeyTile, s1 = std::min(S, s0 + kKeyTile);
       for (int64_t t = 0; t < T; ++t) {
         const int64_t lo = std::max(s0, ranges[t].lo), hi = std::min(s1, ranges[t].hi);
-        for (int64_t s = lo; s < hi; ++s)
-          accumulate_key_grad(grad[t * S + s], q + t * H * D, w + t * H, k + s * D, H, D,
-                              dk + s * D);
+        if (lo < hi)
+          accumulate_key_grads_run(grad + t * S + lo, q + t * H * D, w + t * H, k + lo * D,
+                                   hi - lo, H, D, dk + lo * D, scratch);
       }
     }
   });
@@ -425,10 +484,6 @@ struct DenseRow {
   const acc_t* kv;      // [S, Dm]
   int64_t H, D, Hm, Dm;
   acc_t sm_scale;
-
-  acc_t main_score(int64_t h, int64_t s) const {
-    return sm_scale * dot(q_main + h * Dm, kv + s * Dm, Dm);
-  }
 };
 
 // Pass-1 results of one row: the main attention's per-head lse and the indexer's lse.
@@ -457,17 +512,43 @@ struct OnlineLse {
   }
 };
 
-// The loss term and gradient g = dL/dI at (t, s) from pass 1's lse; dots gets q[h] . k[s].
+// Scratch of one run of n keys: the indexer's dots [n, H] and logits [n], the main
+// attention's scaled scores [n, Hm].
 template <typename acc_t>
-inline acc_t dense_pair(const DenseRow<acc_t>& row, const RowLse<acc_t>& lse, int64_t s,
-                        acc_t row_scale, acc_t* dots, acc_t* loss) {
-  const acc_t logit = indexer_logit(row.q, row.w, row.k + s * row.D, row.H, row.D, dots);
-  acc_t p = 0;
-  for (int64_t h = 0; h < row.Hm; ++h) p += std::exp(row.main_score(h, s) - lse.main[h]);
-  p /= static_cast<acc_t>(row.Hm);
-  const acc_t log_r = logit - lse.indexer;
-  *loss += kl_term(p, log_r);
-  return (std::exp(log_r) - p) * row_scale;
+struct RunScratch {
+  std::vector<acc_t> dots, logits, main;
+  RunScratch(int64_t n, int64_t H, int64_t Hm)
+      : dots(static_cast<size_t>(n * H)), logits(static_cast<size_t>(n)),
+        main(static_cast<size_t>(n * Hm)) {}
+};
+
+// Indexer logits and main-attention scores of one row over keys [s0, s0 + n).
+template <typename acc_t>
+inline void dense_scores_run(const DenseRow<acc_t>& row, int64_t s0, int64_t n,
+                             RunScratch<acc_t>& sc) {
+  indexer_logits_run(row.q, row.w, row.k + s0 * row.D, n, row.H, row.D, sc.dots.data(),
+                     sc.logits.data());
+  for (int64_t h = 0; h < row.Hm; ++h)
+    dot_rows(row.q_main + h * row.Dm, row.kv + s0 * row.Dm, n, row.Dm, sc.main.data() + h,
+             row.Hm);
+  for (int64_t i = 0; i < n * row.Hm; ++i) sc.main[i] *= row.sm_scale;
+}
+
+// The loss terms and gradients g[j] = dL/dI at (t, s0 + j) from pass 1's lse, for a run
+// whose scores dense_scores_run left in sc.
+template <typename acc_t>
+inline void dense_grads_run(const DenseRow<acc_t>& row, const RowLse<acc_t>& lse, int64_t n,
+                            acc_t row_scale, const RunScratch<acc_t>& sc, acc_t* g,
+                            acc_t* loss) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t* mj = sc.main.data() + j * row.Hm;
+    acc_t p = 0;
+    for (int64_t h = 0; h < row.Hm; ++h) p += std::exp(mj[h] - lse.main[h]);
+    p /= static_cast<acc_t>(row.Hm);
+    const acc_t log_r = sc.logits[j] - lse.indexer;
+    *loss += kl_term(p, log_r);
+    g[j] = (std::exp(log_r) - p) * row_scale;
+  }
 }
 
 template <typename acc_t>
@@ -488,15 +569,19 @@ double dense_kl_kernel(const acc_t* q, const acc_t* k, const acc_t* w, const acc
   std::vector<acc_t> lse_main(static_cast<size_t>(T * Hm), neg_inf<acc_t>());
   std::vector<acc_t> lse_indexer(static_cast<size_t>(T), neg_inf<acc_t>());
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> dots(static_cast<size_t>(H));
+    RunScratch<acc_t> sc(block, H, Hm);
     std::vector<OnlineLse<acc_t>> main(static_cast<size_t>(Hm));
     for (int64_t t = t0; t < t1; ++t) {
       const auto row = row_view(t);
       std::fill(main.begin(), main.end(), OnlineLse<acc_t>{});
       OnlineLse<acc_t> idx;
-      for (int64_t s = ranges[t].lo; s < ranges[t].hi; ++s) {
-        idx.add(indexer_logit(row.q, row.w, k + s * D, H, D, dots.data()));
-        for (int64_t h = 0; h < Hm; ++h) main[h].add(row.main_score(h, s));
+      for (int64_t b0 = ranges[t].lo; b0 < ranges[t].hi; b0 += block) {
+        const int64_t n = std::min(block, ranges[t].hi - b0);
+        dense_scores_run(row, b0, n, sc);
+        for (int64_t j = 0; j < n; ++j) {
+          idx.add(sc.logits[j]);
+          for (int64_t h = 0; h < Hm; ++h) main[h].add(sc.main[j * Hm + h]);
+        }
       }
       lse_indexer[t] = idx.value();
       for (int64_t h = 0; h < Hm; ++h) lse_main[t * Hm + h] = main[h].value();
@@ -506,7 +591,7 @@ double dense_kl_kernel(const acc_t* q, const acc_t* k, const acc_t* w, const acc
   // Pass 2a: per row, the loss and dq, dw, key block by key block.
   std::vector<double> row_loss(static_cast<size_t>(T), 0.0);
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> dots(static_cast<size_t>(block * H));
+    RunScratch<acc_t> sc(block, H, Hm);
     std::vector<acc_t> g(static_cast<size_t>(block));
     // Per-block partial sums added to the row's totals: long rows lose less precision than
     // with one running sum.
@@ -518,12 +603,12 @@ double dense_kl_kernel(const acc_t* q, const acc_t* k, const acc_t* w, const acc
       for (int64_t b0 = ranges[t].lo; b0 < ranges[t].hi; b0 += block) {
         const int64_t b1 = std::min(ranges[t].hi, b0 + block);
         acc_t loss_block = 0;
-        for (int64_t s = b0; s < b1; ++s)
-          g[s - b0] = dense_pair(row, lse, s, row_scale, dots.data() + (s - b0) * H, &loss_block);
+        dense_scores_run(row, b0, b1 - b0, sc);
+        dense_grads_run(row, lse, b1 - b0, row_scale, sc, g.data(), &loss_block);
         std::fill(dq_block.begin(), dq_block.end(), acc_t(0));
         std::fill(dw_block.begin(), dw_block.end(), acc_t(0));
         for (int64_t s = b0; s < b1; ++s)
-          accumulate_row_grads(g[s - b0], row.w, dots.data() + (s - b0) * H, k + s * D, H, D,
+          accumulate_row_grads(g[s - b0], row.w, sc.dots.data() + (s - b0) * H, k + s * D, H, D,
                                dq_block.data(), dw_block.data());
         axpy(dq + t * H * D, acc_t(1), dq_block.data(), H * D);
         axpy(dw + t * H, acc_t(1), dw_block.data(), H);
@@ -535,7 +620,8 @@ double dense_kl_kernel(const acc_t* q, const acc_t* k, const acc_t* w, const acc
   // Pass 2b: per key tile, dk over every row that sees it (g recomputed the same way).
   const int64_t tiles = (S + kKeyTile - 1) / kKeyTile;
   at::parallel_for(0, tiles, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<acc_t> dots(static_cast<size_t>(H));
+    RunScratch<acc_t> sc(kKeyTile, H, Hm);
+    acc_t g[kKeyTile];
     for (int64_t tile = i0; tile < i1; ++tile) {
       const int64_t s0 = tile * kKeyTile, s1 = std::min(S, s0 + kKeyTile);
       for (int64_t t = 0; t < T; ++t) {
@@ -544,11 +630,11 @@ double dense_kl_kernel(const acc_t* q, const acc_t* k, const acc_t* w, const acc
         const auto row = row_view(t);
         const auto lse = row_lse(t);
         acc_t unused_loss = 0;
-        for (int64_t s = lo; s < hi; ++s) {
-          const acc_t gs = dense_pair(row, lse, s, row_scale, dots.data(), &unused_loss);
+        dense_scores_run(row, lo, hi - lo, sc);
+        dense_grads_run(row, lse, hi - lo, row_scale, sc, g, &unused_loss);
+        for (int64_t j = 0; j < hi - lo; ++j)
           for (int64_t h = 0; h < H; ++h)
-            if (dots[h] > 0) axpy(dk + s * D, gs * row.w[h], row.q + h * D, D);
-        }
+            if (sc.dots[j * H + h] > 0) axpy(dk + (lo + j) * D, g[j] * row.w[h], row.q + h * D, D);
       }
     }
   });
