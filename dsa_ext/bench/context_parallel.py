@@ -6,7 +6,7 @@
 Not a `dsa-bench` family: the cases need several processes. Without torchrun it spawns W gloo
 processes per world size on this machine (one thread each); under torchrun it runs on the
 launched group (NCCL when CUDA is present) at that group's W only. Per world size and decode
-mode (exact / union / union_share) it prints the median step time (the slowest rank's, each
+mode (exact / union / union_share, and exact+scatter: each rank keeps its Hq/W heads) it prints the median step time (the slowest rank's, each
 step between barriers), the bytes each rank sends and receives per step (counted by
 `context_parallel.CommStats`, ring all-reduce assumed), the bytes of vLLM's exact mode for the
 same step (all-gather of W*K (fp32 value, int32 id) candidates per query, the same collective
@@ -90,14 +90,18 @@ def run_rows(args, device):
         n = max(args.recall_queries, 1)
         return total / n, err / n
 
-    for mode in MODES:
+    configs = [(m, False) for m in MODES] + ([("exact", True)] if Hq % W == 0 and W > 1 else [])
+    for mode, scatter in configs:
         stats = cp.CommStats()
-        cp.decode_step(cache, [seq], q, w, q_lat, K, scale, mode, stats=stats, check=False)
-        sec, res = _timed(lambda: cp.decode_step(cache, [seq], q, w, q_lat, K, scale, mode,
-                                                 check=False), device, args.reps)
+        step = lambda: cp.decode_step(cache, [seq], q, w, q_lat, K, scale, mode,  # noqa: E731
+                                      check=False, scatter_heads=scatter)
+        cp.decode_step(cache, [seq], q, w, q_lat, K, scale, mode, stats=stats, check=False,
+                       scatter_heads=scatter)
+        sec, _ = _timed(step, device, args.reps)
         recall, out_err = (1.0, 0.0) if mode == "exact" else recall_over_queries(mode)
         vllm_exact = (W - 1) * N * K * 8       # received per rank: (W-1) ranks x K x (4 + 4) B
-        rows.append(dict(kind="decode", W=W, mode=mode, context=L, topk=K, n_new=N, heads=Hq,
+        rows.append(dict(kind="decode", W=W, mode=mode + ("+scatter" if scatter else ""),
+                         context=L, topk=K, n_new=N, heads=Hq,
                          index_heads=H, us=sec * 1e6, sent_bytes=stats.sent,
                          received_bytes=stats.received,
                          candidate_bytes=sum(c[2] for c in stats.calls if "candidates" in c[0]),
@@ -126,10 +130,10 @@ def run_rows(args, device):
 
 
 def _print(rows, file=sys.stdout):
-    print(f"{'kind':8} {'W':>2} {'mode':12} {'ctx':>7} {'K':>5} {'time us':>11} {'us/token':>9} "
+    print(f"{'kind':8} {'W':>2} {'mode':14} {'ctx':>7} {'K':>5} {'time us':>11} {'us/token':>9} "
           f"{'sent B':>10} {'recv B':>10} {'vLLM-exact cand B':>17} {'recall':>7} {'out err':>8}", file=file)
     for r in rows:
-        print(f"{r['kind']:8} {r['W']:>2} {r['mode']:12} {r['context']:>7} {r['topk']:>5} "
+        print(f"{r['kind']:8} {r['W']:>2} {r['mode']:14} {r['context']:>7} {r['topk']:>5} "
               f"{r['us']:>11.1f} {r.get('us_per_token', float('nan')):>9.2f} {r['sent_bytes']:>10} "
               f"{r['received_bytes']:>10} {r.get('vllm_exact_candidate_bytes', 0):>17} "
               f"{r.get('recall', float('nan')):>7.4f} {r.get('out_rel_err', float('nan')):>8.2e}",
