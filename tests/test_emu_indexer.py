@@ -139,7 +139,8 @@ def test_indexer_logits_range_tile_skip(lib, mma, gen):
 
 @pytest.mark.parametrize("H", [32, 64])
 @pytest.mark.parametrize("block_size,per_query_lens,clean_logits",
-                         [(16, False, True), (64, True, False), (32, False, False)])
+                         [(16, False, True), (64, True, False), (32, False, False),
+                          (12, True, True), (20, False, True)])   # shift vs 32-bit divide
 def test_paged_indexer_logits(lib, mma, gen, H, block_size, per_query_lens, clean_logits):
     args = _paged_inputs(2, 3, H, 128, block_size, 200, gen, "cpu", per_query_lens, bad_blocks=True)
     out, reports = run_paged(lib, *args, 200, clean_logits)

@@ -2,6 +2,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 // The CTA's dynamic shared memory as `uint8_t* name`, aligned to `align` bytes, and a static
@@ -27,5 +28,27 @@ __host__ __device__ constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }
 
 // Launchers return the launch status; the .cpp glue turns it into an exception.
 inline cudaError_t last_launch_error() { return cudaGetLastError(); }
+
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) before every launch is a driver call on the
+// launch path of every op; the attribute belongs to the function on the current device, so it
+// is set once per (kernel, device, size) and remembered (a larger size later sets it again).
+// Kernel is a template argument so that each kernel has its own record.
+template <auto Kernel>
+cudaError_t ensure_max_dynamic_smem(int bytes) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> set_bytes[kMaxDevices];   // 0: never set on that device
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const bool cached = dev >= 0 && dev < kMaxDevices;
+  if (cached && set_bytes[dev].load(std::memory_order_acquire) >= bytes) return cudaSuccess;
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && cached) {
+    int seen = set_bytes[dev].load(std::memory_order_relaxed);
+    while (seen < bytes && !set_bytes[dev].compare_exchange_weak(seen, bytes)) {
+    }
+  }
+  return err;
+}
 
 }  // namespace dsa

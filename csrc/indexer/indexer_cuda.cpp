@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "common/cuda_glue.h"
 #include "indexer/indexer_checks.h"
 #include "indexer/indexer_launch.h"
@@ -59,6 +61,9 @@ at::Tensor paged_indexer_logits_cuda(const at::Tensor& q, const at::Tensor& kv_c
   TORCH_CHECK_VALUE(sh.block_size % 4 == 0,
                     "kv_cache: the CUDA kernel needs block_size % 4 == 0 (16-byte aligned token "
                     "rows), got block_size = ", sh.block_size);
+  TORCH_CHECK_VALUE(max_context_len <= std::numeric_limits<int32_t>::max(),
+                    "max_context_len must fit int32 on CUDA (32-bit key addressing), got ",
+                    max_context_len);
   c10::cuda::CUDAGuard guard(q.device());
   check_fp8_mma_device(q);
   check_aligned(q, "q");

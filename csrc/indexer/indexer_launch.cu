@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/cuda_utils.cuh"
 #include "common/loaded_image.cuh"
 #include "indexer/indexer_kernels.cuh"
 #include "indexer/indexer_launch.h"
@@ -35,8 +36,8 @@ int64_t split_cols(int64_t query_blocks, int64_t num_cols) {
 template <int kHeads, bool kPaged, bool kAllowWgmma>
 cudaError_t launch(const indexer::LogitsParams& p, int64_t query_blocks, cudaStream_t stream) {
   auto kernel = indexer::indexer_logits_kernel<kHeads, kPaged, kAllowWgmma>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, indexer::kSmemBytes);
+  cudaError_t err = ensure_max_dynamic_smem<indexer::indexer_logits_kernel<kHeads, kPaged, kAllowWgmma>>(
+      indexer::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t splits = ceil_div<int64_t>(p.num_cols, p.chunk_cols);
   if (query_blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
@@ -105,8 +106,9 @@ cudaError_t launch_paged_indexer_logits(const uint8_t* q, const uint8_t* kv_cach
                                         int64_t block_size, int64_t max_blocks,
                                         int64_t max_context_len, bool clean_logits,
                                         cudaStream_t stream) {
-  if (!indexer_cuda_supports(heads, indexer::kHeadDim) || block_size <= 0 || block_size % 4 != 0)
-    return cudaErrorInvalidValue;
+  if (!indexer_cuda_supports(heads, indexer::kHeadDim) || block_size <= 0 || block_size % 4 != 0 ||
+      block_size > 0x7fffffffLL || max_context_len > 0x7fffffffLL)
+    return cudaErrorInvalidValue;   // the kernel's key addressing is 32-bit
   if (B == 0 || N == 0 || max_context_len == 0) return cudaSuccess;
   indexer::LogitsParams p{};
   p.q = q;
@@ -121,6 +123,7 @@ cudaError_t launch_paged_indexer_logits(const uint8_t* q, const uint8_t* kv_cach
   p.max_blocks = max_blocks;
   p.num_blocks = num_blocks;
   p.block_size = block_size;
+  p.block_shift = (block_size & (block_size - 1)) == 0 ? __builtin_ctzll(block_size) : -1;
   p.context_lens = context_lens;
   p.per_query_lens = per_query_lens;
   p.n_per_seq = N;

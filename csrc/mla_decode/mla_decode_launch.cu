@@ -19,7 +19,7 @@ cudaError_t launch_main(const DecodeParams& p, cudaStream_t stream) {
   constexpr size_t kSmem = DecodeSmem<HB, kFp8>::kBytes;
   static_assert(kSmem <= 227 * 1024, "dynamic shared memory beyond an H100 SM's 227 KB");
   auto kernel = sparse_mla_decode_kernel<HB, kFp8, kWgmma>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem));
+  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_decode_kernel<HB, kFp8, kWgmma>>(int(kSmem));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(p.batch * p.s_q), static_cast<unsigned>(ceil_div<int64_t>(p.heads, HB)),
                   static_cast<unsigned>(p.plan.num_splits));

@@ -18,8 +18,7 @@ template <int HB>
 cudaError_t launch_fwd(const FwdArgs& a, cudaStream_t stream) {
   using C = FwdCfg<HB>;
   auto kernel = sparse_mla_fwd_kernel<HB>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         C::kSmemBytes);
+  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_fwd_kernel<HB>>(C::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t grid = a.T * (a.H / HB);
   kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
@@ -32,8 +31,7 @@ cudaError_t launch_fwd(const FwdArgs& a, cudaStream_t stream) {
 cudaError_t launch_fwd_wgmma(const FwdArgs& a, cudaStream_t stream) {
   using C = WgmmaFwdCfg;
   auto kernel = sparse_mla_fwd_wgmma_kernel;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         C::kSmemBytes);
+  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_fwd_wgmma_kernel>(C::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t grid = a.T * (a.H / C::kHB);
   kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
@@ -48,8 +46,7 @@ cudaError_t launch_bwd_main(const BwdArgs& a, int64_t t_begin, int64_t tokens,
                             int64_t chunk_tokens, float* scratch, cudaStream_t stream) {
   using C = BwdCfg<HB>;
   auto kernel = sparse_mla_bwd_kernel<HB>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         C::kSmemBytes);
+  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_bwd_kernel<HB>>(C::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t grid = tokens * (a.H / HB);
   kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
