@@ -130,6 +130,35 @@ def test_indexer_train_logits(lib, sms, gen, dtypes, num_sms):
     torch.testing.assert_close(out[mask].double(), expected[mask].double(), rtol=1e-5, atol=1e-5)
 
 
+def test_keys_outside_every_range_are_not_read(lib, gen):
+    """Forward and the atomic backward read only the key rows (and grad entries) inside some
+    row's range: k is registered up to the largest end only, so one stray read is a report."""
+    T, S, H, D = 4, 3 * TILE + 10, 4, 12
+    q, k, w = _indexer_inputs(T, S, H, D, DTYPES[0], gen)
+    ks = torch.tensor([3, 40, 200, 7], dtype=torch.int32)
+    ke = torch.tensor([TILE + 5, 41, 199, 2 * TILE + 1], dtype=torch.int32)
+    end = int(ke.max())
+    out = torch.full((T, S), float("nan"))
+    reports, rc = E.run(lib.emu_indexer_train_logits, P(q), P(k), P(w), P(ks), P(ke), P(out), T, S, H, D, 1, 1,
+                        buffers=[q, k[:end], w, ks, ke, out], lib=lib)
+    assert rc == 0
+    _no_reports(reports)
+    mask = ref.row_range_mask(ks, ke, S)
+    torch.testing.assert_close(out[mask].double(), ref.indexer_train_logits(q, k, w, ks, ke)[mask].double(),
+                               rtol=1e-5, atol=1e-5)
+    assert torch.isneginf(out[~mask]).all()
+    grad = torch.randn(T, S, generator=gen)
+    dq, dk, dw = torch.full_like(q, float("nan")), torch.full_like(k, float("nan")), torch.full_like(w, float("nan"))
+    dk32 = torch.zeros(S, D)
+    reports, rc = E.run(lib.emu_indexer_train_logits_bwd, P(grad), P(q), P(k), P(w), P(ks), P(ke), P(dq), P(dk),
+                        P(dw), P(dk32), None, T, S, H, D, 1, 1, 0,
+                        buffers=[grad, q, k[:end], w, ks, ke, dq, dk, dw, dk32], lib=lib)
+    assert rc == 0
+    _no_reports(reports)
+    for name, g, e in zip(("dq", "dk", "dw"), (dq, dk, dw), ref.indexer_train_logits_bwd(grad, q, k, w, ks, ke)):
+        _assert_close(g, e, name)
+
+
 # ---- indexer_train_logits_bwd ----------------------------------------------------------------
 
 def run_logits_bwd(lib, grad, q, k, w, ks, ke, deterministic):
