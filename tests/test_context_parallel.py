@@ -33,6 +33,9 @@ IDX_H, IDX_D, HQ = 4, 64, 4
 # ---------------------------------------------------------------- process harness
 
 def _entry(rank, world_size, store, body):
+    if os.path.exists("/sys/class/net/lo"):
+        # loopback: no dependence on the host name resolving to a reachable interface
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=30))
     torch.set_num_threads(1)
