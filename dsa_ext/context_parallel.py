@@ -37,7 +37,9 @@ Prefill (:func:`zigzag_positions`, :func:`prefill`)
     thousands of queries per rank the union of a rank's selections is nearly the whole causal
     prefix, so a selective gather would move about as many bytes with a data-dependent
     second round (counts, then an all-to-all). The latent all-gather is differentiable (its
-    backward is a reduce-scatter), so :func:`prefill` trains through ``dsa_ext.sparse_mla``.
+    backward is a reduce-scatter), so :func:`prefill` trains through ``dsa_ext.sparse_mla``,
+    and :func:`indexer_kl_loss_sparse` gives each rank its term of the indexer's sparse-stage
+    alignment loss (SPEC section 7) with the keys' gradients reduced to their owners.
 
 Bad input: every entry point first checks its inputs locally, then agrees on the outcome
 with one small all-gather (the group's world size, the cache's declared placement, shapes,
@@ -58,13 +60,14 @@ import torch
 import torch.distributed as dist
 
 from .ops.sparse_mla import sparse_mla as _sparse_mla
+from .ops.training import indexer_kl_loss_sparse as _indexer_kl_loss_sparse
 from .paged_cache import PagedDSACache
 
 __all__ = [
     "TokenPlacement", "ShardedDSACache", "CommStats", "CPDecodeOutput", "CPPrefillOutput",
     "decode_step", "merge_topk_candidates", "combine_partials", "gather_selection",
     "selection_recall", "zigzag_chunks", "zigzag_positions", "prefill",
-    "all_gather_sequence", "DECODE_MODES",
+    "all_gather_sequence", "indexer_kl_loss_sparse", "DECODE_MODES",
 ]
 
 DECODE_MODES = ("exact", "union", "union_share")
@@ -547,6 +550,8 @@ class CPPrefillOutput(NamedTuple):
     out: torch.Tensor       # [T_r, H, d_v]: this rank's queries, in zigzag_positions order
     lse: torch.Tensor       # [T_r, H] fp32
     indices: torch.Tensor   # [T_r, K] int32 global key positions (-1 = none)
+    kv: torch.Tensor        # [T, 1, 576] every latent row, gathered (differentiable), e.g.
+    #                         for sparse_attention_target in indexer training
 
 
 def zigzag_chunks(seq_len: int, world_size: int, rank: int) -> List[Tuple[int, int]]:
@@ -683,4 +688,22 @@ def prefill(q_index: torch.Tensor, weights: torch.Tensor, k_index: torch.Tensor,
     kv_full = all_gather_sequence(kv_latent.reshape(kv_latent.shape[0], kv_latent.shape[-1]), seq_len, group, stats)
     out, lse = _sparse_mla(q_latent, kv_full.unsqueeze(1), indices.unsqueeze(1), sm_scale, 512,
                           attn_sink, None, deterministic)
-    return CPPrefillOutput(out, lse, indices)
+    return CPPrefillOutput(out, lse, indices, kv_full.unsqueeze(1))
+
+
+def indexer_kl_loss_sparse(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
+                           indices: torch.Tensor, target: torch.Tensor, seq_len: int,
+                           group=None, deterministic: bool = False,
+                           stats: Optional[CommStats] = None) -> torch.Tensor:
+    """This rank's term of the sparse-stage indexer alignment loss of a context-parallel
+    prefill (``dsa_ext.indexer_kl_loss_sparse``, reduction "sum"): q ``[T_r, H, D]``,
+    weights ``[T_r, H]`` and target ``[T_r, K]`` are this rank's zig-zag rows, k ``[T_r, D]``
+    its tokens' training-precision indexer keys (all-gathered here, differentiably), indices
+    ``[T_r, K]`` the global positions :func:`prefill` selected. The terms of all ranks sum to
+    the single-rank "sum" loss; backward of each rank's term gives its rows' dq and dw, and dk
+    of its own keys summed over every rank's queries (a reduce-scatter), so each rank calls
+    backward on its own term. A "mean" is the caller's: divide by the global count of rows
+    with a selection."""
+    k_full = all_gather_sequence(k, seq_len, group, stats)
+    return _indexer_kl_loss_sparse(q, k_full, weights, indices.unsqueeze(1), target, None, "sum",
+                                   deterministic)

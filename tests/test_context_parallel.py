@@ -283,8 +283,32 @@ def _prefill_body(rank, W):
         (res.out.float() * dout[mine].float()).sum().backward()
         torch.testing.assert_close(q_cp.grad.float(), q_ref.grad[mine].float(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(kv_cp.grad.float(), kv_ref.grad[mine].float(), atol=2e-2, rtol=2e-2)
+        # indexer training (sparse stage): the ranks' loss terms sum to the single-rank loss,
+        # and the gradients of q, weights and the rank's own keys are the single-rank ones
+        qt = torch.randn(T, IDX_H, IDX_D, generator=gen)
+        kt = torch.randn(T, IDX_D, generator=gen)
+        wt = torch.rand(T, IDX_H, generator=gen)
+        ref_target = dsa_ext.sparse_attention_target(q_lat, kv.unsqueeze(1), ref_idx.unsqueeze(1),
+                                                     ref_lse.detach(), SM_SCALE)
+        leaves = [x.clone().requires_grad_() for x in (qt, kt, wt)]
+        ref_loss = dsa_ext.indexer_kl_loss_sparse(leaves[0], leaves[1], leaves[2],
+                                                  ref_idx.unsqueeze(1), ref_target)
+        ref_loss.backward()
+        target = dsa_ext.sparse_attention_target(q_lat[mine], res.kv.detach(), res.indices.unsqueeze(1),
+                                                 res.lse.detach(), SM_SCALE)
+        torch.testing.assert_close(target, ref_target[mine], atol=1e-5, rtol=1e-4)
+        mine_leaves = [x[mine].clone().requires_grad_() for x in (qt, kt, wt)]
+        loss = cp.indexer_kl_loss_sparse(mine_leaves[0], mine_leaves[1], mine_leaves[2],
+                                         res.indices, target, T)
+        loss.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total, ref_loss.detach(), atol=1e-4, rtol=1e-4)
+        for got, ref in zip(mine_leaves, leaves):
+            torch.testing.assert_close(got.grad, ref.grad[mine], atol=1e-5, rtol=1e-4)
+
         padded = max(cp.zigzag_positions(T, W, r).numel() for r in range(W))
-        assert W == 1 and not stats.calls or [c[:2] for c in stats.calls] == [
+        assert W == 1 and not stats.calls or [c[:2] for c in stats.calls[:3]] == [
             ("all_gather:rows", padded * (IDX_D + 4)), ("all_gather:rows", padded * 576 * 2),
             ("reduce_scatter:row grads", W * padded * 576 * 4)]
 
