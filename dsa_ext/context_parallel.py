@@ -34,9 +34,10 @@ Prefill (:func:`zigzag_positions`, :func:`prefill`)
     r and 2W-1-r (zig-zag): causal cost grows with the position, and each rank gets one cheap
     and one expensive chunk. The indexer keys (``D + 4`` bytes per token) are all-gathered;
     the latent rows are all-gathered too, not gathered per selection: with K = 2048 and
-    thousands of queries per rank the union of a rank's selections is nearly the whole causal
-    prefix, so a selective gather would move about as many bytes with a data-dependent
-    second round (counts, then an all-to-all). The latent all-gather is differentiable (its
+    thousands of queries per rank, each selecting K of its causal prefix, the union of a
+    rank's selections is expected to cover most of the sequence (an expectation, not measured
+    on a model's selections), so a selective gather would save little and cost a
+    data-dependent second round (counts, then an all-to-all) that cannot overlap the indexer. The latent all-gather is differentiable (its
     backward is a reduce-scatter), so :func:`prefill` trains through ``dsa_ext.sparse_mla``,
     and :func:`indexer_kl_loss_sparse` gives each rank its term of the indexer's sparse-stage
     alignment loss (SPEC section 7) with the keys' gradients reduced to their owners.
