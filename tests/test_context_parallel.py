@@ -227,6 +227,12 @@ def _bad_input_body(rank, W):
     other._global_lens[s] = 11
     if W > 1:                             # (one rank holding everything is the W = 1 layout)
         expect("not sharded as declared", cache=other, seq_ids=[s])
+    # a cache declared for another world size (here: W + 1 ranks) than the group's
+    wrong = cp.ShardedDSACache(8, 4, IDX_D, kv_cache_dtype="bf16")
+    wrong.world_size, wrong.placement = W + 1, cp.TokenPlacement(W + 1)
+    s = wrong.add_sequence()
+    wrong.append([s], 11, _index_keys(11, gen, False), torch.randn(11, 576, generator=gen).bfloat16())
+    expect(f"rank {rank}: cache is sharded for rank {rank} of {W + 1}", cache=wrong, seq_ids=[s])
     # a rank that disagrees on the sequence's global length
     if rank == 0:
         shard._global_lens[seqs[0]] += 1
