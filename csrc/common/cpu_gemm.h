@@ -19,8 +19,12 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 
+#include "common/fp8_cpu.h"
+
+#include <algorithm>
 #include <array>
 #include <cstdint>
+#include <limits>
 #include <cstdlib>
 #include <cstring>
 
@@ -82,6 +86,30 @@ inline void vnni_store_row_pair(const c10::BFloat16* row0, const c10::BFloat16* 
 inline void vnni_store_transposed(const c10::BFloat16* M, int64_t R, int64_t K, int64_t ldm,
                                   c10::BFloat16* B) {
   for (int64_t r = 0; r < R; ++r) vnni_store_column(M + r * ldm, K, B, R, r);
+}
+
+// e4m3 bytes times a power-of-two scale (1 for plain decoding) through the fp32 table of
+// fp8_cpu.h (one load per byte: faster here than bit arithmetic, which gcc does not vectorise
+// without ISA flags). With a power-of-two scale in a safe range (callers check) every product
+// has at most 4 significant bits, so its upper half is the exact bf16: no rounding step.
+inline void fp8_e4m3_to_float(const uint8_t* src, float scale, float* dst, int64_t n) {
+  const auto& lut = fp8_e4m3_table();
+  if (scale == 1.f) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = lut[src[i]];
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = lut[src[i]] * scale;
+  }
+}
+
+inline void fp8_e4m3_to_bf16(const uint8_t* src, float scale, c10::BFloat16* dst, int64_t n) {
+  const auto& lut = fp8_e4m3_table();
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    const float f = lut[src[i]] * scale;
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof(bits));
+    out[i] = static_cast<uint16_t>(bits >> 16);
+  }
 }
 
 // Every e4m3 value as bf16 (exact: e4m3's 3 mantissa bits and exponent range fit in bf16).

@@ -49,15 +49,10 @@ struct TileGemm {
 
   // Decode n row-major FP8 rows into A-operand rows (row-major, D per row).
   void decode_rows(const uint8_t* src, int64_t n, void* dst) const {
-    if (bf16) {
-      const auto& lut = cpu::fp8_e4m3_bf16_table();
-      auto* d = static_cast<c10::BFloat16*>(dst);
-      for (int64_t i = 0; i < n * D; ++i) d[i] = lut[src[i]];
-    } else {
-      const auto& lut = fp8_e4m3_table();
-      auto* d = static_cast<float*>(dst);
-      for (int64_t i = 0; i < n * D; ++i) d[i] = lut[src[i]];
-    }
+    if (bf16)
+      cpu::fp8_e4m3_to_bf16(src, 1.f, static_cast<c10::BFloat16*>(dst), n * D);
+    else
+      cpu::fp8_e4m3_to_float(src, 1.f, static_cast<float*>(dst), n * D);
   }
 
   // Key `col` of a tile (the B operand): bf16 VNNI columns, or fp32 rows [key_tile, D].
@@ -79,6 +74,28 @@ struct TileGemm {
       for (int64_t i = 0; i < D / 2; ++i) dst[i * key_tile + col] = 0;
     } else {
       std::fill_n(static_cast<float*>(tile) + col * D, D, 0.f);
+    }
+  }
+
+  // Queries as the B operand of keys · Qᵀ (paged): bf16 VNNI [D/2][R][2], or fp32 rows [R, D].
+  void store_queries_t(const void* rows, int64_t R, void* dst) const {
+    if (bf16)
+      cpu::vnni_store_transposed(static_cast<const c10::BFloat16*>(rows), R, D, D,
+                                 static_cast<c10::BFloat16*>(dst));
+    else
+      std::memcpy(dst, rows, static_cast<size_t>(R * D) * sizeof(float));
+  }
+
+  // C [M, R] (fp32, row-major) = keys [M, D] (decoded rows) · Qᵀ (store_queries_t of R rows).
+  void keys_times_queries(const void* keys, int64_t M, const void* q_t, int64_t R, float* C) const {
+    if (bf16) {
+      cpu::bf16_gemm(M, R, D, static_cast<const c10::BFloat16*>(keys), D,
+                     static_cast<const c10::BFloat16*>(q_t), R, C, R, false);
+    } else {
+      auto f = at::TensorOptions().dtype(at::kFloat);
+      at::Tensor c = at::from_blob(C, {M, R}, f);
+      at::mm_out(c, at::from_blob(const_cast<void*>(keys), {M, D}, f),
+                 at::from_blob(const_cast<void*>(q_t), {R, D}, f).t());
     }
   }
 
@@ -196,10 +213,18 @@ at::Tensor paged_indexer_logits_cpu(const at::Tensor& q, const at::Tensor& kv_ca
   at::Tensor out = at::empty({B * N, P}, q.options().dtype(at::kFloat));
   if (B == 0 || P == 0) return out;
   const TileGemm g(D);
-  const int64_t kt = g.key_tile;
+  // Positions per work item: the keys are the GEMM's M side (decoded row-major, straight from
+  // the cache), so one call covers many of them and the decode is a contiguous table lookup.
+  constexpr int64_t kt = 256;
+  const int64_t R = N * H;   // query rows of one sequence
 
-  std::vector<uint8_t> q_rows(static_cast<size_t>(B * N * H * D) * g.elem_bytes());
-  g.decode_rows(reinterpret_cast<const uint8_t*>(q.data_ptr()), B * N * H, q_rows.data());
+  std::vector<uint8_t> q_rows(static_cast<size_t>(B * R * D) * g.elem_bytes());
+  g.decode_rows(reinterpret_cast<const uint8_t*>(q.data_ptr()), B * R, q_rows.data());
+  std::vector<uint8_t> q_t(q_rows.size());
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      g.store_queries_t(q_rows.data() + b * R * D * g.elem_bytes(), R, q_t.data() + b * R * D * g.elem_bytes());
+  });
   const uint8_t* cache = kv_cache.data_ptr<uint8_t>();
   const float* w_ptr = weights.data_ptr<float>();
   const int32_t* cl_ptr = context_lens.data_ptr<int32_t>();
@@ -207,13 +232,13 @@ at::Tensor paged_indexer_logits_cpu(const at::Tensor& q, const at::Tensor& kv_ca
   float* out_ptr = out.data_ptr<float>();
 
   // Work item = (sequence b, a tile of positions): every cached token is decoded once and
-  // scored for all N queries of its sequence (one GEMM of N x H rows); tiles keep long single
-  // sequences parallel.
+  // scored for all N queries of its sequence (one GEMM: the tile's keys x N * H query rows);
+  // tiles keep long single sequences parallel.
   const int64_t tiles_per_seq = (P + kt - 1) / kt;
   at::parallel_for(0, B * tiles_per_seq, 1, [&](int64_t i0, int64_t i1) {
     cpu::BrgemmScope brgemm_scope;
-    std::vector<uint8_t> tile(static_cast<size_t>(g.tile_elems()) * g.elem_bytes());
-    std::vector<float> C(static_cast<size_t>(N * H * kt)), scale(kt);
+    std::vector<uint8_t> keys(static_cast<size_t>(kt * D) * g.elem_bytes());
+    std::vector<float> C(static_cast<size_t>(kt * R)), scale(kt);
     std::vector<char> readable(kt);
     std::vector<int64_t> lens(N);
     for (int64_t item = i0; item < i1; ++item) {
@@ -226,27 +251,37 @@ at::Tensor paged_indexer_logits_cpu(const at::Tensor& q, const at::Tensor& kv_ca
         float* row = out_ptr + (b * N + j) * P;
         for (int64_t p = std::max(p0, lens[j]); p < p1; ++p) row[p] = kNegInf;
       }
-      const int64_t p_end = std::min(p1, longest);
-      if (p_end <= p0) continue;
+      const int64_t p_end = std::min(p1, longest), n = p_end - p0;
+      if (n <= 0) continue;
       const int32_t* bt_row = bt_ptr + b * sh.block_table_stride;
-      for (int64_t i = 0; i < kt; ++i) {
-        const int64_t p = p0 + i;
-        const int64_t blk = p < p_end ? indexer::physical_block(bt_row, p / bs, sh.max_blocks, sh.num_blocks) : -1;
-        readable[i] = blk >= 0;
+      for (int64_t p = p0; p < p_end;) {   // a run of positions inside one cache block
+        const int64_t blk = indexer::physical_block(bt_row, p / bs, sh.max_blocks, sh.num_blocks);
+        const int64_t run = std::min(p_end, (p / bs + 1) * bs) - p;
+        uint8_t* dst = keys.data() + (p - p0) * D * g.elem_bytes();
         if (blk >= 0) {
-          g.store_key(cache + indexer::k_value_offset(blk, p % bs, bs, D), tile.data(), i);
-          std::memcpy(&scale[i], cache + indexer::k_scale_offset(blk, p % bs, bs, D), sizeof(float));
+          g.decode_rows(cache + indexer::k_value_offset(blk, p % bs, bs, D), run, dst);
+          std::memcpy(&scale[p - p0], cache + indexer::k_scale_offset(blk, p % bs, bs, D), run * sizeof(float));
         } else {
-          g.zero_key(tile.data(), i);   // scored, then overwritten with -inf
+          std::memset(dst, 0, static_cast<size_t>(run * D) * g.elem_bytes());   // scored, then -inf
         }
+        std::fill_n(readable.begin() + (p - p0), run, static_cast<char>(blk >= 0));
+        p += run;
       }
-      g.scores(q_rows.data() + b * N * H * D * g.elem_bytes(), N * H, tile.data(), C.data());
+      g.keys_times_queries(keys.data(), n, q_t.data() + b * R * D * g.elem_bytes(), R, C.data());
       for (int64_t j = 0; j < N; ++j) {
         float* row = out_ptr + (b * N + j) * P + p0;
         const int64_t end = std::min(p_end, lens[j]) - p0;
-        if (end <= 0) continue;
-        weighted_relu_rows(C.data() + j * H * kt, kt, w_ptr + (b * N + j) * H, H, 0, end, row);
-        for (int64_t i = 0; i < end; ++i) row[i] = readable[i] ? row[i] * scale[i] : kNegInf;
+        const float* w = w_ptr + (b * N + j) * H;
+        for (int64_t i = 0; i < end; ++i) {
+          if (!readable[i]) {
+            row[i] = kNegInf;
+            continue;
+          }
+          const float* c = C.data() + i * R + j * H;
+          float acc = 0.f;
+          for (int64_t h = 0; h < H; ++h) acc += w[h] * (c[h] > 0.f ? c[h] : 0.f);
+          row[i] = acc * scale[i];
+        }
       }
     }
   });

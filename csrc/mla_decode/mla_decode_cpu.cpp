@@ -188,8 +188,8 @@ void load_record_bf16(const uint8_t* cache, bool fp8, int64_t slot, c10::BFloat1
   const uint8_t* rec = cache + slot * kFp8RecordBytes;
   float scales[kNumTiles];
   std::memcpy(scales, rec + kScaleOffset, sizeof(scales));
-  const auto& table = fp8_e4m3_table();
-  for (int d = 0; d < kDNope; ++d) dst[d] = c10::BFloat16(table[rec[d]] * scales[d / kTile]);
+  for (int tile = 0; tile < kNumTiles; ++tile)
+    cpu::fp8_e4m3_to_bf16(rec + tile * kTile, scales[tile], dst + tile * kTile, kTile);
   std::memcpy(dst + kDNope, rec + kRopeOffset, kDRope * sizeof(c10::BFloat16));
 }
 
