@@ -374,3 +374,31 @@ def test_merge_topk_candidates_matches_topk_indices():
     perm = torch.randperm(3 * k, generator=g)
     got = cp.merge_topk_candidates(torch.cat(cand_v, 1)[:, perm], torch.cat(cand_p, 1)[:, perm], k)
     _same_sets(got, ref)
+
+
+def test_bench_rows_count_the_bytes_of_each_mode(tmp_path):
+    """`python -m dsa_ext.bench.context_parallel` as a user runs it (W = 2, small shapes): a
+    row per mode and the prefill, with the byte counts of the collectives each one issues."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+    out = tmp_path / "rows.json"
+    K, Hq, W = 32, 4, 2
+    subprocess.run([sys.executable, "-m", "dsa_ext.bench.context_parallel", "--world-sizes", str(W),
+                    "--context", "300", "--topk", str(K), "--heads", str(Hq), "--index-heads", "8",
+                    "--prefill-tokens", "64", "--reps", "1", "--recall-queries", "1",
+                    "--json", str(out)], check=True, timeout=120, capture_output=True,
+                   env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                       [str(pathlib.Path(__file__).resolve().parent.parent),
+                        os.environ.get("PYTHONPATH", "")])))
+    rows = {r["mode"] if r["kind"] == "decode" else "prefill": r for r in json.loads(out.read_text())}
+    assert set(rows) == {"exact", "union", "union_share", "exact+scatter", "prefill"}
+    combine = (W - 1) * Hq * 4 + 2 * (W - 1) * Hq * 512 * 4 // W
+    assert rows["exact"]["received_bytes"] == (W - 1) * K * 8 + combine
+    assert rows["exact"]["candidate_bytes"] == rows["exact"]["vllm_exact_candidate_bytes"]
+    assert rows["union"]["received_bytes"] == rows["union_share"]["received_bytes"] == combine
+    assert rows["exact+scatter"]["received_bytes"] == (W - 1) * K * 8 + (W - 1) * Hq * 4 + \
+        (W - 1) * (Hq // W) * 512 * 4
+    assert rows["union"]["recall"] == 1.0 and 0.0 < rows["union_share"]["recall"] <= 1.0
+    assert rows["prefill"]["received_bytes"] == (W - 1) * 32 * (128 + 4 + 576 * 2)
