@@ -613,6 +613,11 @@ class _AllGatherSequence(torch.autograd.Function):
 def all_gather_sequence(local: torch.Tensor, seq_len: int, group=None,
                         stats: Optional[CommStats] = None) -> torch.Tensor:
     """``[T, ...]`` from every rank's zig-zag rows ``[T_r, ...]`` (differentiable)."""
+    W, rank = dist.get_world_size(group), dist.get_rank(group)
+    rows = sum(b - a for a, b in zigzag_chunks(seq_len, W, rank))
+    if local.dim() < 1 or local.shape[0] != rows:
+        raise ValueError(f"rank {rank} must pass its {rows} zig-zag rows of a {seq_len}-token "
+                         f"sequence (W={W}), got shape {tuple(local.shape)}")
     return _AllGatherSequence.apply(local, seq_len, group, stats)
 
 
@@ -620,8 +625,8 @@ def _prefill_errors(seq_len, topk, q_index, weights, k_index, k_scale, q_latent,
                     group) -> List[str]:
     errs = []
     W, rank = dist.get_world_size(group), dist.get_rank(group)
-    if seq_len < 0:
-        errs.append(f"seq_len must be >= 0, got {seq_len}")
+    if seq_len < 1:
+        errs.append(f"seq_len must be >= 1, got {seq_len}")
         return errs
     if topk < 1:
         errs.append(f"topk must be >= 1, got {topk}")
@@ -705,6 +710,15 @@ def indexer_kl_loss_sparse(q: torch.Tensor, k: torch.Tensor, weights: torch.Tens
     of its own keys summed over every rank's queries (a reduce-scatter), so each rank calls
     backward on its own term. A "mean" is the caller's: divide by the global count of rows
     with a selection."""
+    W, rank = dist.get_world_size(group), dist.get_rank(group)
+    rows = sum(b - a for a, b in zigzag_chunks(seq_len, W, rank)) if seq_len >= 1 else -1
+    errors = [f"{name} must have this rank's {rows} zig-zag rows of a {seq_len}-token sequence "
+              f"(W={W}), got {tuple(t.shape)}"
+              for name, t in (("q", q), ("k", k), ("weights", weights), ("indices", indices),
+                              ("target", target)) if t.dim() < 1 or t.shape[0] != rows]
+    _agree(group, q.device, [("world_size", W), ("seq_len", seq_len),
+                             ("k dim", k.shape[-1] if k.dim() else -1)],
+           errors, "context_parallel.indexer_kl_loss_sparse")
     k_full = all_gather_sequence(k, seq_len, group, stats)
     return _indexer_kl_loss_sparse(q, k_full, weights, indices.unsqueeze(1), target, None, "sum",
                                    deterministic)

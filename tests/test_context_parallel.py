@@ -246,6 +246,12 @@ def _bad_input_body(rank, W):
                    torch.zeros(rows, IDX_D).to(torch.float8_e4m3fn), torch.ones(rows),
                    torch.zeros(rows, HQ, 576).bfloat16(), torch.zeros(rows, 576).bfloat16(),
                    T, 4, SM_SCALE)
+    with pytest.raises(ValueError, match=f"rank {W - 1}: k must have this rank's"):
+        T = 9
+        rows = cp.zigzag_positions(T, W, rank).numel()
+        cp.indexer_kl_loss_sparse(torch.randn(rows, IDX_H, IDX_D), torch.randn(rows + (rank == W - 1), IDX_D),
+                                  torch.rand(rows, IDX_H), torch.zeros(rows, 4, dtype=torch.int32),
+                                  torch.rand(rows, 4), T)
     # without the agreement every rank raises its own error locally
     with pytest.raises(ValueError, match="mode must be one of"):
         cp.decode_step(shard, seqs, q, w, q_lat, 4, SM_SCALE, mode="approx", check=False)
