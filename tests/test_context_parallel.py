@@ -46,6 +46,14 @@ def _entry(rank, world_size, store, body):
 
 
 def _spawn(body, world_size):
+    if world_size == 1:               # in this process: no start-up cost
+        threads = torch.get_num_threads()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                _entry(0, 1, os.path.join(tmp, "store"), body)
+        finally:
+            torch.set_num_threads(threads)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(_entry, args=(world_size, os.path.join(tmp, "store"), body),
                                  nprocs=world_size, join=False, start_method="spawn")
@@ -325,10 +333,34 @@ def _prefill_body(rank, W):
             ("reduce_scatter:row grads", W * padded * 576 * 4)]
 
 
+def _bench_body(rank, W):
+    """The bench's rows (dsa_ext.bench.context_parallel.run_rows, small shapes): one per mode
+    and the prefill, with the byte counts of the collectives each one issues."""
+    import argparse
+    from dsa_ext.bench import context_parallel as bench
+    K, Hq = 32, 4
+    args = argparse.Namespace(context=300, topk=K, n_new=1, heads=Hq, index_heads=8,
+                              prefill_tokens=64, reps=1, recall_queries=1)
+    rows = {r["mode"] if r["kind"] == "decode" else "prefill": r
+            for r in bench.run_rows(args, torch.device("cpu"))}
+    assert set(rows) == {"exact", "union", "union_share", "exact+scatter", "prefill"}
+    combine = (W - 1) * Hq * 4 + 2 * (W - 1) * Hq * 512 * 4 // W
+    assert rows["exact"]["received_bytes"] == (W - 1) * K * 8 + combine
+    assert rows["exact"]["candidate_bytes"] == rows["exact"]["vllm_exact_candidate_bytes"]
+    assert rows["union"]["received_bytes"] == rows["union_share"]["received_bytes"] == combine
+    assert rows["exact+scatter"]["received_bytes"] == (W - 1) * K * 8 + (W - 1) * Hq * 4 + \
+        (W - 1) * (Hq // W) * 512 * 4
+    assert rows["union"]["recall"] == 1.0 and 0.0 < rows["union_share"]["recall"] <= 1.0
+    rows_per_rank = max(cp.zigzag_positions(64, W, r).numel() for r in range(W))
+    assert rows["prefill"]["received_bytes"] == (W - 1) * rows_per_rank * (128 + 4 + 576 * 2)
+
+
 def _all_bodies(rank, W):
     _decode_body(rank, W)
     _prefill_body(rank, W)
     _bad_input_body(rank, W)
+    if W == 2:
+        _bench_body(rank, W)
 
 
 # ---------------------------------------------------------------- tests
@@ -380,31 +412,3 @@ def test_merge_topk_candidates_matches_topk_indices():
     perm = torch.randperm(3 * k, generator=g)
     got = cp.merge_topk_candidates(torch.cat(cand_v, 1)[:, perm], torch.cat(cand_p, 1)[:, perm], k)
     _same_sets(got, ref)
-
-
-def test_bench_rows_count_the_bytes_of_each_mode(tmp_path):
-    """`python -m dsa_ext.bench.context_parallel` as a user runs it (W = 2, small shapes): a
-    row per mode and the prefill, with the byte counts of the collectives each one issues."""
-    import json
-    import pathlib
-    import subprocess
-    import sys
-    out = tmp_path / "rows.json"
-    K, Hq, W = 32, 4, 2
-    subprocess.run([sys.executable, "-m", "dsa_ext.bench.context_parallel", "--world-sizes", str(W),
-                    "--context", "300", "--topk", str(K), "--heads", str(Hq), "--index-heads", "8",
-                    "--prefill-tokens", "64", "--reps", "1", "--recall-queries", "1",
-                    "--json", str(out)], check=True, timeout=120, capture_output=True,
-                   env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                       [str(pathlib.Path(__file__).resolve().parent.parent),
-                        os.environ.get("PYTHONPATH", "")])))
-    rows = {r["mode"] if r["kind"] == "decode" else "prefill": r for r in json.loads(out.read_text())}
-    assert set(rows) == {"exact", "union", "union_share", "exact+scatter", "prefill"}
-    combine = (W - 1) * Hq * 4 + 2 * (W - 1) * Hq * 512 * 4 // W
-    assert rows["exact"]["received_bytes"] == (W - 1) * K * 8 + combine
-    assert rows["exact"]["candidate_bytes"] == rows["exact"]["vllm_exact_candidate_bytes"]
-    assert rows["union"]["received_bytes"] == rows["union_share"]["received_bytes"] == combine
-    assert rows["exact+scatter"]["received_bytes"] == (W - 1) * K * 8 + (W - 1) * Hq * 4 + \
-        (W - 1) * (Hq // W) * 512 * 4
-    assert rows["union"]["recall"] == 1.0 and 0.0 < rows["union_share"]["recall"] <= 1.0
-    assert rows["prefill"]["received_bytes"] == (W - 1) * 32 * (128 + 4 + 576 * 2)
