@@ -148,25 +148,90 @@ inline void rows_times_lhs_t(const c10::BFloat16* M, int64_t H, int64_t K, int64
     for (int64_t h = 0; h < H; ++h) X[h * np + i] = ws.scores_t[i * H + h];
 }
 
+// bf16 of an fp32 value, round to nearest even, as integer arithmetic the compiler vectorises
+// (NaN stays NaN: its quiet bit survives the carry).
+inline uint16_t bf16_bits_rne(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 // Heads [H, D] of one token (bf16 q, row stride ldq, D even) over the packed rows: out [H, d_v]
 // in fp32 (row stride d_v) and lse [H]. Empty (n == 0): out 0, lse -inf.
+//
+// The scores are computed transposed, Sᵀ [n_pad, H] (keys as the GEMM's M side), and the
+// softmax runs down its columns, so every pass is contiguous over the heads; P is written
+// block-major ([block][H][kKeyBlock] bf16) and P·V accumulates in a row-padded buffer: rows
+// 2^k bytes apart would share L1 sets.
 inline void attend_bf16(const c10::BFloat16* q, int64_t H, int64_t ldq, const PackedRows& kv,
                         int64_t d_v, float scale, const float* sink, AttendScratch& ws, float* out,
                         float* lse) {
   const int64_t D = kv.D, n = kv.n, np = kv.n_pad();
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   if (n == 0) {
     std::fill(out, out + H * d_v, 0.f);
-    std::fill(lse, lse + H, -std::numeric_limits<float>::infinity());
+    std::fill(lse, lse + H, kNegInf);
     return;
   }
-  ws.scores.resize(H * np);
-  rows_times_lhs_t(q, H, D, ldq, kv, ws, ws.scores.data());
-  softmax_rows<float>(ws.scores.data(), H, n, np, scale, sink, lse);
-  ws.p.resize(H * np);
-  to_bf16(ws.scores.data(), ws.p.data(), H * np);   // the padding columns hold 0 (zero rows)
+  ws.lhs_t.resize(D * H);
+  vnni_store_transposed(q, H, D, ldq, ws.lhs_t.data());
+  ws.scores_t.resize(np * H);
+  float* st = ws.scores_t.data();
   for (int64_t j = 0; j < kv.blocks; ++j)
-    bf16_gemm(H, d_v, kKeyBlock, ws.p.data() + j * kKeyBlock, np, kv.vnni_block(j), D, out, d_v,
-              /*add=*/j > 0);
+    bf16_gemm(kKeyBlock, H, D, kv.dense_block(j), D, ws.lhs_t.data(), H, st + j * kKeyBlock * H, H,
+              /*add=*/false);
+  // column softmax over the n valid keys: max, exp(x - max), sum, per-head normaliser
+  ws.scores.resize(3 * H);
+  float* mx = ws.scores.data();
+  float* sum = mx + H;
+  float* factor = sum + H;
+  std::fill(mx, mx + H, kNegInf);
+  for (int64_t i = 0; i < n; ++i) {
+    float* r = st + i * H;
+    for (int64_t h = 0; h < H; ++h) {
+      r[h] *= scale;
+      mx[h] = (r[h] > mx[h] || r[h] != r[h]) ? r[h] : mx[h];   // a NaN score makes the row NaN
+    }
+  }
+  for (int64_t h = 0; h < H; ++h) factor[h] = mx[h] == kNegInf ? 0.f : mx[h];   // the shift
+  for (int64_t i = 0; i < n; ++i) {
+    float* r = st + i * H;
+    for (int64_t h = 0; h < H; ++h) r[h] -= factor[h];
+  }
+  exp_inplace(st, n * H);
+  std::fill(sum, sum + H, 0.f);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* r = st + i * H;
+    for (int64_t h = 0; h < H; ++h) sum[h] += r[h];
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    if (mx[h] == kNegInf) {
+      factor[h] = 0.f;
+      lse[h] = kNegInf;
+      continue;
+    }
+    const float row_lse = mx[h] + std::log(sum[h]);
+    factor[h] = std::exp(mx[h] - denominator_log(row_lse, sink, h));
+    lse[h] = row_lse;
+  }
+  ws.p.resize(H * np);
+  uint16_t* p = reinterpret_cast<uint16_t*>(ws.p.data());
+  for (int64_t j = 0; j < kv.blocks; ++j) {
+    uint16_t* pb = p + j * H * kKeyBlock;
+    const int64_t valid = std::min(kKeyBlock, n - j * kKeyBlock);
+    for (int64_t ii = 0; ii < valid; ++ii) {
+      const float* r = st + (j * kKeyBlock + ii) * H;
+      for (int64_t h = 0; h < H; ++h) pb[h * kKeyBlock + ii] = bf16_bits_rne(r[h] * factor[h]);
+    }
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t ii = valid; ii < kKeyBlock; ++ii) pb[h * kKeyBlock + ii] = 0;
+  }
+  const int64_t ldo = d_v + 16;
+  ws.out.resize(H * ldo);
+  for (int64_t j = 0; j < kv.blocks; ++j)
+    bf16_gemm(H, d_v, kKeyBlock, ws.p.data() + j * H * kKeyBlock, kKeyBlock, kv.vnni_block(j), D,
+              ws.out.data(), ldo, /*add=*/j > 0);
+  for (int64_t h = 0; h < H; ++h) std::memcpy(out + h * d_v, ws.out.data() + h * ldo, d_v * sizeof(float));
 }
 
 }  // namespace dsa::cpu
