@@ -35,7 +35,10 @@ def lib():
     lib.emu_indexer_train_logits.argtypes = [VP] * 6 + [I64] * 4 + [ctypes.c_int] * 2
     lib.emu_indexer_train_logits_bwd.argtypes = [VP] * 11 + [I64] * 4 + [ctypes.c_int] * 3
     lib.emu_sparse_attention_target.argtypes = [VP] * 6 + [I64] * 5 + [ctypes.c_float, ctypes.c_int]
-    lib.emu_indexer_kl_loss_sparse.argtypes = [VP] * 15 + [I64] * 5 + [ctypes.c_int] * 4
+    lib.emu_indexer_kl_loss_sparse.argtypes = [VP] * 16 + [I64] * 5 + [ctypes.c_int] * 4
+    lib.emu_sparse_loss_workspace.argtypes = [I64] * 4 + [ctypes.POINTER(I64)]
+    lib.emu_sparse_loss_chunk_rows.argtypes = [I64] * 3
+    lib.emu_sparse_loss_chunk_rows.restype = I64
     lib.emu_indexer_kl_loss_dense.argtypes = [VP] * 17 + [I64] * 6 + [ctypes.c_float] + [ctypes.c_int] * 5
     lib.emu_training_indexer_cuda_supports.argtypes = [I64, I64]
     lib.emu_deterministic_dk_splits.argtypes = [I64, I64]
@@ -306,21 +309,43 @@ def run_sparse_loss(lib, q, k, w, indices, target, topk_length, mean, determinis
     dq = torch.full_like(q, float("nan"))
     dk = torch.full_like(k, float("nan"))
     dw = torch.full_like(w, float("nan"))
-    dk32, part = _dk_workspaces(lib, T, S, D, deterministic)
+    dk32 = torch.zeros(S, D)
+    entry_dk = entry_ints = None
+    if deterministic:               # uninitialised workspace as the glue allocates it: NaN / garbage
+        sizes = (I64 * 2)()
+        lib.emu_sparse_loss_workspace(T, S, K, D, sizes)
+        entry_dk = torch.full((sizes[0],), float("nan"))
+        entry_ints = torch.full((sizes[1],), -12345, dtype=torch.int32)
     reports, rc = E.run(lib.emu_indexer_kl_loss_sparse, P(q), P(k), P(w), P(indices), P(target), P(topk_length),
-                        P(logits), P(row_loss), P(count), P(loss), P(dq), P(dk), P(dw), P(dk32), P(part), T, S, H, D,
-                        K, DTYPE_CODE[q.dtype], DTYPE_CODE[w.dtype], int(mean), int(deterministic),
+                        P(logits), P(row_loss), P(count), P(loss), P(dq), P(dk), P(dw), P(dk32), P(entry_dk),
+                        P(entry_ints), T, S, H, D, K, DTYPE_CODE[q.dtype], DTYPE_CODE[w.dtype], int(mean),
+                        int(deterministic),
                         buffers=[q, k, w, indices, target, topk_length, logits, row_loss, count, loss, dq, dk, dw,
-                                 dk32, part], lib=lib)
+                                 dk32, entry_dk, entry_ints], lib=lib)
     assert rc == 0
     return (loss[0], dq, dk, dw), reports
 
 
+@pytest.fixture
+def chunk_rows(lib):
+    """Caps the deterministic sparse loss's row chunk (DSA_TRAINING_CHUNK_ROWS)."""
+    def set_rows(n):
+        E.set_env(lib, "DSA_TRAINING_CHUNK_ROWS", n)
+    yield set_rows
+    E.set_env(lib, "DSA_TRAINING_CHUNK_ROWS", None)
+
+
 @pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_indexer_kl_loss_sparse(lib, gen, dtypes, reduction, deterministic):
+@pytest.mark.parametrize("deterministic,rows_per_chunk", [(False, None), (True, None), (True, 2)],
+                         ids=["atomic", "deterministic", "deterministic-chunks"])
+def test_indexer_kl_loss_sparse(lib, chunk_rows, gen, dtypes, reduction, deterministic, rows_per_chunk):
+    """deterministic-chunks: rows in chunks of 2 (the last one partial), each chunk's entries
+    grouped by key and summed in entry order onto the previous chunks' dk."""
+    if rows_per_chunk:
+        chunk_rows(rows_per_chunk)
     T, S, H, D, K = 7, 2 * TILE + 20, 5, 24, TILE + 13       # two entry tiles, three key tiles
+    assert lib.emu_sparse_loss_chunk_rows(T, K, D) == (rows_per_chunk or T)
     q, k, w = _indexer_inputs(T, S, H, D, dtypes, gen)
     indices = _selected_indices(T, K, S, gen)
     indices[3] = S                                        # a row with no valid entry

@@ -131,9 +131,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_spars
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dw = at::empty_like(weights);
   at::Tensor logits = at::empty({sh.T, sh.K}, f32), row_loss = at::empty({sh.T}, f32);
   at::Tensor count = at::zeros({1}, q.options().dtype(at::kInt));
-  at::Tensor dk32;
-  if (!deterministic) dk32 = at::zeros({sh.S, sh.D}, f32);
-  const at::Tensor dk_partial = dk_partial_workspace(q, sh.T, sh.S, sh.D, deterministic);
+  at::Tensor dk32 = at::zeros({sh.S, sh.D}, f32);
+  at::Tensor entry_dk, entry_ints;
+  if (deterministic) {
+    int64_t sizes[2];
+    training::sparse_loss_workspace(sh.T, sh.S, sh.K, sh.D, sizes);
+    entry_dk = at::empty({sizes[0]}, f32);
+    entry_ints = at::empty({sizes[1]}, q.options().dtype(at::kInt));
+  }
   training::SparseLossArgs a{};
   a.q = q.data_ptr();
   a.k = k.data_ptr();
@@ -145,8 +150,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_spars
   a.row_loss = row_loss.data_ptr<float>();
   a.dq = dq.data_ptr();
   a.dw = dw.data_ptr();
-  a.dk32 = deterministic ? nullptr : dk32.data_ptr<float>();
-  a.dk_partial = data_or_null(dk_partial);
+  a.dk32 = dk32.data_ptr<float>();
+  a.entry_dk = data_or_null(entry_dk);
+  a.entry_ints = entry_ints.defined() ? entry_ints.data_ptr<int32_t>() : nullptr;
   a.T = sh.T;
   a.S = sh.S;
   a.K = sh.K;

@@ -137,6 +137,11 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   return m;
 }
 
+// Per-warp partial results of a block reduction in static shared memory.
+struct WarpPartials {
+  float v[kWarps];
+};
+
 // q[t] (H x D) and w[t] into shared memory as fp32, heads padded with zeros.
 template <typename TQ, typename TW>
 __device__ __forceinline__ void load_query_row(const TQ* q, const TW* w, int64_t t, int H, int D, const Layout& L,
@@ -197,8 +202,11 @@ __device__ __forceinline__ float key_logit(const Layout& L, const float* sm) {
 // Backward of one tile of a row-owned kernel, after the tile's keys are loaded. `g` is the
 // calling thread's key's dL/dI (0 for no key). Adds the tile's terms to dw (L.dw, per head) and
 // dq (L.acc, [Hp, D]); with dk32 != nullptr also adds dk of every tile row with fp32 atomics
-// (rows from L.rows, so duplicates within a tile each add their own term). Ends with a barrier.
-__device__ __forceinline__ void row_backward_tile(const Layout& L, float* sm, float g, int H, float* dk32) {
+// (rows from L.rows, so duplicates within a tile each add their own term); with entry_dk !=
+// nullptr instead writes each valid tile row's term to entry_dk[j * D ..] (the deterministic
+// sparse loss sums them per key afterwards). Ends with a barrier.
+__device__ __forceinline__ void row_backward_tile(const Layout& L, float* sm, float g, int H, float* dk32,
+                                                  float* entry_dk = nullptr) {
   const int key = threadIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* coef = sm + L.coef;
   float* red = sm + L.red;
@@ -223,14 +231,17 @@ __device__ __forceinline__ void row_backward_tile(const Layout& L, float* sm, fl
     for (int j = 0; j < kTileKeys; ++j) s = fmaf(c[j], kt[j * L.ldk + d], s);
     sm[L.acc + e] += s;
   }
-  if (dk32 != nullptr) {
+  if (dk32 != nullptr || entry_dk != nullptr) {
     const int32_t* rows = reinterpret_cast<const int32_t*>(sm + L.rows);
     for (int e = threadIdx.x; e < kTileKeys * D; e += kThreads) {
       const int j = e / D, d = e - j * D;
       if (rows[j] < 0) continue;
       float s = 0.f;
       for (int h = 0; h < H; ++h) s = fmaf(coef[h * kTileKeys + j], sm[L.q + h * D + d], s);
-      if (s != 0.f) atomicAdd(dk32 + static_cast<int64_t>(rows[j]) * D + d, s);
+      if (entry_dk != nullptr)
+        entry_dk[e] = s;
+      else if (s != 0.f)
+        atomicAdd(dk32 + static_cast<int64_t>(rows[j]) * D + d, s);
     }
   }
   __syncthreads();
@@ -485,19 +496,21 @@ __global__ void __launch_bounds__(kThreads) count_nonempty_rows_kernel(const int
   }
 }
 
-// grid (T): row t. Pass 1: logits of the valid entries into the workspace; the row's softmax
+// grid (rows of the call, from a.row_begin): row t. Pass 1: logits of the valid entries into the workspace; the row's softmax
 // (block max / sum in a fixed order), its loss and dL/dI_j = (sum p) r_j - p_j (scaled for
 // "mean"), written over the logits. Pass 2: the tiles again, backward into dq, dw (owned) and
-// dk (atomic mode, or left to sparse_loss_key_kernel).
+// dk (atomic mode; or each entry's term into a.entry_dk, deterministic mode).
 template <typename TQ, typename TW>
 __global__ void __launch_bounds__(kThreads) sparse_loss_row_kernel(SparseLossArgs a) {
   DSA_DYNAMIC_SMEM(smem_raw, 16);
   float* sm = reinterpret_cast<float*>(smem_raw);
   const Layout L = make_layout(a.H, a.D, Parts::kRowBackward);
-  const int64_t t = blockIdx.x;
+  const int64_t t = a.row_begin + blockIdx.x;
   const int64_t n_entries = row_entries(a.topk_length, t, a.K);
   const int32_t* rows = reinterpret_cast<const int32_t*>(sm + L.rows);
   float* lg = a.logits + t * a.K;
+  // Deterministic mode: this row's entries' dk terms, [K, D] at its place in the chunk.
+  float* entry_dk = a.entry_dk == nullptr ? nullptr : a.entry_dk + (t - a.row_begin) * a.K * a.D;
   const float* p = a.target + t * a.K;
   load_query_row(static_cast<const TQ*>(a.q), static_cast<const TW*>(a.w), t, a.H, a.D, L, sm);
   zero_words(sm + L.acc, L.Hp * a.D);
@@ -562,96 +575,108 @@ __global__ void __launch_bounds__(kThreads) sparse_loss_row_kernel(SparseLossArg
     __syncthreads();
     const int64_t j = j0 + threadIdx.x;
     const float g = j < a.K && rows[threadIdx.x] >= 0 ? lg[j] : 0.f;
-    row_backward_tile(L, sm, g, a.H, a.dk32);
+    row_backward_tile(L, sm, g, a.H, a.dk32, entry_dk == nullptr ? nullptr : entry_dk + j0 * a.D);
   }
   __syncthreads();
   store_row_grads(L, sm, t, a.H, static_cast<TQ*>(a.dq), static_cast<TW*>(a.dw));
 }
 
-// grid (ceil(S / kTileKeys), splits): deterministic dk of the sparse loss. The CTA owns a tile of keys
-// and scans every row's selected entries in order (t, then j); the entries that select one of
-// its keys are compacted in entry order, their coefficients computed thread-per-entry, and
-// their q[t] terms added key row by key row with thread d owning column d, so every dk element
-// is summed in (t, j) order by one thread. Cost model: T*K index reads per key tile (this scan
-// dominates at long S) plus the same arithmetic as the atomic mode.
-template <typename TQ, typename TW>
-__global__ void __launch_bounds__(kThreads) sparse_loss_key_kernel(SparseLossArgs a, void* dk_out, KeySplit sp) {
-  DSA_DYNAMIC_SMEM(smem_raw, 16);
-  float* sm = reinterpret_cast<float*>(smem_raw);
-  const Layout L = make_layout(a.H, a.D, Parts::kKeyBackward);
-  const int D = a.D;
-  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kTileKeys;
-  const int n = static_cast<int>(a.S - s0 < kTileKeys ? a.S - s0 : kTileKeys);
-  set_contiguous_rows(s0, n, L, sm);
-  zero_words(sm + L.acc, kTileKeys * D);
-  __syncthreads();
-  load_key_tile(static_cast<const TQ*>(a.k), D, L, sm);
-  // The matches of one chunk of a row's entries, in entry order: local key and dL/dI (in the
-  // reduction area, unused here); per-warp match counts in the row list, free once the tile is
-  // loaded (the first write to it follows a barrier).
-  int32_t* match_key = reinterpret_cast<int32_t*>(sm + L.red);
-  float* match_g = sm + L.red + kTileKeys;
-  int32_t* warp_count = reinterpret_cast<int32_t*>(sm + L.rows);
-  float* coef = sm + L.coef;
+// Deterministic dk of the sparse loss, per chunk of rows [row_begin, row_end): the row kernel
+// writes every valid entry's dk term (entry_dk, [chunk entries, D] fp32); the entries are
+// grouped by key (a counting sort on the device: histogram, scan, scatter); then one warp per
+// key adds its entries' terms in increasing entry order to dk32[key], chunk after chunk (the
+// launches are ordered on the stream), so every dk element is summed in (t, j) order.
+// Memory: the chunk's [rows * K, D] fp32 terms (sized by the launcher) plus 3 (S + 1) + rows * K
+// int32; no [T, S].
+
+// grid (ceil(chunk entries / 256)): key_count[idx] += 1 per valid entry of the chunk.
+__global__ void __launch_bounds__(256) count_entries_per_key_kernel(const int32_t* indices, const int32_t* topk_length,
+                                                                   int64_t row_begin, int64_t rows, int64_t S,
+                                                                   int64_t K, int32_t* key_count) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  if (e >= rows * K) return;
+  const int64_t t = row_begin + e / K, j = e % K;
+  if (j >= row_entries(topk_length, t, K)) return;
+  const int32_t idx = indices[t * K + j];
+  if (idx >= 0 && idx < S) atomicAdd(key_count + idx, 1);
+}
+
+struct WarpCounts {
+  int32_t v[kWarps];
+};
+
+// One CTA: key_offset = exclusive prefix sum of key_count over S + 1 entries, copied into
+// key_cursor (the scatter's insertion points).
+__global__ void __launch_bounds__(kThreads) scan_key_counts_kernel(const int32_t* key_count, int64_t n,
+                                                                  int32_t* key_offset, int32_t* key_cursor) {
+  DSA_STATIC_SMEM(WarpCounts, red);
+  const int64_t per = (n + kThreads - 1) / kThreads;
+  const int64_t b = threadIdx.x * per, e = b + per < n ? b + per : n;
+  int32_t local = 0;
+  for (int64_t i = b; i < e; ++i) local += key_count[i];
+  // Exclusive scan of the threads' sums (warp shuffles, then warps in order).
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int64_t t_begin, t_end;
-  split_rows(sp, a.T, &t_begin, &t_end);
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t n_entries = row_entries(a.topk_length, t, a.K);
-    bool loaded = false;
-    for (int64_t j0 = 0; j0 < n_entries; j0 += kThreads) {
-      const int64_t j = j0 + threadIdx.x;
-      int32_t idx = -1;
-      const bool hit = j < n_entries && (idx = a.indices[t * a.K + j]) >= s0 && idx < s0 + n;
-      // Entry-ordered compaction: per-warp ballots, then warps in order.
-      const unsigned ballot = __ballot_sync(0xffffffffu, hit);
-      __syncthreads();  // the previous chunk's matches are consumed
-      if (lane == 0) warp_count[warp] = __popc(ballot);
-      __syncthreads();
-      int base = 0, total = 0;
-      for (int wi = 0; wi < kWarps; ++wi) {
-        const int c = warp_count[wi];
-        if (wi < warp) base += c;
-        total += c;
-      }
-      if (total == 0) continue;  // uniform
-      if (hit) {
-        const int m = base + __popc(ballot & ((1u << lane) - 1u));
-        match_key[m] = idx - static_cast<int32_t>(s0);
-        match_g[m] = a.logits[t * a.K + j];
-      }
-      if (!loaded) {
-        __syncthreads();
-        load_query_row(static_cast<const TQ*>(a.q), static_cast<const TW*>(a.w), t, a.H, D, L, sm);
-        loaded = true;
-      }
-      __syncthreads();
-      // Coefficients: thread m scores its match's key row against q[t].
-      if (static_cast<int>(threadIdx.x) < total) {
-        const int m = threadIdx.x;
-        const float g = match_g[m];
-        const float* w = sm + L.w;
-        const float* krow = sm + L.k + match_key[m] * L.ldk;
-        for (int h = 0; h < a.H; ++h) {
-          const float* qh = sm + L.q + h * D;
-          float z = 0.f;
-          for (int d = 0; d < D; ++d) z = fmaf(qh[d], krow[d], z);
-          coef[h * kTileKeys + m] = z > 0.f ? g * w[h] : 0.f;
-        }
-      }
-      __syncthreads();
-      for (int m = 0; m < total; ++m) {
-        float* acc = sm + L.acc + match_key[m] * D;
-        for (int d = threadIdx.x; d < D; d += kThreads) {
-          float v = 0.f;
-          for (int h = 0; h < a.H; ++h) v = fmaf(coef[h * kTileKeys + m], sm[L.q + h * D + d], v);
-          acc[d] += v;
-        }
-      }
-    }
+  int32_t inc = local;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int32_t v = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += v;
   }
+  if (lane == 31) red.v[warp] = inc;
   __syncthreads();
-  store_key_grads<TQ>(L, sm, s0, n, a.S, dk_out, sp);
+  int32_t base = 0;
+  for (int w = 0; w < warp; ++w) base += red.v[w];
+  int32_t run = base + inc - local;
+  for (int64_t i = b; i < e; ++i) {
+    key_offset[i] = run;
+    key_cursor[i] = run;
+    run += key_count[i];
+  }
+}
+
+// grid (ceil(chunk entries / 256)): entry_list[key_cursor[idx]++] = local entry id. The order
+// within a key is arbitrary here; the reduction below imposes entry order.
+__global__ void __launch_bounds__(256) scatter_entries_kernel(const int32_t* indices, const int32_t* topk_length,
+                                                             int64_t row_begin, int64_t rows, int64_t S, int64_t K,
+                                                             int32_t* key_cursor, int32_t* entry_list) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  if (e >= rows * K) return;
+  const int64_t t = row_begin + e / K, j = e % K;
+  if (j >= row_entries(topk_length, t, K)) return;
+  const int32_t idx = indices[t * K + j];
+  if (idx >= 0 && idx < S) entry_list[atomicAdd(key_cursor + idx, 1)] = static_cast<int32_t>(e);
+}
+
+// grid (ceil(S / kWarps)): warp per key. Its n entries are visited in increasing entry id (a
+// selection over the unordered list: n rounds of a warp-wide minimum above the last id, O(n^2 /
+// 32) per key; n is the number of chunk rows selecting the key, small for rows of distinct
+// indices) and their terms added, lanes over D, to dk32[key].
+__global__ void __launch_bounds__(kThreads) reduce_entries_per_key_kernel(const int32_t* key_count,
+                                                                         const int32_t* key_offset,
+                                                                         const int32_t* entry_list,
+                                                                         const float* entry_dk, int64_t S, int D,
+                                                                         float* dk32) {
+  const int lane = threadIdx.x & 31;
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (s >= S) return;
+  const int32_t n = key_count[s];
+  if (n == 0) return;
+  const int32_t* list = entry_list + key_offset[s];
+  float* out = dk32 + s * D;
+  int32_t last = -1;
+  for (int32_t round = 0; round < n; ++round) {
+    int32_t next = 0x7fffffff;
+    for (int32_t i = lane; i < n; i += 32) {
+      const int32_t e = list[i];
+      if (e > last && e < next) next = e;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const int32_t other = __shfl_xor_sync(0xffffffffu, next, o);
+      next = other < next ? other : next;
+    }
+    const float* term = entry_dk + static_cast<int64_t>(next) * D;
+    for (int d = lane; d < D; d += 32) out[d] += term[d];
+    last = next;
+  }
 }
 
 // ---- indexer_kl_loss_dense ------------------------------------------------------------------------
@@ -886,10 +911,6 @@ __global__ void __launch_bounds__(kThreads) dense_loss_key_kernel(DenseLossArgs 
   __syncthreads();
   store_key_grads<TQ>(L, sm, s0, n, a.S, dk_out, sp);
 }
-
-struct WarpPartials {
-  float v[kWarps];
-};
 
 // One CTA: the sum of row_loss[0 .. T) in a fixed order into *loss.
 __global__ void __launch_bounds__(kThreads) sum_rows_kernel(const float* row_loss, int64_t T, float* loss) {

@@ -1,5 +1,7 @@
 // training family: torch-free host launchers (see training_launch.h). Plain SIMT kernels
 // (training_kernels.cuh): they compile for sm_80 and newer without arch-specific paths.
+#include <cstdlib>
+
 #include "training/training_kernels.cuh"
 #include "training/training_launch.h"
 
@@ -180,18 +182,38 @@ cudaError_t launch_sparse_attention_target(TargetArgs a, DType qk, cudaStream_t 
   return cudaErrorInvalidValue;
 }
 
+int64_t sparse_loss_chunk_rows(int64_t T, int64_t K, int64_t D) {
+  constexpr int64_t kEntryBytes = 64LL << 20;
+  const int64_t per_row = (K > 0 ? K : 1) * D * 4;
+  int64_t rows = kEntryBytes / per_row;
+  // entry ids are int32 within a chunk
+  if (rows * (K > 0 ? K : 1) > 0x7fffffffLL) rows = 0x7fffffffLL / (K > 0 ? K : 1);
+  rows = rows < 1 ? 1 : rows;
+  // DSA_TRAINING_CHUNK_ROWS caps the chunk (tests: several chunks on small shapes). Read per
+  // call on the host; the glue and the launcher ask in the same call, so they agree.
+  if (const char* cap = std::getenv("DSA_TRAINING_CHUNK_ROWS"); cap != nullptr && std::atoll(cap) > 0)
+    rows = std::atoll(cap) < rows ? std::atoll(cap) : rows;
+  return T < rows ? (T > 0 ? T : 1) : rows;
+}
+
+void sparse_loss_workspace(int64_t T, int64_t S, int64_t K, int64_t D, int64_t* sizes) {
+  const int64_t entries = sparse_loss_chunk_rows(T, K, D) * K;
+  sizes[0] = (entries > 0 ? entries : 1) * D;
+  sizes[1] = 3 * (S + 1) + (entries > 0 ? entries : 1);
+}
+
 cudaError_t launch_indexer_kl_loss_sparse(SparseLossArgs a, DType qk, DType w, bool mean, bool deterministic,
                                           int32_t* count, float* loss, void* dk, cudaStream_t stream) {
   if (!indexer_cuda_supports(a.H, a.D)) return cudaErrorInvalidValue;
   if (a.T > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   if (mean && count == nullptr) return cudaErrorInvalidValue;
-  if (!deterministic && a.dk32 == nullptr) return cudaErrorInvalidValue;
+  if (a.dk32 == nullptr) return cudaErrorInvalidValue;
+  if (deterministic && (a.entry_dk == nullptr || a.entry_ints == nullptr)) return cudaErrorInvalidValue;
   float* const dk32 = a.dk32;
-  if (deterministic) a.dk32 = nullptr;
+  float* const entry_dk = a.entry_dk;
   a.nonempty_rows = mean ? count : nullptr;
+  a.row_begin = 0;
   const size_t row_smem = indexer_smem(a.H, a.D, Parts::kRowBackward);
-  const size_t key_smem = indexer_smem(a.H, a.D, Parts::kKeyBackward);
-  const int64_t key_tiles = ceil_div<int64_t>(a.S, kTileKeys);
   return dispatch_types(qk, w, [&](auto tq, auto tw) {
     using TQ = decltype(tq);
     using TW = decltype(tw);
@@ -203,15 +225,44 @@ cudaError_t launch_indexer_kl_loss_sparse(SparseLossArgs a, DType qk, DType w, b
       }
       auto row = sparse_loss_row_kernel<TQ, TW>;
       if (const cudaError_t err = allow_smem(row, row_smem); err != cudaSuccess) return err;
-      sparse_loss_row_kernel<TQ, TW><<<static_cast<unsigned>(a.T), kThreads, row_smem, stream>>>(a);
-      if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+      if (!deterministic) {
+        a.entry_dk = nullptr;
+        sparse_loss_row_kernel<TQ, TW><<<static_cast<unsigned>(a.T), kThreads, row_smem, stream>>>(a);
+        if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+      } else {
+        // Row chunks in order: the row kernel writes the chunk's entry terms (no atomics into
+        // dk32), the entries are grouped by key, and each key adds its terms in entry order.
+        a.dk32 = nullptr;
+        int32_t* key_count = a.entry_ints;
+        int32_t* key_offset = key_count + (a.S + 1);
+        int32_t* key_cursor = key_offset + (a.S + 1);
+        int32_t* entry_list = key_cursor + (a.S + 1);
+        const int64_t chunk = sparse_loss_chunk_rows(a.T, a.K, a.D);
+        for (int64_t r0 = 0; r0 < a.T; r0 += chunk) {
+          const int64_t rows = a.T - r0 < chunk ? a.T - r0 : chunk;
+          a.row_begin = r0;
+          a.entry_dk = entry_dk;
+          sparse_loss_row_kernel<TQ, TW><<<static_cast<unsigned>(rows), kThreads, row_smem, stream>>>(a);
+          if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+          if (a.K == 0 || a.S == 0) continue;
+          if (const cudaError_t err = cudaMemsetAsync(key_count, 0, sizeof(int32_t) * (a.S + 1), stream);
+              err != cudaSuccess)
+            return err;
+          const unsigned entry_blocks = static_cast<unsigned>(ceil_div<int64_t>(rows * a.K, 256));
+          count_entries_per_key_kernel<<<entry_blocks, 256, 0, stream>>>(a.indices, a.topk_length, r0, rows, a.S, a.K,
+                                                                        key_count);
+          scan_key_counts_kernel<<<1, kThreads, 0, stream>>>(key_count, a.S + 1, key_offset, key_cursor);
+          scatter_entries_kernel<<<entry_blocks, 256, 0, stream>>>(a.indices, a.topk_length, r0, rows, a.S, a.K,
+                                                                  key_cursor, entry_list);
+          reduce_entries_per_key_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(a.S, kWarps)), kThreads, 0, stream>>>(
+              key_count, key_offset, entry_list, entry_dk, a.S, a.D, dk32);
+          if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+        }
+      }
     }
     sum_rows_kernel<<<1, kThreads, 0, stream>>>(a.row_loss, a.T, loss);
     if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-    if (key_tiles == 0) return cudaSuccess;
-    if (!deterministic) return cast_into<TQ>(dk32, dk, a.S * a.D, stream);
-    return launch_key_owned<TQ>(sparse_loss_key_kernel<TQ, TW>, key_smem, a.T, a.S, a.D, a.dk_partial, dk, stream,
-                                a, dk);
+    return cast_into<TQ>(dk32, dk, a.S * a.D, stream);
   });
 }
 

@@ -65,12 +65,20 @@ struct SparseLossArgs {
   float* row_loss;              // [T] fp32 workspace
   void* dq;                     // [T, H, D], q's dtype
   void* dw;                     // [T, H], weights' dtype
-  float* dk32;                  // atomic mode: [S, D] fp32 zeroed by the caller; else null
-  float* dk_partial;            // deterministic mode: [deterministic_dk_splits, S, D] fp32 when
-                                // that is > 1 (no zeroing needed), else unused
+  float* dk32;                  // [S, D] fp32 accumulator zeroed by the caller (both modes)
+  // Deterministic mode (sparse_loss_workspace): entry_dk [chunk_rows * K, D] fp32 and
+  // entry_ints [3 * (S + 1) + chunk_rows * K] int32, neither needing initialisation.
+  float* entry_dk;
+  int32_t* entry_ints;
+  int64_t row_begin;            // set by the launcher (row chunks)
   int64_t T, S, K;
   int H, D;
 };
+
+// The deterministic sparse loss processes rows in chunks of chunk_rows (its entries' dk terms
+// take at most 64 MiB); sizes[0] = entry_dk floats, sizes[1] = entry_ints words.
+int64_t sparse_loss_chunk_rows(int64_t T, int64_t K, int64_t D);
+void sparse_loss_workspace(int64_t T, int64_t S, int64_t K, int64_t D, int64_t* sizes);
 
 struct DenseLossArgs {
   const void* q;
@@ -116,8 +124,8 @@ cudaError_t launch_indexer_train_logits_bwd(LogitsBwdArgs a, DType qk, DType w, 
 cudaError_t launch_sparse_attention_target(TargetArgs a, DType qk, cudaStream_t stream);
 
 // Writes *loss (fp32), dq, dw and dk (k's dtype). Workspace: a.logits [T, K], a.row_loss [T],
-// `count` one int32 (zeroed by the caller; mean only), and in the atomic mode a.dk32 [S, D]
-// zeroed by the caller.
+// `count` one int32 (zeroed by the caller; mean only), a.dk32 [S, D] zeroed by the caller, and
+// in the deterministic mode a.entry_dk / a.entry_ints.
 cudaError_t launch_indexer_kl_loss_sparse(SparseLossArgs a, DType qk, DType w, bool mean, bool deterministic,
                                           int32_t* count, float* loss, void* dk, cudaStream_t stream);
 

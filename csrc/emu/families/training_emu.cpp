@@ -75,12 +75,22 @@ int emu_sparse_attention_target(const void* q, const void* kv, const int32_t* in
   return dsa::training::launch_sparse_attention_target(a, dtype(qk_dtype), nullptr);
 }
 
-// logits [T, K], row_loss [T]: workspace; count: one int32, zero; dk32 [S, D] zero (atomic mode).
+// The deterministic sparse loss's workspace as the glue sizes it: sizes[0] = entry_dk floats,
+// sizes[1] = entry_ints words.
+void emu_sparse_loss_workspace(int64_t T, int64_t S, int64_t K, int64_t D, int64_t* sizes) {
+  dsa::training::sparse_loss_workspace(T, S, K, D, sizes);
+}
+int64_t emu_sparse_loss_chunk_rows(int64_t T, int64_t K, int64_t D) {
+  return dsa::training::sparse_loss_chunk_rows(T, K, D);
+}
+
+// logits [T, K], row_loss [T]: workspace; count: one int32, zero; dk32 [S, D] zero; entry_dk,
+// entry_ints: the deterministic workspace above (else null).
 int emu_indexer_kl_loss_sparse(const void* q, const void* k, const void* w, const int32_t* indices,
                                const float* target, const int32_t* topk_length, float* logits, float* row_loss,
-                               int32_t* count, float* loss, void* dq, void* dk, void* dw, float* dk32, float* dk_partial, int64_t T,
-                               int64_t S, int64_t H, int64_t D, int64_t K, int qk_dtype, int w_dtype, int mean,
-                               int deterministic) {
+                               int32_t* count, float* loss, void* dq, void* dk, void* dw, float* dk32, float* entry_dk,
+                               int32_t* entry_ints, int64_t T, int64_t S, int64_t H, int64_t D, int64_t K,
+                               int qk_dtype, int w_dtype, int mean, int deterministic) {
   dsa::training::SparseLossArgs a{};
   a.q = q;
   a.k = k;
@@ -93,7 +103,8 @@ int emu_indexer_kl_loss_sparse(const void* q, const void* k, const void* w, cons
   a.dq = dq;
   a.dw = dw;
   a.dk32 = dk32;
-  a.dk_partial = dk_partial;
+  a.entry_dk = entry_dk;
+  a.entry_ints = entry_ints;
   a.T = T;
   a.S = S;
   a.K = K;
