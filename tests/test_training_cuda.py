@@ -121,8 +121,11 @@ def test_sparse_attention_target_cuda(gen, qdtype, H, D):
 @pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("H,D", [(64, 128), (5, 36)])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_indexer_kl_loss_sparse_cuda(gen, dtypes, H, D, reduction, deterministic):
+@pytest.mark.parametrize("deterministic,chunk_rows", [(False, None), (True, None), (True, 2)],
+                         ids=["atomic", "deterministic", "deterministic-chunks"])
+def test_indexer_kl_loss_sparse_cuda(monkeypatch, gen, dtypes, H, D, reduction, deterministic, chunk_rows):
+    if chunk_rows:       # the deterministic dk in several row chunks (read by the launcher per call)
+        monkeypatch.setenv("DSA_TRAINING_CHUNK_ROWS", str(chunk_rows))
     T, S, K = 9, 2 * TILE + 20, TILE + 13
     q, k, w = _inputs(T, S, H, D, dtypes, gen)
     indices = _selected(T, K, S, gen)
