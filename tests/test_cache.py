@@ -583,3 +583,94 @@ def test_mixed_devices_rejected():
     with pytest.raises(RuntimeError, match="slot_mapping must be on the same device"):
         torch.ops.dsa.mla_kv_cache_write(torch.randn(3, 576, device="cuda"), torch.zeros(3, dtype=torch.long),
                                           torch.zeros(2, 64, 1, 656, dtype=torch.uint8, device="cuda"))
+
+
+# ---- DeepSeek-V4 MLA cache (FlashMLA MODEL1, SPEC 10.2) ----------------------------------------
+
+def flashmla_model1_pages(kv):
+    """FlashMLA's MODEL1 quantiser as its tests/quant.py defines it, written out here: kv
+    [nb, bs, 512] -> the pages [nb, pitch] (pitch = bs*584 rounded up to a multiple of 576) and
+    a mask of the bytes it defines (its pad bytes are left uninitialised)."""
+    nb, bs, _ = kv.shape
+    pitch = -(-bs * 584 // 576) * 576
+    pages = torch.zeros(nb, pitch, dtype=torch.uint8)
+    defined = torch.zeros(nb, pitch, dtype=torch.bool)
+    rows = pages[:, :bs * 576].view(nb, bs, 576)
+    scales = pages[:, bs * 576:bs * 584].view(nb, bs, 8)
+    for t in range(7):
+        x = kv[..., 64 * t:64 * (t + 1)].float()
+        s = torch.pow(2, torch.clamp_min(x.abs().amax(-1) / 448.0, 1e-4).log2().ceil())
+        rows[..., 64 * t:64 * (t + 1)] = (x / s[..., None]).to(torch.float8_e4m3fn).view(torch.uint8)
+        scales[..., t] = s.to(torch.float8_e8m0fnu).view(torch.uint8)
+    rows[..., 448:] = kv[..., 448:].to(torch.bfloat16).contiguous().view(torch.uint8).view(nb, bs, 128)
+    defined[:, :bs * 576] = True
+    defined[:, bs * 576:bs * 584].view(nb, bs, 8)[..., :7] = True
+    return pages, defined
+
+
+@pytest.mark.parametrize("bs", [1, 3, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_v4_cache_bytes_match_flashmla_model1(device, gen, bs, dtype):
+    nb = 3
+    kv = randn(nb * bs, 512, gen=gen, dtype=dtype, scale=4.0)
+    kv[0, 3] = 1e-6                                   # a tile whose scale is the 1e-4 floor
+    kv[:, 64:128] *= 1e-3
+    cache = ref.new_mla_kv_cache(nb, bs, True, device=device, model="v4")
+    assert cache.stride(0) == -(-bs * 584 // 576) * 576            # FlashMLA's padded pitch
+    perm = torch.randperm(nb * bs, generator=gen)        # tokens written in a shuffled order
+    dsa_ext.mla_kv_cache_write(kv[perm].to(device), perm.to(device), cache)
+    want, defined = flashmla_model1_pages(kv.view(nb, bs, 512))
+    got = cache.cpu().contiguous().view(nb, bs * 584)    # the bytes of each page, pitch dropped
+    want = want[:, :bs * 584]
+    defined = defined[:, :bs * 584]
+    assert torch.equal(got[defined], want[defined])
+    assert (got[~defined] == 0).all()                 # our pad byte is written 0
+    # dequantised the FlashMLA way (bf16 fp8 * bf16 scale) equals our gather
+    deq = ref.dequantize_mla_cache(cache.cpu())
+    g = dsa_ext.mla_kv_cache_gather(cache, torch.arange(nb * bs, device=device))
+    assert g.shape == (nb * bs, 1, 512)
+    assert torch.equal(g.cpu()[:, 0].view(torch.int16), deq.to(torch.bfloat16).view(torch.int16))
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_v4_cache_write_gather_slots(device, gen, fp8):
+    """Ragged slot sets (skips, a subset, int32/int64), invalid gather slots read zeros, a
+    contiguous V4 page layout works as well as FlashMLA's padded one, a float8 view works."""
+    nb, bs = 4, 16
+    kv = randn(30, 512, gen=gen, dtype=torch.bfloat16)
+    slots = torch.randperm(nb * bs, generator=gen)[:30]
+    slots[::7] = -1
+    for layout in ("padded", "contiguous"):
+        cache = ref.new_mla_kv_cache(nb, bs, fp8, device=device, model="v4")
+        if layout == "contiguous":
+            cache = cache.contiguous()
+        want = ref.new_mla_kv_cache(nb, bs, fp8, model="v4")
+        target = cache.view(torch.float8_e4m3fn) if fp8 else cache
+        dsa_ext.mla_kv_cache_write(kv.to(device), slots.int().to(device), target)
+        ref.mla_kv_cache_write(kv, slots, want)
+        assert torch.equal(ref.dequantize_mla_cache(cache.cpu()).view(torch.int32),
+                           ref.dequantize_mla_cache(want).view(torch.int32))
+        q = torch.tensor([5, -1, nb * bs, 2 ** 31 - 1, 0, 63])
+        got = dsa_ext.mla_kv_cache_gather(target, q.to(device))
+        assert torch.equal(got.cpu().view(torch.int16), ref.mla_kv_cache_gather(want, q).view(torch.int16))
+        assert (got.cpu()[1:4] == 0).all()
+
+
+def test_v4_cache_bad_inputs(device, gen):
+    cache = ref.new_mla_kv_cache(2, 16, True, device=device, model="v4")
+    kv = randn(2, 576, gen=gen, dtype=torch.bfloat16, device=device)
+    with pytest.raises(RuntimeError, match=r"kv.size\(1\) must be 512"):
+        dsa_ext.mla_kv_cache_write(kv, torch.tensor([0, 1], device=device), cache)
+    tight = torch.zeros(2 * 16 * 584, dtype=torch.uint8, device=device)
+    overlapping = torch.as_strided(tight, (2, 16, 1, 584), (16 * 584 - 16, 584, 584, 1))
+    with pytest.raises(RuntimeError, match="page pitch"):
+        dsa_ext.mla_kv_cache_gather(overlapping, torch.tensor([0], device=device))
+    with pytest.raises(RuntimeError, match="must be 656 .* or 584"):
+        dsa_ext.mla_kv_cache_gather(torch.zeros(2, 16, 1, 600, dtype=torch.uint8, device=device),
+                                    torch.tensor([0], device=device))
+    with pytest.raises(RuntimeError, match="576 .* or 512"):
+        dsa_ext.mla_kv_cache_gather(torch.zeros(2, 16, 1, 584, dtype=torch.bfloat16, device=device),
+                                    torch.tensor([0], device=device))
+    with pytest.raises((RuntimeError, ValueError), match="kv_cache"):   # decode reads V3.2 caches only, so far
+        dsa_ext.sparse_mla_decode(randn(1, 1, 16, 576, gen=gen, dtype=torch.bfloat16, device=device),
+                                  cache, torch.zeros(1, 1, 8, dtype=torch.int32, device=device), 0.1)

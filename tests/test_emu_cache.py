@@ -44,6 +44,8 @@ def lib():
     lib.emu_indexer_k_cache_gather.argtypes = [VP, I64, I64, I64, VP, I64, VP, I64, I64, VP, VP]
     lib.emu_mla_kv_cache_write.argtypes = [VP, INT, VP, INT, I64, VP, INT, I64]
     lib.emu_mla_kv_cache_gather.argtypes = [VP, INT, I64, VP, INT, I64, VP]
+    lib.emu_mla_kv_cache_write_layout.argtypes = [VP, INT, VP, INT, I64, VP, INT, INT, I64, I64, I64]
+    lib.emu_mla_kv_cache_gather_layout.argtypes = [VP, INT, INT, I64, I64, I64, VP, INT, I64, VP]
     return lib
 
 
@@ -306,7 +308,7 @@ def test_mla_kv_cache_write_matches_reference(lib, gen, fp8, dtype, slot_dtype):
                        n, P(cache), int(fp8), num_slots, buffers=[kv, slots, cache])
     assert rc == 0
     name = only_kernel(kernels)
-    assert f"mla_write_kernel<{C_TYPE[dtype]}, {C_INDEX[slot_dtype]}, {str(fp8).lower()}>" in name
+    assert f"mla_write_kernel<{C_TYPE[dtype]}, {C_INDEX[slot_dtype]}, {MLA_KIND['v3.2-fp8' if fp8 else 'bf16']}>" in name
     ref.mla_kv_cache_write(kv, as_reference_slots(slots, num_slots), cache_ref.view(1, num_slots, 1, -1))
     assert torch.equal(bytes_of(cache), bytes_of(cache_ref))
 
@@ -324,7 +326,7 @@ def test_mla_kv_cache_gather_matches_reference(lib, gen, fp8, slot_dtype):
                        int(slot_dtype == torch.int64), m, P(out), buffers=[cache, slots, out])
     assert rc == 0
     name = only_kernel(kernels)
-    assert f"mla_gather_kernel<{C_INDEX[slot_dtype]}, {str(fp8).lower()}>" in name
+    assert f"mla_gather_kernel<{C_INDEX[slot_dtype]}, {MLA_KIND['v3.2-fp8' if fp8 else 'bf16']}>" in name
     out_ref = ref.mla_kv_cache_gather(cache.view(1, num_slots, 1, -1), slots)[:, 0]
     assert torch.equal(bytes_of(out), bytes_of(out_ref))
     assert (out[[2, 5, 9]] == 0).all()
@@ -353,3 +355,72 @@ def test_mla_misaligned_pointers_are_refused(lib, gen, fp8):
     rc, kernels = call(lib, lib.emu_mla_kv_cache_write, P(kv), 1, P(slots), 1, 2, P(cache), int(fp8), 2,
                        buffers=[kv, slots, cache])
     assert rc == MISALIGNED and kernels == {} and torch.equal(cache, before)
+
+
+# ---- DeepSeek-V4 MLA cache (FlashMLA MODEL1 pages, SPEC 10.2) ------------------------------------
+
+MLA_KIND = {"v3.2-fp8": "(dsa::cache::MlaCacheKind)0", "v4-fp8": "(dsa::cache::MlaCacheKind)1",
+            "bf16": "(dsa::cache::MlaCacheKind)2"}
+
+
+def v4_cache(nb, bs, fp8, gen):
+    """(cache view [nb, bs, 1, 584 | 512], the allocation to register as device memory):
+    FlashMLA's padded pages for FP8 (pitch: bs*584 rounded up to 576), random bytes / values."""
+    if not fp8:
+        c = randn(nb, bs, 1, 512, gen=gen, dtype=torch.bfloat16)
+        return c, c
+    pitch = -(-bs * 584 // 576) * 576
+    pages = random_bytes(nb, pitch, gen=gen)
+    rows = pages[:, :bs * 576].view(nb, bs, 576)
+    nope = rows[..., :448]
+    nope[(nope & 0x7F) == 0x7F] = 0x11             # no e4m3 NaN codes: every output byte compares
+    rows[..., 448:] = randn(nb, bs, 64, gen=gen, dtype=torch.bfloat16).view(torch.uint8)
+    scales = pages[:, bs * 576:bs * 584].view(nb, bs, 8)
+    scales[..., :7] = torch.randint(110, 131, (nb, bs, 7), generator=gen, dtype=torch.uint8)
+    return pages[:, :bs * 584].view(nb, bs, 1, 584), pages
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("bs", [1, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_v4_cache_write_and_gather_match_reference(lib, gen, fp8, bs, dtype):
+    """The V4 writer and reader (quarter-warp tiles of 64, ue8m0 scales after the page's rows,
+    pad byte 0; 28 lanes dequantise, 4 copy rope) on padded pages, byte-exact vs the reference;
+    skipped and out-of-range slots; the pad bytes between pages are never touched."""
+    nb, n = 3, 2 * bs
+    kv = randn(n, 512, gen=gen, dtype=dtype, scale=3.0)
+    kv[0, 70] = 1e-7                                  # tiles on the 1e-4 scale floor
+    slots = slots_with_skips(n, nb * bs, gen, torch.int64)
+    cache, alloc = v4_cache(nb, bs, fp8, gen)
+    want = cache.clone() if not fp8 else None
+    before = alloc.clone()
+    kind, pitch = (1, alloc.stride(0)) if fp8 else (2, bs * 1024)
+    rc, kernels = call(lib, lib.emu_mla_kv_cache_write_layout, P(kv), is_bf16(kv), P(slots), 1, n,
+                       P(alloc), kind, 512, bs, pitch, nb * bs, buffers=[kv, slots, alloc])
+    assert rc == 0
+    assert MLA_KIND["v4-fp8" if fp8 else "bf16"] in only_kernel(kernels)
+    if fp8:
+        want_alloc = before.clone()
+        ref.mla_kv_cache_write(kv, as_reference_slots(slots, nb * bs),
+                               want_alloc[:, :bs * 584].view(nb, bs, 1, 584))
+        assert torch.equal(alloc, want_alloc)          # page tails (padding) included
+    else:
+        ref.mla_kv_cache_write(kv, as_reference_slots(slots, nb * bs), want)
+        assert torch.equal(bytes_of(cache), bytes_of(want))
+    q = torch.randint(0, nb * bs, (9,), generator=gen)
+    q[[1, 4, 7]] = torch.tensor([-1, nb * bs, 2 ** 40])
+    out = torch.full((9, 512), float("nan"), dtype=torch.bfloat16)
+    rc, kernels = call(lib, lib.emu_mla_kv_cache_gather_layout, P(alloc), kind, 512, bs, pitch, nb * bs,
+                       P(q), 1, 9, P(out), buffers=[alloc, q, out])
+    assert rc == 0 and MLA_KIND["v4-fp8" if fp8 else "bf16"] in only_kernel(kernels)
+    assert torch.equal(bytes_of(out), bytes_of(ref.mla_kv_cache_gather(cache, q)[:, 0]))
+    assert (out[[1, 4, 7]] == 0).all()
+
+
+def test_v4_cache_misaligned_pitch_is_refused(lib, gen):
+    """A page pitch that is not a multiple of 16 bytes would misalign the 16-byte accesses."""
+    kv = randn(2, 512, gen=gen, dtype=torch.bfloat16)
+    alloc = random_bytes(2, 4 * 584 + 8, gen=gen)
+    rc, kernels = call(lib, lib.emu_mla_kv_cache_write_layout, P(kv), 1, P(torch.tensor([0, 5])), 1, 2,
+                       P(alloc), 1, 512, 4, 4 * 584 + 8, 8, buffers=[kv, alloc])
+    assert rc == MISALIGNED and kernels == {}

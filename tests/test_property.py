@@ -226,15 +226,19 @@ def test_indexer_k_cache_write_gather(seed, nb, bs, D, n, idx_dtype, dtype, frac
        idx_dtype=st.sampled_from([torch.int32, torch.int64]), fp8=st.booleans(),
        dtype=st.sampled_from([torch.bfloat16, torch.float32]), frac=st.sampled_from([0.0, 0.02]),
        mode=st.sampled_from(["ok", "ok", "repeat", "past"]), as_fp8=st.booleans(),
-       view=st.sampled_from(["contiguous", "strided"]))
-def test_mla_kv_cache_write_gather(seed, nb, bs, n, idx_dtype, fp8, dtype, frac, mode, as_fp8, view):
-    kv = values(seed, (n, 576), dtype, frac, scale=5.0)
+       view=st.sampled_from(["contiguous", "strided"]), model=st.sampled_from(["v3.2", "v4"]))
+def test_mla_kv_cache_write_gather(seed, nb, bs, n, idx_dtype, fp8, dtype, frac, mode, as_fp8, view, model):
+    dim = 576 if model == "v3.2" else 512
+    kv = values(seed, (n, dim), dtype, frac, scale=5.0)
     slots = slot_mapping(seed, n, nb * bs, idx_dtype, mode)
-    start = ref.new_mla_kv_cache(nb, bs, fp8)
-    start.view(-1)[:] = values(seed + 2, (start.numel(),), start.dtype, 0.0) if not fp8 else \
-        torch.randint(0, 256, (start.numel(),), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    start = ref.new_mla_kv_cache(nb, bs, fp8, model=model)     # V4 FP8: FlashMLA's padded pages
+    if model == "v4":   # valid records everywhere (the page view has no flat byte view)
+        ref.mla_kv_cache_write(values(seed + 2, (nb * bs, dim), torch.float32), torch.arange(nb * bs), start)
+    else:
+        start.view(-1)[:] = values(seed + 2, (start.numel(),), start.dtype, 0.0) if not fp8 else \
+            torch.randint(0, 256, (start.numel(),), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
     for device in DEVICES:
-        cache = start.clone().to(device)
+        cache = start.clone().to(device) if model == "v3.2" else start.to(device, copy=True)
         target = cache.view(FP8) if (fp8 and as_fp8) else cache
         call = lambda: dsa_ext.mla_kv_cache_write(as_view(kv.to(device), view), slots.to(device), target)  # noqa: E731
         bad = mode != "ok" and n >= (2 if mode == "repeat" else 1)
@@ -253,7 +257,9 @@ def test_mla_kv_cache_write_gather(seed, nb, bs, n, idx_dtype, fp8, dtype, frac,
         keep = torch.ones(nb * bs, dtype=torch.bool)
         keep[0] = not (bad and mode == "repeat")
         rows = lambda c: c.cpu().reshape(nb * bs, -1)  # noqa: E731
-        if fp8:
+        if model == "v4":
+            assert same_float(ref.dequantize_mla_cache(cache.cpu())[keep], ref.dequantize_mla_cache(want)[keep])
+        elif fp8:
             assert torch.equal(rows(cache)[keep], rows(want)[keep]) or \
                 same_float(ref.dequantize_mla_cache(cache.cpu())[keep], ref.dequantize_mla_cache(want)[keep])
         else:

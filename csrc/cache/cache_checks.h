@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "cache/mla_layout.h"
 #include "common/checks.h"
 
 namespace dsa::cache {
@@ -84,45 +85,72 @@ inline void check_seq_len_range(int64_t min_len, int64_t max_len, int64_t capaci
                     capacity, ", got ", max_len);
 }
 
-struct MlaCacheGeometry {
-  int64_t num_slots;
-  bool fp8;  // uint8 656-byte FlashMLA records, else bf16 rows of 576
-};
-
-// MLA cache: uint8 [nb, bs, 1, 656] (FP8) or bfloat16 [nb, bs, 1, 576], contiguous.
-inline MlaCacheGeometry check_mla_cache(const at::Tensor& kv_cache) {
+// MLA cache of either model (csrc/cache/mla_layout.h), told apart by dtype and last dim:
+// uint8 [nb, bs, 1, 656] V3.2 FP8 records, uint8 [nb, bs, 1, 584] V4 FP8 pages (any page pitch
+// stride(0) >= bs * 584, the rest dense: FlashMLA's padded allocation), bfloat16
+// [nb, bs, 1, 576 or 512] rows (contiguous).
+inline MlaCacheLayout check_mla_cache(const at::Tensor& kv_cache) {
   check_dtype_in(kv_cache, "kv_cache", {at::kByte, at::kBFloat16});
-  check_dim(kv_cache, "kv_cache", 4, "[num_blocks, block_size, 1, 656 (uint8) or 576 (bfloat16)]");
+  check_dim(kv_cache, "kv_cache", 4,
+            "[num_blocks, block_size, 1, 656 or 584 (uint8) or 576 or 512 (bfloat16)]");
   check_size(kv_cache, "kv_cache", 2, 1, "one KV head");
-  const bool fp8 = kv_cache.scalar_type() == at::kByte;
-  check_size(kv_cache, "kv_cache", 3, fp8 ? kMlaFp8RecordBytes : kMlaDim,
-             fp8 ? "656-byte FP8 record of a uint8 cache" : "576 values of a bfloat16 cache");
-  check_contiguous(kv_cache, "kv_cache");
-  return {kv_cache.size(0) * kv_cache.size(1), fp8};
+  const int64_t nb = kv_cache.size(0), bs = kv_cache.size(1), last = kv_cache.size(3);
+  MlaCacheLayout l{};
+  l.block_size = bs;
+  l.num_slots = nb * bs;
+  if (kv_cache.scalar_type() == at::kByte) {
+    TORCH_CHECK(last == kV32RecordBytes || last == kV4TokenBytes,
+                "kv_cache.size(3) must be 656 (V3.2 FP8 records) or 584 (V4 FP8 pages) for a "
+                "uint8 cache, got ", last, " (shape ", kv_cache.sizes(), ")");
+    l.kind = last == kV32RecordBytes ? MlaCacheKind::kV32Fp8 : MlaCacheKind::kV4Fp8;
+    l.dim = last == kV32RecordBytes ? 576 : 512;
+  } else {
+    TORCH_CHECK(last == 576 || last == 512,
+                "kv_cache.size(3) must be 576 (V3.2) or 512 (V4) for a bfloat16 cache, got ", last,
+                " (shape ", kv_cache.sizes(), ")");
+    l.kind = MlaCacheKind::kBf16;
+    l.dim = static_cast<int32_t>(last);
+  }
+  if (l.kind == MlaCacheKind::kV4Fp8) {
+    // Inside a page the bytes are dense; pages may be further apart than bs * 584.
+    TORCH_CHECK(kv_cache.stride(3) == 1 && (bs <= 1 || kv_cache.stride(1) == kV4TokenBytes),
+                "kv_cache (V4 FP8) must be dense inside a page (strides (pitch, 584, *, 1)), "
+                "got strides ", kv_cache.strides());
+    l.page_pitch = nb > 1 ? kv_cache.stride(0) : bs * kV4TokenBytes;
+    TORCH_CHECK(l.page_pitch >= bs * kV4TokenBytes,
+                "kv_cache (V4 FP8) page pitch stride(0) must be >= block_size * 584 = ",
+                bs * kV4TokenBytes, ", got ", kv_cache.stride(0));
+  } else {
+    check_contiguous(kv_cache, "kv_cache");
+    l.page_pitch = bs * (l.fp8() ? kV32RecordBytes : 2 * int64_t(l.dim));
+  }
+  return l;
 }
 
-inline MlaCacheGeometry check_mla_kv_cache_write(const at::Tensor& kv,
-                                                 const at::Tensor& slot_mapping,
-                                                 const at::Tensor& kv_cache) {
-  const auto geo = check_mla_cache(kv_cache);
+inline MlaCacheLayout check_mla_kv_cache_write(const at::Tensor& kv,
+                                               const at::Tensor& slot_mapping,
+                                               const at::Tensor& kv_cache) {
+  const auto layout = check_mla_cache(kv_cache);
   check_input_dtype(kv, "kv");
-  check_dim(kv, "kv", 2, "[N, 576]");
-  check_size(kv, "kv", 1, kMlaDim, "512 nope + 64 rope");
+  check_dim(kv, "kv", 2, layout.dim == 576 ? "[N, 576]" : "[N, 512]");
+  check_size(kv, "kv", 1, layout.dim,
+             layout.dim == 576 ? "512 nope + 64 rope, the V3.2 cache's row"
+                               : "448 nope + 64 rope, the V4 cache's row");
   check_slot_dtype(slot_mapping, "slot_mapping");
   check_dim(slot_mapping, "slot_mapping", 1, "[N]");
   check_size(slot_mapping, "slot_mapping", 0, kv.size(0), "N = kv.size(0)");
   check_same_device(slot_mapping, "slot_mapping", kv, "kv");
   check_same_device(kv_cache, "kv_cache", kv, "kv");
-  return geo;
+  return layout;
 }
 
-inline MlaCacheGeometry check_mla_kv_cache_gather(const at::Tensor& kv_cache,
-                                                  const at::Tensor& slots) {
-  const auto geo = check_mla_cache(kv_cache);
+inline MlaCacheLayout check_mla_kv_cache_gather(const at::Tensor& kv_cache,
+                                                const at::Tensor& slots) {
+  const auto layout = check_mla_cache(kv_cache);
   check_slot_dtype(slots, "slots");
   check_dim(slots, "slots", 1, "[M]");
   check_same_device(slots, "slots", kv_cache, "kv_cache");
-  return geo;
+  return layout;
 }
 
 }  // namespace dsa::cache

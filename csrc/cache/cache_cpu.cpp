@@ -197,75 +197,84 @@ std::tuple<at::Tensor, at::Tensor> indexer_k_cache_gather_cpu(const at::Tensor& 
   return {k_fp8, k_scale};
 }
 
+// One token of an MLA cache of either layout (mla_layout.h): per tile of the nope values the
+// FlashMLA scale 2^ceil(log2(max(amax / 448, 1e-4))), e4m3 values, the scale as fp32 (V3.2) or
+// a ue8m0 byte (V4); the rope values in bf16. bf16 caches take the row rounded to bf16.
+template <typename T>
+void write_mla_token(const T* row, const MlaCacheLayout& l, int64_t slot, uint8_t* cache) {
+  uint8_t* values = cache + l.value_byte(slot);
+  if (!l.fp8()) {
+    store_bf16(row, l.dim, values);
+    return;
+  }
+  uint8_t* scales = cache + l.scale_byte(slot);
+  for (int32_t tile = 0; tile < l.num_tiles(); ++tile) {
+    const T* x = row + tile * l.tile();
+    const float s = mla_tile_scale(abs_max(x, l.tile()));
+    quantize_into(x, l.tile(), s, /*pow2=*/true, values + tile * l.tile());
+    if (l.kind == MlaCacheKind::kV32Fp8) std::memcpy(scales + 4 * tile, &s, 4);
+    else scales[tile] = ue8m0_byte(s);
+  }
+  if (l.kind == MlaCacheKind::kV4Fp8) scales[l.num_tiles()] = 0;   // the pad byte
+  store_bf16(row + l.nope(), kMlaRopeValues, cache + l.rope_byte(slot));
+}
+
+// The dequantised row of one token as bf16 bytes (fp8 * scale in fp32, rounded to bf16).
+void read_mla_token(const uint8_t* cache, const MlaCacheLayout& l, int64_t slot, uint8_t* dst) {
+  const uint8_t* values = cache + l.value_byte(slot);
+  if (!l.fp8()) {
+    std::memcpy(dst, values, 2 * l.dim);
+    return;
+  }
+  const uint8_t* scales = cache + l.scale_byte(slot);
+  float nope[128];
+  for (int32_t tile = 0; tile < l.num_tiles(); ++tile) {
+    float s;
+    if (l.kind == MlaCacheKind::kV32Fp8) std::memcpy(&s, scales + 4 * tile, 4);
+    else s = ue8m0_value(scales[tile]);
+    for (int32_t j = 0; j < l.tile(); ++j) nope[j] = fp8_value(values[tile * l.tile() + j]) * s;
+    store_bf16(nope, l.tile(), dst + 2 * tile * l.tile());
+  }
+  std::memcpy(dst + 2 * l.nope(), cache + l.rope_byte(slot), 2 * kMlaRopeValues);
+}
+
 void mla_kv_cache_write_cpu(const at::Tensor& kv_in, const at::Tensor& slot_in,
                             const at::Tensor& kv_cache) {
-  const auto geo = check_mla_kv_cache_write(kv_in, slot_in, kv_cache);
+  const auto layout = check_mla_kv_cache_write(kv_in, slot_in, kv_cache);
   const at::Tensor kv = kv_in.contiguous(), slots = slot_in.contiguous();
   const int64_t n = kv.size(0);
   auto* cache = static_cast<uint8_t*>(kv_cache.data_ptr());
-  const int64_t record_bytes = geo.fp8 ? kMlaFp8RecordBytes : 2 * kMlaDim;
   dispatch_index(slots, [&](auto itag) {
     using Idx = decltype(itag);
     const Idx* sl = slots.const_data_ptr<Idx>();
-    check_write_slots(sl, n, geo.num_slots);
+    check_write_slots(sl, n, layout.num_slots);
     dispatch_input(kv, [&](auto tag) {
       using T = decltype(tag);
       const T* src = kv.const_data_ptr<T>();
-      at::parallel_for(0, n, grain_for(kMlaDim), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t slot = sl[i];
-          if (slot < 0) continue;
-          const T* row = src + i * kMlaDim;
-          uint8_t* rec = cache + slot * record_bytes;
-          if (!geo.fp8) {
-            store_bf16(row, kMlaDim, rec);
-            continue;
-          }
-          for (int64_t tile = 0; tile < kMlaNopeDim / kMlaTile; ++tile) {
-            const T* x = row + tile * kMlaTile;
-            const float s = mla_tile_scale(abs_max(x, kMlaTile));
-            quantize_into(x, kMlaTile, s, /*pow2=*/true, rec + tile * kMlaTile);
-            std::memcpy(rec + kMlaNopeDim + 4 * tile, &s, 4);
-          }
-          store_bf16(row + kMlaNopeDim, kMlaRopeDim, rec + kMlaNopeDim + 16);
-        }
+      at::parallel_for(0, n, grain_for(layout.dim), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          if (sl[i] >= 0) write_mla_token(src + i * layout.dim, layout, sl[i], cache);
       });
     });
   });
 }
 
 at::Tensor mla_kv_cache_gather_cpu(const at::Tensor& kv_cache, const at::Tensor& slots_in) {
-  const auto geo = check_mla_kv_cache_gather(kv_cache, slots_in);
+  const auto layout = check_mla_kv_cache_gather(kv_cache, slots_in);
   const at::Tensor slots = slots_in.contiguous();
   const int64_t m = slots.size(0);
-  at::Tensor out = at::empty({m, 1, kMlaDim}, kv_cache.options().dtype(at::kBFloat16));
+  at::Tensor out = at::empty({m, 1, layout.dim}, kv_cache.options().dtype(at::kBFloat16));
   auto* dst_all = reinterpret_cast<uint8_t*>(out.data_ptr());
   const auto* cache = static_cast<const uint8_t*>(kv_cache.const_data_ptr());
-  const int64_t record_bytes = geo.fp8 ? kMlaFp8RecordBytes : 2 * kMlaDim;
   dispatch_index(slots, [&](auto itag) {
     using Idx = decltype(itag);
     const Idx* sl = slots.const_data_ptr<Idx>();
-    at::parallel_for(0, m, grain_for(kMlaDim), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, m, grain_for(layout.dim), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t slot = sl[i];
-        uint8_t* dst = dst_all + i * 2 * kMlaDim;
-        if (slot < 0 || slot >= geo.num_slots) {  // untrusted slot: zeros, never read
-          std::memset(dst, 0, 2 * kMlaDim);
-          continue;
-        }
-        const uint8_t* rec = cache + slot * record_bytes;
-        if (!geo.fp8) {
-          std::memcpy(dst, rec, 2 * kMlaDim);
-          continue;
-        }
-        float nope[kMlaTile];
-        for (int64_t tile = 0; tile < kMlaNopeDim / kMlaTile; ++tile) {
-          float s;
-          std::memcpy(&s, rec + kMlaNopeDim + 4 * tile, 4);
-          for (int64_t j = 0; j < kMlaTile; ++j) nope[j] = fp8_value(rec[tile * kMlaTile + j]) * s;
-          store_bf16(nope, kMlaTile, dst + 2 * tile * kMlaTile);
-        }
-        std::memcpy(dst + 2 * kMlaNopeDim, rec + kMlaNopeDim + 16, 2 * kMlaRopeDim);
+        uint8_t* dst = dst_all + i * 2 * layout.dim;
+        if (slot < 0 || slot >= layout.num_slots) std::memset(dst, 0, 2 * layout.dim);  // never read
+        else read_mla_token(cache, layout, slot, dst);
       }
     });
   });

@@ -30,6 +30,13 @@ void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
 }
 
+// The CUDA kernels move 16-byte chunks: a V4 page pitch (stride(0)) must keep pages aligned
+// (FlashMLA's pitch is a multiple of 576).
+void check_page_pitch16(const MlaCacheLayout& l) {
+  TORCH_CHECK(l.page_pitch % 16 == 0, "kv_cache: the CUDA kernels need a page pitch (stride(0)) "
+              "that is a multiple of 16 bytes, got ", l.page_pitch);
+}
+
 void check_aligned16(const at::Tensor& t, const char* name) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
               " must be 16-byte aligned (its data_ptr is offset from its allocation)");
@@ -103,26 +110,27 @@ std::tuple<at::Tensor, at::Tensor> indexer_k_cache_gather_cuda(const at::Tensor&
 
 void mla_kv_cache_write_cuda(const at::Tensor& kv_in, const at::Tensor& slot_in,
                              const at::Tensor& kv_cache) {
-  const auto geo = check_mla_kv_cache_write(kv_in, slot_in, kv_cache);
+  const auto layout = check_mla_kv_cache_write(kv_in, slot_in, kv_cache);
   check_cuda(kv_in, "kv");
   check_aligned16(kv_cache, "kv_cache");
+  check_page_pitch16(layout);
   c10::cuda::CUDAGuard guard(kv_in.device());
   const at::Tensor kv = contiguous_aligned(kv_in), slots = slot_in.contiguous();
   DSA_CHECK_CUDA(launch_mla_kv_cache_write(kv.const_data_ptr(), input_type(kv),
                                            slots.const_data_ptr(),
                                            slots.scalar_type() == at::kLong, kv.size(0),
-                                           kv_cache.data_ptr(), geo.fp8, geo.num_slots,
-                                           current_stream(kv)));
+                                           kv_cache.data_ptr(), layout, current_stream(kv)));
 }
 
 at::Tensor mla_kv_cache_gather_cuda(const at::Tensor& kv_cache, const at::Tensor& slots_in) {
-  const auto geo = check_mla_kv_cache_gather(kv_cache, slots_in);
+  const auto layout = check_mla_kv_cache_gather(kv_cache, slots_in);
   check_cuda(kv_cache, "kv_cache");
   check_aligned16(kv_cache, "kv_cache");
+  check_page_pitch16(layout);
   c10::cuda::CUDAGuard guard(kv_cache.device());
   const at::Tensor slots = slots_in.contiguous();
-  at::Tensor out = at::empty({slots.size(0), 1, kMlaDim}, kv_cache.options().dtype(at::kBFloat16));
-  DSA_CHECK_CUDA(launch_mla_kv_cache_gather(kv_cache.const_data_ptr(), geo.fp8, geo.num_slots,
+  at::Tensor out = at::empty({slots.size(0), 1, layout.dim}, kv_cache.options().dtype(at::kBFloat16));
+  DSA_CHECK_CUDA(launch_mla_kv_cache_gather(kv_cache.const_data_ptr(), layout,
                                             slots.const_data_ptr(),
                                             slots.scalar_type() == at::kLong, slots.size(0),
                                             out.data_ptr(), current_stream(kv_cache)));

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cache/mla_layout.h"
 #include "common/cuda_utils.cuh"
 #include "common/quant_rules.h"
 
@@ -23,8 +24,7 @@ namespace dsa::cache {
 
 constexpr int kWarpSize = 32;
 constexpr int kChunk = 8;                     // elements per lane per vector step
-constexpr int kMlaNope = 512, kMlaRope = 64, kMlaDim = 576, kMlaTile = 128;
-constexpr int kMlaScaleOffset = 512, kMlaRopeOffset = 528, kMlaRecordBytes = 656;
+constexpr int kMlaRope = 64;
 
 // ---- element I/O ------------------------------------------------------------------------------
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -272,85 +272,127 @@ __global__ void __launch_bounds__(256) indexer_gather_kernel(
 }
 
 // ---- MLA KV cache --------------------------------------------------------------------------------
-// One warp per token. FP8 records: half-warps quantise tiles (0,1) then (2,3), 16 lanes x 8
-// values per tile; lanes 0-7 copy the 64 rope values as bf16. bf16 cache: 72 16-byte chunks.
-template <typename T, typename Idx, bool kFp8>
+// One warp per token; where its bytes go is mla_layout.h's MlaCacheLayout.
+//   V3.2 FP8 records: half-warps quantise tiles (0,1) then (2,3), 16 lanes x 8 values per tile.
+//   V4 FP8 pages: quarter-warps quantise tiles 0-3 then 4-6, 8 lanes x 8 values per 64-value tile;
+//     ue8m0 scale bytes and the pad byte after the page's rows.
+//   Either way lanes 0-7 copy the 64 rope values as bf16. bf16 caches: 16-byte chunks.
+template <MlaCacheKind Kind, typename T>
+__device__ __forceinline__ void write_mla_token(const T* row, const MlaCacheLayout& l, int64_t slot,
+                                                uint8_t* cache, int lane) {
+  uint8_t* values = cache + l.value_byte(slot);
+  if constexpr (Kind == MlaCacheKind::kBf16) {
+    for (int c = lane; c < l.dim / kChunk; c += kWarpSize) {
+      float v[kChunk];
+      load8(row + c * kChunk, v);
+      store8_bf16(values + c * 2 * kChunk, v);
+    }
+  } else {
+    constexpr bool kV4 = Kind == MlaCacheKind::kV4Fp8;
+    constexpr int kTile = kV4 ? 64 : 128, kTiles = kV4 ? 7 : 4, kNope = kTile * kTiles;
+    constexpr int kLanesPerTile = kTile / kChunk;              // 8 or 16
+    constexpr int kTilesPerPass = kWarpSize / kLanesPerTile;   // 4 or 2
+    uint8_t* scales = cache + l.scale_byte(slot);
+    const int group = lane / kLanesPerTile, lane_in_tile = lane % kLanesPerTile;
+    const unsigned mask = subwarp_mask<kLanesPerTile>(lane);
+#pragma unroll
+    for (int pass = 0; pass < (kTiles + kTilesPerPass - 1) / kTilesPerPass; ++pass) {
+      const int tile = pass * kTilesPerPass + group;
+      if (tile < kTiles) {   // uniform in a sub-warp: its shuffles see all their lanes
+        const float s = quantize_group_vec<kLanesPerTile, 1>(row + tile * kTile, kLanesPerTile,
+                                                             values + tile * kTile, MlaScaleRule{},
+                                                             mask, lane_in_tile);
+        if (lane_in_tile == 0) {
+          if constexpr (kV4) scales[tile] = ue8m0_byte(s);
+          else reinterpret_cast<float*>(scales)[tile] = s;
+        }
+      }
+    }
+    if constexpr (kV4) {
+      if (lane == 0) scales[kTiles] = 0;   // the pad byte
+    }
+    if (lane < kMlaRope / kChunk) {
+      float v[kChunk];
+      load8(row + kNope + lane * kChunk, v);
+      store8_bf16(cache + l.rope_byte(slot) + lane * 2 * kChunk, v);
+    }
+  }
+}
+
+template <typename T, typename Idx, MlaCacheKind Kind>
 __global__ void __launch_bounds__(256) mla_write_kernel(const T* __restrict__ kv,
                                                         const Idx* __restrict__ slots, int64_t n,
                                                         uint8_t* __restrict__ cache,
-                                                        int64_t num_slots) {
+                                                        const MlaCacheLayout layout) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x / kWarpSize;
   for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize; i < n;
        i += stride) {
     const int64_t slot = slots[i];
-    if (slot < 0 || slot >= num_slots) continue;  // warp-uniform
-    const T* row = kv + i * kMlaDim;
-    if constexpr (kFp8) {
-      uint8_t* rec = cache + slot * kMlaRecordBytes;
-      const int half = lane / 16, l16 = lane % 16;
-      const unsigned mask = subwarp_mask<16>(lane);
-#pragma unroll
-      for (int pass = 0; pass < 2; ++pass) {
-        const int tile = 2 * pass + half;
-        const float s = quantize_group_vec<16, 1>(row + tile * kMlaTile, kMlaTile / kChunk,
-                                                  rec + tile * kMlaTile, MlaScaleRule{}, mask, l16);
-        if (l16 == 0) reinterpret_cast<float*>(rec + kMlaScaleOffset)[tile] = s;
-      }
-      if (lane < kMlaRope / kChunk) {
-        float v[kChunk];
-        load8(row + kMlaNope + lane * kChunk, v);
-        store8_bf16(rec + kMlaRopeOffset + lane * 2 * kChunk, v);
-      }
-    } else {
-      uint8_t* dst = cache + slot * (2 * kMlaDim);
-      for (int c = lane; c < kMlaDim / kChunk; c += kWarpSize) {
-        float v[kChunk];
-        load8(row + c * kChunk, v);
-        store8_bf16(dst + c * 2 * kChunk, v);
-      }
-    }
+    if (slot < 0 || slot >= layout.num_slots) continue;  // warp-uniform
+    write_mla_token<Kind>(kv + i * layout.dim, layout, slot, cache, lane);
   }
 }
 
-// One warp per output row; a slot outside the cache gives a zero row.
-template <typename Idx, bool kFp8>
+// The e4m3 values of one 16-byte chunk times s, as 16 bf16 (two 16-byte stores at dst).
+__device__ __forceinline__ void dequantize16(uint4 raw, float s, uint4* dst) {
+  const auto* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float v[kChunk];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pairs[4 * h + p], __NV_E4M3)));
+      v[2 * p] = f.x * s;
+      v[2 * p + 1] = f.y * s;
+    }
+    store8_bf16(reinterpret_cast<uint8_t*>(dst + h), v);
+  }
+}
+
+// One warp per output row (dim bf16 values); a slot outside the cache gives a zero row.
+//   V3.2 FP8: lane l dequantises nope values [16 l, 16 l + 16) of tile l / 8; lanes 0-7 copy rope.
+//   V4 FP8: lanes 0-27 dequantise [16 l, 16 l + 16) of tile l / 4; lanes 28-31 copy the rope.
+template <typename Idx, MlaCacheKind Kind>
 __global__ void __launch_bounds__(256) mla_gather_kernel(const uint8_t* __restrict__ cache,
-                                                         int64_t num_slots,
+                                                         const MlaCacheLayout layout,
                                                          const Idx* __restrict__ slots, int64_t m,
                                                          uint8_t* __restrict__ out) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x / kWarpSize;
+  const int chunks = 2 * layout.dim / 16;                          // 16-byte output chunks
   for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize; i < m;
        i += stride) {
     const int64_t slot = slots[i];
-    uint4* dst = reinterpret_cast<uint4*>(out + i * (2 * kMlaDim));   // 72 chunks of 16 bytes
-    if (slot < 0 || slot >= num_slots) {
-      for (int c = lane; c < 2 * kMlaDim / 16; c += kWarpSize) dst[c] = make_uint4(0, 0, 0, 0);
+    uint4* dst = reinterpret_cast<uint4*>(out + i * (2 * layout.dim));
+    if (slot < 0 || slot >= layout.num_slots) {
+      for (int c = lane; c < chunks; c += kWarpSize) dst[c] = make_uint4(0, 0, 0, 0);
       continue;
     }
-    if constexpr (kFp8) {
-      const uint8_t* rec = cache + slot * kMlaRecordBytes;
-      // Lane l dequantises nope values [16 l, 16 l + 16) of tile l / 8.
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(rec) + lane);
-      const float s = __ldg(reinterpret_cast<const float*>(rec + kMlaScaleOffset) + lane / 8);
-      const auto* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float v[kChunk];
-#pragma unroll
-        for (int p = 0; p < 4; ++p) {
-          const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pairs[4 * h + p], __NV_E4M3)));
-          v[2 * p] = f.x * s;
-          v[2 * p + 1] = f.y * s;
-        }
-        store8_bf16(reinterpret_cast<uint8_t*>(dst + 2 * lane + h), v);
-      }
-      if (lane < 2 * kMlaRope / 16)
-        dst[2 * kMlaNope / 16 + lane] = __ldg(reinterpret_cast<const uint4*>(rec + kMlaRopeOffset) + lane);
+    const uint8_t* values = cache + layout.value_byte(slot);
+    if constexpr (Kind == MlaCacheKind::kBf16) {
+      const uint4* src = reinterpret_cast<const uint4*>(values);
+      for (int c = lane; c < chunks; c += kWarpSize) dst[c] = __ldg(src + c);
     } else {
-      const uint4* src = reinterpret_cast<const uint4*>(cache + slot * (2 * kMlaDim));
-      for (int c = lane; c < 2 * kMlaDim / 16; c += kWarpSize) dst[c] = __ldg(src + c);
+      constexpr bool kV4 = Kind == MlaCacheKind::kV4Fp8;
+      constexpr int kNopeLanes = kV4 ? 28 : 32, kLanesPerTile = kV4 ? 4 : 8;
+      const uint8_t* scales = cache + layout.scale_byte(slot);
+      const uint4* rope = reinterpret_cast<const uint4*>(cache + layout.rope_byte(slot));
+      if (lane < kNopeLanes) {
+        const float s = kV4 ? ue8m0_value(__ldg(scales + lane / kLanesPerTile))
+                            : __ldg(reinterpret_cast<const float*>(scales) + lane / kLanesPerTile);
+        dequantize16(__ldg(reinterpret_cast<const uint4*>(values) + lane), s, dst + 2 * lane);
+      }
+      // 8 chunks of rope: lanes 0-7 (V3.2) or 28-31, two each (V4)
+      constexpr int kRopeChunks = 2 * kMlaRope / 16, kRopeLane0 = kV4 ? kNopeLanes : 0;
+      constexpr int kPerLane = kV4 ? 2 : 1;
+      if (lane >= kRopeLane0 && lane < kRopeLane0 + kRopeChunks / kPerLane) {
+#pragma unroll
+        for (int c = 0; c < kPerLane; ++c) {
+          const int chunk = (lane - kRopeLane0) * kPerLane + c;
+          dst[2 * kNopeLanes + chunk] = __ldg(rope + chunk);
+        }
+      }
     }
   }
 }

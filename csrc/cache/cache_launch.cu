@@ -122,42 +122,56 @@ cudaError_t launch_indexer_k_cache_gather(const void* cache, int64_t num_blocks,
   return last_launch_error();
 }
 
+// Calls f with the layout's kind as a compile-time constant.
+template <typename F>
+cudaError_t with_mla_kind(MlaCacheKind kind, F&& f) {
+  switch (kind) {
+    case MlaCacheKind::kV32Fp8: return f(std::integral_constant<MlaCacheKind, MlaCacheKind::kV32Fp8>{});
+    case MlaCacheKind::kV4Fp8: return f(std::integral_constant<MlaCacheKind, MlaCacheKind::kV4Fp8>{});
+    case MlaCacheKind::kBf16: return f(std::integral_constant<MlaCacheKind, MlaCacheKind::kBf16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Every 16-byte access of the kernels is aligned when the base, the page pitch and (bf16) the
+// row are multiples of 16 bytes.
+bool mla_layout_aligned(const void* cache, const MlaCacheLayout& l) {
+  return aligned(cache, 16) && l.page_pitch % 16 == 0 && (l.dim * 2) % 16 == 0;
+}
+
 cudaError_t launch_mla_kv_cache_write(const void* kv, InputType kv_type, const void* slots,
-                                      bool slots_int64, int64_t n, void* cache, bool fp8_cache,
-                                      int64_t num_slots, cudaStream_t stream) {
+                                      bool slots_int64, int64_t n, void* cache,
+                                      const MlaCacheLayout& layout, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  if (!aligned(kv, 16) || !aligned(cache, 16)) return cudaErrorMisalignedAddress;
+  if (!aligned(kv, 16) || !mla_layout_aligned(cache, layout)) return cudaErrorMisalignedAddress;
   return with_index(slots_int64, [&](auto itag) {
     using Idx = typename decltype(itag)::type;
     return with_input(kv_type, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      const auto* src = static_cast<const T*>(kv);
-      const auto* sl = static_cast<const Idx*>(slots);
-      auto* dst = static_cast<uint8_t*>(cache);
-      if (fp8_cache)
-        mla_write_kernel<T, Idx, true><<<grid_for(n * kWarpSize), kThreads, 0, stream>>>(src, sl, n, dst, num_slots);
-      else
-        mla_write_kernel<T, Idx, false><<<grid_for(n * kWarpSize), kThreads, 0, stream>>>(src, sl, n, dst, num_slots);
-      return last_launch_error();
+      return with_mla_kind(layout.kind, [&](auto ktag) {
+        const auto* src = static_cast<const T*>(kv);
+        const auto* sl = static_cast<const Idx*>(slots);
+        mla_write_kernel<T, Idx, decltype(ktag)::value><<<grid_for(n * kWarpSize), kThreads, 0, stream>>>(
+            src, sl, n, static_cast<uint8_t*>(cache), layout);
+        return last_launch_error();
+      });
     });
   });
 }
 
-cudaError_t launch_mla_kv_cache_gather(const void* cache, bool fp8_cache, int64_t num_slots,
+cudaError_t launch_mla_kv_cache_gather(const void* cache, const MlaCacheLayout& layout,
                                        const void* slots, bool slots_int64, int64_t m, void* out,
                                        cudaStream_t stream) {
   if (m == 0) return cudaSuccess;
-  if (!aligned(out, 16) || !aligned(cache, 16)) return cudaErrorMisalignedAddress;
+  if (!aligned(out, 16) || !mla_layout_aligned(cache, layout)) return cudaErrorMisalignedAddress;
   return with_index(slots_int64, [&](auto itag) {
     using Idx = typename decltype(itag)::type;
-    const auto* src = static_cast<const uint8_t*>(cache);
-    const auto* sl = static_cast<const Idx*>(slots);
-    auto* dst = static_cast<uint8_t*>(out);
-    if (fp8_cache)
-      mla_gather_kernel<Idx, true><<<grid_for(m * kWarpSize), kThreads, 0, stream>>>(src, num_slots, sl, m, dst);
-    else
-      mla_gather_kernel<Idx, false><<<grid_for(m * kWarpSize), kThreads, 0, stream>>>(src, num_slots, sl, m, dst);
-    return last_launch_error();
+    return with_mla_kind(layout.kind, [&](auto ktag) {
+      mla_gather_kernel<Idx, decltype(ktag)::value><<<grid_for(m * kWarpSize), kThreads, 0, stream>>>(
+          static_cast<const uint8_t*>(cache), layout, static_cast<const Idx*>(slots), m,
+          static_cast<uint8_t*>(out));
+      return last_launch_error();
+    });
   });
 }
 

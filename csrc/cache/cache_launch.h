@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "cache/mla_layout.h"
+
 namespace dsa::cache {
 
 enum class InputType { kBFloat16, kFloat32 };
@@ -30,13 +32,14 @@ cudaError_t launch_indexer_k_cache_gather(const void* cache, int64_t num_blocks,
                                           const int64_t* cu_seqlens, int64_t batch, int64_t total,
                                           void* k_fp8, float* k_scale, cudaStream_t stream);
 
-// kv [n, 576] into an MLA cache of num_slots records (656-byte FP8 if fp8_cache, else bf16).
+// kv [n, layout.dim] into an MLA cache of the given layout (mla_layout.h: V3.2 656-byte FP8
+// records, V4 FP8 pages, or bf16 rows). Slots outside [0, layout.num_slots) are skipped.
 cudaError_t launch_mla_kv_cache_write(const void* kv, InputType kv_type, const void* slots,
-                                      bool slots_int64, int64_t n, void* cache, bool fp8_cache,
-                                      int64_t num_slots, cudaStream_t stream);
+                                      bool slots_int64, int64_t n, void* cache,
+                                      const MlaCacheLayout& layout, cudaStream_t stream);
 
-// out [m, 576] bf16, dequantised rows at slots [m]; slots outside the cache give zeros.
-cudaError_t launch_mla_kv_cache_gather(const void* cache, bool fp8_cache, int64_t num_slots,
+// out [m, layout.dim] bf16, dequantised rows at slots [m]; slots outside the cache give zeros.
+cudaError_t launch_mla_kv_cache_gather(const void* cache, const MlaCacheLayout& layout,
                                        const void* slots, bool slots_int64, int64_t m, void* out,
                                        cudaStream_t stream);
 

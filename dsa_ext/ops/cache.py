@@ -6,7 +6,9 @@ Cache layouts (byte-compatible with DeepGEMM / vLLM / FlashMLA; see
 * indexer K cache ``uint8 [num_blocks, block_size, 1, D + 4]``: per block, the FP8 keys of
   every slot, then their fp32 scales;
 * MLA cache ``uint8 [num_blocks, block_size, 1, 656]`` (FlashMLA FP8 records) or
-  ``bfloat16 [num_blocks, block_size, 1, 576]``.
+  ``bfloat16 [num_blocks, block_size, 1, 576]``;
+* DeepSeek-V4 MLA cache ``uint8 [num_blocks, block_size, 1, 584]`` (FlashMLA MODEL1 pages,
+  page pitch ``stride(0)``) or ``bfloat16 [num_blocks, block_size, 1, 512]``.
 
 Slot id of (block, offset) is ``block * block_size + offset``. Writers skip negative slots. A
 slot at or past ``num_blocks * block_size`` raises ``ValueError`` on the CPU; the CUDA kernels
@@ -83,17 +85,20 @@ def indexer_k_cache_gather(kv_cache: Tensor, block_table: Tensor,
 
 
 def mla_kv_cache_write(kv: Tensor, slot_mapping: Tensor, kv_cache: Tensor) -> None:
-    """Write ``kv [N, 576]`` (bf16 / fp32) into an MLA cache, in place, at ``slot_mapping [N]``
-    (int64 or int32; negative = skip). A uint8 ``[nb, bs, 1, 656]`` cache receives FlashMLA
-    FP8 records (per 128-value tile ``s = 2**ceil(log2(max(amax / 448, 1e-4)))``, rope kept in
-    bf16); a bf16 ``[nb, bs, 1, 576]`` cache receives the values rounded to bf16."""
+    """Write ``kv [N, 576]`` (V3.2) or ``kv [N, 512]`` (DeepSeek-V4) (bf16 / fp32) into an MLA
+    cache, in place, at ``slot_mapping [N]`` (int64 or int32; negative = skip). A uint8
+    ``[nb, bs, 1, 656]`` cache receives FlashMLA V3.2 FP8 records (per 128-value tile
+    ``s = 2**ceil(log2(max(amax / 448, 1e-4)))``, fp32 scales, rope kept in bf16); a uint8
+    ``[nb, bs, 1, 584]`` cache FlashMLA's MODEL1 (V4) pages (7 tiles of 64 with ue8m0 scales
+    after the page's rows; any page pitch ``stride(0) >= bs * 584``, as FlashMLA allocates it);
+    a bf16 ``[nb, bs, 1, 576 or 512]`` cache the values rounded to bf16."""
     torch.ops.dsa.mla_kv_cache_write(dense(kv), dense(slot_mapping), byte_view(kv_cache))
 
 
 def mla_kv_cache_gather(kv_cache: Tensor, slots: Tensor) -> Tensor:
-    """The rows of an MLA cache at ``slots [M]`` (int32 / int64), dequantised:
-    ``[M, 1, 576]`` bf16 (``fp8 * scale`` in fp32, rounded to bf16). Slots outside the cache
-    (e.g. -1) give zeros."""
+    """The rows of an MLA cache (either model) at ``slots [M]`` (int32 / int64), dequantised:
+    ``[M, 1, 576]`` (V3.2) or ``[M, 1, 512]`` (V4) bf16 (``fp8 * scale`` in fp32, rounded to
+    bf16). Slots outside the cache (e.g. -1) give zeros."""
     return torch.ops.dsa.mla_kv_cache_gather(byte_view(kv_cache), dense(slots))
 
 
@@ -128,4 +133,5 @@ def _mla_kv_cache_write_fake(kv, slot_mapping, kv_cache):
 
 @torch.library.register_fake("dsa::mla_kv_cache_gather")
 def _mla_kv_cache_gather_fake(kv_cache, slots):
-    return kv_cache.new_empty((slots.shape[0], 1, _MLA_DIM), dtype=torch.bfloat16)
+    dim = 512 if kv_cache.shape[-1] in (512, 584) else _MLA_DIM       # V4 caches: 512 values
+    return kv_cache.new_empty((slots.shape[0], 1, dim), dtype=torch.bfloat16)

@@ -1,7 +1,7 @@
 """Reference (oracle) for the cache op family: FP8 quantisation and the three cache layouts of
 SPEC section 2, in plain PyTorch, byte-exact with the CPU and CUDA kernels.
 
-Layouts (all contiguous):
+Layouts (contiguous, except the V4 FP8 cache's page pitch):
 
 * Indexer K cache (DeepGEMM / vLLM): ``uint8 [num_blocks, block_size, 1, D + 4]``. Inside a
   block, the ``block_size * D`` FP8 values come first (token-major), then ``block_size`` fp32
@@ -11,6 +11,10 @@ Layouts (all contiguous):
   record per slot: [0, 512) the 512 "nope" values in FP8 (4 tiles of 128), [512, 528) the 4
   fp32 tile scales, [528, 656) the 64 rope values in bf16, unquantised.
 * MLA KV cache, bf16: ``bfloat16 [num_blocks, block_size, 1, 576]``.
+* DeepSeek-V4 MLA cache, FP8 (FlashMLA MODEL1, SPEC 10.2): ``uint8 [num_blocks, block_size, 1,
+  584]`` over pages of pitch ``stride(0)``; a page holds ``block_size`` rows of 576 bytes (448
+  e4m3 values in 7 tiles of 64, then 64 bf16 rope values) and then ``block_size`` groups of 8
+  bytes (7 ue8m0 tile scales, a zero pad byte). bf16: ``[num_blocks, block_size, 1, 512]``.
 
 Slot id of (blk, off) is ``blk*block_size + off``.
 
@@ -29,7 +33,8 @@ to NaN / 0 rather than to plausible numbers).
 Slots and block ids are not trusted: a negative slot is skipped by the writers; a slot past the
 cache makes the writers raise ``ValueError`` here and in the CPU op (the CUDA op skips it
 instead of synchronising); the readers return zeros for any slot or block id outside the cache.
-Duplicate slots in one write leave one of the written records (which one is unspecified).
+A non-negative slot repeated in one write raises ValueError (the CPU op's rule; CUDA leaves
+that record unspecified).
 """
 from __future__ import annotations
 
@@ -41,7 +46,8 @@ __all__ = [
     "fp8_quantize", "fp8_dequantize",
     "indexer_k_cache_write", "indexer_k_cache_gather", "indexer_cache_tokens",
     "quantize_mla_records", "mla_kv_cache_write", "mla_kv_cache_gather", "dequantize_mla_cache",
-    "new_indexer_k_cache", "new_mla_kv_cache",
+    "new_indexer_k_cache", "new_mla_kv_cache", "quantize_v4_tokens", "mla_cache_kind",
+    "V4_NOPE_DIM", "V4_DIM", "V4_TILE", "V4_TOKEN_BYTES",
 ]
 
 FP8_MAX = 448.0
@@ -51,6 +57,11 @@ MLA_DIM = MLA_NOPE_DIM + MLA_ROPE_DIM              # 576
 MLA_TILE = 128
 MLA_NUM_TILES = MLA_NOPE_DIM // MLA_TILE          # 4
 MLA_FP8_RECORD_BYTES = MLA_NOPE_DIM + 4 * MLA_NUM_TILES + 2 * MLA_ROPE_DIM  # 656
+# DeepSeek-V4 (FlashMLA MODEL1, SPEC 10.2): 448 nope + 64 rope, 7 tiles of 64
+V4_NOPE_DIM, V4_DIM, V4_TILE = 448, 512, 64
+V4_NUM_TILES = V4_NOPE_DIM // V4_TILE                                     # 7
+V4_ROW_BYTES, V4_SCALE_BYTES = V4_NOPE_DIM + 2 * MLA_ROPE_DIM, 8           # 576, 8
+V4_TOKEN_BYTES = V4_ROW_BYTES + V4_SCALE_BYTES                            # 584
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,8 +219,18 @@ def indexer_k_cache_gather(kv_cache: torch.Tensor, block_table: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 # MLA KV cache (FP8 656-byte records, or bf16)
 # ---------------------------------------------------------------------------------------------
-def new_mla_kv_cache(num_blocks: int, block_size: int, fp8: bool = True, device="cpu"):
-    """An empty (zero) MLA cache: FP8 ``uint8 [nb, bs, 1, 656]`` or bf16 ``[nb, bs, 1, 576]``."""
+def new_mla_kv_cache(num_blocks: int, block_size: int, fp8: bool = True, device="cpu",
+                     model: str = "v3.2"):
+    """An empty (zero) MLA cache. V3.2: FP8 ``uint8 [nb, bs, 1, 656]`` or bf16
+    ``[nb, bs, 1, 576]``. V4 (``model="v4"``): FP8 ``uint8 [nb, bs, 1, 584]`` viewed, as FlashMLA
+    allocates it, over pages of ``ceil(bs * 584 / 576) * 576`` bytes (so ``stride(0)`` is the
+    padded pitch), or bf16 ``[nb, bs, 1, 512]``."""
+    if model == "v4":
+        if not fp8:
+            return torch.zeros(num_blocks, block_size, 1, V4_DIM, dtype=torch.bfloat16, device=device)
+        pitch = -(-block_size * V4_TOKEN_BYTES // V4_ROW_BYTES) * V4_ROW_BYTES
+        pages = torch.zeros(num_blocks, pitch, dtype=torch.uint8, device=device)
+        return pages[:, :block_size * V4_TOKEN_BYTES].view(num_blocks, block_size, 1, V4_TOKEN_BYTES)
     if fp8:
         return torch.zeros(num_blocks, block_size, 1, MLA_FP8_RECORD_BYTES, dtype=torch.uint8,
                            device=device)
@@ -229,40 +250,87 @@ def quantize_mla_records(kv: torch.Tensor) -> torch.Tensor:
                       rope.view(torch.uint8)], dim=1)
 
 
+def quantize_v4_tokens(kv: torch.Tensor):
+    """FlashMLA MODEL1 bytes of ``kv [N, 512]`` (bf16 / fp32): ``(rows uint8 [N, 576], scales
+    uint8 [N, 8])`` — a row is 448 e4m3 values (7 tiles of 64, each with the FlashMLA scale
+    ``2**ceil(log2(max(amax / 448, 1e-4)))``) then the 64 rope values in bf16; the scales are the
+    7 ue8m0 bytes (``torch.float8_e8m0fnu``: exponent + 127) and a zero pad byte."""
+    N = kv.shape[0]
+    tiles = kv.float()[:, :V4_NOPE_DIM].reshape(N, V4_NUM_TILES, V4_TILE)
+    s = mla_tile_scale(_abs_max(tiles))                        # [N, 7], powers of two
+    q = quantize_to_fp8(tiles, s.unsqueeze(-1)).reshape(N, V4_NOPE_DIM)
+    rope = kv[:, V4_NOPE_DIM:].to(torch.bfloat16).contiguous()
+    rows = torch.cat([q.view(torch.uint8), rope.view(torch.uint8)], dim=1)
+    scales = torch.zeros(N, V4_SCALE_BYTES, dtype=torch.uint8, device=kv.device)
+    scales[:, :V4_NUM_TILES] = s.to(torch.float8_e8m0fnu).view(torch.uint8)
+    return rows, scales
+
+
+def mla_cache_kind(kv_cache: torch.Tensor) -> str:
+    """"v3.2-fp8", "v4-fp8", "v3.2-bf16" or "v4-bf16", by dtype and last dim."""
+    kinds = {(torch.uint8, MLA_FP8_RECORD_BYTES): "v3.2-fp8", (torch.uint8, V4_TOKEN_BYTES): "v4-fp8",
+             (torch.bfloat16, MLA_DIM): "v3.2-bf16", (torch.bfloat16, V4_DIM): "v4-bf16"}
+    kind = kinds.get((kv_cache.dtype, kv_cache.shape[-1]))
+    if kind is None:
+        raise ValueError("kv_cache must be uint8 [nb, bs, 1, 656 or 584] (FP8) or bfloat16 "
+                         f"[nb, bs, 1, 576 or 512], got {kv_cache.dtype} {tuple(kv_cache.shape)}")
+    return kind
+
+
 def _is_fp8_mla_cache(kv_cache: torch.Tensor) -> bool:
-    if kv_cache.dtype == torch.uint8 and kv_cache.shape[-1] == MLA_FP8_RECORD_BYTES:
-        return True
-    if kv_cache.dtype == torch.bfloat16 and kv_cache.shape[-1] == MLA_DIM:
-        return False
-    raise ValueError("kv_cache must be uint8 [nb, bs, 1, 656] (FP8) or bfloat16 [nb, bs, 1, 576], "
-                     f"got {kv_cache.dtype} {tuple(kv_cache.shape)}")
+    return mla_cache_kind(kv_cache).endswith("fp8")
+
+
+def _v4_pages(kv_cache: torch.Tensor):
+    """The bytes of a V4 FP8 cache as (rows [nb, bs, 576], scales [nb, bs, 8]) views of its pages
+    (pitch stride(0)); writes through them land in the cache."""
+    nb, bs = kv_cache.shape[:2]
+    pages = torch.as_strided(kv_cache, (nb, bs * V4_TOKEN_BYTES),
+                             (kv_cache.stride(0) if nb > 1 else bs * V4_TOKEN_BYTES, 1))
+    rows = pages[:, :bs * V4_ROW_BYTES].view(nb, bs, V4_ROW_BYTES)
+    scales = pages[:, bs * V4_ROW_BYTES:].view(nb, bs, V4_SCALE_BYTES)
+    return rows, scales
 
 
 def mla_kv_cache_write(kv: torch.Tensor, slot_mapping: torch.Tensor,
                        kv_cache: torch.Tensor) -> None:
-    """Write ``kv [N, 576]`` into an MLA cache, in place, at ``slot_mapping[i]``: FP8 records for
-    a uint8 cache, a bf16 copy for a bf16 cache. Negative slots are skipped; a slot past the cache
-    raises ValueError."""
-    fp8 = _is_fp8_mla_cache(kv_cache)
-    num_slots = kv_cache.shape[0] * kv_cache.shape[1]
+    """Write ``kv [N, 576]`` (V3.2 caches) or ``kv [N, 512]`` (V4 caches) into an MLA cache, in
+    place, at ``slot_mapping[i]``: FP8 records / pages for a uint8 cache, a bf16 copy for a bf16
+    cache. Negative slots are skipped; a slot past the cache raises ValueError."""
+    kind = mla_cache_kind(kv_cache)
+    nb, bs = kv_cache.shape[:2]
+    num_slots = nb * bs
     slots = slot_mapping.long()
     _check_write_slots(slots, num_slots)
     keep = slots >= 0
-    rows = kv_cache.view(num_slots, kv_cache.shape[-1])
-    if fp8:
-        rows[slots[keep]] = quantize_mla_records(kv[keep])
-    else:
-        rows[slots[keep]] = kv[keep].to(torch.bfloat16)
+    slots, kv = slots[keep], kv[keep]
+    if kind == "v4-fp8":
+        rows, scales = _v4_pages(kv_cache)
+        r, s = quantize_v4_tokens(kv)
+        rows[slots // bs, slots % bs] = r
+        scales[slots // bs, slots % bs] = s
+        return
+    flat = kv_cache.view(num_slots, kv_cache.shape[-1])
+    flat[slots] = quantize_mla_records(kv) if kind == "v3.2-fp8" else kv.to(torch.bfloat16)
 
 
 def dequantize_mla_cache(kv_cache: torch.Tensor) -> torch.Tensor:
-    """Every slot of an MLA cache (FP8 or bf16), dequantised: ``[nb*bs, 576]`` fp32 (nope =
-    fp8 * tile scale, rope = the bf16 values)."""
-    fp8 = _is_fp8_mla_cache(kv_cache)
-    num_slots = kv_cache.shape[0] * kv_cache.shape[1]
+    """Every slot of an MLA cache, dequantised: ``[nb*bs, 576]`` (V3.2) or ``[nb*bs, 512]`` (V4)
+    fp32 (nope = fp8 * tile scale, rope = the bf16 values)."""
+    kind = mla_cache_kind(kv_cache)
+    nb, bs = kv_cache.shape[:2]
+    num_slots = nb * bs
+    if kind.endswith("bf16"):
+        return kv_cache.reshape(num_slots, kv_cache.shape[-1]).float()
+    if kind == "v4-fp8":
+        rows, scales = _v4_pages(kv_cache)
+        rows, scales = rows.reshape(num_slots, V4_ROW_BYTES), scales.reshape(num_slots, V4_SCALE_BYTES)
+        nope = rows[:, :V4_NOPE_DIM].contiguous().view(torch.float8_e4m3fn).float()
+        s = scales[:, :V4_NUM_TILES].contiguous().view(torch.float8_e8m0fnu).float()
+        rope = rows[:, V4_NOPE_DIM:].contiguous().view(torch.bfloat16).float()
+        nope = nope.reshape(num_slots, V4_NUM_TILES, V4_TILE) * s.unsqueeze(-1)
+        return torch.cat([nope.reshape(num_slots, V4_NOPE_DIM), rope], dim=1)
     rows = kv_cache.reshape(num_slots, kv_cache.shape[-1])
-    if not fp8:
-        return rows.float()
     nope = rows[:, :MLA_NOPE_DIM].contiguous().view(torch.float8_e4m3fn).float()
     s = rows[:, MLA_NOPE_DIM:MLA_NOPE_DIM + 16].contiguous().view(torch.float32)   # [n, 4]
     rope = rows[:, MLA_NOPE_DIM + 16:].contiguous().view(torch.bfloat16).float()
@@ -271,7 +339,8 @@ def dequantize_mla_cache(kv_cache: torch.Tensor) -> torch.Tensor:
 
 
 def mla_kv_cache_gather(kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """The dequantised rows at ``slots [M]`` (int32 / int64): ``[M, 1, 576]`` bf16 (the fp32
+    """The dequantised rows at ``slots [M]`` (int32 / int64): ``[M, 1, 576]`` (V3.2) or
+    ``[M, 1, 512]`` (V4) bf16 (the fp32
     product ``fp8 * scale`` rounded to bf16). A slot outside the cache (e.g. -1) gives zeros."""
     deq = dequantize_mla_cache(kv_cache)
     return _valid_rows(deq, slots.reshape(-1), deq.shape[0]).to(torch.bfloat16).unsqueeze(1)

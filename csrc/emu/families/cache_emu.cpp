@@ -34,16 +34,38 @@ int emu_indexer_k_cache_gather(const void* cache, int64_t num_blocks, int64_t bl
                                                    max_blocks, cu_seqlens, batch, total, k_fp8, k_scale, nullptr);
 }
 
+// An MLA cache layout from its fields (kind: 0 V3.2 FP8, 1 V4 FP8, 2 bf16); the V3.2 entry
+// points below describe a contiguous cache of num_slots tokens as one block.
+static dsa::cache::MlaCacheLayout mla_layout(int kind, int dim, int64_t block_size, int64_t page_pitch,
+                                             int64_t num_slots) {
+  return {static_cast<dsa::cache::MlaCacheKind>(kind), dim, block_size, page_pitch, num_slots};
+}
+
+int emu_mla_kv_cache_write_layout(const void* kv, int kv_bf16, const void* slots, int slots_int64, int64_t n,
+                                  void* cache, int kind, int dim, int64_t block_size, int64_t page_pitch,
+                                  int64_t num_slots) {
+  return dsa::cache::launch_mla_kv_cache_write(kv, input_type(kv_bf16), slots, slots_int64 != 0, n, cache,
+                                               mla_layout(kind, dim, block_size, page_pitch, num_slots), nullptr);
+}
+
+int emu_mla_kv_cache_gather_layout(const void* cache, int kind, int dim, int64_t block_size, int64_t page_pitch,
+                                   int64_t num_slots, const void* slots, int slots_int64, int64_t m, void* out) {
+  return dsa::cache::launch_mla_kv_cache_gather(cache, mla_layout(kind, dim, block_size, page_pitch, num_slots),
+                                                slots, slots_int64 != 0, m, out, nullptr);
+}
+
 int emu_mla_kv_cache_write(const void* kv, int kv_bf16, const void* slots, int slots_int64, int64_t n, void* cache,
                            int fp8_cache, int64_t num_slots) {
-  return dsa::cache::launch_mla_kv_cache_write(kv, input_type(kv_bf16), slots, slots_int64 != 0, n, cache,
-                                               fp8_cache != 0, num_slots, nullptr);
+  const int64_t pitch = num_slots * (fp8_cache ? 656 : 2 * 576);
+  return emu_mla_kv_cache_write_layout(kv, kv_bf16, slots, slots_int64, n, cache, fp8_cache ? 0 : 2, 576,
+                                       num_slots, pitch, num_slots);
 }
 
 int emu_mla_kv_cache_gather(const void* cache, int fp8_cache, int64_t num_slots, const void* slots, int slots_int64,
                             int64_t m, void* out) {
-  return dsa::cache::launch_mla_kv_cache_gather(cache, fp8_cache != 0, num_slots, slots, slots_int64 != 0, m, out,
-                                                nullptr);
+  const int64_t pitch = num_slots * (fp8_cache ? 656 : 2 * 576);
+  return emu_mla_kv_cache_gather_layout(cache, fp8_cache ? 0 : 2, 576, num_slots, pitch, num_slots, slots,
+                                        slots_int64, m, out);
 }
 
 }  // extern "C"
