@@ -468,3 +468,23 @@ def test_launcher_limits(lib, gen):
     out, reports = run_logits(lib, q, k, w, torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32))
     _no_reports(reports)
     assert out.numel() == 0 and not E.counters(lib)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_empty_problems(lib, gen, deterministic):
+    """T = 0 with keys: dk is all zeros; S = 0 with rows: dq, dw zeros and loss 0 (every selected
+    index is out of range); the glue passes such problems to the launchers unchanged."""
+    q, k, w = _indexer_inputs(0, 10, 4, 8, DTYPES[0], gen)
+    empty = torch.zeros(0, dtype=torch.int32)
+    (dq, dk, dw), reports = run_logits_bwd(lib, torch.zeros(0, 10), q, k, w, empty, empty, deterministic)
+    _no_reports(reports)
+    assert (dk == 0).all() and dq.numel() == 0 and dw.numel() == 0
+    q, k, w = _indexer_inputs(3, 0, 4, 8, DTYPES[0], gen)
+    indices = torch.tensor([[[0, -1, 5]]] * 3, dtype=torch.int32)
+    got, reports = run_sparse_loss(lib, q, k, w, indices, torch.rand(3, 3, generator=gen), None, True, deterministic)
+    _no_reports(reports)
+    assert got[0].item() == 0.0 and (got[1] == 0).all() and (got[3] == 0).all() and got[2].numel() == 0
+    ks, ke = torch.tensor([0, 2, -1], dtype=torch.int32), torch.tensor([5, 9, 3], dtype=torch.int32)
+    (dq, dk, dw), reports = run_logits_bwd(lib, torch.zeros(3, 0), q, k, w, ks, ke, deterministic)
+    _no_reports(reports)
+    assert (dq == 0).all() and (dw == 0).all() and dk.numel() == 0

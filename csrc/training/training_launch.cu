@@ -142,7 +142,7 @@ cudaError_t launch_indexer_train_logits_bwd(LogitsBwdArgs a, DType qk, DType w, 
   if (!indexer_cuda_supports(a.H, a.D)) return cudaErrorInvalidValue;
   if (a.T == 0 && a.S == 0) return cudaSuccess;
   if (a.T > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  if (!deterministic && a.dk32 == nullptr) return cudaErrorInvalidValue;
+  if (!deterministic && a.S > 0 && a.dk32 == nullptr) return cudaErrorInvalidValue;
   float* const dk32 = a.dk32;
   if (deterministic) a.dk32 = nullptr;
   const size_t row_smem = indexer_smem(a.H, a.D, Parts::kRowBackward);
@@ -207,7 +207,7 @@ cudaError_t launch_indexer_kl_loss_sparse(SparseLossArgs a, DType qk, DType w, b
   if (!indexer_cuda_supports(a.H, a.D)) return cudaErrorInvalidValue;
   if (a.T > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   if (mean && count == nullptr) return cudaErrorInvalidValue;
-  if (a.dk32 == nullptr) return cudaErrorInvalidValue;
+  if (a.S > 0 && a.dk32 == nullptr) return cudaErrorInvalidValue;
   if (deterministic && (a.entry_dk == nullptr || a.entry_ints == nullptr)) return cudaErrorInvalidValue;
   float* const dk32 = a.dk32;
   float* const entry_dk = a.entry_dk;
@@ -272,7 +272,7 @@ cudaError_t launch_indexer_kl_loss_dense(DenseLossArgs a, DType qk, DType w, DTy
   if (!dense_loss_cuda_supports(a.H, a.D, a.Dm) || a.Hm <= 0) return cudaErrorInvalidValue;
   if (a.T > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   if (mean && count == nullptr) return cudaErrorInvalidValue;
-  if (!deterministic && a.dk32 == nullptr) return cudaErrorInvalidValue;
+  if (!deterministic && a.S > 0 && a.dk32 == nullptr) return cudaErrorInvalidValue;
   float* const dk32 = a.dk32;
   if (deterministic) a.dk32 = nullptr;
   a.nonempty_rows = mean ? count : nullptr;
