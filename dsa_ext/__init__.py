@@ -4,12 +4,39 @@ Importing the package loads the compiled extension, which registers every op und
 ``torch.ops.dsa``, then registers the fake (meta) kernels and autograd formulas.
 The typed Python functions below are the documented way to call the ops.
 """
+import os as _os
+
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.dsa.*)
-from .ops import *  # noqa: F401,F403
-from .ops import __all__ as _ops_all
-from . import reference  # noqa: F401
+
+def _load_extension():
+    """Import the compiled module, or say in plain words why it cannot be and what to do."""
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.dsa.*)
+    except ImportError as e:
+        here = _os.path.dirname(_os.path.abspath(__file__))
+        built = [f for f in _os.listdir(here) if f.startswith("_C") and f.endswith(".so")]
+        if not built:
+            raise ImportError(
+                f"dsa_ext's compiled module (_C*.so) is not in {here}: this is a source tree "
+                "without a build (Python imports it instead of an installed dsa_ext because it "
+                "is in the current directory or on sys.path). Build it in place with "
+                "`tools/dev_build.sh` (or `pip install --no-build-isolation -e .`), or run from "
+                "another directory to use the installed package.") from e
+        if "undefined symbol" in str(e):
+            raise ImportError(
+                f"dsa_ext's compiled module {built[0]} does not load with the running torch "
+                f"{torch.__version__}: it was built against another torch release (the C++ ABI "
+                "differs between releases). Rebuild dsa_ext against this torch, or install the "
+                f"torch it was built for. ({e})") from e
+        raise
+
+
+_load_extension()
+from . import _C  # noqa: E402,F401
+from .ops import *  # noqa: E402,F401,F403
+from .ops import __all__ as _ops_all  # noqa: E402
+from . import reference  # noqa: E402,F401
 
 __version__ = "0.1.0"
 

@@ -32,3 +32,20 @@ def test_every_op_has_cuda_kernel_in_a_cuda_build():
         import pytest
         pytest.skip("built without CUDA")
     assert set(info["cuda_ops"]) == set(dsa_ext.OP_NAMES)
+
+
+def test_source_tree_without_a_build_says_so(tmp_path):
+    """Importing a source tree that has no compiled module (e.g. from the checkout after a
+    non-editable install) explains itself instead of Python's 'partially initialized module ...
+    circular import'."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    src = os.path.dirname(os.path.abspath(dsa_ext.__file__))
+    shutil.copytree(src, tmp_path / "dsa_ext", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    r = subprocess.run([sys.executable, "-c", "import dsa_ext"], cwd=tmp_path, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode != 0
+    assert "compiled module (_C*.so) is not in" in r.stderr and "tools/dev_build.sh" in r.stderr
+    assert "circular import" not in r.stderr.splitlines()[-1]
