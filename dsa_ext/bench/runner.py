@@ -1,7 +1,9 @@
 """Timing, rooflines and reporting for `dsa-bench` (the CLI is dsa_ext/bench/cli.py).
 
 Timing: warm-up calls, then timed calls until they add up to `budget_s` (at least `min_reps`,
-at most `max_reps`); the median is reported. On CUDA each
+at most `max_reps`); the median is reported. On the CPU a case and its baselines are timed in
+interleaved rounds (one call of each per round), so that load from other processes falls on
+all of them alike and the ratios printed hold. On CUDA each
 call is timed with CUDA events (with `graphs`, calls under GRAPH_BELOW_S are captured once
 into a CUDA graph and the replay is timed: launch overhead would dominate them); on the CPU
 with time.perf_counter. Caches are not flushed between
@@ -210,16 +212,62 @@ def _free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def time_interleaved(fns: Dict[str, Callable[[], object]], opts: TimingOptions) -> Dict[str, object]:
+    """CPU: median seconds of several callables timed in rounds (one call of each per round), so
+    that other processes' load falls on all of them alike and their ratios hold. Rounds run
+    until every callable has `budget_s` of samples (at least `min_reps`, at most `max_reps`).
+    Returns name -> Timing, or the exception a call raised."""
+    result: Dict[str, object] = {}
+    live = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(max(opts.warmup, 1)):
+                fn()
+            live[name] = (fn, [])
+        except Exception as exc:
+            result[name] = exc
+    rounds = 0
+    while live and rounds < opts.max_reps and (
+            rounds < opts.min_reps or min(sum(v[1]) for v in live.values()) < opts.budget_s):
+        for name in list(live):
+            fn, samples = live[name]
+            try:
+                start = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - start)
+            except Exception as exc:
+                result[name] = exc
+                del live[name]
+        rounds += 1
+    for name, (_, samples) in live.items():
+        result[name] = Timing(statistics.median(samples), len(samples), False)
+    return result
+
+
 def run_case(case: Case, device: torch.device, roofline: Roofline, opts: TimingOptions) -> dict:
-    """Time a case and its baselines; never raises (a failure becomes the row's `error`)."""
+    """Time a case and its baselines; never raises (a failure becomes the row's `error`). On the
+    CPU they are timed interleaved (time_interleaved), on CUDA one after the other."""
     row = {
         "family": case.family, "name": case.name, "shape": dict(case.shape), "status": "ok",
         "ours_us": None, "reps": None, "graphed": False, "tflops": None, "gbs": None,
         "roofline_fraction": None, "bound": case.bound, "flops_dtype": case.flops_dtype,
         "flops": case.flops, "bytes": case.bytes, "baselines": {}, "note": case.note, "error": None,
     }
+    ours_key = object()   # a name no baseline has
+    timed: Dict[object, object] = {}
+    if device.type != "cuda":
+        timed = time_interleaved({ours_key: case.fn, **case.baselines}, opts)
+
+    def timing_of(key, fn) -> Timing:
+        if device.type != "cuda":
+            t = timed[key]
+            if isinstance(t, BaseException):
+                raise t
+            return t
+        return time_callable(fn, device, opts)
+
     try:
-        timing = time_callable(case.fn, device, opts)
+        timing = timing_of(ours_key, case.fn)
     except Exception as exc:  # an op that has not landed, a bad case, out of memory: report, go on
         row.update(status="error", error=error_text(exc))
         _free_device_memory(device)
@@ -237,7 +285,7 @@ def run_case(case: Case, device: torch.device, roofline: Roofline, opts: TimingO
     for name, fn in case.baselines.items():
         entry = {"us": None, "speedup": None, "error": None}
         try:
-            entry["us"] = time_callable(fn, device, opts).median_s * 1e6
+            entry["us"] = timing_of(name, fn).median_s * 1e6
         except Exception as exc:
             entry["error"] = error_text(exc)
             _free_device_memory(device)
