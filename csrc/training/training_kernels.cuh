@@ -104,38 +104,39 @@ __device__ __forceinline__ int64_t row_entries(const int32_t* topk_length, int64
   return n < 0 ? 0 : (n > K ? K : n);
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+struct SumOp {
+  static constexpr float kIdentity = 0.f;
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+  static constexpr float kIdentity = -INFINITY;
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumOp{}); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, MaxOp{}); }
 
 // Block-wide sum / max in a fixed order (warp butterfly, then warps 0..kWarps-1), the result
 // in every thread. `red` holds kWarps words; the caller's next write to it must follow a barrier
 // (each call ends with one).
-__device__ __forceinline__ float block_sum(float v, float* red) {
-  v = warp_sum(v);
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float v, float* red, Op op) {
+  v = warp_reduce(v, op);
   __syncthreads();
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
   __syncthreads();
-  float s = 0.f;
-  for (int w = 0; w < kWarps; ++w) s += red[w];
+  float r = Op::kIdentity;
+  for (int w = 0; w < kWarps; ++w) r = op(r, red[w]);
   __syncthreads();
-  return s;
+  return r;
 }
-__device__ __forceinline__ float block_max(float v, float* red) {
-  v = warp_max(v);
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float m = -INFINITY;
-  for (int w = 0; w < kWarps; ++w) m = fmaxf(m, red[w]);
-  __syncthreads();
-  return m;
-}
+__device__ __forceinline__ float block_sum(float v, float* red) { return block_reduce(v, red, SumOp{}); }
+__device__ __forceinline__ float block_max(float v, float* red) { return block_reduce(v, red, MaxOp{}); }
 
 // Per-warp partial results of a block reduction in static shared memory.
 struct WarpPartials {
