@@ -40,4 +40,9 @@ TORCH_LIBRARY(dsa, m) {
   m.def("sparse_attention_target(Tensor q, Tensor kv, Tensor indices, Tensor lse, float sm_scale, Tensor? topk_length=None) -> Tensor");
   m.def("indexer_kl_loss_sparse(Tensor q, Tensor k, Tensor weights, Tensor indices, Tensor target, Tensor? topk_length=None, str reduction=\"sum\", bool deterministic=False) -> (Tensor loss, Tensor dq, Tensor dk, Tensor dw)");
   m.def("indexer_kl_loss_dense(Tensor q, Tensor k, Tensor weights, Tensor ks, Tensor ke, Tensor q_main, Tensor kv_main, float sm_scale, str reduction=\"sum\", int block_size=1024, bool deterministic=False) -> (Tensor loss, Tensor dq, Tensor dk, Tensor dw)");
+
+  // ---- the DeepSeek-V4 compressor (csrc/compress, SPEC 10.4; dsa_ext/ops/compress.py) ----
+  // Gated pooling of `ratio` tokens (overlapping windows when kv is [T, 2d]) into one entry,
+  // then RMSNorm and GPT-J rope on its last 64 dims; a ragged batch by cu_seqlens.
+  m.def("v4_compress(Tensor kv, Tensor score, Tensor ape, Tensor norm_weight, float eps, Tensor rope_cos, Tensor rope_sin, Tensor? cu_seqlens=None) -> Tensor");
 }

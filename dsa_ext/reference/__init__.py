@@ -8,4 +8,5 @@ from .topk import *  # noqa: F401,F403
 from .sparse_mla import *  # noqa: F401,F403
 from .mla_decode import *  # noqa: F401,F403
 from .training import *  # noqa: F401,F403
+from .compress import *  # noqa: F401,F403
 from .dense import *  # noqa: F401,F403
