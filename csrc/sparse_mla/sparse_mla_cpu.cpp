@@ -226,7 +226,8 @@ void bwd_bf16(const c10::BFloat16* q, const c10::BFloat16* kv, const c10::BFloat
           const float* pr = p.data() + h * np;
           const float* dpr = dp.data() + h * np;
           for (int64_t i = 0; i < np; ++i) {
-            const c10::BFloat16 ds(pr[i] * (dpr[i] - delta[h]) * scale);
+            // padding keys: exactly 0 (dO·0 is NaN for an inf/NaN dout, and 0·NaN would spread)
+            const c10::BFloat16 ds(i < n ? pr[i] * (dpr[i] - delta[h]) * scale : 0.f);
             ds_b[h * np + i] = ds;
             dsT[i * Hp + h] = ds;
             pT[i * Hp + h] = c10::BFloat16(pr[i]);
