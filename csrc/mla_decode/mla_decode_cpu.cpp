@@ -4,10 +4,12 @@
 // (common/cpu_attention.h). Dequantisation to bf16 is exact for a bf16 cache and for FP8
 // records whose tile scales are powers of two (what the FlashMLA quantiser writes); a task that
 // selects any other record, or a CPU without fast bf16, takes the fp32 path: records
-// dequantised a chunk at a time and attended with an fp32 online softmax.
+// dequantised to fp32 rows and the same two GEMMs as at::mm (MKL sgemm).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
@@ -28,8 +30,7 @@
 namespace dsa::mla_decode {
 namespace {
 
-constexpr int kHeadsPerTask = 16;   // heads sharing one dequantised chunk of records
-constexpr int kTokensPerChunk = 32;
+constexpr int64_t kMinHeadsPerTask = 16;   // heads below which a query's heads are not split
 
 inline float bf16_bits_to_float(uint16_t bits) {
   uint32_t u = static_cast<uint32_t>(bits) << 16;
@@ -61,15 +62,6 @@ void load_record(const uint8_t* cache, bool fp8, int64_t slot, float* dst) {
   }
 }
 
-// q . k over 576 values with 8 independent partial sums, so the compiler can keep them in SIMD
-// lanes without reassociating one serial sum.
-inline float dot576(const float* q, const float* k) {
-  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int d = 0; d < kDQK; d += 8)
-    for (int j = 0; j < 8; ++j) part[j] += q[d + j] * k[d + j];
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
-
 struct DecodeArgs {
   const c10::BFloat16* q;         // [B, s_q, H, 576]
   const uint8_t* cache;
@@ -82,73 +74,6 @@ struct DecodeArgs {
   float sm_scale;
 };
 
-// Heads [h0, h1) of query (b, s).
-void decode_heads(const DecodeArgs& a, int64_t b, int64_t s, int64_t h0, int64_t h1) {
-  const auto& sh = a.shape;
-  const int nh = static_cast<int>(h1 - h0);
-  const int64_t row = b * sh.s_q + s;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-
-  std::vector<float> qf(nh * kDQK), acc(nh * kDV, 0.f), kv(kTokensPerChunk * kDQK),
-      scores(nh * kTokensPerChunk), m(nh, neg_inf), l(nh, 0.f);
-  for (int h = 0; h < nh; ++h)
-    for (int d = 0; d < kDQK; ++d) qf[h * kDQK + d] = static_cast<float>(a.q[(row * sh.heads + h0 + h) * kDQK + d]);
-
-  int64_t len = sh.topk;
-  if (a.topk_length) len = std::clamp<int64_t>(a.topk_length[sh.per_query_topk_length ? row : b], 0, sh.topk);
-  const int32_t* idx = a.indices + row * sh.topk;
-  const int64_t num_slots = sh.num_slots();
-
-  for (int64_t j0 = 0; j0 < len; j0 += kTokensPerChunk) {
-    int n = 0;
-    for (int64_t j = j0; j < std::min(len, j0 + kTokensPerChunk); ++j) {
-      const int64_t slot = idx[j];
-      if (slot < 0 || slot >= num_slots) continue;   // invalid entries are skipped, never read
-      load_record(a.cache, sh.fp8_cache, slot, kv.data() + n * kDQK);
-      ++n;
-    }
-    if (n == 0) continue;
-    for (int h = 0; h < nh; ++h) {
-      const float* qh = qf.data() + h * kDQK;
-      float* sc = scores.data() + h * kTokensPerChunk;
-      float chunk_max = neg_inf;
-      for (int t = 0; t < n; ++t) {
-        sc[t] = dot576(qh, kv.data() + t * kDQK) * a.sm_scale;
-        // NaN-propagating: a NaN score makes out and lse NaN, never an empty row.
-        chunk_max = (sc[t] > chunk_max || sc[t] != sc[t]) ? sc[t] : chunk_max;
-      }
-      const float new_m = chunk_max != chunk_max ? chunk_max : std::max(m[h], chunk_max);
-      if (new_m == neg_inf) continue;
-      const float alpha = std::exp(m[h] - new_m);   // 0 on the first chunk (m = -inf)
-      float* acc_h = acc.data() + h * kDV;
-      l[h] *= alpha;
-      for (int d = 0; d < kDV; ++d) acc_h[d] *= alpha;
-      for (int t = 0; t < n; ++t) {
-        const float p = std::exp(sc[t] - new_m);
-        l[h] += p;
-        const float* vt = kv.data() + t * kDQK;
-        for (int d = 0; d < kDV; ++d) acc_h[d] += p * vt[d];
-      }
-      m[h] = new_m;
-    }
-  }
-
-  for (int h = 0; h < nh; ++h) {
-    const int64_t o = row * sh.heads + h0 + h;
-    c10::BFloat16* out_h = a.out + o * kDV;
-    if (l[h] == 0.f) {   // no valid entry: out 0, lse -inf (merges correctly by lse weights)
-      for (int d = 0; d < kDV; ++d) out_h[d] = c10::BFloat16(0.f);
-      a.lse[o] = neg_inf;
-      continue;
-    }
-    // The sink joins the denominator only: exp(sink) relative to the running max.
-    const float denom = l[h] + (a.attn_sink ? std::exp(a.attn_sink[h0 + h] - m[h]) : 0.f);
-    const float inv = 1.f / denom;
-    for (int d = 0; d < kDV; ++d) out_h[d] = c10::BFloat16(acc[h * kDV + d] * inv);
-    a.lse[o] = m[h] + std::log(l[h]);
-  }
-}
-
 // Power of two in a range where fp8 * scale stays an exact bf16 (normal, not overflowing).
 inline bool exact_bf16_scale(float s) {
   int e;
@@ -156,9 +81,9 @@ inline bool exact_bf16_scale(float s) {
   return m == 0.5f && e > -100 && e < 100;
 }
 
-// The task's valid slots, or false when one of them is an FP8 record whose dequantised values
-// are not all exact in bf16.
-bool collect_slots(const DecodeArgs& a, int64_t b, int64_t row, std::vector<int64_t>& slots) {
+// The task's valid slots; with exact_bf16, false when one of them is an FP8 record whose
+// dequantised values are not all exact in bf16.
+bool collect_slots(const DecodeArgs& a, int64_t b, int64_t row, bool exact_bf16, std::vector<int64_t>& slots) {
   const auto& sh = a.shape;
   int64_t len = sh.topk;
   if (a.topk_length) len = std::clamp<int64_t>(a.topk_length[sh.per_query_topk_length ? row : b], 0, sh.topk);
@@ -168,7 +93,7 @@ bool collect_slots(const DecodeArgs& a, int64_t b, int64_t row, std::vector<int6
   for (int64_t j = 0; j < len; ++j) {
     const int64_t slot = idx[j];
     if (slot < 0 || slot >= num_slots) continue;   // invalid entries are skipped, never read
-    if (sh.fp8_cache) {
+    if (exact_bf16 && sh.fp8_cache) {
       float scales[kNumTiles];
       std::memcpy(scales, a.cache + slot * kFp8RecordBytes + kScaleOffset, sizeof(scales));
       for (float sc : scales)
@@ -200,7 +125,7 @@ bool decode_heads_bf16(const DecodeArgs& a, int64_t b, int64_t s, int64_t h0, in
                        std::vector<float>& o) {
   const auto& sh = a.shape;
   const int64_t row = b * sh.s_q + s, nh = h1 - h0;
-  if (!collect_slots(a, b, row, slots)) return false;
+  if (!collect_slots(a, b, row, /*exact_bf16=*/true, slots)) return false;
   rows.pack_written(kDQK, static_cast<int64_t>(slots.size()), [&](int64_t i, c10::BFloat16* dst) {
     load_record_bf16(a.cache, sh.fp8_cache, slots[i], dst);
   });
@@ -210,6 +135,37 @@ bool decode_heads_bf16(const DecodeArgs& a, int64_t b, int64_t s, int64_t h0, in
                    a.attn_sink ? a.attn_sink + h0 : nullptr, ws, o.data(), a.lse + first);
   cpu::to_bf16(o.data(), a.out + first * kDV, nh * kDV);
   return true;
+}
+
+// Heads [h0, h1) of query (b, s) in fp32: the selected records dequantised to fp32 rows, the
+// scores and P·V as at::mm (MKL sgemm), the exact softmax of cpu_attention.h between them.
+void decode_heads_fp32(const DecodeArgs& a, int64_t b, int64_t s, int64_t h0, int64_t h1,
+                       std::vector<int64_t>& slots, std::vector<float>& rows, std::vector<float>& qf,
+                       std::vector<float>& scores, std::vector<float>& o) {
+  const auto& sh = a.shape;
+  const int64_t row = b * sh.s_q + s, nh = h1 - h0, first = row * sh.heads + h0;
+  collect_slots(a, b, row, /*exact_bf16=*/false, slots);
+  const int64_t n = static_cast<int64_t>(slots.size());
+  if (n == 0) {   // no valid entry: out 0, lse -inf (merges correctly by lse weights)
+    std::fill(a.out + first * kDV, a.out + (first + nh) * kDV, c10::BFloat16(0.f));
+    std::fill(a.lse + first, a.lse + first + nh, -std::numeric_limits<float>::infinity());
+    return;
+  }
+  rows.resize(n * kDQK);
+  for (int64_t i = 0; i < n; ++i) load_record(a.cache, sh.fp8_cache, slots[i], rows.data() + i * kDQK);
+  qf.resize(nh * kDQK);
+  for (int64_t e = 0; e < nh * kDQK; ++e) qf[e] = static_cast<float>(a.q[first * kDQK + e]);
+  scores.resize(nh * n);
+  o.resize(nh * kDV);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor R = at::from_blob(rows.data(), {n, kDQK}, f32);
+  at::Tensor S = at::from_blob(scores.data(), {nh, n}, f32);
+  at::Tensor O = at::from_blob(o.data(), {nh, kDV}, f32);
+  at::mm_out(S, at::from_blob(qf.data(), {nh, kDQK}, f32), R.t());
+  cpu::softmax_rows<float>(scores.data(), nh, n, n, a.sm_scale, a.attn_sink ? a.attn_sink + h0 : nullptr,
+                           a.lse + first);
+  at::mm_out(O, S, R.narrow(1, 0, kDV));
+  cpu::to_bf16(o.data(), a.out + first * kDV, nh * kDV);
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cpu(
@@ -227,13 +183,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cpu(
                out.mutable_data_ptr<c10::BFloat16>(), lse.mutable_data_ptr<float>(), sh,
                static_cast<float>(sm_scale)};
   const bool bf16 = cpu::use_bf16_brgemm();
-  // bf16 GEMMs serve all heads of a query at once (one gather); split the heads only to give
-  // every thread a task. The fp32 path keeps its blocks of kHeadsPerTask.
+  // The GEMMs serve all heads of a query at once (one gather); split the heads only to give
+  // every thread a task.
   const int64_t rows_total = sh.batch * sh.s_q;
   const int64_t threads = at::get_num_threads();
-  const int64_t split = bf16 ? std::clamp<int64_t>((threads + rows_total - 1) / std::max<int64_t>(rows_total, 1), 1,
-                                                   (sh.heads + 15) / 16)
-                             : (sh.heads + kHeadsPerTask - 1) / kHeadsPerTask;
+  const int64_t split = std::clamp<int64_t>((threads + rows_total - 1) / std::max<int64_t>(rows_total, 1), 1,
+                                            (sh.heads + kMinHeadsPerTask - 1) / kMinHeadsPerTask);
   const int64_t per_task = (sh.heads + split - 1) / split;
   const int64_t head_blocks = (sh.heads + per_task - 1) / per_task;
   const int64_t tasks = rows_total * head_blocks;
@@ -243,14 +198,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cpu(
     std::vector<int64_t> slots;
     cpu::PackedRows rows;
     cpu::AttendScratch ws;
-    std::vector<float> o;
+    std::vector<float> o, rows32, qf, scores;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t hb = t % head_blocks, row = t / head_blocks;
       const int64_t h0 = hb * per_task, h1 = std::min(sh.heads, h0 + per_task);
       const int64_t b = row / sh.s_q, s = row % sh.s_q;
       if (bf16 && decode_heads_bf16(a, b, s, h0, h1, slots, rows, ws, o)) continue;
-      for (int64_t c0 = h0; c0 < h1; c0 += kHeadsPerTask)
-        decode_heads(a, b, s, c0, std::min(h1, c0 + kHeadsPerTask));
+      decode_heads_fp32(a, b, s, h0, h1, slots, rows32, qf, scores, o);
     }
   });
   return {out, lse};
