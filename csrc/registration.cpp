@@ -45,4 +45,7 @@ TORCH_LIBRARY(dsa, m) {
   // Gated pooling of `ratio` tokens (overlapping windows when kv is [T, 2d]) into one entry,
   // then RMSNorm and GPT-J rope on its last 64 dims; a ragged batch by cu_seqlens.
   m.def("v4_compress(Tensor kv, Tensor score, Tensor ape, Tensor norm_weight, float eps, Tensor rope_cos, Tensor rope_sin, Tensor? cu_seqlens=None) -> Tensor");
+  // Its decode form: one token per sequence a step into a ring-buffer state; returns [B, d]
+  // with the entry where positions[b] + 1 is a multiple of ratio, zeros elsewhere.
+  m.def("v4_compress_step(Tensor kv, Tensor score, Tensor ape, Tensor norm_weight, float eps, Tensor rope_cos, Tensor rope_sin, Tensor positions, Tensor(a!) kv_state, Tensor(b!) score_state) -> Tensor");
 }

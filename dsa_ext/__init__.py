@@ -48,7 +48,7 @@ OP_NAMES = (
     "sparse_mla_fwd", "sparse_mla_bwd", "sparse_mla_decode",
     "indexer_train_logits", "indexer_train_logits_bwd", "sparse_attention_target",
     "indexer_kl_loss_sparse", "indexer_kl_loss_dense",
-    "v4_compress",
+    "v4_compress", "v4_compress_step",
 )
 
 

@@ -207,3 +207,91 @@ def test_bad_inputs_name_the_argument(device, gen, case):
     args = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in {**ok, **change}.items()}
     with pytest.raises((RuntimeError, ValueError), match=__import__("re").escape(message)):
         torch.ops.dsa.v4_compress(**args)
+
+
+# ---- the decode form: prefill + token-by-token steps give the bulk op's entries ---------------
+def split_sequences(t, lens):
+    return list(torch.split(t, lens))
+
+
+@pytest.mark.parametrize("c,ratio,d", [(1, 3, 128), (2, 4, 128), (2, 4, 512), (2, 3, 64),
+                                       (1, 128, 128), (2, 128, 128)])
+def test_prefill_then_steps_equal_bulk(device, gen, c, ratio, d):
+    prefill = [0, 5, 2 * ratio + 1, 3 * ratio]
+    steps = ratio + 3 if ratio > 8 else 2 * ratio + 3
+    full = [p + steps for p in prefill]
+    (kv, score, ape, w), cos, sin, cu_full = make_inputs(gen, full, d, c, ratio, device)
+    want = split_sequences(dsa_ext.v4_compress(kv, score, ape, w, 1e-6, cos, sin, cu_full),
+                           [n // ratio for n in full])
+    kv_seq, score_seq = split_sequences(kv, full), split_sequences(score, full)
+    cu_pre = torch.tensor([0] + torch.tensor(prefill).cumsum(0).tolist(), dtype=torch.int32,
+                          device=device)
+    kv_pre = torch.cat([k[:p] for k, p in zip(kv_seq, prefill)])
+    score_pre = torch.cat([s[:p] for s, p in zip(score_seq, prefill)])
+    got = [[e] for e in split_sequences(
+        dsa_ext.v4_compress(kv_pre, score_pre, ape, w, 1e-6, cos, sin, cu_pre),
+        [p // ratio for p in prefill])]
+    kv_state, score_state = dsa_ext.new_v4_compress_state(len(prefill), d, c, ratio, device)
+    dsa_ext.v4_compress_prefill_state(kv_pre, score_pre, ape, kv_state, score_state, cu_pre)
+    ref_state = (kv_state.clone(), score_state.clone())
+    for i in range(steps):
+        pos = torch.tensor([p + i for p in prefill], dtype=torch.int32, device=device)
+        tok_kv = torch.stack([k[p + i] for k, p in zip(kv_seq, prefill)])
+        tok_score = torch.stack([s[p + i] for s, p in zip(score_seq, prefill)])
+        out = dsa_ext.v4_compress_step(tok_kv, tok_score, ape, w, 1e-6, cos, sin, pos,
+                                       kv_state, score_state)
+        if i < 2 * ratio:          # the reference step on its own copy of the state
+            assert_matches(out, ref.v4_compress_step(tok_kv, tok_score, ape, w, 1e-6, cos, sin,
+                                                     pos, *ref_state))
+        due = (pos + 1) % ratio == 0
+        assert (out[~due].float() == 0).all()
+        for b in range(len(prefill)):
+            if due[b]:
+                got[b].append(out[b:b + 1])
+    for b in range(len(prefill)):
+        assert torch.equal(torch.cat(got[b]), want[b]), f"sequence {b}"
+
+
+def test_step_without_token_leaves_state(device, gen):
+    (kv, score, ape, w), cos, sin, _ = make_inputs(gen, [2], 64, 2, 4, device, rope_rows=8)
+    kv_state, score_state = dsa_ext.new_v4_compress_state(2, 64, 2, 4, device)
+    before = (kv_state.clone(), score_state.clone())
+    pos = torch.tensor([-1, 3], device=device)                       # int64 accepted
+    out = dsa_ext.v4_compress_step(kv, score, ape, w, 1e-6, cos, sin, pos, kv_state, score_state)
+    assert (out[0].float() == 0).all() and torch.equal(kv_state[0], before[0][0])
+    assert torch.equal(score_state[0], before[1][0])
+    assert torch.equal(kv_state[1, 3], kv[1]) and torch.equal(score_state[1, 3], score[1] + ape[3])
+    assert torch.isfinite(out[1].float()).all() and (out[1] != 0).any()   # entry 0 of sequence 1
+
+
+def test_step_opcheck(device, gen):
+    (kv, score, ape, w), cos, sin, _ = make_inputs(gen, [3], 64, 2, 4, device, rope_rows=16)
+    kv_state, score_state = dsa_ext.new_v4_compress_state(3, 64, 2, 4, device)
+    kv_state.normal_(generator=None)
+    score_state.copy_(torch.randn_like(score_state))
+    pos = torch.tensor([3, 6, -1], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.dsa.v4_compress_step.default,
+                          (kv, score, ape, w, 1e-6, cos, sin, pos, kv_state, score_state))
+
+
+def step_bad_cases(gen):
+    (kv, score, ape, w), cos, sin, _ = make_inputs(gen, [3], 64, 2, 4, rope_rows=8)
+    kst, sst = dsa_ext.new_v4_compress_state(3, 64, 2, 4)
+    ok = dict(kv=kv, score=score, ape=ape, norm_weight=w, eps=1e-6, rope_cos=cos, rope_sin=sin,
+              positions=torch.tensor([3, 0, 1], dtype=torch.int32), kv_state=kst, score_state=sst)
+    return ok, [
+        (dict(positions=torch.tensor([3, 0, 1])), "positions must be int32"),
+        (dict(positions=torch.tensor([3, 0], dtype=torch.int32)), "positions.size(0) must be 3"),
+        (dict(kv_state=kst[:, :4]), "kv_state.size(1) must be 8"),
+        (dict(score_state=sst[:2]), "score_state.size(0) must be 3"),
+        (dict(kv_state=kst.double()), "kv_state must be float32"),
+        (dict(positions=torch.tensor([11, 0, 1], dtype=torch.int32)), "need at least 9 rows"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_step_bad_inputs_name_the_argument(gen, case):
+    ok, cases = step_bad_cases(gen)
+    change, message = cases[case]
+    with pytest.raises((RuntimeError, ValueError), match=__import__("re").escape(message)):
+        torch.ops.dsa.v4_compress_step(**{**ok, **change})

@@ -88,4 +88,35 @@ inline void check_compress_rope_rows(int64_t most_entries, const CompressShape& 
                     last, " ((entries - 1) * ratio): need at least ", last + 1, " rows");
 }
 
+// v4_compress_step: kv / score [B, c * d] (one new token per sequence), positions [B] int32,
+// the ring-buffer state kv_state / score_state [B, c * ratio, c * d] fp32. CompressShape's
+// `tokens` is B. The rope rows are checked where the positions are on the host (CPU).
+inline CompressShape check_v4_compress_step(const at::Tensor& kv, const at::Tensor& score,
+                                            const at::Tensor& ape, const at::Tensor& norm_weight,
+                                            double eps, const at::Tensor& rope_cos,
+                                            const at::Tensor& rope_sin,
+                                            const at::Tensor& positions,
+                                            const at::Tensor& kv_state,
+                                            const at::Tensor& score_state) {
+  const CompressShape s = check_v4_compress(kv, score, ape, norm_weight, eps, rope_cos, rope_sin,
+                                            c10::nullopt);
+  check_dtype(positions, "positions", at::kInt);
+  check_dim(positions, "positions", 1, "[B]");
+  check_size(positions, "positions", 0, s.tokens, "B, kv.size(0)");
+  check_same_device(positions, "positions", kv, "kv");
+  check_contiguous(positions, "positions");
+  const char* names[] = {"kv_state", "score_state"};
+  const at::Tensor* ts[] = {&kv_state, &score_state};
+  for (int i = 0; i < 2; ++i) {
+    check_dtype(*ts[i], names[i], at::kFloat);
+    check_dim(*ts[i], names[i], 3, "[B, c * ratio, c * d]");
+    check_size(*ts[i], names[i], 0, s.tokens, "B, kv.size(0)");
+    check_size(*ts[i], names[i], 1, s.c * s.ratio, "c * ratio ring rows");
+    check_size(*ts[i], names[i], 2, s.c * s.d, "c * d, kv.size(1)");
+    check_same_device(*ts[i], names[i], kv, "kv");
+    check_contiguous(*ts[i], names[i]);
+  }
+  return s;
+}
+
 }  // namespace dsa

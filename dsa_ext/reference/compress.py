@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["v4_compress"]
+__all__ = ["v4_compress", "v4_compress_step"]
 
 ROPE_DIMS = 64
 
@@ -38,6 +38,18 @@ def _rope_gptj(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
 
+def _finish(e: Tensor, windows: Tensor, ratio: int, w: Tensor, eps: float, cos_t: Tensor,
+            sin_t: Tensor) -> Tensor:
+    """bf16 rounding, fp32 RMSNorm to bf16, rope at position window * ratio to bf16."""
+    d = e.shape[-1]
+    e = e.to(torch.bfloat16).float()
+    y = (e * torch.rsqrt(e.square().mean(dim=-1, keepdim=True) + eps) * w).to(torch.bfloat16)
+    pos = windows * ratio
+    y = y.float()
+    y[:, d - ROPE_DIMS:] = _rope_gptj(y[:, d - ROPE_DIMS:], cos_t[pos], sin_t[pos])
+    return y.to(torch.bfloat16)
+
+
 def v4_compress(kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor, eps: float,
                 rope_cos: Tensor, rope_sin: Tensor,
                 cu_seqlens: Optional[Tensor] = None) -> Tensor:
@@ -64,11 +76,42 @@ def v4_compress(kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor, eps
     for b in range(len(bounds) - 1):
         lo, hi = bounds[b], bounds[b + 1]
         e = _pool(kv[lo:hi], score[lo:hi], ape.cpu(), d)
-        e = e.to(torch.bfloat16).float()
-        y = (e * torch.rsqrt(e.square().mean(dim=-1, keepdim=True) + eps) * w).to(torch.bfloat16)
-        pos = torch.arange(e.shape[0]) * ratio
-        y = y.float()
-        y[:, d - ROPE_DIMS:] = _rope_gptj(y[:, d - ROPE_DIMS:], cos_t[pos], sin_t[pos])
-        out.append(y.to(torch.bfloat16))
+        out.append(_finish(e, torch.arange(e.shape[0]), ratio, w, eps, cos_t, sin_t))
     result = torch.cat(out) if out else torch.empty(0, d, dtype=torch.bfloat16)
     return result.to(device)
+
+
+def v4_compress_step(kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor, eps: float,
+                     rope_cos: Tensor, rope_sin: Tensor, positions: Tensor, kv_state: Tensor,
+                     score_state: Tensor) -> Tensor:
+    """One decode step (the project's state, see ``dsa_ext.ops.compress``): token t of sequence
+    b goes to ring row ``t % (c * ratio)`` of ``kv_state[b]`` (its kv) and ``score_state[b]``
+    (``score + ape[t % ratio]``), in place; where ``t + 1`` is a multiple of ratio the entry
+    of window ``t // ratio`` is pooled from the ring (rows of windows j - 1 and j, as
+    :func:`v4_compress`). Returns ``[B, d]`` bf16, zeros where no entry is due or no token
+    (negative position)."""
+    d = norm_weight.numel()
+    ratio, width = ape.shape
+    c = width // d
+    ring = c * ratio
+    out = torch.zeros(kv.shape[0], d, dtype=torch.bfloat16)
+    w = norm_weight.cpu().float()
+    for b, t in enumerate(positions.cpu().tolist()):
+        if t < 0:
+            continue
+        kv_state[b, t % ring] = kv[b]
+        score_state[b, t % ring] = score[b] + ape[t % ratio]
+        if (t + 1) % ratio:
+            continue
+        j = t // ratio
+        rows_kv, rows_z = [], []
+        for half in ((0, 1) if c == 2 and j > 0 else (1,)):
+            slots = [((j - 1 + half) * ratio + r) % ring for r in range(ratio)]
+            lo = d if half == 1 and c == 2 else 0
+            rows_kv.append(kv_state[b, slots, lo:lo + d].double().cpu())
+            rows_z.append(score_state[b, slots, lo:lo + d].double().cpu())
+        pool_kv, pool_z = torch.cat(rows_kv), torch.cat(rows_z)
+        e = (pool_z.softmax(dim=0) * pool_kv).sum(dim=0, keepdim=True)
+        out[b] = _finish(e, torch.tensor([j]), ratio, w, eps, rope_cos.cpu().float(),
+                         rope_sin.cpu().float())[0]
+    return out.to(kv.device)
