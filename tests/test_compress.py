@@ -83,6 +83,17 @@ def test_large_and_negative_scores_are_stable(device, gen, c):
     assert torch.isfinite(out.float()).all()
 
 
+@pytest.mark.parametrize("c", [1, 2])
+def test_minus_inf_scores_weigh_nothing(device, gen, c):
+    (kv, score, ape, w), cos, sin, cu = make_inputs(gen, [13], 128, c, 4)
+    score[0] = float("-inf")              # the first pool row of entry 0, every channel
+    score[5, :7] = float("-inf")          # a middle row of entry 1, some channels
+    out = dsa_ext.v4_compress(kv.to(device), score.to(device), ape.to(device), w.to(device),
+                              1e-6, cos.to(device), sin.to(device))
+    assert torch.isfinite(out.float()).all()
+    assert_matches(out, ref.v4_compress(kv, score, ape, w, 1e-6, cos, sin))
+
+
 def test_ratio_one_is_norm_and_rope_of_kv(gen):
     # One token per window: the softmax weight is exactly 1, so the entry is the token's kv.
     (kv, score, ape, w), cos, sin, cu = make_inputs(gen, [9], 64, 1, 1)

@@ -54,6 +54,7 @@ struct SoftmaxAcc {
   float m = -INFINITY, s = 0.f, acc = 0.f;
   __device__ __forceinline__ void add(float z, float v) {
     const float m_new = fmaxf(m, z);
+    if (m_new == -INFINITY) return;  // a -inf logit weighs nothing (and -inf - -inf is NaN)
     const float scale = expf(m - m_new), p = expf(z - m_new);
     s = s * scale + p;
     acc = acc * scale + p * v;
