@@ -306,3 +306,17 @@ def test_step_bad_inputs_name_the_argument(gen, case):
     change, message = cases[case]
     with pytest.raises((RuntimeError, ValueError), match=__import__("re").escape(message)):
         torch.ops.dsa.v4_compress_step(**{**ok, **change})
+
+
+def test_step_compiles_fullgraph(gen):
+    (kv, score, ape, w), cos, sin, _ = make_inputs(gen, [2], 64, 2, 4, rope_rows=8)
+    states = [dsa_ext.new_v4_compress_state(2, 64, 2, 4) for _ in range(2)]
+    pos = torch.tensor([3, 2], dtype=torch.int32)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(kv, score, pos, kv_state, score_state):
+        return dsa_ext.v4_compress_step(kv, score, ape, w, 1e-6, cos, sin, pos, kv_state, score_state)
+
+    out = step(kv, score, pos, *states[0])
+    assert torch.equal(out, dsa_ext.v4_compress_step(kv, score, ape, w, 1e-6, cos, sin, pos, *states[1]))
+    assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])
