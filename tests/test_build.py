@@ -43,8 +43,9 @@ def test_source_tree_without_a_build_says_so(tmp_path):
     import subprocess
     import sys
     src = os.path.dirname(os.path.abspath(dsa_ext.__file__))
-    shutil.copytree(src, tmp_path / "dsa_ext", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
-    r = subprocess.run([sys.executable, "-c", "import dsa_ext"], cwd=tmp_path, capture_output=True,
+    # under another name: an editable install's import hook would otherwise find the real tree
+    shutil.copytree(src, tmp_path / "dsa_ext_copy", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    r = subprocess.run([sys.executable, "-c", "import dsa_ext_copy"], cwd=tmp_path, capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert r.returncode != 0
     assert "compiled module (_C*.so) is not in" in r.stderr and "tools/dev_build.sh" in r.stderr
