@@ -336,6 +336,18 @@ __device__ __forceinline__ void split_rows(const KeySplit& sp, int64_t T, int64_
 }
 
 // The tile's accumulated dk (L.acc, [kTileKeys, D]) into dk (TQ) or the split's partial.
+// dk of the tile's n keys += Σ_h coef[h, key] · q[t, h] for the row staged in shared memory
+// (coef = g · w[h] where q·k > 0, else 0), in a fixed head order.
+__device__ __forceinline__ void accumulate_key_grads(const Layout& L, float* sm, const float* coef, int n,
+                                                     int D, int H) {
+  for (int e = threadIdx.x; e < n * D; e += kThreads) {
+    const int j = e / D, d = e - j * D;
+    float v = 0.f;
+    for (int h = 0; h < H; ++h) v = fmaf(coef[h * kTileKeys + j], sm[L.q + h * D + d], v);
+    sm[L.acc + e] += v;
+  }
+}
+
 template <typename TQ>
 __device__ __forceinline__ void store_key_grads(const Layout& L, const float* sm, int64_t s0, int n, int64_t S,
                                                 void* dk, const KeySplit& sp) {
@@ -388,12 +400,7 @@ __global__ void __launch_bounds__(kThreads) train_logits_bwd_key_kernel(LogitsBw
     const float* w = sm + L.w;
     for_each_head_score(L, sm, key, [&](int h, float z) { coef[h * kTileKeys + key] = z > 0.f ? g * w[h] : 0.f; });
     __syncthreads();
-    for (int e = threadIdx.x; e < n * D; e += kThreads) {
-      const int j = e / D, d = e - j * D;
-      float v = 0.f;
-      for (int h = 0; h < a.H; ++h) v = fmaf(coef[h * kTileKeys + j], sm[L.q + h * D + d], v);
-      sm[L.acc + e] += v;
-    }
+    accumulate_key_grads(L, sm, coef, n, D, a.H);
   }
   __syncthreads();
   store_key_grads<TQ>(L, sm, s0, n, a.S, a.dk, sp);
@@ -902,12 +909,7 @@ __global__ void __launch_bounds__(kThreads) dense_loss_key_kernel(DenseLossArgs 
     const float* w = sm + L.w;
     for_each_head_score(L, sm, key, [&](int h, float z) { coef[h * kTileKeys + key] = z > 0.f ? g * w[h] : 0.f; });
     __syncthreads();
-    for (int e = threadIdx.x; e < n * D; e += kThreads) {
-      const int j = e / D, d = e - j * D;
-      float v = 0.f;
-      for (int h = 0; h < a.H; ++h) v = fmaf(coef[h * kTileKeys + j], sm[L.q + h * D + d], v);
-      sm[L.acc + e] += v;
-    }
+    accumulate_key_grads(L, sm, coef, n, D, a.H);
   }
   __syncthreads();
   store_key_grads<TQ>(L, sm, s0, n, a.S, dk_out, sp);
