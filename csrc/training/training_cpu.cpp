@@ -1,17 +1,20 @@
 // training family: CPU kernels (SPEC section 7).
 //
-// Inputs are widened once to the accumulation type (float for bf16/fp32, double for fp64) and
-// every kernel is a loop over independent outputs under at::parallel_for: rows t own dq[t] and
-// dw[t] (and their loss term), keys s own dk[s]. Each output element is therefore summed by one
-// thread in one fixed order, so the results are bitwise identical run to run and for any thread
-// count; `deterministic` has nothing to switch on the CPU. The dk loops recompute the scores
-// they need instead of sharing partial sums across rows: memory stays O(T*H + T*block) for the
-// dense loss (never [T, S] or [T, S, H]) and O(T*K) for the sparse one.
+// Inputs are widened once to the accumulation type (float for bf16/fp32, double for fp64). The
+// indexer logits, their backward and the dense loss run on GEMM tiles (see "GEMM tiles" below);
+// the sparse loss and the attention target are loops over independent outputs. Either way every
+// output element is summed by one task in one fixed order that does not depend on the thread
+// count, so the results are bitwise identical run to run and for any thread count;
+// `deterministic` has nothing to switch on the CPU. The dk passes recompute the scores they need
+// instead of sharing partial sums across rows: memory stays O(T*H + tiles) for the dense loss
+// (never [T, S] or [T, S, H]) and O(T*K) for the sparse one.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -20,6 +23,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "indexer/indexer_rules.h"
@@ -48,32 +52,6 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   return s;
 }
 
-// out[j * out_stride] = dot(a, rows + j * n) for j < count. Four rows share each load of a;
-// every result is bitwise the dot() of its row (the same partial sums in the same order), so
-// how keys are grouped into runs never changes a value.
-template <typename acc_t>
-inline void dot_rows(const acc_t* a, const acc_t* rows, int64_t count, int64_t n, acc_t* out,
-                     int64_t out_stride) {
-  int64_t j = 0;
-  for (; j + 4 <= count; j += 4) {
-    const acc_t* r = rows + j * n;
-    acc_t part[4][8] = {};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-      for (int l = 0; l < 8; ++l) {
-        const acc_t av = a[i + l];
-        for (int c = 0; c < 4; ++c) part[c][l] += av * r[c * n + i + l];
-      }
-    for (int c = 0; c < 4; ++c) {
-      const acc_t* p = part[c];
-      acc_t s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-      for (int64_t e = i; e < n; ++e) s += a[e] * r[c * n + e];
-      out[(j + c) * out_stride] = s;
-    }
-  }
-  for (; j < count; ++j) out[j * out_stride] = dot(a, rows + j * n, n);
-}
-
 template <typename acc_t>
 inline void axpy(acc_t* y, acc_t a, const acc_t* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
@@ -91,36 +69,6 @@ inline acc_t indexer_logit(const acc_t* q, const acc_t* w, const acc_t* k, int64
   }
   return logit;
 }
-
-// indexer_logit for `count` consecutive keys k[0..count): dots [count, H], logits [count]
-// (bitwise the per-key values).
-template <typename acc_t>
-inline void indexer_logits_run(const acc_t* q, const acc_t* w, const acc_t* k, int64_t count,
-                               int64_t H, int64_t D, acc_t* dots, acc_t* logits) {
-  for (int64_t h = 0; h < H; ++h) dot_rows(q + h * D, k, count, D, dots + h, H);
-  for (int64_t j = 0; j < count; ++j) {
-    const acc_t* dj = dots + j * H;
-    acc_t logit = 0;
-    for (int64_t h = 0; h < H; ++h) logit += w[h] * (dj[h] > 0 ? dj[h] : acc_t(0));
-    logits[j] = logit;
-  }
-}
-
-// dk[j] += sum_h g[j] w[h] 1[q[h] . k[j] > 0] q[h] for one query and `count` consecutive keys
-// (scores recomputed into scratch [count]); per dk[j] the heads are added in ascending order.
-template <typename acc_t>
-inline void accumulate_key_grads_run(const acc_t* g, const acc_t* q, const acc_t* w,
-                                     const acc_t* k, int64_t count, int64_t H, int64_t D,
-                                     acc_t* dk, acc_t* scratch) {
-  for (int64_t h = 0; h < H; ++h) {
-    dot_rows(q + h * D, k, count, D, scratch, 1);
-    for (int64_t j = 0; j < count; ++j)
-      if (scratch[j] > 0) axpy(dk + j * D, g[j] * w[h], q + h * D, D);
-  }
-}
-
-// Keys per run of the row loops (the scratch of one run is [kRun, H]).
-constexpr int64_t kRun = 64;
 
 // dq[h] += g w[h] 1[dots[h] > 0] k and dw[h] += g relu(dots[h]) for one key.
 template <typename acc_t>
@@ -197,22 +145,120 @@ double sum_in_order(const std::vector<double>& v) {
   return s;
 }
 
+// ---- GEMM tiles ---------------------------------------------------------------------------------
+//
+// The logits kernels and the dense loss work on tiles: kRowTile queries (all their heads, the
+// rows of q viewed as [T * H, D]) against one key block of kKeyBlock keys, the scores of a tile
+// one at::mm. Row tiles and key blocks sit at multiples of their sizes, so a tile's shapes (and
+// with them BLAS's summation order) depend only on the problem, never on the thread count, and
+// the row pass and the key pass compute bitwise the same scores for a pair. Each output is
+// owned by one task: dq and dw by the row tile, dk by the key block, accumulated over the other
+// axis in ascending order. at::mm runs single-threaded inside at::parallel_for tasks.
+constexpr int64_t kRowTile = 8;
+constexpr int64_t kKeyBlock = 128;
+
+// Queries [t0, t1) and the union of their key ranges (empty when no row sees a key).
+struct RowTile {
+  int64_t t0, t1;
+  KeyRange keys;
+};
+inline RowTile row_tile(const std::vector<KeyRange>& ranges, int64_t tile, int64_t T) {
+  RowTile rt{tile * kRowTile, std::min(T, (tile + 1) * kRowTile), {0, 0}};
+  bool any = false;
+  for (int64_t t = rt.t0; t < rt.t1; ++t) {
+    if (ranges[t].hi <= ranges[t].lo) continue;
+    rt.keys.lo = any ? std::min(rt.keys.lo, ranges[t].lo) : ranges[t].lo;
+    rt.keys.hi = any ? std::max(rt.keys.hi, ranges[t].hi) : ranges[t].hi;
+    any = true;
+  }
+  return rt;
+}
+// Opened by every task that calls at::mm: worker threads do not inherit the dispatcher state
+// of the op's thread, and the tiles are plain buffers (views of the outputs modified in place),
+// so autograd and its view checks are skipped.
+struct TileTaskScope {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+};
+inline int64_t tiles_of(int64_t n, int64_t tile) { return (n + tile - 1) / tile; }
+
+// Scores of rows [r0, r0 + rows) of a [R, d] matrix against keys [s0, s0 + n) of a [S, d] one:
+// [rows, n], contiguous.
+inline at::Tensor tile_scores(const at::Tensor& rows2d, int64_t r0, int64_t rows,
+                              const at::Tensor& keys, int64_t s0, int64_t n) {
+  return at::mm(rows2d.narrow(0, r0, rows), keys.narrow(0, s0, n).t());
+}
+
+// logits[r, j] = sum_h w[t0 + r, h] relu(scores[r * H + h, j]) for scores [nt * H, n] (heads
+// added in ascending order).
+template <typename acc_t>
+inline void tile_logits(const acc_t* scores, const acc_t* w, int64_t nt, int64_t H, int64_t n,
+                        acc_t* logits) {
+  for (int64_t r = 0; r < nt; ++r) {
+    acc_t* lr = logits + r * n;
+    std::fill(lr, lr + n, acc_t(0));
+    for (int64_t h = 0; h < H; ++h) {
+      const acc_t wh = w[r * H + h];
+      const acc_t* sr = scores + (r * H + h) * n;
+      for (int64_t j = 0; j < n; ++j) lr[j] += wh * (sr[j] > 0 ? sr[j] : acc_t(0));
+    }
+  }
+}
+
+// The GEMM operand of the logits gradient for one tile: coef[r * H + h, j] =
+// g[r, j] w[h] 1[scores > 0] for keys in row t0 + r's range, else 0, where g[r, j] = dL/dI at
+// (t0 + r, s0 + j) (row stride g_stride). With dw, also dw[t, h] += sum_j g relu(scores).
+template <typename acc_t>
+inline void tile_logit_grads(const acc_t* scores, const acc_t* g, int64_t g_stride,
+                             const acc_t* w, const std::vector<KeyRange>& ranges, int64_t t0,
+                             int64_t nt, int64_t H, int64_t s0, int64_t n, acc_t* coef,
+                             acc_t* dw) {
+  for (int64_t r = 0; r < nt; ++r) {
+    const KeyRange rg = ranges[t0 + r];
+    const int64_t lo = std::clamp<int64_t>(rg.lo - s0, 0, n);
+    const int64_t hi = std::clamp<int64_t>(rg.hi - s0, lo, n);
+    const acc_t* gr = g + r * g_stride;
+    for (int64_t h = 0; h < H; ++h) {
+      const acc_t wh = w[(t0 + r) * H + h];
+      const acc_t* sr = scores + (r * H + h) * n;
+      acc_t* cr = coef + (r * H + h) * n;
+      acc_t dwh = 0;
+      std::fill(cr, cr + lo, acc_t(0));
+      for (int64_t j = lo; j < hi; ++j) {
+        const bool on = sr[j] > 0;
+        cr[j] = on ? gr[j] * wh : acc_t(0);
+        dwh += on ? gr[j] * sr[j] : acc_t(0);
+      }
+      std::fill(cr + hi, cr + n, acc_t(0));
+      if (dw) dw[(t0 + r) * H + h] += dwh;
+    }
+  }
+}
+
 // ---- indexer_train_logits -----------------------------------------------------------------------
 
 template <typename acc_t>
-void train_logits_kernel(const acc_t* q, const acc_t* k, const acc_t* w,
-                         const std::vector<KeyRange>& ranges, int64_t T, int64_t H, int64_t D,
-                         int64_t S, acc_t* out) {
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> dots(static_cast<size_t>(kRun * H));
-    for (int64_t t = t0; t < t1; ++t) {
-      acc_t* row = out + t * S;
-      const KeyRange r = ranges[t];
-      std::fill(row, row + r.lo, neg_inf<acc_t>());
-      std::fill(row + r.hi, row + S, neg_inf<acc_t>());
-      for (int64_t s0 = r.lo; s0 < r.hi; s0 += kRun)
-        indexer_logits_run(q + t * H * D, w + t * H, k + s0 * D, std::min(kRun, r.hi - s0), H,
-                           D, dots.data(), row + s0);
+void train_logits_kernel(const at::Tensor& q2, const at::Tensor& k, const acc_t* w,
+                         const std::vector<KeyRange>& ranges, int64_t T, int64_t H, int64_t S,
+                         acc_t* out) {
+  std::fill(out, out + T * S, neg_inf<acc_t>());
+  at::parallel_for(0, tiles_of(T, kRowTile), 1, [&](int64_t i0, int64_t i1) {
+    const TileTaskScope scope;
+    std::vector<acc_t> logits(static_cast<size_t>(kRowTile * kKeyBlock));
+    for (int64_t tile = i0; tile < i1; ++tile) {
+      const RowTile rt = row_tile(ranges, tile, T);
+      const int64_t nt = rt.t1 - rt.t0;
+      for (int64_t s0 = rt.keys.lo / kKeyBlock * kKeyBlock; s0 < rt.keys.hi; s0 += kKeyBlock) {
+        const int64_t n = std::min(kKeyBlock, S - s0);
+        const at::Tensor sc = tile_scores(q2, rt.t0 * H, nt * H, k, s0, n);
+        tile_logits(sc.data_ptr<acc_t>(), w + rt.t0 * H, nt, H, n, logits.data());
+        for (int64_t r = 0; r < nt; ++r) {
+          const KeyRange rg = ranges[rt.t0 + r];
+          const int64_t lo = std::max(rg.lo, s0), hi = std::min(rg.hi, s0 + n);
+          if (lo < hi)
+            std::copy(logits.data() + r * n + (lo - s0), logits.data() + r * n + (hi - s0),
+                      out + (rt.t0 + r) * S + lo);
+        }
+      }
     }
   });
 }
@@ -227,8 +273,8 @@ at::Tensor indexer_train_logits_cpu(const at::Tensor& q, const at::Tensor& k,
   const auto in = widen_qkw(q, k, weights);
   const auto ranges = row_ranges(ks, ke, sh.S);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "indexer_train_logits_cpu", [&] {
-    train_logits_kernel<scalar_t>(in.q.data_ptr<scalar_t>(), in.k.data_ptr<scalar_t>(),
-                                  in.w.data_ptr<scalar_t>(), ranges, sh.T, sh.H, sh.D, sh.S,
+    train_logits_kernel<scalar_t>(in.q.view({sh.T * sh.H, sh.D}), in.k,
+                                  in.w.data_ptr<scalar_t>(), ranges, sh.T, sh.H, sh.S,
                                   out.data_ptr<scalar_t>());
   });
   return out;
@@ -236,37 +282,44 @@ at::Tensor indexer_train_logits_cpu(const at::Tensor& q, const at::Tensor& k,
 
 // ---- indexer_train_logits_bwd -------------------------------------------------------------------
 
-// Keys per dk task: one query's heads are read once for the whole tile.
-constexpr int64_t kKeyTile = 16;
-
 template <typename acc_t>
-void train_logits_bwd_kernel(const acc_t* grad, const acc_t* q, const acc_t* k, const acc_t* w,
-                             const std::vector<KeyRange>& ranges, int64_t T, int64_t H,
-                             int64_t D, int64_t S, acc_t* dq, acc_t* dk, acc_t* dw) {
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> dots(static_cast<size_t>(kRun * H)), logits(static_cast<size_t>(kRun));
-    for (int64_t t = t0; t < t1; ++t) {
-      const acc_t* qt = q + t * H * D;
-      const acc_t* wt = w + t * H;
-      for (int64_t s0 = ranges[t].lo; s0 < ranges[t].hi; s0 += kRun) {
-        const int64_t n = std::min(kRun, ranges[t].hi - s0);
-        indexer_logits_run(qt, wt, k + s0 * D, n, H, D, dots.data(), logits.data());
-        for (int64_t j = 0; j < n; ++j)
-          accumulate_row_grads(grad[t * S + s0 + j], wt, dots.data() + j * H, k + (s0 + j) * D,
-                               H, D, dq + t * H * D, dw + t * H);
+void train_logits_bwd_kernel(const acc_t* grad, const at::Tensor& q2, const at::Tensor& k,
+                             const acc_t* w, const std::vector<KeyRange>& ranges, int64_t T,
+                             int64_t H, int64_t S, const at::Tensor& dq2, const at::Tensor& dk,
+                             acc_t* dw) {
+  const auto opts = q2.options();
+  // dq and dw: row tiles, key blocks in ascending order.
+  at::parallel_for(0, tiles_of(T, kRowTile), 1, [&](int64_t i0, int64_t i1) {
+    const TileTaskScope scope;
+    for (int64_t tile = i0; tile < i1; ++tile) {
+      const RowTile rt = row_tile(ranges, tile, T);
+      const int64_t nt = rt.t1 - rt.t0;
+      at::Tensor dq_tile = dq2.narrow(0, rt.t0 * H, nt * H);
+      for (int64_t s0 = rt.keys.lo / kKeyBlock * kKeyBlock; s0 < rt.keys.hi; s0 += kKeyBlock) {
+        const int64_t n = std::min(kKeyBlock, S - s0);
+        const at::Tensor sc = tile_scores(q2, rt.t0 * H, nt * H, k, s0, n);
+        at::Tensor coef = at::empty({nt * H, n}, opts);
+        tile_logit_grads(sc.data_ptr<acc_t>(), grad + rt.t0 * S + s0, S, w, ranges, rt.t0, nt,
+                         H, s0, n, coef.data_ptr<acc_t>(), dw);
+        dq_tile.addmm_(coef, k.narrow(0, s0, n));
       }
     }
   });
-  const int64_t tiles = (S + kKeyTile - 1) / kKeyTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t i0, int64_t i1) {
-    acc_t scratch[kKeyTile];
-    for (int64_t tile = i0; tile < i1; ++tile) {
-      const int64_t s0 = tile * kKeyTile, s1 = std::min(S, s0 + kKeyTile);
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t lo = std::max(s0, ranges[t].lo), hi = std::min(s1, ranges[t].hi);
-        if (lo < hi)
-          accumulate_key_grads_run(grad + t * S + lo, q + t * H * D, w + t * H, k + lo * D,
-                                   hi - lo, H, D, dk + lo * D, scratch);
+  // dk: key blocks, row tiles in ascending order (scores recomputed).
+  at::parallel_for(0, tiles_of(S, kKeyBlock), 1, [&](int64_t i0, int64_t i1) {
+    const TileTaskScope scope;
+    for (int64_t block = i0; block < i1; ++block) {
+      const int64_t s0 = block * kKeyBlock, n = std::min(kKeyBlock, S - s0);
+      at::Tensor dk_block = dk.narrow(0, s0, n);
+      for (int64_t tile = 0; tile < tiles_of(T, kRowTile); ++tile) {
+        const RowTile rt = row_tile(ranges, tile, T);
+        if (rt.keys.hi <= s0 || rt.keys.lo >= s0 + n) continue;
+        const int64_t nt = rt.t1 - rt.t0;
+        const at::Tensor sc = tile_scores(q2, rt.t0 * H, nt * H, k, s0, n);
+        at::Tensor coef = at::empty({nt * H, n}, opts);
+        tile_logit_grads<acc_t>(sc.data_ptr<acc_t>(), grad + rt.t0 * S + s0, S, w, ranges,
+                                rt.t0, nt, H, s0, n, coef.data_ptr<acc_t>(), nullptr);
+        dk_block.addmm_(coef.t(), q2.narrow(0, rt.t0 * H, nt * H));
       }
     }
   });
@@ -285,14 +338,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_train_logits_bwd_cpu(
   if (sh.T > 0 && sh.S > 0) {
     const auto ranges = row_ranges(ks, ke, sh.S);
     AT_DISPATCH_FLOATING_TYPES(acc, "indexer_train_logits_bwd_cpu", [&] {
-      train_logits_bwd_kernel<scalar_t>(grad.data_ptr<scalar_t>(), in.q.data_ptr<scalar_t>(),
-                                        in.k.data_ptr<scalar_t>(), in.w.data_ptr<scalar_t>(),
-                                        ranges, sh.T, sh.H, sh.D, sh.S, dq.data_ptr<scalar_t>(),
-                                        dk.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
+      train_logits_bwd_kernel<scalar_t>(grad.data_ptr<scalar_t>(), in.q.view({sh.T * sh.H, sh.D}),
+                                        in.k, in.w.data_ptr<scalar_t>(), ranges, sh.T, sh.H, sh.S,
+                                        dq.view({sh.T * sh.H, sh.D}), dk,
+                                        dw.data_ptr<scalar_t>());
     });
   }
   return narrow_grads(dq, dk, dw, q, k, weights);
 }
+
+// Keys per dk task of the sparse loss.
+constexpr int64_t kKeyTile = 16;
 
 // ---- sparse_attention_target --------------------------------------------------------------------
 
@@ -474,25 +530,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_spars
 
 // ---- indexer_kl_loss_dense ----------------------------------------------------------------------
 
-// One row's view of the dense problem: the indexer and the main attention at (t, s).
-template <typename acc_t>
-struct DenseRow {
-  const acc_t* q;       // [H, D] indexer query
-  const acc_t* w;       // [H]
-  const acc_t* q_main;  // [Hm, Dm]
-  const acc_t* k;       // [S, D]
-  const acc_t* kv;      // [S, Dm]
-  int64_t H, D, Hm, Dm;
-  acc_t sm_scale;
-};
-
-// Pass-1 results of one row: the main attention's per-head lse and the indexer's lse.
-template <typename acc_t>
-struct RowLse {
-  const acc_t* main;  // [Hm]
-  acc_t indexer;
-};
-
 // Online log-sum-exp: running max m and sum of exp(x - m).
 template <typename acc_t>
 struct OnlineLse {
@@ -512,129 +549,147 @@ struct OnlineLse {
   }
 };
 
-// Scratch of one run of n keys: the indexer's dots [n, H] and logits [n], the main
-// attention's scaled scores [n, Hm].
+// Scores of one dense tile (row tile x key block): the indexer's per-head scores [nt * H, n]
+// and logits [nt, n], the main attention's unscaled scores [nt * Hm, n].
 template <typename acc_t>
-struct RunScratch {
-  std::vector<acc_t> dots, logits, main;
-  RunScratch(int64_t n, int64_t H, int64_t Hm)
-      : dots(static_cast<size_t>(n * H)), logits(static_cast<size_t>(n)),
-        main(static_cast<size_t>(n * Hm)) {}
+struct DenseTile {
+  at::Tensor indexer, main;
+  std::vector<acc_t> logits;
 };
 
-// Indexer logits and main-attention scores of one row over keys [s0, s0 + n).
 template <typename acc_t>
-inline void dense_scores_run(const DenseRow<acc_t>& row, int64_t s0, int64_t n,
-                             RunScratch<acc_t>& sc) {
-  indexer_logits_run(row.q, row.w, row.k + s0 * row.D, n, row.H, row.D, sc.dots.data(),
-                     sc.logits.data());
-  for (int64_t h = 0; h < row.Hm; ++h)
-    dot_rows(row.q_main + h * row.Dm, row.kv + s0 * row.Dm, n, row.Dm, sc.main.data() + h,
-             row.Hm);
-  for (int64_t i = 0; i < n * row.Hm; ++i) sc.main[i] *= row.sm_scale;
-}
+struct DenseProblem {
+  at::Tensor q2, k, qm2, kv;  // [T * H, D], [S, D], [T * Hm, Dm], [S, Dm]
+  const acc_t* w;
+  const std::vector<KeyRange>& ranges;
+  int64_t T, H, S, Hm, kb;
+  acc_t scale;
 
-// The loss terms and gradients g[j] = dL/dI at (t, s0 + j) from pass 1's lse, for a run
-// whose scores dense_scores_run left in sc.
+  void scores(const RowTile& rt, int64_t s0, int64_t n, DenseTile<acc_t>& out) const {
+    const int64_t nt = rt.t1 - rt.t0;
+    out.indexer = tile_scores(q2, rt.t0 * H, nt * H, k, s0, n);
+    out.main = tile_scores(qm2, rt.t0 * Hm, nt * Hm, kv, s0, n);
+    out.logits.resize(static_cast<size_t>(nt * n));
+    tile_logits(out.indexer.template data_ptr<acc_t>(), w + rt.t0 * H, nt, H, n,
+                out.logits.data());
+  }
+  // The key range of row t inside block [s0, s0 + n), relative to s0.
+  std::pair<int64_t, int64_t> local_range(int64_t t, int64_t s0, int64_t n) const {
+    const int64_t lo = std::clamp<int64_t>(ranges[t].lo - s0, 0, n);
+    return {lo, std::clamp<int64_t>(ranges[t].hi - s0, lo, n)};
+  }
+};
+
+// g[r, j] = dL/dI at (t0 + r, s0 + j) from pass 1's lse (0 outside the row's range) and, with
+// row_loss, each row's loss terms of the block added to row_loss[t] (one add per block: long
+// rows lose less precision than with one running sum).
 template <typename acc_t>
-inline void dense_grads_run(const DenseRow<acc_t>& row, const RowLse<acc_t>& lse, int64_t n,
-                            acc_t row_scale, const RunScratch<acc_t>& sc, acc_t* g,
-                            acc_t* loss) {
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t* mj = sc.main.data() + j * row.Hm;
-    acc_t p = 0;
-    for (int64_t h = 0; h < row.Hm; ++h) p += std::exp(mj[h] - lse.main[h]);
-    p /= static_cast<acc_t>(row.Hm);
-    const acc_t log_r = sc.logits[j] - lse.indexer;
-    *loss += kl_term(p, log_r);
-    g[j] = (std::exp(log_r) - p) * row_scale;
+void dense_tile_grads(const DenseProblem<acc_t>& pb, const DenseTile<acc_t>& tile,
+                      const RowTile& rt, int64_t s0, int64_t n, const acc_t* lse_main,
+                      const acc_t* lse_indexer, acc_t row_scale, acc_t* g, double* row_loss) {
+  const acc_t* sm = tile.main.template data_ptr<acc_t>();
+  for (int64_t r = 0; r < rt.t1 - rt.t0; ++r) {
+    const int64_t t = rt.t0 + r;
+    const auto [lo, hi] = pb.local_range(t, s0, n);
+    acc_t* gr = g + r * n;
+    std::fill(gr, gr + n, acc_t(0));
+    acc_t loss = 0;
+    for (int64_t j = lo; j < hi; ++j) {
+      acc_t p = 0;
+      for (int64_t h = 0; h < pb.Hm; ++h)
+        p += std::exp(pb.scale * sm[(r * pb.Hm + h) * n + j] - lse_main[t * pb.Hm + h]);
+      p /= static_cast<acc_t>(pb.Hm);
+      const acc_t log_r = tile.logits[r * n + j] - lse_indexer[t];
+      loss += kl_term(p, log_r);
+      gr[j] = (std::exp(log_r) - p) * row_scale;
+    }
+    if (row_loss) row_loss[t] += static_cast<double>(loss);
   }
 }
 
 template <typename acc_t>
-double dense_kl_kernel(const acc_t* q, const acc_t* k, const acc_t* w, const acc_t* q_main,
-                       const acc_t* kv_main, const std::vector<KeyRange>& ranges, double sm_scale,
-                       bool mean, int64_t block, const DenseKLShape& sh, acc_t* dq, acc_t* dk,
-                       acc_t* dw) {
-  const int64_t T = sh.T, H = sh.H, D = sh.D, S = sh.S, Hm = sh.Hm, Dm = sh.Dm;
-  auto row_view = [&](int64_t t) {
-    return DenseRow<acc_t>{q + t * H * D, w + t * H, q_main + t * Hm * Dm, k, kv_main,
-                           H, D, Hm, Dm, static_cast<acc_t>(sm_scale)};
-  };
+double dense_kl_kernel(const DenseProblem<acc_t>& pb, bool mean, const at::Tensor& dq2,
+                       const at::Tensor& dk, acc_t* dw) {
+  const int64_t T = pb.T, H = pb.H, S = pb.S, Hm = pb.Hm, kb = pb.kb;
+  const auto& ranges = pb.ranges;
+  const int64_t row_tiles = tiles_of(T, kRowTile);
   int64_t live_rows = 0;
   for (const auto& r : ranges) live_rows += r.hi > r.lo;
   const acc_t row_scale = mean && live_rows > 0 ? acc_t(1) / static_cast<acc_t>(live_rows)
                                                 : acc_t(1);
+  auto first_block = [&](const RowTile& rt) { return rt.keys.lo / kb * kb; };
   // Pass 1: per-row lse of every main head and of the indexer, streamed over key blocks.
   std::vector<acc_t> lse_main(static_cast<size_t>(T * Hm), neg_inf<acc_t>());
   std::vector<acc_t> lse_indexer(static_cast<size_t>(T), neg_inf<acc_t>());
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    RunScratch<acc_t> sc(block, H, Hm);
-    std::vector<OnlineLse<acc_t>> main(static_cast<size_t>(Hm));
-    for (int64_t t = t0; t < t1; ++t) {
-      const auto row = row_view(t);
-      std::fill(main.begin(), main.end(), OnlineLse<acc_t>{});
-      OnlineLse<acc_t> idx;
-      for (int64_t b0 = ranges[t].lo; b0 < ranges[t].hi; b0 += block) {
-        const int64_t n = std::min(block, ranges[t].hi - b0);
-        dense_scores_run(row, b0, n, sc);
-        for (int64_t j = 0; j < n; ++j) {
-          idx.add(sc.logits[j]);
-          for (int64_t h = 0; h < Hm; ++h) main[h].add(sc.main[j * Hm + h]);
+  at::parallel_for(0, row_tiles, 1, [&](int64_t i0, int64_t i1) {
+    const TileTaskScope scope;
+    DenseTile<acc_t> tile;
+    for (int64_t ti = i0; ti < i1; ++ti) {
+      const RowTile rt = row_tile(ranges, ti, T);
+      const int64_t nt = rt.t1 - rt.t0;
+      std::vector<OnlineLse<acc_t>> idx(static_cast<size_t>(nt)),
+          main(static_cast<size_t>(nt * Hm));
+      for (int64_t s0 = first_block(rt); s0 < rt.keys.hi; s0 += kb) {
+        const int64_t n = std::min(kb, S - s0);
+        pb.scores(rt, s0, n, tile);
+        const acc_t* sm = tile.main.template data_ptr<acc_t>();
+        for (int64_t r = 0; r < nt; ++r) {
+          const auto [lo, hi] = pb.local_range(rt.t0 + r, s0, n);
+          for (int64_t j = lo; j < hi; ++j) idx[r].add(tile.logits[r * n + j]);
+          for (int64_t h = 0; h < Hm; ++h)
+            for (int64_t j = lo; j < hi; ++j)
+              main[r * Hm + h].add(pb.scale * sm[(r * Hm + h) * n + j]);
         }
       }
-      lse_indexer[t] = idx.value();
-      for (int64_t h = 0; h < Hm; ++h) lse_main[t * Hm + h] = main[h].value();
-    }
-  });
-  auto row_lse = [&](int64_t t) { return RowLse<acc_t>{lse_main.data() + t * Hm, lse_indexer[t]}; };
-  // Pass 2a: per row, the loss and dq, dw, key block by key block.
-  std::vector<double> row_loss(static_cast<size_t>(T), 0.0);
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    RunScratch<acc_t> sc(block, H, Hm);
-    std::vector<acc_t> g(static_cast<size_t>(block));
-    // Per-block partial sums added to the row's totals: long rows lose less precision than
-    // with one running sum.
-    std::vector<acc_t> dq_block(static_cast<size_t>(H * D)), dw_block(static_cast<size_t>(H));
-    for (int64_t t = t0; t < t1; ++t) {
-      const auto row = row_view(t);
-      const auto lse = row_lse(t);
-      double loss = 0;
-      for (int64_t b0 = ranges[t].lo; b0 < ranges[t].hi; b0 += block) {
-        const int64_t b1 = std::min(ranges[t].hi, b0 + block);
-        acc_t loss_block = 0;
-        dense_scores_run(row, b0, b1 - b0, sc);
-        dense_grads_run(row, lse, b1 - b0, row_scale, sc, g.data(), &loss_block);
-        std::fill(dq_block.begin(), dq_block.end(), acc_t(0));
-        std::fill(dw_block.begin(), dw_block.end(), acc_t(0));
-        for (int64_t s = b0; s < b1; ++s)
-          accumulate_row_grads(g[s - b0], row.w, sc.dots.data() + (s - b0) * H, k + s * D, H, D,
-                               dq_block.data(), dw_block.data());
-        axpy(dq + t * H * D, acc_t(1), dq_block.data(), H * D);
-        axpy(dw + t * H, acc_t(1), dw_block.data(), H);
-        loss += static_cast<double>(loss_block);
+      for (int64_t r = 0; r < nt; ++r) {
+        lse_indexer[rt.t0 + r] = idx[r].value();
+        for (int64_t h = 0; h < Hm; ++h) lse_main[(rt.t0 + r) * Hm + h] = main[r * Hm + h].value();
       }
-      row_loss[t] = loss;
     }
   });
-  // Pass 2b: per key tile, dk over every row that sees it (g recomputed the same way).
-  const int64_t tiles = (S + kKeyTile - 1) / kKeyTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t i0, int64_t i1) {
-    RunScratch<acc_t> sc(kKeyTile, H, Hm);
-    acc_t g[kKeyTile];
-    for (int64_t tile = i0; tile < i1; ++tile) {
-      const int64_t s0 = tile * kKeyTile, s1 = std::min(S, s0 + kKeyTile);
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t lo = std::max(s0, ranges[t].lo), hi = std::min(s1, ranges[t].hi);
-        if (lo >= hi) continue;
-        const auto row = row_view(t);
-        const auto lse = row_lse(t);
-        acc_t unused_loss = 0;
-        dense_scores_run(row, lo, hi - lo, sc);
-        dense_grads_run(row, lse, hi - lo, row_scale, sc, g, &unused_loss);
-        for (int64_t j = 0; j < hi - lo; ++j)
-          for (int64_t h = 0; h < H; ++h)
-            if (sc.dots[j * H + h] > 0) axpy(dk + (lo + j) * D, g[j] * row.w[h], row.q + h * D, D);
+  const auto opts = pb.q2.options();
+  // Pass 2a: per row tile, the loss and dq, dw, key block by key block.
+  std::vector<double> row_loss(static_cast<size_t>(T), 0.0);
+  at::parallel_for(0, row_tiles, 1, [&](int64_t i0, int64_t i1) {
+    const TileTaskScope scope;
+    DenseTile<acc_t> tile;
+    std::vector<acc_t> g(static_cast<size_t>(kRowTile * kb));
+    for (int64_t ti = i0; ti < i1; ++ti) {
+      const RowTile rt = row_tile(ranges, ti, T);
+      const int64_t nt = rt.t1 - rt.t0;
+      at::Tensor dq_tile = dq2.narrow(0, rt.t0 * H, nt * H);
+      for (int64_t s0 = first_block(rt); s0 < rt.keys.hi; s0 += kb) {
+        const int64_t n = std::min(kb, S - s0);
+        pb.scores(rt, s0, n, tile);
+        dense_tile_grads(pb, tile, rt, s0, n, lse_main.data(), lse_indexer.data(), row_scale,
+                         g.data(), row_loss.data());
+        at::Tensor coef = at::empty({nt * H, n}, opts);
+        tile_logit_grads(tile.indexer.template data_ptr<acc_t>(), g.data(), n, pb.w, ranges,
+                         rt.t0, nt, H, s0, n, coef.template data_ptr<acc_t>(), dw);
+        dq_tile.addmm_(coef, pb.k.narrow(0, s0, n));
+      }
+    }
+  });
+  // Pass 2b: per key block, dk over the row tiles that see it (g recomputed the same way).
+  at::parallel_for(0, tiles_of(S, kb), 1, [&](int64_t i0, int64_t i1) {
+    const TileTaskScope scope;
+    DenseTile<acc_t> tile;
+    std::vector<acc_t> g(static_cast<size_t>(kRowTile * kb));
+    for (int64_t block = i0; block < i1; ++block) {
+      const int64_t s0 = block * kb, n = std::min(kb, S - s0);
+      at::Tensor dk_block = dk.narrow(0, s0, n);
+      for (int64_t ti = 0; ti < row_tiles; ++ti) {
+        const RowTile rt = row_tile(ranges, ti, T);
+        if (rt.keys.hi <= s0 || rt.keys.lo >= s0 + n) continue;
+        const int64_t nt = rt.t1 - rt.t0;
+        pb.scores(rt, s0, n, tile);
+        dense_tile_grads<acc_t>(pb, tile, rt, s0, n, lse_main.data(), lse_indexer.data(),
+                                row_scale, g.data(), nullptr);
+        at::Tensor coef = at::empty({nt * H, n}, opts);
+        tile_logit_grads<acc_t>(tile.indexer.template data_ptr<acc_t>(), g.data(), n, pb.w,
+                                ranges, rt.t0, nt, H, s0, n, coef.template data_ptr<acc_t>(),
+                                nullptr);
+        dk_block.addmm_(coef.t(), pb.q2.narrow(0, rt.t0 * H, nt * H));
       }
     }
   });
@@ -662,10 +717,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_dense
     const auto ranges = row_ranges(ks, ke, sh.S);
     const int64_t block = std::min<int64_t>(block_size, std::max<int64_t>(sh.S, 1));
     AT_DISPATCH_FLOATING_TYPES(acc, "indexer_kl_loss_dense_cpu", [&] {
-      loss = dense_kl_kernel<scalar_t>(in.q.data_ptr<scalar_t>(), in.k.data_ptr<scalar_t>(),
-                                       in.w.data_ptr<scalar_t>(), qm.data_ptr<scalar_t>(),
-                                       kvm.data_ptr<scalar_t>(), ranges, sm_scale, mean, block,
-                                       sh, dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+      const DenseProblem<scalar_t> pb{in.q.view({sh.T * sh.H, sh.D}), in.k,
+                                      qm.view({sh.T * sh.Hm, sh.Dm}), kvm.view({sh.S, sh.Dm}),
+                                      in.w.data_ptr<scalar_t>(), ranges, sh.T, sh.H, sh.S, sh.Hm,
+                                      std::min(block, kKeyBlock),
+                                      static_cast<scalar_t>(sm_scale)};
+      loss = dense_kl_kernel<scalar_t>(pb, mean, dq.view({sh.T * sh.H, sh.D}), dk,
                                        dw.data_ptr<scalar_t>());
     });
   }
