@@ -147,23 +147,37 @@ double sum_in_order(const std::vector<double>& v) {
 
 // ---- GEMM tiles ---------------------------------------------------------------------------------
 //
-// The logits kernels and the dense loss work on tiles: kRowTile queries (all their heads, the
-// rows of q viewed as [T * H, D]) against one key block of kKeyBlock keys, the scores of a tile
-// one at::mm. Row tiles and key blocks sit at multiples of their sizes, so a tile's shapes (and
-// with them BLAS's summation order) depend only on the problem, never on the thread count, and
-// the row pass and the key pass compute bitwise the same scores for a pair. Each output is
-// owned by one task: dq and dw by the row tile, dk by the key block, accumulated over the other
-// axis in ascending order. at::mm runs single-threaded inside at::parallel_for tasks.
-constexpr int64_t kRowTile = 8;
+// The logits kernels and the dense loss work on tiles: queries_per_tile(H) queries (all their
+// heads, the rows of q viewed as [T * H, D]) against one key block of kKeyBlock keys, the scores
+// of a tile one at::mm. Row tiles and key blocks sit at multiples of their sizes, so a tile's
+// shapes (and with them BLAS's summation order) depend only on the problem, never on the thread
+// count, and the row pass and the key pass compute bitwise the same scores for a pair. Each
+// output is owned by one task: dq and dw by the row tile, dk by the key block, accumulated over
+// the other axis in ascending order. at::mm runs single-threaded inside at::parallel_for tasks
+// (tests/test_training.py checks bitwise equality across thread counts).
+
+// About 64 GEMM rows per tile (small head counts take more queries: fewer, larger at::mm
+// calls), at most 16 queries so that short problems still split into several tasks.
+inline int64_t queries_per_tile(int64_t H) { return std::clamp<int64_t>(64 / H, 1, 16); }
 constexpr int64_t kKeyBlock = 128;
+
+// DSA_BLEND_LOOPS: the elementwise tile loops select between two computed values (x > 0 ? a : 0).
+// With -ftrapping-math (the default) gcc keeps a branch per element there, since it may not
+// evaluate a possibly trapping multiply unconditionally; these loops do not use FP traps.
+#if defined(__GNUC__) && !defined(__clang__)
+#define DSA_BLEND_LOOPS __attribute__((optimize("no-trapping-math")))
+#else
+#define DSA_BLEND_LOOPS
+#endif
 
 // Queries [t0, t1) and the union of their key ranges (empty when no row sees a key).
 struct RowTile {
   int64_t t0, t1;
   KeyRange keys;
 };
-inline RowTile row_tile(const std::vector<KeyRange>& ranges, int64_t tile, int64_t T) {
-  RowTile rt{tile * kRowTile, std::min(T, (tile + 1) * kRowTile), {0, 0}};
+inline RowTile row_tile(const std::vector<KeyRange>& ranges, int64_t tile, int64_t T,
+                        int64_t rows) {
+  RowTile rt{tile * rows, std::min(T, (tile + 1) * rows), {0, 0}};
   bool any = false;
   for (int64_t t = rt.t0; t < rt.t1; ++t) {
     if (ranges[t].hi <= ranges[t].lo) continue;
@@ -191,8 +205,8 @@ inline at::Tensor tile_scores(const at::Tensor& rows2d, int64_t r0, int64_t rows
 // logits[r, j] = sum_h w[t0 + r, h] relu(scores[r * H + h, j]) for scores [nt * H, n] (heads
 // added in ascending order).
 template <typename acc_t>
-inline void tile_logits(const acc_t* scores, const acc_t* w, int64_t nt, int64_t H, int64_t n,
-                        acc_t* logits) {
+DSA_BLEND_LOOPS inline void tile_logits(const acc_t* scores, const acc_t* w, int64_t nt,
+                                        int64_t H, int64_t n, acc_t* logits) {
   for (int64_t r = 0; r < nt; ++r) {
     acc_t* lr = logits + r * n;
     std::fill(lr, lr + n, acc_t(0));
@@ -204,11 +218,28 @@ inline void tile_logits(const acc_t* scores, const acc_t* w, int64_t nt, int64_t
   }
 }
 
+// sum_j g[j] relu(s[j]) with 8 independent partial sums (a fixed order the compiler
+// vectorises; one running sum would serialise the loop).
+template <typename acc_t>
+DSA_BLEND_LOOPS inline acc_t relu_dot(const acc_t* g, const acc_t* s, int64_t n) {
+  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) {
+      const acc_t prod = g[j + l] * s[j + l];
+      part[l] += s[j + l] > 0 ? prod : acc_t(0);
+    }
+  acc_t sum =
+      ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; j < n; ++j) sum += s[j] > 0 ? g[j] * s[j] : acc_t(0);
+  return sum;
+}
+
 // The GEMM operand of the logits gradient for one tile: coef[r * H + h, j] =
 // g[r, j] w[h] 1[scores > 0] for keys in row t0 + r's range, else 0, where g[r, j] = dL/dI at
 // (t0 + r, s0 + j) (row stride g_stride). With dw, also dw[t, h] += sum_j g relu(scores).
 template <typename acc_t>
-inline void tile_logit_grads(const acc_t* scores, const acc_t* g, int64_t g_stride,
+DSA_BLEND_LOOPS inline void tile_logit_grads(const acc_t* scores, const acc_t* g, int64_t g_stride,
                              const acc_t* w, const std::vector<KeyRange>& ranges, int64_t t0,
                              int64_t nt, int64_t H, int64_t s0, int64_t n, acc_t* coef,
                              acc_t* dw) {
@@ -221,15 +252,14 @@ inline void tile_logit_grads(const acc_t* scores, const acc_t* g, int64_t g_stri
       const acc_t wh = w[(t0 + r) * H + h];
       const acc_t* sr = scores + (r * H + h) * n;
       acc_t* cr = coef + (r * H + h) * n;
-      acc_t dwh = 0;
       std::fill(cr, cr + lo, acc_t(0));
+      // Both sides computed, then selected (a blend: see DSA_BLEND_LOOPS).
       for (int64_t j = lo; j < hi; ++j) {
-        const bool on = sr[j] > 0;
-        cr[j] = on ? gr[j] * wh : acc_t(0);
-        dwh += on ? gr[j] * sr[j] : acc_t(0);
+        const acc_t c = gr[j] * wh;
+        cr[j] = sr[j] > 0 ? c : acc_t(0);
       }
       std::fill(cr + hi, cr + n, acc_t(0));
-      if (dw) dw[(t0 + r) * H + h] += dwh;
+      if (dw) dw[(t0 + r) * H + h] += relu_dot(gr + lo, sr + lo, hi - lo);
     }
   }
 }
@@ -240,12 +270,13 @@ template <typename acc_t>
 void train_logits_kernel(const at::Tensor& q2, const at::Tensor& k, const acc_t* w,
                          const std::vector<KeyRange>& ranges, int64_t T, int64_t H, int64_t S,
                          acc_t* out) {
+  const int64_t rows = queries_per_tile(H);
   std::fill(out, out + T * S, neg_inf<acc_t>());
-  at::parallel_for(0, tiles_of(T, kRowTile), 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, tiles_of(T, rows), 1, [&](int64_t i0, int64_t i1) {
     const TileTaskScope scope;
-    std::vector<acc_t> logits(static_cast<size_t>(kRowTile * kKeyBlock));
+    std::vector<acc_t> logits(static_cast<size_t>(rows * kKeyBlock));
     for (int64_t tile = i0; tile < i1; ++tile) {
-      const RowTile rt = row_tile(ranges, tile, T);
+      const RowTile rt = row_tile(ranges, tile, T, rows);
       const int64_t nt = rt.t1 - rt.t0;
       for (int64_t s0 = rt.keys.lo / kKeyBlock * kKeyBlock; s0 < rt.keys.hi; s0 += kKeyBlock) {
         const int64_t n = std::min(kKeyBlock, S - s0);
@@ -287,12 +318,13 @@ void train_logits_bwd_kernel(const acc_t* grad, const at::Tensor& q2, const at::
                              const acc_t* w, const std::vector<KeyRange>& ranges, int64_t T,
                              int64_t H, int64_t S, const at::Tensor& dq2, const at::Tensor& dk,
                              acc_t* dw) {
+  const int64_t rows = queries_per_tile(H);
   const auto opts = q2.options();
   // dq and dw: row tiles, key blocks in ascending order.
-  at::parallel_for(0, tiles_of(T, kRowTile), 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, tiles_of(T, rows), 1, [&](int64_t i0, int64_t i1) {
     const TileTaskScope scope;
     for (int64_t tile = i0; tile < i1; ++tile) {
-      const RowTile rt = row_tile(ranges, tile, T);
+      const RowTile rt = row_tile(ranges, tile, T, rows);
       const int64_t nt = rt.t1 - rt.t0;
       at::Tensor dq_tile = dq2.narrow(0, rt.t0 * H, nt * H);
       for (int64_t s0 = rt.keys.lo / kKeyBlock * kKeyBlock; s0 < rt.keys.hi; s0 += kKeyBlock) {
@@ -311,8 +343,8 @@ void train_logits_bwd_kernel(const acc_t* grad, const at::Tensor& q2, const at::
     for (int64_t block = i0; block < i1; ++block) {
       const int64_t s0 = block * kKeyBlock, n = std::min(kKeyBlock, S - s0);
       at::Tensor dk_block = dk.narrow(0, s0, n);
-      for (int64_t tile = 0; tile < tiles_of(T, kRowTile); ++tile) {
-        const RowTile rt = row_tile(ranges, tile, T);
+      for (int64_t tile = 0; tile < tiles_of(T, rows); ++tile) {
+        const RowTile rt = row_tile(ranges, tile, T, rows);
         if (rt.keys.hi <= s0 || rt.keys.lo >= s0 + n) continue;
         const int64_t nt = rt.t1 - rt.t0;
         const at::Tensor sc = tile_scores(q2, rt.t0 * H, nt * H, k, s0, n);
@@ -612,7 +644,8 @@ double dense_kl_kernel(const DenseProblem<acc_t>& pb, bool mean, const at::Tenso
                        const at::Tensor& dk, acc_t* dw) {
   const int64_t T = pb.T, H = pb.H, S = pb.S, Hm = pb.Hm, kb = pb.kb;
   const auto& ranges = pb.ranges;
-  const int64_t row_tiles = tiles_of(T, kRowTile);
+  const int64_t rows = queries_per_tile(H);
+  const int64_t row_tiles = tiles_of(T, rows);
   int64_t live_rows = 0;
   for (const auto& r : ranges) live_rows += r.hi > r.lo;
   const acc_t row_scale = mean && live_rows > 0 ? acc_t(1) / static_cast<acc_t>(live_rows)
@@ -625,7 +658,7 @@ double dense_kl_kernel(const DenseProblem<acc_t>& pb, bool mean, const at::Tenso
     const TileTaskScope scope;
     DenseTile<acc_t> tile;
     for (int64_t ti = i0; ti < i1; ++ti) {
-      const RowTile rt = row_tile(ranges, ti, T);
+      const RowTile rt = row_tile(ranges, ti, T, rows);
       const int64_t nt = rt.t1 - rt.t0;
       std::vector<OnlineLse<acc_t>> idx(static_cast<size_t>(nt)),
           main(static_cast<size_t>(nt * Hm));
@@ -653,9 +686,9 @@ double dense_kl_kernel(const DenseProblem<acc_t>& pb, bool mean, const at::Tenso
   at::parallel_for(0, row_tiles, 1, [&](int64_t i0, int64_t i1) {
     const TileTaskScope scope;
     DenseTile<acc_t> tile;
-    std::vector<acc_t> g(static_cast<size_t>(kRowTile * kb));
+    std::vector<acc_t> g(static_cast<size_t>(rows * kb));
     for (int64_t ti = i0; ti < i1; ++ti) {
-      const RowTile rt = row_tile(ranges, ti, T);
+      const RowTile rt = row_tile(ranges, ti, T, rows);
       const int64_t nt = rt.t1 - rt.t0;
       at::Tensor dq_tile = dq2.narrow(0, rt.t0 * H, nt * H);
       for (int64_t s0 = first_block(rt); s0 < rt.keys.hi; s0 += kb) {
@@ -674,12 +707,12 @@ double dense_kl_kernel(const DenseProblem<acc_t>& pb, bool mean, const at::Tenso
   at::parallel_for(0, tiles_of(S, kb), 1, [&](int64_t i0, int64_t i1) {
     const TileTaskScope scope;
     DenseTile<acc_t> tile;
-    std::vector<acc_t> g(static_cast<size_t>(kRowTile * kb));
+    std::vector<acc_t> g(static_cast<size_t>(rows * kb));
     for (int64_t block = i0; block < i1; ++block) {
       const int64_t s0 = block * kb, n = std::min(kb, S - s0);
       at::Tensor dk_block = dk.narrow(0, s0, n);
       for (int64_t ti = 0; ti < row_tiles; ++ti) {
-        const RowTile rt = row_tile(ranges, ti, T);
+        const RowTile rt = row_tile(ranges, ti, T, rows);
         if (rt.keys.hi <= s0 || rt.keys.lo >= s0 + n) continue;
         const int64_t nt = rt.t1 - rt.t0;
         pb.scores(rt, s0, n, tile);
