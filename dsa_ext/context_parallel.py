@@ -350,14 +350,14 @@ def merge_topk_candidates(values: torch.Tensor, positions: torch.Tensor, k: int)
     The candidates are ordered by position first, so ``topk_indices``' tie-break toward the
     smaller column is the tie-break toward the smaller position."""
     R, M = values.shape
+    if M == 0:
+        return torch.full((R, k), -1, dtype=torch.int32, device=values.device)
     key = torch.where(positions < 0, torch.full_like(positions, _NO_POSITION, dtype=torch.int64),
                       positions.to(torch.int64))
     order = key.argsort(dim=1)
     vals = values.gather(1, order).contiguous()
     pos = positions.to(torch.int64).gather(1, order)
     count = (positions >= 0).sum(dim=1).to(torch.int32)
-    if M == 0:
-        return torch.full((R, k), -1, dtype=torch.int32, device=values.device)
     cols = torch.ops.dsa.topk_indices(vals, k, torch.zeros_like(count), count, False)
     picked = pos.gather(1, cols.clamp_min(0).to(torch.int64))
     return torch.where(cols >= 0, picked, -1).to(torch.int32)

@@ -52,7 +52,6 @@ inline void bf16_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, i
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B_vnni, C, /*is_vnni=*/true);
 }
 
-inline uint16_t bf16_bits(c10::BFloat16 v) { return v.x; }
 
 // Column n of a VNNI B whose columns are vectors (B[k, n] = col[k]): the QK^T operand, one key
 // per column. K values of col, K even.

@@ -29,6 +29,15 @@ __host__ __device__ constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }
 // Launchers return the launch status; the .cpp glue turns it into an exception.
 inline cudaError_t last_launch_error() { return cudaGetLastError(); }
 
+// SMs of the current device, for sizing grids (132, an H100's, if the query fails).
+inline int current_device_sm_count() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
+    n = 132;
+  return n;
+}
+
 // cudaFuncSetAttribute(MaxDynamicSharedMemorySize) before every launch is a driver call on the
 // launch path of every op; the attribute belongs to the function on the current device, so it
 // is set once per (kernel, device, size) and remembered (a larger size later sets it again).

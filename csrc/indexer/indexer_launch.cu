@@ -12,21 +12,13 @@
 namespace dsa {
 namespace {
 
-int sm_count() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
-    n = 132;
-  return n;
-}
-
 // Keys per blockIdx.y split, in whole tiles, at most 65535 splits: enough CTAs for ~4 waves of
 // 2 resident CTAs per SM, so that few query blocks over long contexts (decode) still fill the
 // GPU and the last wave's tail stays short.
 int64_t split_cols(int64_t query_blocks, int64_t num_cols) {
   using indexer::kTileKeys;
   const int64_t tiles = ceil_div<int64_t>(num_cols, kTileKeys);
-  int64_t splits = ceil_div<int64_t>(8 * sm_count(), query_blocks);
+  int64_t splits = ceil_div<int64_t>(8 * current_device_sm_count(), query_blocks);
   splits = splits < 1 ? 1 : (splits > tiles ? tiles : splits);
   int64_t chunk_tiles = ceil_div<int64_t>(tiles, splits);
   if (ceil_div<int64_t>(tiles, chunk_tiles) > 65535) chunk_tiles = ceil_div<int64_t>(tiles, 65535);

@@ -12,14 +12,6 @@ constexpr size_t kMaxSmem = 227 * 1024;
 // Shared memory for sparse_attention_target's q chunk: several CTAs per SM.
 constexpr size_t kTargetSmem = 48 * 1024;
 
-int sm_count() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
-    n = 132;
-  return n;
-}
-
 size_t indexer_smem(int64_t H, int64_t D, Parts parts) {
   return smem_bytes(make_layout(static_cast<int>(H), static_cast<int>(D), parts));
 }
@@ -42,7 +34,7 @@ template <typename T>
 cudaError_t cast_into(const float* src, void* dst, int64_t n, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   int64_t blocks = ceil_div<int64_t>(n, 256);
-  if (blocks > 8 * sm_count()) blocks = 8 * sm_count();
+  if (blocks > 8 * current_device_sm_count()) blocks = 8 * current_device_sm_count();
   cast_f32_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(src, static_cast<T*>(dst), n);
   return cudaGetLastError();
 }
@@ -65,7 +57,7 @@ cudaError_t launch_key_owned(void (*kernel)(P...), size_t smem, int64_t T, int64
   kernel<<<grid, kThreads, smem, stream>>>(args..., sp);
   if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess || splits == 1) return err;
   int64_t blocks = ceil_div<int64_t>(S * D, 256);
-  if (blocks > 8 * sm_count()) blocks = 8 * sm_count();
+  if (blocks > 8 * current_device_sm_count()) blocks = 8 * current_device_sm_count();
   sum_partials_kernel<TQ><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(partial, static_cast<int>(splits), S * D,
                                                                            static_cast<TQ*>(dk));
   return cudaGetLastError();
@@ -92,7 +84,7 @@ size_t dense_smem(int64_t H, int64_t D, int64_t Dm, int chunk, Parts parts) {
 int64_t deterministic_dk_splits(int64_t T, int64_t S) {
   const int64_t tiles = ceil_div<int64_t>(S, kTileKeys);
   if (tiles == 0 || T <= 1) return 1;
-  int64_t splits = ceil_div<int64_t>(2 * sm_count(), tiles);
+  int64_t splits = ceil_div<int64_t>(2 * current_device_sm_count(), tiles);
   const int64_t cap = T < 32 ? T : 32;
   return splits < 1 ? 1 : (splits > cap ? cap : splits);
 }
@@ -120,7 +112,7 @@ cudaError_t launch_indexer_train_logits(LogitsArgs a, DType qk, DType w, cudaStr
   // Key splits (blockIdx.y, whole tiles): about 8 CTAs per SM in all, so that few rows over
   // long contexts still fill the GPU.
   const int64_t tiles = ceil_div<int64_t>(a.S, kTileKeys);
-  int64_t splits = ceil_div<int64_t>(8 * sm_count(), a.T);
+  int64_t splits = ceil_div<int64_t>(8 * current_device_sm_count(), a.T);
   splits = splits < 1 ? 1 : (splits > tiles ? tiles : splits);
   int64_t chunk_tiles = ceil_div<int64_t>(tiles, splits);
   if (ceil_div<int64_t>(tiles, chunk_tiles) > 65535) chunk_tiles = ceil_div<int64_t>(tiles, 65535);

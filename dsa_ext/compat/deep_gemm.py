@@ -69,7 +69,7 @@ def get_num_sms() -> int:
 
 def _logits_buffer(rows: int, aligned_rows: int, cols: int, padded_cols: int,
                    dtype: torch.dtype, device: torch.device) -> Tensor:
-    stride = _align(padded_cols, _ROW_ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    stride = _align(padded_cols, _ROW_ALIGN_BYTES // dtype.itemsize)
     return torch.empty((aligned_rows, stride), dtype=dtype, device=device)[:rows, :cols]
 
 

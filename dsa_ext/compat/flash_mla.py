@@ -40,6 +40,7 @@ Differences a user should know:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -61,6 +62,7 @@ _MODEL1_RECORD_BYTES = 584
 _FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
 
 
+@functools.lru_cache(maxsize=None)   # the schema is fixed once the extension is loaded
 def _decode_schema_args():
     return {a.name for a in torch.ops.dsa.sparse_mla_decode.default._schema.arguments}
 

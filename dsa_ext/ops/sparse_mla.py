@@ -59,8 +59,13 @@ def sparse_mla_fwd(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, d_v:
         log-sum-exp of the scaled valid scores. A row with no valid entry gives out = 0 and
         lse = -inf (FlashMLA returns +inf there).
     """
-    return torch.ops.dsa.sparse_mla_fwd(dense(q), dense(kv), int32_index(indices), sm_scale, d_v,
-                                        fp32(attn_sink), int32_index(topk_length))
+    q, kv, indices, attn_sink, topk_length = _accepted(q, kv, indices, attn_sink, topk_length)
+    return torch.ops.dsa.sparse_mla_fwd(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+
+
+def _accepted(q, kv, indices, attn_sink, topk_length):
+    """The forward's inputs in the forms the op takes (dsa_ext.ops._accept)."""
+    return dense(q), dense(kv), int32_index(indices), fp32(attn_sink), int32_index(topk_length)
 
 
 def sparse_mla_bwd(q: Tensor, kv: Tensor, out: Tensor, dout: Tensor, indices: Tensor,
@@ -88,12 +93,11 @@ def sparse_mla(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, d_v: int
     """Differentiable sparse MLA attention: `sparse_mla_fwd` whose backward is
     `sparse_mla_bwd` (gradients for q, kv and attn_sink; lse is treated as a constant).
     ``deterministic`` selects the bitwise-reproducible backward. Returns (out, lse)."""
-    q, kv, attn_sink = dense(q), dense(kv), fp32(attn_sink)
-    indices, topk_length = int32_index(indices), int32_index(topk_length)
     if deterministic:
+        q, kv, indices, attn_sink, topk_length = _accepted(q, kv, indices, attn_sink, topk_length)
         return _DeterministicSparseMLA.apply(q, kv, indices, sm_scale, d_v, attn_sink,
                                              topk_length)
-    return torch.ops.dsa.sparse_mla_fwd(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+    return sparse_mla_fwd(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
 
 
 # ---- fake (meta) kernels ------------------------------------------------------------------------

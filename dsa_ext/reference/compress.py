@@ -96,6 +96,7 @@ def v4_compress_step(kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor
     ring = c * ratio
     out = torch.zeros(kv.shape[0], d, dtype=torch.bfloat16)
     w = norm_weight.cpu().float()
+    cos, sin = rope_cos.cpu().float(), rope_sin.cpu().float()
     for b, t in enumerate(positions.cpu().tolist()):
         if t < 0:
             continue
@@ -112,6 +113,5 @@ def v4_compress_step(kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor
             rows_z.append(score_state[b, slots, lo:lo + d].double().cpu())
         pool_kv, pool_z = torch.cat(rows_kv), torch.cat(rows_z)
         e = (pool_z.softmax(dim=0) * pool_kv).sum(dim=0, keepdim=True)
-        out[b] = _finish(e, torch.tensor([j]), ratio, w, eps, rope_cos.cpu().float(),
-                         rope_sin.cpu().float())[0]
+        out[b] = _finish(e, torch.tensor([j]), ratio, w, eps, cos, sin)[0]
     return out.to(kv.device)

@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .dense import ranges_to_mask
 from .sparse_mla import sparse_mla_valid_mask
 
 __all__ = [
@@ -46,12 +47,9 @@ def _out_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def row_range_mask(ks: Tensor, ke: Tensor, num_keys: int) -> Tensor:
-    """[T, S] bool: key s is in row t's range ``clamp(ks[t]) <= s < clamp(ke[t])``."""
-    s = torch.arange(num_keys, device=ks.device)
-    lo = ks.long().clamp(0, num_keys)[:, None]
-    hi = ke.long().clamp(0, num_keys)[:, None]
-    return (s[None, :] >= lo) & (s[None, :] < hi)
+# [T, S] bool: key s is in row t's range ks[t] <= s < ke[t] (clamping the bounds to [0, S]
+# changes nothing for s in [0, S)).
+row_range_mask = ranges_to_mask
 
 
 def _train_logits_math(q: Tensor, k: Tensor, w: Tensor) -> Tensor:
