@@ -37,6 +37,7 @@ from . import _C  # noqa: E402,F401
 from .ops import *  # noqa: E402,F401,F403
 from .ops import __all__ as _ops_all  # noqa: E402
 from . import reference  # noqa: E402,F401
+from .modules import V4Attention, V4LayerCache  # noqa: E402,F401  (DeepSeek-V4 layers, dsa_ext.v4)
 
 __version__ = "0.1.0"
 
@@ -65,4 +66,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = list(_ops_all) + ["build_info", "reference", "OP_NAMES"]
+__all__ = list(_ops_all) + ["build_info", "reference", "OP_NAMES", "V4Attention", "V4LayerCache"]

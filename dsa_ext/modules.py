@@ -366,3 +366,9 @@ class DSAPath(nn.Module):
         slots = self.indexer.decode_slots(x, q, cache, seq_ids, n_new)
         out, lse = self.attention.decode(q_latent.view(B, n_new, *q_latent.shape[1:]), cache.kv_cache, slots)
         return DSAOutput(out, lse, slots)
+
+
+# DeepSeek-V4 layers (SPEC section 10) live in dsa_ext.v4; re-exported here beside the V3.2 ones.
+from .v4 import V4Attention, V4LayerCache, V4Output  # noqa: E402
+
+__all__ += ["V4Attention", "V4LayerCache", "V4Output"]

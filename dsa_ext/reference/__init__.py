@@ -10,3 +10,4 @@ from .mla_decode import *  # noqa: F401,F403
 from .training import *  # noqa: F401,F403
 from .compress import *  # noqa: F401,F403
 from .dense import *  # noqa: F401,F403
+from .v4 import *  # noqa: F401,F403
