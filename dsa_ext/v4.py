@@ -160,8 +160,9 @@ class V4LayerCache:
     """
 
     def __init__(self, layer: "V4Attention", num_blocks: int, block_size: int = 64,
-                 max_seqs: int = 8, kv_cache_dtype: str = "fp8",
+                 max_seqs: int = 8, kv_cache_dtype: Optional[str] = None,
                  device: Union[str, torch.device, None] = None):
+        kv_cache_dtype = layer.kv_cache_dtype if kv_cache_dtype is None else kv_cache_dtype
         if num_blocks <= 0 or block_size <= 0 or max_seqs <= 0:
             raise ValueError(f"num_blocks, block_size and max_seqs must be positive, got "
                              f"{num_blocks}, {block_size}, {max_seqs}")
@@ -309,6 +310,10 @@ class V4Attention(nn.Module):
         ratio: overrides the kind's compress ratio (tests use small ones; "csa" needs c = 2,
             "hca" c = 1, any ratio >= 2).
         shared_indexer: csa only: no indexer of its own; `prev_topk` is required (GLM-5-style).
+        kv_cache_dtype: "fp8" (the V4 FP8 MODEL1 cache: the 448 nope dims of every row, window
+            and compressed, are quantised in 7 tiles of 64 with ue8m0 scales, as V4 was trained)
+            or "bf16"; prefill attends to the rows as this format stores them, so prefill and
+            decode see the same values.
         eps: the RMS norms' epsilon. rope_base: base of the default rope tables (10000 for swa,
             160000 for csa/hca, V4's `rope_theta` / `compress_rope_theta`, without YaRN).
         max_positions: rows of the default rope tables.
@@ -319,7 +324,7 @@ class V4Attention(nn.Module):
     def __init__(self, kind: str = "csa", dim: int = 4096, n_heads: int = 64, q_lora_rank: int = 1024,
                  o_groups: int = 8, o_lora_rank: int = 1024, window: int = 128, index_heads: int = 64,
                  index_topk: int = 512, ratio: Optional[int] = None, shared_indexer: bool = False,
-                 eps: float = 1e-6, rope_base: Optional[float] = None, max_positions: int = 65536,
+                 kv_cache_dtype: str = "fp8", eps: float = 1e-6, rope_base: Optional[float] = None, max_positions: int = 65536,
                  device=None, dtype=None):
         super().__init__()
         if kind not in V4_KINDS:
@@ -337,7 +342,10 @@ class V4Attention(nn.Module):
                              f"got window={window}, n_heads={n_heads}, o_groups={o_groups}")
         if kind == "csa" and not shared_indexer and (index_heads <= 0 or index_topk <= 0):
             raise ValueError(f"index_heads and index_topk must be positive, got {index_heads}, {index_topk}")
+        if kv_cache_dtype not in ("fp8", "bf16"):
+            raise ValueError(f"kv_cache_dtype must be 'fp8' or 'bf16', got {kv_cache_dtype!r}")
         self.kind, self.ratio, self.window, self.eps = kind, ratio, window, eps
+        self.kv_cache_dtype = kv_cache_dtype
         self.n_heads, self.o_groups, self.o_lora_rank = n_heads, o_groups, o_lora_rank
         self.index_heads, self.index_topk, self.shared_indexer = index_heads, index_topk, shared_indexer
         self.softmax_scale = LATENT_DIM ** -0.5
@@ -430,7 +438,9 @@ class V4Attention(nn.Module):
         starts = torch.repeat_interleave(cu[:-1], lens)
         positions = torch.arange(T, device=x.device) - starts
         qr, q, kv = self.project(x, positions)
-        fmt = cache.kv_cache_dtype if cache is not None else "fp8"
+        if cache is not None:
+            self._check_cache(cache)
+        fmt = self.kv_cache_dtype
         kv_rows = _as_cached(kv, fmt)
         # Window: rows g - window + 1 .. g of the token's own sequence.
         g = torch.arange(T, device=x.device)
@@ -540,6 +550,9 @@ class V4Attention(nn.Module):
         return pairs
 
     def _check_cache(self, cache: V4LayerCache) -> None:
+        if cache.kv_cache_dtype != self.kv_cache_dtype:
+            raise ValueError(f"cache holds {cache.kv_cache_dtype} rows but this layer was built with "
+                             f"kv_cache_dtype={self.kv_cache_dtype!r}")
         if (cache.kind, cache.window, cache.ratio) != (self.kind, self.window, self.ratio) or \
                 ((cache.index_k_cache is None) != (self.indexer_compressor is None)):
             raise ValueError(f"cache was made for a {cache.kind} layer (window {cache.window}, ratio "

@@ -77,12 +77,14 @@ def _entries(comp, x: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
                        comp.norm_weight.detach().float(), eps, cos, sin).double()
 
 
-def v4_attention(layer, x: Tensor, cu_seqlens: Optional[Tensor] = None, kv_cache_dtype: str = "fp8",
+def v4_attention(layer, x: Tensor, cu_seqlens: Optional[Tensor] = None, kv_cache_dtype: Optional[str] = None,
                  topk: Optional[Tensor] = None) -> V4Reference:
     """The layer's output for the prefill of ``x [T, dim]`` (one sequence, or a ragged batch
     by ``cu_seqlens``), as the module docstring of this file says. ``topk [T, K]``: for a csa
     layer, the entry positions (within each sequence, -1 = none) to attend instead of this
-    reference's own selection (required for a shared-indexer layer)."""
+    reference's own selection (required for a shared-indexer layer). ``kv_cache_dtype``:
+    "fp8" or "bf16", the layer's by default."""
+    kv_cache_dtype = layer.kv_cache_dtype if kv_cache_dtype is None else kv_cache_dtype
     T = x.shape[0]
     bounds = [0, T] if cu_seqlens is None else [int(v) for v in cu_seqlens.tolist()]
     eps, W, ratio, kind = layer.eps, layer.window, layer.ratio, layer.kind
