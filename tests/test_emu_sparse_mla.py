@@ -1,8 +1,10 @@
 """The sparse_mla kernels (csrc/sparse_mla) run on the CPU emulator (csrc/emu): every kernel the
 launchers can select (the mma.sync forward for head blocks of 16, 32 and 64, the opt-in wgmma
 forward for 64, the backward for each head block with fp32 atomics and deterministic with its
-count / scan / fill / reduce kernels) against dsa_ext.reference within the CUDA tolerances of
-test_sparse_mla.py, with no hazard reported.
+count / scan / fill / reduce kernels), each at both latent widths d_qk = 576 (V3.2 / GLM-5) and
+512 (V4, K == V), and H = 8 (one 16-row head block with 8 rows masked), against
+dsa_ext.reference within the CUDA tolerances of test_sparse_mla.py, with no hazard reported
+(H = 128 included: the whole file takes about 30 s here).
 
 kv, indices, lengths and sink are registered as device memory exactly, so a gather of a skipped
 entry (-1, other negatives, S, 2^31 - 1, or past topk_length) is an out-of-bounds report, not a
@@ -13,6 +15,7 @@ KV blocks with a ragged last one (64-token blocks forward, 32 backward), so the 
 gathers, the online softmax rescale and the block loop's barriers all run.
 """
 import ctypes
+import re
 
 import pytest
 import torch
@@ -20,35 +23,36 @@ import torch
 import emulator as E
 from conftest import randn, rel_err
 from dsa_ext import reference as ref
-from test_sparse_mla import D_QK, D_V
+from test_sparse_mla import D_V
 
 pytestmark = pytest.mark.emu
 P = E.ptr
 I64, VP = ctypes.c_int64, ctypes.c_void_p
-SCALE = D_QK ** -0.5
+D_QKS = (576, 512)          # the two latent widths the kernels are instantiated for
+SCALE = 576 ** -0.5
 # test_sparse_mla.py's CUDA tolerances: check_fwd (out rel. error; lse atol / rtol) and
 # check_bwd (dq, dkv rel. error).
 OUT_TOL, LSE_ATOL, LSE_RTOL, GRAD_TOL = 1e-2, 1e-3, 1e-4, 2e-2
 WGMMA_ENV = "DSA_SPARSE_MLA_WGMMA"
 DETERMINISTIC_KERNELS = ("count_rows_kernel", "scan_rows_kernel", "fill_rows_kernel",
-                         "reduce_rows_kernel")
+                         "reduce_rows_kernel")  # the last one instantiated per d_qk
 
 
 @pytest.fixture(scope="module")
 def lib():
     lib = E.load("sparse_mla")
-    lib.emu_sparse_mla_fwd.argtypes = [VP] * 7 + [I64] * 4 + [ctypes.c_float]
-    lib.emu_sparse_mla_bwd_workspace.argtypes = [I64] * 4 + [VP]
+    lib.emu_sparse_mla_fwd.argtypes = [VP] * 7 + [I64] * 5 + [ctypes.c_float]
+    lib.emu_sparse_mla_bwd_workspace.argtypes = [I64] * 5 + [VP]
     lib.emu_sparse_mla_bwd_workspace.restype = None
-    lib.emu_sparse_mla_bwd.argtypes = [VP] * 12 + [I64] * 4 + [ctypes.c_float, ctypes.c_int]
+    lib.emu_sparse_mla_bwd.argtypes = [VP] * 12 + [I64] * 5 + [ctypes.c_float, ctypes.c_int]
     yield lib
     E.set_env(lib, WGMMA_ENV, None)
 
 
-def make_inputs(T, H, S, K, gen, invalid_frac=0.1, scale_q=1.0):
-    """q [T, H, 576], kv [S, 1, 576] bf16, indices [T, 1, K] with -1 and out-of-range entries."""
-    q = randn(T, H, D_QK, gen=gen, dtype=torch.bfloat16, scale=scale_q)
-    kv = randn(S, 1, D_QK, gen=gen, dtype=torch.bfloat16)
+def make_inputs(T, H, S, K, gen, invalid_frac=0.1, scale_q=1.0, d_qk=576):
+    """q [T, H, d_qk], kv [S, 1, d_qk] bf16, indices [T, 1, K] with -1 and out-of-range entries."""
+    q = randn(T, H, d_qk, gen=gen, dtype=torch.bfloat16, scale=scale_q)
+    kv = randn(S, 1, d_qk, gen=gen, dtype=torch.bfloat16)
     idx = torch.randint(0, S, (T, 1, K), generator=gen, dtype=torch.int32)
     r = torch.rand(T, 1, K, generator=gen)
     idx[r < invalid_frac / 2] = -1
@@ -57,20 +61,22 @@ def make_inputs(T, H, S, K, gen, invalid_frac=0.1, scale_q=1.0):
 
 
 def kernels_launched(lib):
-    """{kernel name without its parameter list: counters} of the launches since the last clear."""
-    return {name.split("(")[0].split()[-1]: c for name, c in E.counters(lib).items() if c["launches"]}
+    """{kernel name without its return type and parameter list: counters} of the launches since
+    the last clear ("dsa::sparse_mla::sparse_mla_fwd_kernel<16, 576>")."""
+    return {re.sub(r"^void\s+", "", name.split("(")[0]): c
+            for name, c in E.counters(lib).items() if c["launches"]}
 
 
 def run_fwd(lib, q, kv, idx, sm_scale, sink=None, tl=None, wgmma=False):
     """The emulated sparse_mla_fwd: (out, lse, reports)."""
-    T, H, _ = q.shape
+    T, H, D = q.shape
     S, K = kv.shape[0], idx.shape[2]
     out = torch.full((T, H, D_V), float("nan"), dtype=torch.bfloat16)
     lse = torch.full((T, H), float("nan"))
     E.set_env(lib, WGMMA_ENV, "1" if wgmma else None)
     try:
         reports, rc = E.run(lib.emu_sparse_mla_fwd, P(q), P(kv), P(idx), P(sink), P(tl), P(out), P(lse),
-                            T, S, H, K, sm_scale, buffers=[q, kv, idx, sink, tl, out, lse], lib=lib)
+                            T, S, H, K, D, sm_scale, buffers=[q, kv, idx, sink, tl, out, lse], lib=lib)
     finally:
         E.set_env(lib, WGMMA_ENV, None)
     assert rc == 0, (rc, reports[:3])
@@ -89,20 +95,20 @@ def check_fwd(out, lse, q, kv, idx, sm_scale, sink=None, tl=None):
 
 
 def run_bwd(lib, q, kv, out, dout, idx, lse, sm_scale, sink=None, tl=None, deterministic=False):
-    """The emulated sparse_mla_bwd: (dq, dkv_acc fp32 [S, 576], reports). The deterministic
+    """The emulated sparse_mla_bwd: (dq, dkv_acc fp32 [S, d_qk], reports). The deterministic
     workspace is sized as the glue sizes it and starts as NaN / garbage."""
-    T, H, _ = q.shape
+    T, H, D = q.shape
     S, K = kv.shape[0], idx.shape[2]
     dq = torch.full_like(q, float("nan"))
-    dkv_acc = torch.zeros(S, D_QK)
+    dkv_acc = torch.zeros(S, D)
     scratch = ints = None
     if deterministic:
         sizes = (ctypes.c_int64 * 3)()
-        lib.emu_sparse_mla_bwd_workspace(T, S, H, K, sizes)
+        lib.emu_sparse_mla_bwd_workspace(T, S, H, K, D, sizes)
         scratch = torch.full((sizes[0],), float("nan"))
         ints = torch.full((sizes[1],), -12345, dtype=torch.int32)
     reports, rc = E.run(lib.emu_sparse_mla_bwd, P(q), P(kv), P(out), P(dout), P(idx), P(lse), P(sink),
-                        P(tl), P(dq), P(dkv_acc), P(scratch), P(ints), T, S, H, K, sm_scale,
+                        P(tl), P(dq), P(dkv_acc), P(scratch), P(ints), T, S, H, K, D, sm_scale,
                         int(deterministic),
                         buffers=[q, kv, out, dout, idx, lse, sink, tl, dq, dkv_acc, scratch, ints],
                         lib=lib)
@@ -121,35 +127,45 @@ def bwd_case(lib, gen, q, kv, idx, sm_scale, sink=None, tl=None, deterministic=F
     assert not torch.isnan(dq.float()).any() and not torch.isnan(dkv_acc).any(), "unwritten outputs"
     assert rel_err(dq, r_dq) < GRAD_TOL
     # the glue casts dkv_acc to bf16: compare what the op returns
-    assert rel_err(dkv_acc.to(torch.bfloat16), r_dkv.view(-1, D_QK)) < GRAD_TOL
+    assert rel_err(dkv_acc.to(torch.bfloat16), r_dkv.view(-1, q.shape[2])) < GRAD_TOL
     return dq, dkv_acc
 
 
 # ---- forward ---------------------------------------------------------------------------------
 
-# name -> (H, wgmma opt-in, head block, the kernel the launcher must pick). H = 48 and 128 give
-# several head blocks per token; wgmma with H = 32 is not a 64-head block: the launcher falls back.
+def fwd_kernel(hb, d_qk, wgmma):
+    """The forward kernel's name as the emulator counts it."""
+    return f"sparse_mla_fwd_wgmma_kernel<{d_qk}>" if wgmma else f"sparse_mla_fwd_kernel<{hb}, {d_qk}>"
+
+
+# name -> (H, wgmma opt-in, head block). H = 8 is one 16-row block with rows 8..15 masked; H = 48
+# (kernel-level only: the glue admits {8, 16, 32, 64, 128}) and 128 give several head blocks per
+# token; wgmma with H = 32 is not a 64-head block: the launcher falls back to mma.sync.
 FWD_VARIANTS = {
-    "hb16": (16, False, 16, "sparse_mla_fwd_kernel<16>"),
-    "hb16x3": (48, False, 16, "sparse_mla_fwd_kernel<16>"),
-    "hb32": (32, False, 32, "sparse_mla_fwd_kernel<32>"),
-    "hb64": (64, False, 64, "sparse_mla_fwd_kernel<64>"),
-    "hb64x2": (128, False, 64, "sparse_mla_fwd_kernel<64>"),
-    "wgmma": (64, True, 64, "sparse_mla_fwd_wgmma_kernel"),
-    "wgmma-x2": (128, True, 64, "sparse_mla_fwd_wgmma_kernel"),
-    "wgmma-fallback-hb32": (32, True, 32, "sparse_mla_fwd_kernel<32>"),
+    "h8": (8, False, 16),
+    "hb16": (16, False, 16),
+    "hb16x3": (48, False, 16),
+    "hb32": (32, False, 32),
+    "hb64": (64, False, 64),
+    "hb64x2": (128, False, 64),
+    "wgmma": (64, True, 64),
+    "wgmma-x2": (128, True, 64),
+    "wgmma-fallback-hb32": (32, True, 32),
+    "wgmma-fallback-h8": (8, True, 16),
 }
 
 
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "sink+topk_length"])
 @pytest.mark.parametrize("variant", list(FWD_VARIANTS))
-def test_fwd_every_kernel(lib, gen, variant, extras):
+@pytest.mark.parametrize("d_qk", D_QKS)
+def test_fwd_every_kernel(lib, gen, variant, extras, d_qk):
     """T = 3, K = 150: three 64-token blocks, the last ragged (entries past K are skipped);
     -1 and S among the indices. With extras: a sink and lengths 0 (empty row), 65 (a block
     and one entry) and 500 (clamped to K)."""
-    H, wgmma, hb, kernel = FWD_VARIANTS[variant]
+    H, wgmma, hb = FWD_VARIANTS[variant]
+    kernel = fwd_kernel(hb, d_qk, wgmma and hb == 64)
     T, S, K = 3, 200, 150
-    q, kv, idx = make_inputs(T, H, S, K, gen, scale_q=3.0)
+    q, kv, idx = make_inputs(T, H, S, K, gen, scale_q=3.0, d_qk=d_qk)
     sink = randn(H, gen=gen) * 2 if extras else None
     tl = torch.tensor([0, 65, 500], dtype=torch.int32) if extras else None
     lib.emu_clear_counters()
@@ -163,24 +179,26 @@ def test_fwd_every_kernel(lib, gen, variant, extras):
     assert list(kernels) == [f"dsa::sparse_mla::{kernel}"], list(kernels)
     c = kernels[f"dsa::sparse_mla::{kernel}"]
     limits = [K] * T if tl is None else tl.clamp(0, K).tolist()
-    assert c["ctas"] == T * (H // hb)
-    assert {k: c[k] for k in FWD_WORK} == fwd_work(hb, wgmma and hb == 64, limits, H // hb)
+    nhb = -(-H // hb)
+    assert c["ctas"] == T * nhb
+    assert {k: c[k] for k in FWD_WORK} == fwd_work(hb, wgmma and hb == 64, limits, nhb, d_qk)
 
 
 FWD_WORK = ("cp_async_bytes", "mma_sync", "ldmatrix", "wgmma", "barriers")
 
 
-def fwd_work(hb, wgmma, limits, head_blocks):
+def fwd_work(hb, wgmma, limits, head_blocks, d_qk):
     """What the forward kernel issues for rows of these lengths (each row once per head block):
-    the Q tile and one 64-row gather per KV block (zero-filled entries are copies too); per block
-    and warp 36 k-steps of S (4 mma, 1 + 2 ldmatrix) and 4 of P·V (32 mma per warp's tile of O;
+    the Q tile (masked head rows zero-filled: copies too) and one 64-row gather per KV block
+    (zero-filled entries are copies too); per block and warp d_qk / 16 = 36 or 32 k-steps of S
+    (4 mma, 1 + 2 ldmatrix) and 4 of P·V (32 mma per warp's tile of O;
     ldmatrix: one P fragment per 16-row tile, one V fragment per two n-tiles); 4 barriers per
     block and the epilogue's (wgmma: per block 36 wgmma of S and 4 of P·V per warpgroup, the
     barriers after the softmax and at the block's end, the prologue's and the epilogue's)."""
-    k_steps = D_QK // 16
+    k_steps = d_qk // 16
     blocks = head_blocks * sum((n + 63) // 64 for n in limits)
     ctas = head_blocks * len(limits)
-    work = {"cp_async_bytes": (ctas * hb + blocks * 64) * D_QK * 2}
+    work = {"cp_async_bytes": (ctas * hb + blocks * 64) * d_qk * 2}
     if wgmma:
         work.update(mma_sync=0, ldmatrix=0, wgmma=blocks * (k_steps + 2 * 4), barriers=2 * blocks + 2 * ctas)
     else:
@@ -191,12 +209,14 @@ def fwd_work(hb, wgmma, limits, head_blocks):
     return work
 
 
+@pytest.mark.parametrize("d_qk", D_QKS)
 @pytest.mark.parametrize("wgmma", [False, True], ids=["mma.sync", "wgmma"])
-def test_fwd_adversarial_indices(lib, gen, wgmma):
+def test_fwd_adversarial_indices(lib, gen, wgmma, d_qk):
     """test_sparse_mla.test_fwd_adversarial_indices on the emulator: runs of -1, S, other
-    negatives, 2^31 - 1, an empty row, one row repeated K times, a half-invalid row, ties."""
-    T, H, S, K = 6, 64 if wgmma else 16, 200, 128
-    q, kv, idx = make_inputs(T, H, S, K, gen, invalid_frac=0.0)
+    negatives, 2^31 - 1, an empty row, one row repeated K times, a half-invalid row, ties.
+    mma.sync at H = 8 (the masked head block)."""
+    T, H, S, K = 6, 64 if wgmma else 8, 200, 128
+    q, kv, idx = make_inputs(T, H, S, K, gen, invalid_frac=0.0, d_qk=d_qk)
     idx[0, 0, 10:70] = -1
     idx[1, 0, ::3] = S
     idx[1, 0, 1::7] = -5
@@ -212,12 +232,13 @@ def test_fwd_adversarial_indices(lib, gen, wgmma):
     torch.testing.assert_close(out[3].float(), kv[7, 0, :D_V].float().expand(H, D_V), atol=1e-2, rtol=0)
 
 
+@pytest.mark.parametrize("d_qk", D_QKS)
 @pytest.mark.parametrize("wgmma", [False, True], ids=["mma.sync", "wgmma"])
-def test_fwd_empty_rows(lib, gen, wgmma):
+def test_fwd_empty_rows(lib, gen, wgmma, d_qk):
     """Every row empty, three ways: all indices -1; all out of range; lengths 0 and negative
     (valid indices never read). Also a sink, which must not make an empty row non-empty."""
     T, H, S, K = 3, 64, 50, 64
-    q, kv, idx = make_inputs(T, H, S, K, gen)
+    q, kv, idx = make_inputs(T, H, S, K, gen, d_qk=d_qk)
     sink = randn(H, gen=gen)
     for case_idx, tl in ((torch.full_like(idx, -1), None),
                          (torch.tensor([S, 2**31 - 1, -7], dtype=torch.int32).repeat_interleave(K).view(T, 1, K), None),
@@ -229,23 +250,28 @@ def test_fwd_empty_rows(lib, gen, wgmma):
 
 # ---- backward --------------------------------------------------------------------------------
 
-# name -> (H, head block, the main kernel the launcher must pick)
+# name -> (H, head block of the main kernel the launcher must pick)
 BWD_VARIANTS = {
-    "hb16": (16, 16, "sparse_mla_bwd_kernel<16>"),
-    "hb16x3": (48, 16, "sparse_mla_bwd_kernel<16>"),
-    "hb32": (32, 32, "sparse_mla_bwd_kernel<32>"),
-    "hb64": (64, 64, "sparse_mla_bwd_kernel<64>"),
+    "h8": (8, 16),
+    "hb16": (16, 16),
+    "hb16x3": (48, 16),
+    "hb32": (32, 32),
+    "hb64": (64, 64),
+    "hb64x2": (128, 64),
 }
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("variant", list(BWD_VARIANTS))
-def test_bwd_every_kernel(lib, gen, variant, deterministic):
+@pytest.mark.parametrize("d_qk", D_QKS)
+def test_bwd_every_kernel(lib, gen, variant, deterministic, d_qk):
     """T = 3, K = 70 (three 32-token blocks, the last ragged), S = 40 < K so dkv rows collect
-    many contributions across tokens and head blocks; a sink, lengths 70, 33 and 0."""
-    H, hb, kernel = BWD_VARIANTS[variant]
+    many contributions across tokens and head blocks; a sink, lengths 70, 33 and 0. At
+    d_qk = 512 every dkv column sums the key and the value role."""
+    H, hb = BWD_VARIANTS[variant]
+    kernel = f"sparse_mla_bwd_kernel<{hb}, {d_qk}>"
     T, S, K = 3, 40, 70
-    q, kv, idx = make_inputs(T, H, S, K, gen, scale_q=2.0)
+    q, kv, idx = make_inputs(T, H, S, K, gen, scale_q=2.0, d_qk=d_qk)
     sink = randn(H, gen=gen)
     tl = torch.tensor([70, 33, 0], dtype=torch.int32)
     lib.emu_clear_counters()
@@ -254,21 +280,25 @@ def test_bwd_every_kernel(lib, gen, variant, deterministic):
 
     kernels = kernels_launched(lib)
     main = kernels.pop(f"dsa::sparse_mla::{kernel}")
-    assert main["ctas"] == T * (H // hb) and main["mma_sync"] > 0 and main["ldmatrix"] > 0
-    assert sorted(k.split("::")[-1] for k in kernels) == (sorted(DETERMINISTIC_KERNELS) if deterministic else [])
+    assert main["ctas"] == T * -(-H // hb) and main["mma_sync"] > 0 and main["ldmatrix"] > 0
+    reduce = f"reduce_rows_kernel<{d_qk}>"
+    expected = sorted(DETERMINISTIC_KERNELS[:3] + (reduce,))
+    assert sorted(k.split("::")[-1] for k in kernels) == (expected if deterministic else [])
     if deterministic:  # one chunk: a thread per entry, one 1024-thread scan, a CTA per kv row
         ctas = {k.split("::")[-1]: (c["ctas"], c["threads"]) for k, c in kernels.items()}
         per_entry = (-(-T * K // 256), -(-T * K // 256) * 256)
         assert ctas == {"count_rows_kernel": per_entry, "scan_rows_kernel": (1, 1024),
-                        "fill_rows_kernel": per_entry, "reduce_rows_kernel": (S, 160 * S)}
+                        "fill_rows_kernel": per_entry, reduce: (S, 160 * S)}
 
 
+@pytest.mark.parametrize("d_qk", D_QKS)
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_bwd_sink_topk_length_adversarial(lib, gen, deterministic):
+def test_bwd_sink_topk_length_adversarial(lib, gen, deterministic, d_qk):
     """test_sparse_mla.test_bwd_sink_topk_length_adversarial on the emulator: an all -1 row, a
-    row repeating one kv row 40 times, half its entries out of range, lengths 0 and 65."""
-    T, H, S, K = 5, 16, 90, 128
-    q, kv, idx = make_inputs(T, H, S, K, gen, scale_q=2.0)
+    row repeating one kv row 40 times, half its entries out of range, lengths 0 and 65; H = 8
+    (the masked head block)."""
+    T, H, S, K = 5, 8, 90, 128
+    q, kv, idx = make_inputs(T, H, S, K, gen, scale_q=2.0, d_qk=d_qk)
     idx[0] = -1
     idx[1, 0, :40] = 3
     idx[2, 0, ::2] = S + 7
@@ -279,11 +309,12 @@ def test_bwd_sink_topk_length_adversarial(lib, gen, deterministic):
     assert (dq[0] == 0).all() and (dq[3] == 0).all()
 
 
-def test_bwd_deterministic_matches_atomic(lib, gen):
+@pytest.mark.parametrize("d_qk", D_QKS)
+def test_bwd_deterministic_matches_atomic(lib, gen, d_qk):
     """Both reductions of the same contributions agree to fp32 rounding (the deterministic one
     sums each row in (head block, token, slot) order, the atomic one in arrival order)."""
     T, H, S, K = 2, 32, 24, 64
-    q, kv, idx = make_inputs(T, H, S, K, gen)
+    q, kv, idx = make_inputs(T, H, S, K, gen, d_qk=d_qk)
     out, lse = ref.sparse_mla_fwd(q, kv, idx, SCALE)
     dout = randn(*out.shape, gen=gen, dtype=torch.bfloat16)
     dq_a, dkv_a, rep_a = run_bwd(lib, q, kv, out, dout, idx, lse, SCALE, deterministic=False)
@@ -304,8 +335,8 @@ def test_bwd_deterministic_several_chunks(lib, gen):
     dq, _ = bwd_case(lib, gen, q, kv, idx, SCALE, None, tl, deterministic=True)
     assert (dq[1] == 0).all()
     kernels = kernels_launched(lib)
-    assert kernels["dsa::sparse_mla::sparse_mla_bwd_kernel<16>"]["launches"] == 2
-    assert kernels["dsa::sparse_mla::reduce_rows_kernel"]["launches"] == 2
+    assert kernels["dsa::sparse_mla::sparse_mla_bwd_kernel<16, 576>"]["launches"] == 2
+    assert kernels["dsa::sparse_mla::reduce_rows_kernel<576>"]["launches"] == 2
 
 
 # ---- infinite sinks: +inf -> the head's output (and gradient) is 0, lse unaffected; -inf -> none
@@ -316,9 +347,9 @@ def infinite_sink(H, gen):
     return sink
 
 
-@pytest.mark.parametrize("variant", ["hb16", "hb32", "hb64", "wgmma"])
+@pytest.mark.parametrize("variant", ["h8", "hb16", "hb32", "hb64", "wgmma"])
 def test_fwd_infinite_sink(lib, gen, variant):
-    H, wgmma, _, _ = FWD_VARIANTS[variant]
+    H, wgmma, _ = FWD_VARIANTS[variant]
     T, S, K = 3, 100, 80
     q, kv, idx = make_inputs(T, H, S, K, gen)
     idx[1] = -1                                                  # an empty row
@@ -332,21 +363,22 @@ def test_fwd_infinite_sink(lib, gen, variant):
     assert torch.allclose(lse[fin], lse_plain[fin], atol=LSE_ATOL, rtol=LSE_RTOL)
 
 
+@pytest.mark.parametrize("H", [8, 16])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_bwd_infinite_sink(lib, gen, deterministic):
-    T, H, S, K = 3, 16, 40, 70
-    q, kv, idx = make_inputs(T, H, S, K, gen)
+def test_bwd_infinite_sink(lib, gen, deterministic, H):
+    T, S, K = 3, 40, 70
+    q, kv, idx = make_inputs(T, H, S, K, gen, d_qk=512)
     sink = infinite_sink(H, gen)
     dq, _ = bwd_case(lib, gen, q, kv, idx, SCALE, sink, None, deterministic)
     assert (dq[:, torch.isposinf(sink)] == 0).all()
 
 
-@pytest.mark.parametrize("variant", ["hb16", "hb64", "wgmma"])
+@pytest.mark.parametrize("variant", ["h8", "hb16", "hb64", "wgmma"])
 def test_fwd_nan_score_propagates(lib, gen, variant):
     """A NaN score makes that row's out and lse NaN (as in the reference), never an "empty"
     row: row 0 selects one NaN latent row among finite ones, row 1 selects only it, row 2
     never selects it."""
-    H, wgmma, _, _ = FWD_VARIANTS[variant]
+    H, wgmma, _ = FWD_VARIANTS[variant]
     T, S, K = 3, 100, 80
     q, kv, idx = make_inputs(T, H, S, K, gen, invalid_frac=0.0)
     kv[7, 0, 3] = float("nan")
@@ -359,3 +391,30 @@ def test_fwd_nan_score_propagates(lib, gen, variant):
     assert out[:2].float().isnan().all() and lse[:2].isnan().all()
     r_out, r_lse = ref.sparse_mla_fwd(q, kv, idx, SCALE, D_V)
     assert rel_err(out[2], r_out[2]) < OUT_TOL and torch.allclose(lse[2], r_lse[2], atol=LSE_ATOL, rtol=LSE_RTOL)
+
+
+# ---- H = 8: a 16-row head block with rows 8..15 masked ----------------------------------------
+
+@pytest.mark.parametrize("d_qk", D_QKS)
+def test_h8_is_the_first_heads_of_h16(lib, gen, d_qk):
+    """The masked block computes each real row exactly as a full 16-head block does: out, lse
+    and dq of H = 8 equal heads 0..7 of the same query with 16 heads bit for bit (rows are
+    independent in both kernels), and dkv equals the H = 16 run's dkv with heads 8..15 given
+    zero gradient (dout = 0 there), to fp32 rounding."""
+    T, S, K = 3, 60, 100
+    q16, kv, idx = make_inputs(T, 16, S, K, gen, scale_q=2.0, d_qk=d_qk)
+    q8 = q16[:, :8].contiguous()
+    out16, lse16, rep16 = run_fwd(lib, q16, kv, idx, SCALE)
+    out8, lse8, rep8 = run_fwd(lib, q8, kv, idx, SCALE)
+    assert rep16 == [] and rep8 == []
+    assert torch.equal(out8, out16[:, :8]) and torch.equal(lse8, lse16[:, :8])
+    dout16 = randn(T, 16, D_V, gen=gen, dtype=torch.bfloat16)
+    dout16[:, 8:] = 0
+    dout8 = dout16[:, :8].contiguous()
+    for det in (False, True):
+        dq16, dkv16, r16 = run_bwd(lib, q16, kv, out16, dout16, idx, lse16, SCALE, deterministic=det)
+        dq8, dkv8, r8 = run_bwd(lib, q8, kv, out8.contiguous(), dout8, idx, lse8.contiguous(), SCALE,
+                                deterministic=det)
+        assert r16 == [] and r8 == []
+        assert torch.equal(dq8, dq16[:, :8])
+        torch.testing.assert_close(dkv8, dkv16, atol=1e-5, rtol=1e-5)

@@ -319,12 +319,27 @@ def test_bad_inputs(device, gen):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_bad_inputs_cuda_only(gen):
-    q, kv, idx = make_inputs(2, 8, 40, 64, gen=gen, device="cuda")
+    # H outside {8, 16, 32, 64, 128} (24 and 48 are multiples of 8 and of 16)
+    for H in (24, 48, 4, 256):
+        q, kv, idx = make_inputs(2, H, 40, 64, gen=gen, device="cuda")
+        with pytest.raises(RuntimeError, match=r"heads\) must be one of \{8, 16, 32, 64, 128\}"):
+            dsa_ext.sparse_mla_fwd(q, kv, idx, 0.1)
+    # d_qk outside {512, 576}
+    for d_qk in (64, 448, 640):
+        q, kv, idx = make_inputs(2, 16, 40, 64, gen=gen, device="cuda", d_qk=d_qk)
+        with pytest.raises(RuntimeError, match=r"d_qk\) must be one of \{512, 576\}"):
+            dsa_ext.sparse_mla_fwd(q, kv, idx, 0.1, 32)
+    # d_v != 512 at either width
+    for d_qk, d_v in ((512, 448), (512, 256), (576, 576)):
+        q, kv, idx = make_inputs(2, 16, 40, 64, gen=gen, device="cuda", d_qk=d_qk)
+        with pytest.raises(ValueError, match="d_v must be 512"):
+            dsa_ext.sparse_mla_fwd(q, kv, idx, 0.1, d_v)
+    # the backward runs the same checks
+    q, kv, idx = make_inputs(2, 24, 40, 64, gen=gen, device="cuda")
+    out = torch.zeros(2, 24, D_V, dtype=torch.bfloat16, device="cuda")
+    lse = torch.zeros(2, 24, device="cuda")
     with pytest.raises(RuntimeError, match="heads"):
-        dsa_ext.sparse_mla_fwd(q, kv, idx, 0.1)
-    q, kv, idx = make_inputs(2, 16, 40, 64, gen=gen, device="cuda", d_qk=64)
-    with pytest.raises(RuntimeError, match="d_qk"):
-        dsa_ext.sparse_mla_fwd(q, kv, idx, 0.1, 32)
+        dsa_ext.sparse_mla_bwd(q, kv, out, out, idx, lse, 0.1)
     q, kv, idx = make_inputs(2, 16, 40, 64, gen=gen, device="cuda", dtype=torch.float32)
     with pytest.raises(RuntimeError, match="q must be bfloat16"):
         dsa_ext.sparse_mla_fwd(q, kv, idx, 0.1)
@@ -554,3 +569,154 @@ def test_fwd_nan_score_propagates(device, gen):
     r_out, r_lse = ref_fwd(q.cpu(), kv.cpu(), idx.cpu(), scale_for(D_QK))
     assert r_lse[:2].isnan().all()
     assert rel_err(out[2], r_out[2]) < 1e-2 and torch.isfinite(lse[2]).all()
+
+
+# ---- d_qk = 512 (DeepSeek-V4: K == V, the whole row) and every H of SPEC 10.1 --------------------
+
+D_QK_V4 = 512
+HEADS = [8, 16, 32, 64, 128]
+
+
+def adversarial_v4_case(T, H, S, K, gen, device, d_qk):
+    """Random q / kv / indices with -1, S and 2^31 - 1 entries, an empty row, a repeated row, a
+    sink (one +inf and one -inf head) and topk_length (0, 1, a block plus one, over K)."""
+    q, kv, idx = make_inputs(T, H, S, K, gen=gen, device="cpu", d_qk=d_qk, scale_q=2.0)
+    idx[0, 0, ::5] = S
+    idx[0, 0, 1::9] = 2**31 - 1
+    idx[1] = -1
+    idx[2, 0, : K // 2] = 3
+    sink = randn(H, gen=gen) * 2
+    sink[0] = float("-inf")
+    if H > 1:
+        sink[1] = float("inf")
+    tl = torch.tensor(([K, K, K, 0, 1, 65, K + 7] * T)[:T], dtype=torch.int32)
+    return q.to(device), kv.to(device), idx.to(device), sink.to(device), tl.to(device)
+
+
+@pytest.mark.parametrize("d_qk", [D_QK_V4, D_QK])
+@pytest.mark.parametrize("H", HEADS)
+def test_fwd_every_width_and_heads(device, gen, H, d_qk):
+    T = 7 if device == "cpu" else 40
+    S, K = 150, 128 if device == "cpu" else 640
+    q, kv, idx, sink, tl = adversarial_v4_case(T, H, S, K, gen, device, d_qk)
+    check_fwd(q, kv, idx, scale_for(d_qk))
+    out, lse = check_fwd(q, kv, idx, scale_for(d_qk), sink=sink, tl=tl)
+    assert torch.isneginf(lse[1]).all() and torch.isneginf(lse[3]).all()
+    if H > 1:
+        assert (out[:, 1] == 0).all()              # the +inf sink head
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("d_qk", [D_QK_V4, D_QK])
+@pytest.mark.parametrize("H", HEADS)
+def test_bwd_every_width_and_heads(device, gen, H, d_qk, deterministic):
+    T = 5 if device == "cpu" else 40
+    S, K = 60, 96 if device == "cpu" else 640   # S < K: dkv rows collect many contributions
+    q, kv, idx, sink, tl = adversarial_v4_case(T, H, S, K, gen, device, d_qk)
+    dq, dkv, *_ = check_bwd(q, kv, idx, scale_for(d_qk), sink=sink, tl=tl,
+                            deterministic=deterministic)
+    assert (dq[1] == 0).all() and (dq[3] == 0).all()   # empty rows: no gradient
+    if H > 1:
+        assert (dq[:, 1] == 0).all()                   # the +inf sink head
+
+
+def test_dkv_sums_key_and_value_roles_at_512(device, gen):
+    """At d_qk = d_v = 512 every dkv column is both a key and a value column. The two roles are
+    split by float64 autograd with separate key and value copies of kv: the op's dkv matches
+    their sum, and each role alone is far from it, so a kernel that dropped either role (or
+    kept the 576 layout's value part on a prefix only) fails."""
+    T, H, S, K = 3, 8, 20, 40
+    q, kv, idx = make_inputs(T, H, S, K, gen=gen, device=device, d_qk=D_QK_V4, invalid_frac=0.0)
+    scale = scale_for(D_QK_V4)
+    dq, dkv, out, lse, dout = check_bwd(q, kv, idx, scale)
+    q64 = q.detach().cpu().double()
+    k64 = kv.detach().cpu().double()[:, 0].requires_grad_()
+    v64 = kv.detach().cpu().double()[:, 0].requires_grad_()
+    rows = idx.cpu()[:, 0].long()
+    p = torch.softmax(torch.einsum("thd,tkd->thk", q64, k64[rows]) * scale, dim=-1)
+    o = torch.einsum("thk,tkd->thd", p, v64[rows])
+    g_key, g_val = torch.autograd.grad(o, (k64, v64), dout.cpu().double())
+    both = (g_key + g_val)[:, None]
+    assert rel_err(dkv.cpu(), both) < 2e-2
+    assert rel_err(g_key[:, None], both) > 0.2 and rel_err(g_val[:, None], both) > 0.2
+
+
+def test_h8_d512_matches_reference_cpu(gen):
+    """The CPU kernels at the V4 TP8 shard (H = 8, d_qk = d_v = 512) against the reference, in
+    float32 (tight) and bf16."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        q, kv, idx, sink, tl = adversarial_v4_case(7, 8, 90, 100, gen, "cpu", D_QK_V4)
+        q, kv = q.to(dtype), kv.to(dtype)
+        check_fwd(q, kv, idx, scale_for(D_QK_V4), sink=sink, tl=tl, tol=tol)
+        check_bwd(q, kv, idx, scale_for(D_QK_V4), sink=sink, tl=tl, tol=tol)
+
+
+def test_gradcheck_float64_d512_cpu(gen):
+    """gradcheck of (q, kv) through dsa_ext.sparse_mla at d_qk = d_v = 512 (K == V) in float64,
+    with a sink, topk_length and a -1 / out-of-range entry; both backward modes."""
+    T, H, S, K, D = 2, 2, 4, 5, D_QK_V4
+    q = randn(T, H, D, gen=gen, dtype=torch.float64, scale=0.1).requires_grad_()
+    kv = randn(S, 1, D, gen=gen, dtype=torch.float64, scale=0.5).requires_grad_()
+    idx = torch.tensor([[0, 3, -1, 3, 9], [1, 2, 2, 0, 3]], dtype=torch.int32)[:, None]
+    sink = randn(H, gen=gen)
+    tl = torch.tensor([5, 4], dtype=torch.int32)
+    for det in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda q, kv: dsa_ext.sparse_mla(q, kv, idx, D ** -0.5, D, sink, tl,
+                                             deterministic=det)[0],
+            (q, kv), fast_mode=True)
+
+
+def test_opcheck_d512(device, gen):
+    for H in (8, 16):
+        q, kv, idx = make_inputs(3, H, 40, 64, gen=gen, device=device, d_qk=D_QK_V4)
+        sink = randn(H, gen=gen).to(device)
+        tl = torch.tensor([64, 10, 0], dtype=torch.int32, device=device)
+        s = scale_for(D_QK_V4)
+        torch.library.opcheck(torch.ops.dsa.sparse_mla_fwd, (q, kv, idx, s, D_V, sink, tl))
+        out, lse = dsa_ext.sparse_mla_fwd(q, kv, idx, s, D_V, sink, tl)
+        dout = randn(*out.shape, gen=gen, dtype=q.dtype, device=device)
+        for det in (False, True):
+            torch.library.opcheck(torch.ops.dsa.sparse_mla_bwd,
+                                  (q, kv, out, dout, idx, lse, s, D_V, sink, tl, det))
+
+
+def test_autograd_d512(device, gen):
+    """dsa_ext.sparse_mla at H = 8, d_qk 512: q, kv and sink gradients against the reference."""
+    T, H, S, K = 4, 8, 70, 64
+    q, kv, idx = make_inputs(T, H, S, K, gen=gen, device=device, d_qk=D_QK_V4)
+    q.requires_grad_()
+    kv.requires_grad_()
+    out, lse = dsa_ext.sparse_mla(q, kv, idx, scale_for(D_QK_V4))
+    dout = randn(*out.shape, gen=gen, dtype=q.dtype, device=device)
+    out.backward(dout)
+    r_dq, r_dkv = ref_bwd(q.detach().cpu(), kv.detach().cpu(), None, dout.cpu(), idx.cpu(), None,
+                          scale_for(D_QK_V4))
+    assert rel_err(q.grad, r_dq) < 2e-2
+    assert rel_err(kv.grad, r_dkv) < 2e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("H", [8, 64, 128])
+def test_d512_full_size_cuda(gen, H):
+    """V4 shapes: K = 512 (Flash) and 1024 (Pro), T = 64, fwd and both backward modes."""
+    for K in (512, 1024):
+        q, kv, idx = make_inputs(64, H, 8192, K, gen=gen, device="cuda", d_qk=D_QK_V4)
+        check_fwd(q, kv, idx, scale_for(D_QK_V4))
+        check_bwd(q, kv, idx, scale_for(D_QK_V4))
+        check_bwd(q, kv, idx, scale_for(D_QK_V4), deterministic=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 CUDA device")
+@pytest.mark.parametrize("H", [64, 128])
+def test_fwd_wgmma_d512_cuda(gen, monkeypatch, H):
+    monkeypatch.setenv("DSA_SPARSE_MLA_WGMMA", "1")
+    q, kv, idx, sink, tl = adversarial_v4_case(9, H, 3 * 512 + 7, 512, gen, "cuda", D_QK_V4)
+    check_fwd(q, kv, idx, scale_for(D_QK_V4), sink=sink, tl=tl)
+    out, lse = dsa_ext.sparse_mla_fwd(q, kv, idx, scale_for(D_QK_V4), D_V, sink, tl)
+    monkeypatch.setenv("DSA_SPARSE_MLA_WGMMA", "0")
+    out0, lse0 = dsa_ext.sparse_mla_fwd(q, kv, idx, scale_for(D_QK_V4), D_V, sink, tl)
+    assert rel_err(out, out0) < 1e-2
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse0))

@@ -42,7 +42,7 @@ PROBE_THREADS_PER_LEVEL = 32
 
 # launcher -> (demangled kernel-name regex, level its dispatch requires via require_loaded_image).
 GUARDS = {
-    "sparse_mla_launch": [(r"sparse_mla_fwd_wgmma_kernel\(", SM90A)],       # sm90a_wgmma_opted_in
+    "sparse_mla_launch": [(r"sparse_mla_fwd_wgmma_kernel<(576|512)>\(", SM90A)],  # sm90a_wgmma_opted_in
     "mla_decode_launch": [(r"sparse_mla_decode_kernel<64, (true|false), true>", SM90A)],  # same
     "indexer_launch": [(r"indexer_logits_kernel<", FP8_MMA)],             # dispatch_heads
 }

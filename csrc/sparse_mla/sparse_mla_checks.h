@@ -11,10 +11,15 @@
 
 namespace dsa {
 
-// The CUDA kernels are specialised for DeepSeek-V3.2's MLA latent (d_qk = 576, d_v = 512) and
-// head blocks of 16, 32 or 64 query heads.
-constexpr int64_t kSparseMlaCudaDqk = 576;
+// The CUDA kernels are instantiated for two latent widths (SPEC 10.1): d_qk = 576 (DeepSeek-V3.2,
+// GLM-5: 512 value dims + 64 rope dims) and d_qk = 512 (DeepSeek-V4: K == V, the whole row), both
+// with d_v = 512, and for the head counts of tensor-parallel shards (heads go in blocks of 64, 32
+// or 16; H = 8 is one 16-row block with 8 rows masked, no padding by the caller).
 constexpr int64_t kSparseMlaCudaDv = 512;
+inline bool sparse_mla_cuda_dqk_ok(int64_t d) { return d == 576 || d == 512; }
+inline bool sparse_mla_cuda_heads_ok(int64_t h) {
+  return h == 8 || h == 16 || h == 32 || h == 64 || h == 128;
+}
 
 struct SparseMlaSizes {
   int64_t T, H, D, S, K;
@@ -49,11 +54,12 @@ inline SparseMlaSizes check_sparse_mla_inputs(const at::Tensor& q, const at::Ten
   TORCH_CHECK_VALUE(d_v >= 1 && d_v <= D, "d_v must be in [1, d_qk=", D, "], got ", d_v);
   TORCH_CHECK_VALUE(std::isfinite(sm_scale), "sm_scale must be finite, got ", sm_scale);
   if (cuda) {
-    TORCH_CHECK(D == kSparseMlaCudaDqk, "q.size(2) (d_qk) must be ", kSparseMlaCudaDqk,
-                " on CUDA, got ", D);
+    TORCH_CHECK(sparse_mla_cuda_dqk_ok(D), "q.size(2) (d_qk) must be one of {512, 576} on CUDA, got ",
+                D);
     TORCH_CHECK_VALUE(d_v == kSparseMlaCudaDv, "d_v must be ", kSparseMlaCudaDv,
-                      " on CUDA, got ", d_v);
-    TORCH_CHECK(H % 16 == 0, "q.size(1) (heads) must be a multiple of 16 on CUDA, got ", H);
+                      " on CUDA (d_qk ", D, "), got ", d_v);
+    TORCH_CHECK(sparse_mla_cuda_heads_ok(H),
+                "q.size(1) (heads) must be one of {8, 16, 32, 64, 128} on CUDA, got ", H);
   }
   check_contiguous(q, "q");
   check_contiguous(kv, "kv");

@@ -67,6 +67,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd_cuda(const at::Tensor& q, cons
   a.S = sz.S;
   a.H = static_cast<int>(sz.H);
   a.K = static_cast<int>(sz.K);
+  a.D = static_cast<int>(sz.D);
   a.sm_scale = static_cast<float>(sm_scale);
   DSA_CHECK_CUDA(sparse_mla::wgmma_opted_in(q.get_device(), &a.use_wgmma));
   DSA_CHECK_CUDA(sparse_mla::sparse_mla_fwd_launch(a, current_stream(q)));
@@ -110,6 +111,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_cuda(
   a.S = sz.S;
   a.H = static_cast<int>(sz.H);
   a.K = static_cast<int>(sz.K);
+  a.D = static_cast<int>(sz.D);
   a.sm_scale = static_cast<float>(sm_scale);
   a.deterministic = deterministic;
   at::Tensor scratch, ints;

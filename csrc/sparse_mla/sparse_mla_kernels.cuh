@@ -1,10 +1,20 @@
-// Sparse MLA attention kernels (d_qk = 576, d_v = 512), torch-free. bf16 tensor cores via
+// Sparse MLA attention kernels (d_qk = 576 or 512, d_v = 512), torch-free. bf16 tensor cores via
 // mma.sync m16n8k16 (sm_80+), gathered latent rows staged in shared memory by 16-byte cp.async,
 // double-buffered so the next block's gather overlaps this block's math.
 //
 // Shared tiles of 576- or 512-wide bf16 rows are stored with the 16-byte chunk c of row r at
 // chunk c ^ (r & 7): rows are 1152 / 1024 bytes (a multiple of 128), so without the XOR the
 // eight rows an ldmatrix reads would hit the same banks.
+//
+// The latent width D (d_qk) is a template parameter of every kernel: D = 576 is DeepSeek-V3.2 /
+// GLM-5 (512 value dims + 64 rope dims that only enter the scores), D = 512 is DeepSeek-V4 (the
+// whole row is both K and V, rope included). d_v is 512 in both, so V is always the first 512
+// columns of the gathered tile and only the K-side loops (scores, dQ, the dKV key part) and the
+// row strides depend on D.
+//
+// Head blocks: HB = 16, 32 or 64 heads share one gather. H need not be a multiple of HB: the
+// last block's rows >= H (H = 8 in a 16-row tile) are zero-filled in shared memory, never read
+// from q / dout, never written to out / lse / dq, and give P = dS = 0 in the backward.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -16,10 +26,14 @@
 
 namespace dsa::sparse_mla {
 
-constexpr int kDqk = 576;
 constexpr int kDv = 512;
-constexpr int kQkChunks = kDqk / 8;  // 16-byte chunks per latent row
-constexpr int kVChunks = kDv / 8;
+constexpr int kVChunks = kDv / 8;  // 16-byte chunks per value row
+// The two latent widths the kernels are instantiated for (see above).
+template <int D>
+struct Latent {
+  static_assert(D == 576 || D == 512, "sparse_mla CUDA kernels serve d_qk 576 and 512");
+  static constexpr int kChunks = D / 8;  // 16-byte chunks per latent row
+};
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 // Running-max start: finite, so exp2(old - new) never sees (-inf) - (-inf).
@@ -62,17 +76,18 @@ __device__ __forceinline__ int64_t entry_row(const int32_t* idx_row, int j, int 
   return (r >= 0 && r < S) ? r : -1;
 }
 
-// Gather kBN latent rows (block `blk` of row t's indices) into a swizzled [kBN, 576] tile.
+// Gather kBN latent rows (block `blk` of row t's indices) into a swizzled [kBN, D] tile.
 // Skipped entries are zero-filled without reading and flagged in `valid` / `rows`.
-template <int kBN, int kThreads>
+template <int kBN, int kThreads, int D>
 __device__ __forceinline__ void gather_kv_block(uint32_t tile, float* valid, int32_t* rows,
                                                 const __nv_bfloat16* kv, const int32_t* idx_row,
                                                 int blk, int limit, int64_t S) {
-  for (int c = threadIdx.x; c < kBN * kQkChunks; c += kThreads) {
-    const int r = c / kQkChunks, ch = c - r * kQkChunks;
+  constexpr int kChunks = Latent<D>::kChunks;
+  for (int c = threadIdx.x; c < kBN * kChunks; c += kThreads) {
+    const int r = c / kChunks, ch = c - r * kChunks;
     const int64_t row = entry_row(idx_row, blk * kBN + r, limit, S);
-    const __nv_bfloat16* src = kv + (row >= 0 ? row * kDqk + ch * 8 : 0);
-    cp_async_16_zfill(tile + swz(r, ch, kQkChunks), src, row >= 0);
+    const __nv_bfloat16* src = kv + (row >= 0 ? row * D + ch * 8 : 0);
+    cp_async_16_zfill(tile + swz(r, ch, kChunks), src, row >= 0);
     if (ch == 0) {
       valid[r] = row >= 0 ? 1.f : 0.f;
       if (rows) rows[r] = static_cast<int32_t>(row);
@@ -81,14 +96,26 @@ __device__ __forceinline__ void gather_kv_block(uint32_t tile, float* valid, int
 }
 
 // Copy `nrows` rows of `row_chunks` 16-byte chunks (global row stride `stride` elements) into a
-// swizzled tile.
+// swizzled tile; rows >= `live` (heads past H in the last head block) are zero-filled without
+// reading.
 template <int kThreads>
 __device__ __forceinline__ void load_rows(uint32_t tile, const __nv_bfloat16* src, int nrows,
-                                          int row_chunks, int64_t stride) {
+                                          int live, int row_chunks, int64_t stride) {
   for (int c = threadIdx.x; c < nrows * row_chunks; c += kThreads) {
     const int r = c / row_chunks, ch = c - r * row_chunks;
-    cp_async_16_zfill(tile + swz(r, ch, row_chunks), src + r * stride + ch * 8, true);
+    const bool ok = r < live;
+    cp_async_16_zfill(tile + swz(r, ch, row_chunks), ok ? src + r * stride + ch * 8 : src, ok);
   }
+}
+
+// Head blocks per token: the last one may be partial (H = 8 in a 16-row block).
+__host__ __device__ __forceinline__ int head_blocks(int H, int HB) { return (H + HB - 1) / HB; }
+// Heads in the block starting at h0. Only a 16-head block can be partial (the launcher picks 32
+// or 64 only when they divide H), so for HB >= 32 this is the constant HB and the masking folds
+// away (the 64-head backward sits at its 128-register limit).
+template <int HB>
+__device__ __forceinline__ int block_heads(int H, int h0) {
+  return HB > 16 ? HB : (H - h0 < HB ? H - h0 : HB);
 }
 
 // ================================ forward ======================================================
@@ -100,7 +127,7 @@ __device__ __forceinline__ void load_rows(uint32_t tile, const __nv_bfloat16* sr
 //   P·V: warp (pm, pn) accumulates rows [kPvRows pm, +kPvRows) x columns [kPvCols pn, +kPvCols)
 //     of O over all 64 tokens. Two 16-row tiles per warp (when HB >= 32) let each V fragment
 //     read from shared memory feed two MMAs, which cuts the shared-memory traffic of P·V.
-template <int HB>
+template <int HB, int D>
 struct FwdCfg {
   static constexpr int kBN = 64;
   static constexpr int kWarps = (HB / 16) * 2;
@@ -111,8 +138,8 @@ struct FwdCfg {
   static constexpr int kPvCols = kDv / kPvColGroups;
   static constexpr int kPvNt = kPvCols / 8;                    // n-tiles per P·V warp
   static_assert(kPvMt * kPvNt == 32, "128 accumulator registers per thread");
-  static constexpr int kQBytes = HB * kDqk * 2;
-  static constexpr int kKVBytes = kBN * kDqk * 2;
+  static constexpr int kQBytes = HB * D * 2;
+  static constexpr int kKVBytes = kBN * D * 2;
   static constexpr int kPBytes = HB * kBN * 2;
   static constexpr int kQOff = 0;
   static constexpr int kKVOff = kQOff + kQBytes;
@@ -124,13 +151,14 @@ struct FwdCfg {
   static_assert(kSmemBytes <= kMaxSmemPerBlock, "forward tiles exceed shared memory");
 };
 
-template <int HB>
-__global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
+template <int HB, int D>
+__global__ void __launch_bounds__(FwdCfg<HB, D>::kThreads, 1)
     sparse_mla_fwd_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
                           const int32_t* __restrict__ indices, const float* __restrict__ attn_sink,
                           const int32_t* __restrict__ topk_length, __nv_bfloat16* __restrict__ out,
                           float* __restrict__ lse, int64_t S, int H, int K, float sm_scale) {
-  using C = FwdCfg<HB>;
+  using C = FwdCfg<HB, D>;
+  constexpr int kQkChunks = Latent<D>::kChunks;
   DSA_DYNAMIC_SMEM(smem, 128);
   const uint32_t sQ = smem_u32(smem + C::kQOff);
   const uint32_t sKV0 = smem_u32(smem + C::kKVOff);
@@ -140,9 +168,10 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
   float* sAlpha = sSum;  // during the loop: this block's rescale factor per row
   float* sValid = reinterpret_cast<float*>(smem + C::kValidOff);
 
-  const int nhb = H / HB;
+  const int nhb = head_blocks(H, HB);
   const int64_t t = blockIdx.x / nhb;
   const int h0 = static_cast<int>(blockIdx.x % nhb) * HB;
+  const int live = block_heads<HB>(H, h0);  // rows of this block that are heads
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp >> 1, wn = warp & 1;                       // scores
   const int pm = warp / C::kPvColGroups, pn = warp % C::kPvColGroups;  // P·V
@@ -152,9 +181,9 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
   const int nblocks = (limit + C::kBN - 1) / C::kBN;
   const float scale2 = sm_scale * kLog2e;
 
-  load_rows<C::kThreads>(sQ, q + (t * H + h0) * kDqk, HB, kQkChunks, kDqk);
+  load_rows<C::kThreads>(sQ, q + (t * H + h0) * D, HB, live, kQkChunks, D);
   if (nblocks > 0)
-    gather_kv_block<C::kBN, C::kThreads>(sKV0, sValid, nullptr, kv, idx_row, 0, limit, S);
+    gather_kv_block<C::kBN, C::kThreads, D>(sKV0, sValid, nullptr, kv, idx_row, 0, limit, S);
   cp_async_commit();
 
   float o[C::kPvMt][C::kPvNt][4];
@@ -167,21 +196,21 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
   for (int blk = 0; blk < nblocks; ++blk) {
     const int stage = blk & 1;
     if (blk + 1 < nblocks)
-      gather_kv_block<C::kBN, C::kThreads>(sKV0 + (stage ^ 1) * C::kKVBytes,
-                                           sValid + (stage ^ 1) * C::kBN, nullptr, kv, idx_row,
-                                           blk + 1, limit, S);
+      gather_kv_block<C::kBN, C::kThreads, D>(sKV0 + (stage ^ 1) * C::kKVBytes,
+                                              sValid + (stage ^ 1) * C::kBN, nullptr, kv, idx_row,
+                                              blk + 1, limit, S);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
     const uint32_t sKV = sKV0 + stage * C::kKVBytes;
     const float* valid = sValid + stage * C::kBN;
 
-    // S = Q Kᵀ for 16 rows x 32 tokens (4 n-tiles), k = 576.
+    // S = Q Kᵀ for 16 rows x 32 tokens (4 n-tiles), k = D.
     float s[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll 4
-    for (int kk = 0; kk < kDqk / 16; ++kk) {
+    for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[4];
       ldmatrix_x4(a, sQ + swz(16 * wm + (lane & 15), 2 * kk + (lane >> 4), kQkChunks));
 #pragma unroll
@@ -287,6 +316,7 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
     for (int hf = 0; hf < 2; ++hf) {
       const int r = C::kPvRows * pm + 16 * mt + g + 8 * hf;
       const int h = h0 + r;
+      if (r >= live) continue;  // a padding row of the last head block
       const float l = sSum[r] + sSum[HB + r];
       const float m = sMax[r];
       const RowNorm norm = finish_row(l, m, attn_sink, h);
@@ -305,19 +335,19 @@ __global__ void __launch_bounds__(FwdCfg<HB>::kThreads, 1)
 // (HB/16) x 4 grid. Per step:
 //   A: the first half of the warps computes S and dP in 16-row x 16-token tiles; P is
 //      recomputed from lse, dS = P (dP - Delta) scale; P and dS go to shared memory (bf16).
-//   B: dQ[16 wm.., 144 wn..+144] += dS Kᵀ-block (registers, whole loop).
-//   C: dKV-block [32, 576] = dSᵀ Q + Pᵀ dO in groups of 16 tokens x 24 or 48 columns spread over
-//      all warps, then added to the fp32 dkv buffer with atomics (default) or written to the
+//   B: dQ[16 wm.., D/4 wn..+D/4] += dS Kᵀ-block (registers, whole loop).
+//   C: dKV-block [32, D] = dSᵀ Q + Pᵀ dO in groups of 16 tokens x 24 or 48 columns (D = 576) or
+//      32 or 64 (D = 512) spread over all warps, then added to the fp32 dkv buffer with atomics (default) or written to the
 //      deterministic scratch, one row per (head block, token, slot).
-template <int HB>
+template <int HB, int D>
 struct BwdCfg {
   static constexpr int kBN = 32;
   static constexpr int kWarps = (HB / 16) * 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kPStride = kBN + 8;  // bf16 per P / dS row: 80 bytes, conflict-free
-  static constexpr int kQBytes = HB * kDqk * 2;
+  static constexpr int kQBytes = HB * D * 2;
   static constexpr int kDOBytes = HB * kDv * 2;
-  static constexpr int kKVBytes = kBN * kDqk * 2;
+  static constexpr int kKVBytes = kBN * D * 2;
   static constexpr int kPBytes = HB * kPStride * 2;
   static constexpr int kQOff = 0;
   static constexpr int kDOOff = kQOff + kQBytes;
@@ -329,15 +359,19 @@ struct BwdCfg {
   static constexpr int kValidOff = kDeltaOff + HB * 4;      // float [2][kBN]
   static constexpr int kRowsOff = kValidOff + 2 * kBN * 4;  // int32 [2][kBN]
   static constexpr int kSmemBytes = kRowsOff + 2 * kBN * 4;
-  // n-tiles per dKV group: 48 columns where registers allow (fewer reloads of the dSᵀ / Pᵀ
-  // fragments), 24 at 512 threads (128 registers per thread).
-  static constexpr int kGroupTiles = HB == 64 ? 3 : 6;
-  static constexpr int kGroupsPerM = kDqk / (8 * kGroupTiles);
+  // n-tiles per dKV group: 48 (D = 576) or 64 (D = 512) columns where registers allow (fewer
+  // reloads of the dSᵀ / Pᵀ fragments), half that at 512 threads (128 registers per thread). A
+  // group must divide D: 576 = 12 x 48, 512 = 8 x 64.
+  static constexpr int kGroupTiles = (D == 576 ? 6 : 8) / (HB == 64 ? 2 : 1);
+  static constexpr int kGroupsPerM = D / (8 * kGroupTiles);
+  static_assert(kGroupsPerM * 8 * kGroupTiles == D, "dKV groups tile the row");
+  // dQ n-tiles per warp: the 4 column warps split D.
+  static constexpr int kDqNt = D / 32;
   static_assert(kSmemBytes <= kMaxSmemPerBlock, "backward tiles exceed shared memory");
 };
 
-template <int HB>
-__global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
+template <int HB, int D>
+__global__ void __launch_bounds__(BwdCfg<HB, D>::kThreads, 1)
     sparse_mla_bwd_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
                           const __nv_bfloat16* __restrict__ out,
                           const __nv_bfloat16* __restrict__ dout,
@@ -347,7 +381,8 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
                           float* __restrict__ dkv_acc, float* __restrict__ scratch,
                           int64_t t_begin, int64_t chunk_tokens, int64_t S, int H, int K,
                           float sm_scale) {
-  using C = BwdCfg<HB>;
+  using C = BwdCfg<HB, D>;
+  constexpr int kQkChunks = Latent<D>::kChunks;
   DSA_DYNAMIC_SMEM(smem, 128);
   const uint32_t sQ = smem_u32(smem + C::kQOff);
   const uint32_t sDO = smem_u32(smem + C::kDOOff);
@@ -359,11 +394,12 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
   float* sValid = reinterpret_cast<float*>(smem + C::kValidOff);
   int32_t* sRows = reinterpret_cast<int32_t*>(smem + C::kRowsOff);
 
-  const int nhb = H / HB;
+  const int nhb = head_blocks(H, HB);
   const int64_t tl = blockIdx.x / nhb;  // token within this launch's chunk
   const int64_t t = t_begin + tl;
   const int hb = static_cast<int>(blockIdx.x % nhb);
   const int h0 = hb * HB;
+  const int live = block_heads<HB>(H, h0);  // rows of this block that are heads
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp >> 2, wn = warp & 3;
   const int g = lane >> 2, c4 = lane & 3;
@@ -372,15 +408,22 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
   const int nblocks = (limit + C::kBN - 1) / C::kBN;
   const float scale2 = sm_scale * kLog2e;
 
-  load_rows<C::kThreads>(sQ, q + (t * H + h0) * kDqk, HB, kQkChunks, kDqk);
-  load_rows<C::kThreads>(sDO, dout + (t * H + h0) * kDv, HB, kVChunks, kDv);
+  load_rows<C::kThreads>(sQ, q + (t * H + h0) * D, HB, live, kQkChunks, D);
+  load_rows<C::kThreads>(sDO, dout + (t * H + h0) * kDv, HB, live, kVChunks, kDv);
   if (nblocks > 0)
-    gather_kv_block<C::kBN, C::kThreads>(sKV0, sValid, sRows, kv, idx_row, 0, limit, S);
+    gather_kv_block<C::kBN, C::kThreads, D>(sKV0, sValid, sRows, kv, idx_row, 0, limit, S);
   cp_async_commit();
 
   // Delta = rowsum(out * dout) and the log2-domain normaliser of P (lse, with the sink added
   // when present; +inf for an empty row so that P = 0 there).
   for (int r = warp; r < HB; r += C::kWarps) {
+    if (r >= live) {  // a padding row: P = dS = 0 (stage A also masks it: 0 * inf scores)
+      if (lane == 0) {
+        sDelta[r] = 0.f;
+        sLse[r] = INFINITY;
+      }
+      continue;
+    }
     const int64_t base = (t * H + h0 + r) * kDv;
     float acc = 0.f;
     for (int d = lane * 2; d < kDv; d += 64) {
@@ -403,17 +446,17 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
     }
   }
 
-  float dqa[18][4];
+  float dqa[C::kDqNt][4];
 #pragma unroll
-  for (int i = 0; i < 18; ++i) dqa[i][0] = dqa[i][1] = dqa[i][2] = dqa[i][3] = 0.f;
+  for (int i = 0; i < C::kDqNt; ++i) dqa[i][0] = dqa[i][1] = dqa[i][2] = dqa[i][3] = 0.f;
 
   for (int blk = 0; blk < nblocks; ++blk) {
     const int stage = blk & 1;
     if (blk + 1 < nblocks)
-      gather_kv_block<C::kBN, C::kThreads>(sKV0 + (stage ^ 1) * C::kKVBytes,
-                                           sValid + (stage ^ 1) * C::kBN,
-                                           sRows + (stage ^ 1) * C::kBN, kv, idx_row, blk + 1,
-                                           limit, S);
+      gather_kv_block<C::kBN, C::kThreads, D>(sKV0 + (stage ^ 1) * C::kKVBytes,
+                                              sValid + (stage ^ 1) * C::kBN,
+                                              sRows + (stage ^ 1) * C::kBN, kv, idx_row, blk + 1,
+                                              limit, S);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -428,7 +471,7 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
       float s[2][4] = {}, dp[2][4] = {};
       const int tok = 16 * an + (lane & 7) + 8 * (lane >> 4);
 #pragma unroll 4
-      for (int kk = 0; kk < kDqk / 16; ++kk) {
+      for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a[4], b[4];
         ldmatrix_x4(a, sQ + swz(16 * am + (lane & 15), 2 * kk + (lane >> 4), kQkChunks));
         ldmatrix_x4(b, sKV + swz(tok, 2 * kk + ((lane >> 3) & 1), kQkChunks));
@@ -451,10 +494,12 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
           float p[2], ds[2];
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float pe =
-                valid[col + e] != 0.f ? exp2f(s[nt][2 * hf + e] * scale2 - sLse[r]) : 0.f;
+            // a padding row's score is 0 * kv, NaN for a non-finite kv: mask it explicitly
+            const float pe = valid[col + e] != 0.f && r < live
+                                 ? exp2f(s[nt][2 * hf + e] * scale2 - sLse[r])
+                                 : 0.f;
             p[e] = pe;
-            ds[e] = pe * (dp[nt][2 * hf + e] - sDelta[r]) * sm_scale;
+            ds[e] = r < live ? pe * (dp[nt][2 * hf + e] - sDelta[r]) * sm_scale : 0.f;
           }
           *reinterpret_cast<uint32_t*>(pbase + (r * C::kPStride + col) * 2) = pack_bf16x2(p[0], p[1]);
           *reinterpret_cast<uint32_t*>(dsbase + (r * C::kPStride + col) * 2) = pack_bf16x2(ds[0], ds[1]);
@@ -462,22 +507,23 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
     }
     __syncthreads();
 
-    // ---- B: dQ[16 rows, 144 cols] += dS[16 rows, 32 tokens] K[32 tokens, 144 cols].
+    // ---- B: dQ[16 rows, D/4 cols] += dS[16 rows, 32 tokens] K[32 tokens, D/4 cols].
 #pragma unroll
     for (int kk = 0; kk < C::kBN / 16; ++kk) {
       uint32_t a[4];
       ldmatrix_x4(a, sDS + ((16 * wm + (lane & 15)) * C::kPStride + 16 * kk + 8 * (lane >> 4)) * 2);
       const int tok = 16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1);
 #pragma unroll
-      for (int np = 0; np < 9; ++np) {
+      for (int np = 0; np < C::kDqNt / 2; ++np) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, sKV + swz(tok, 18 * wn + 2 * np + (lane >> 4), kQkChunks));
+        ldmatrix_x4_trans(b, sKV + swz(tok, C::kDqNt * wn + 2 * np + (lane >> 4), kQkChunks));
         mma_bf16_16816(dqa[2 * np], a, b[0], b[1]);
         mma_bf16_16816(dqa[2 * np + 1], a, b[2], b[3]);
       }
     }
 
-    // ---- C: dKV[16 tokens, 24 cols] groups = dSᵀ Q (+ Pᵀ dO for cols < 512).
+    // ---- C: dKV[16 tokens, 8 kGroupTiles cols] groups = dSᵀ Q (+ Pᵀ dO for cols < 512: every
+    // column when D = 512, where K == V).
     for (int grp = warp; grp < 2 * C::kGroupsPerM; grp += C::kWarps) {
       const int mt = grp / C::kGroupsPerM;
       const int col0 = (grp % C::kGroupsPerM) * 8 * C::kGroupTiles;
@@ -499,6 +545,7 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
           mma_bf16_16816(acc[i], a, b[0], b[1]);
         }
         if (col0 < kDv) {  // the value part: columns below 512 (checked per n-tile below)
+          // (D = 512: always, and the per-n-tile check folds away)
           ldmatrix_x4_trans(a, sP + ((16 * kh + a_head) * C::kPStride + a_tok) * 2);
 #pragma unroll
           for (int i = 0; i < C::kGroupTiles; ++i) {
@@ -517,9 +564,9 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
         float* dst;
         if (scratch) {
           const int64_t entry = (static_cast<int64_t>(hb) * chunk_tokens + tl) * K + blk * C::kBN + tok;
-          dst = scratch + entry * kDqk;
+          dst = scratch + entry * D;
         } else {
-          dst = dkv_acc + static_cast<int64_t>(rows[tok]) * kDqk;
+          dst = dkv_acc + static_cast<int64_t>(rows[tok]) * D;
         }
 #pragma unroll
         for (int i = 0; i < C::kGroupTiles; ++i) {
@@ -545,9 +592,10 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int r = 16 * wm + g + 8 * hf;
-    __nv_bfloat16* drow = dq + (t * H + h0 + r) * kDqk + 144 * wn + 2 * c4;
+    if (r >= live) continue;  // a padding row of the last head block
+    __nv_bfloat16* drow = dq + (t * H + h0 + r) * D + (D / 4) * wn + 2 * c4;
 #pragma unroll
-    for (int i = 0; i < 18; ++i)
+    for (int i = 0; i < C::kDqNt; ++i)
       *reinterpret_cast<uint32_t*>(drow + 8 * i) = pack_bf16x2(dqa[i][2 * hf], dqa[i][2 * hf + 1]);
   }
 }
@@ -556,7 +604,7 @@ __global__ void __launch_bounds__(BwdCfg<HB>::kThreads, 1)
 // Entries e = tl * K + j of one token chunk. row_counts / row_offsets / row_cursor: [S + 1].
 
 constexpr int kMaxChunkEntries = 131072;  // bitmap of 4096 words (= kBwdDeterministicMaxK)
-constexpr int kReduceThreads = 160;       // 144 float4 column owners
+constexpr int kReduceThreads = 160;       // 144 (D = 576) or 128 (D = 512) float4 column owners
 constexpr int kReduceSmemBytes = (kMaxChunkEntries / 32 + kMaxChunkEntries / 1024) * 4;
 constexpr int kScanThreads = 1024;
 constexpr int kScanSmemBytes = kScanThreads * 4;
@@ -614,6 +662,7 @@ __global__ void fill_rows_kernel(const int32_t* __restrict__ indices,
 
 // One CTA per dkv row: the row's entries (unordered in entry_list) are put in ascending order
 // through a bitmap over the chunk's entry ids, then summed in that order (head blocks inner).
+template <int D>
 __global__ void reduce_rows_kernel(
     const float* __restrict__ scratch, const int32_t* __restrict__ row_offsets,
     const int32_t* __restrict__ entry_list, int64_t n_entries, int64_t chunk_entries, int nhb,
@@ -639,8 +688,9 @@ __global__ void reduce_rows_kernel(
     summary[sw] = m;
   }
   __syncthreads();
-  if (threadIdx.x >= kDqk / 4) return;
-  float4* dst = reinterpret_cast<float4*>(dkv_acc + row * kDqk) + threadIdx.x;
+  static_assert(D / 4 <= kReduceThreads, "a float4 column owner per thread");
+  if (threadIdx.x >= D / 4) return;
+  float4* dst = reinterpret_cast<float4*>(dkv_acc + row * D) + threadIdx.x;
   float4 acc = *dst;
   for (int sw = 0; sw < nsum; ++sw) {
     for (uint32_t m = summary[sw]; m; m &= m - 1) {
@@ -649,7 +699,7 @@ __global__ void reduce_rows_kernel(
         const int64_t e = static_cast<int64_t>(w) * 32 + __ffs(bw) - 1;
         for (int h = 0; h < nhb; ++h) {
           const float4 v =
-              reinterpret_cast<const float4*>(scratch + (h * chunk_entries + e) * kDqk)[threadIdx.x];
+              reinterpret_cast<const float4*>(scratch + (h * chunk_entries + e) * D)[threadIdx.x];
           acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
         }
       }

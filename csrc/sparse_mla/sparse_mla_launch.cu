@@ -5,22 +5,44 @@
 #include "sparse_mla/sparse_mla_launch.h"
 #include "sparse_mla/sparse_mla_wgmma.cuh"
 
+#include <type_traits>
+
 
 namespace dsa::sparse_mla {
 static_assert(kMaxChunkEntries == kBwdDeterministicMaxK, "bitmap size and the glue's K check");
 
 namespace {
 
-// Largest head block (64, 32 or 16) dividing H; the glue guarantees H % 16 == 0.
+// Largest head block (64, 32 or 16) dividing H, else 16 with the last block partial (H = 8: one
+// 16-row block, rows 8..15 masked in the kernels). The glue admits H in {8, 16, 32, 64, 128}.
 int head_block(int H) { return H % 64 == 0 ? 64 : (H % 32 == 0 ? 32 : 16); }
 
-template <int HB>
+template <int V>
+using Int = std::integral_constant<int, V>;
+
+// Calls f(Int<HB>, Int<D>) for the head block of H and the latent width D (576 or 512): the one
+// place the launchers turn runtime sizes into kernel instantiations.
+template <class F>
+cudaError_t with_head_block_and_width(int H, int D, F&& f) {
+  if (D != 576 && D != 512) return cudaErrorInvalidValue;  // the glue checks d_qk first
+  const int hb = head_block(H);
+  if (D == 512) {
+    if (hb == 64) return f(Int<64>{}, Int<512>{});
+    if (hb == 32) return f(Int<32>{}, Int<512>{});
+    return f(Int<16>{}, Int<512>{});
+  }
+  if (hb == 64) return f(Int<64>{}, Int<576>{});
+  if (hb == 32) return f(Int<32>{}, Int<576>{});
+  return f(Int<16>{}, Int<576>{});
+}
+
+template <int HB, int D>
 cudaError_t launch_fwd(const FwdArgs& a, cudaStream_t stream) {
-  using C = FwdCfg<HB>;
-  auto kernel = sparse_mla_fwd_kernel<HB>;
-  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_fwd_kernel<HB>>(C::kSmemBytes);
+  using C = FwdCfg<HB, D>;
+  auto kernel = sparse_mla_fwd_kernel<HB, D>;
+  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_fwd_kernel<HB, D>>(C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int64_t grid = a.T * (a.H / HB);
+  const int64_t grid = a.T * head_blocks(a.H, HB);
   kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
       static_cast<const __nv_bfloat16*>(a.q), static_cast<const __nv_bfloat16*>(a.kv), a.indices,
       a.attn_sink, a.topk_length, static_cast<__nv_bfloat16*>(a.out), a.lse, a.S, a.H, a.K,
@@ -28,10 +50,11 @@ cudaError_t launch_fwd(const FwdArgs& a, cudaStream_t stream) {
   return last_launch_error();
 }
 
+template <int D>
 cudaError_t launch_fwd_wgmma(const FwdArgs& a, cudaStream_t stream) {
-  using C = WgmmaFwdCfg;
-  auto kernel = sparse_mla_fwd_wgmma_kernel;
-  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_fwd_wgmma_kernel>(C::kSmemBytes);
+  using C = WgmmaFwdCfg<D>;
+  auto kernel = sparse_mla_fwd_wgmma_kernel<D>;
+  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_fwd_wgmma_kernel<D>>(C::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t grid = a.T * (a.H / C::kHB);
   kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
@@ -41,14 +64,14 @@ cudaError_t launch_fwd_wgmma(const FwdArgs& a, cudaStream_t stream) {
   return last_launch_error();
 }
 
-template <int HB>
+template <int HB, int D>
 cudaError_t launch_bwd_main(const BwdArgs& a, int64_t t_begin, int64_t tokens,
                             int64_t chunk_tokens, float* scratch, cudaStream_t stream) {
-  using C = BwdCfg<HB>;
-  auto kernel = sparse_mla_bwd_kernel<HB>;
-  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_bwd_kernel<HB>>(C::kSmemBytes);
+  using C = BwdCfg<HB, D>;
+  auto kernel = sparse_mla_bwd_kernel<HB, D>;
+  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_bwd_kernel<HB, D>>(C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int64_t grid = tokens * (a.H / HB);
+  const int64_t grid = tokens * head_blocks(a.H, HB);
   kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
       static_cast<const __nv_bfloat16*>(a.q), static_cast<const __nv_bfloat16*>(a.kv),
       static_cast<const __nv_bfloat16*>(a.out), static_cast<const __nv_bfloat16*>(a.dout),
@@ -59,11 +82,17 @@ cudaError_t launch_bwd_main(const BwdArgs& a, int64_t t_begin, int64_t tokens,
 
 cudaError_t launch_bwd_main_any(const BwdArgs& a, int64_t t_begin, int64_t tokens,
                                 int64_t chunk_tokens, float* scratch, cudaStream_t stream) {
-  switch (head_block(a.H)) {
-    case 64: return launch_bwd_main<64>(a, t_begin, tokens, chunk_tokens, scratch, stream);
-    case 32: return launch_bwd_main<32>(a, t_begin, tokens, chunk_tokens, scratch, stream);
-    default: return launch_bwd_main<16>(a, t_begin, tokens, chunk_tokens, scratch, stream);
-  }
+  return with_head_block_and_width(a.H, a.D, [&](auto hb, auto d) {
+    return launch_bwd_main<decltype(hb)::value, decltype(d)::value>(a, t_begin, tokens,
+                                                                     chunk_tokens, scratch, stream);
+  });
+}
+
+template <int D>
+void launch_reduce_rows(const BwdArgs& a, int64_t n_entries, int64_t chunk_entries, int nhb,
+                        cudaStream_t stream) {
+  reduce_rows_kernel<D><<<static_cast<unsigned>(a.S), kReduceThreads, kReduceSmemBytes, stream>>>(
+      a.scratch, a.row_offsets, a.entry_list, n_entries, chunk_entries, nhb, a.dkv_acc);
 }
 
 }  // namespace
@@ -74,12 +103,13 @@ cudaError_t wgmma_opted_in(int device, bool* use_wgmma) {
 
 cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
-  if (a.use_wgmma && a.H % WgmmaFwdCfg::kHB == 0) return launch_fwd_wgmma(a, stream);
-  switch (head_block(a.H)) {
-    case 64: return launch_fwd<64>(a, stream);
-    case 32: return launch_fwd<32>(a, stream);
-    default: return launch_fwd<16>(a, stream);
+  if (a.use_wgmma && a.H % kWgmmaHeadBlock == 0) {
+    if (a.D == 512) return launch_fwd_wgmma<512>(a, stream);
+    if (a.D == 576) return launch_fwd_wgmma<576>(a, stream);
   }
+  return with_head_block_and_width(a.H, a.D, [&](auto hb, auto d) {
+    return launch_fwd<decltype(hb)::value, decltype(d)::value>(a, stream);
+  });
 }
 
 int64_t sparse_mla_bwd_chunk_tokens(int64_t T, int K) {
@@ -89,7 +119,7 @@ int64_t sparse_mla_bwd_chunk_tokens(int64_t T, int K) {
 }
 
 int64_t sparse_mla_bwd_scratch_rows(int64_t T, int H, int K) {
-  return static_cast<int64_t>(H / head_block(H)) * sparse_mla_bwd_chunk_tokens(T, K) * K;
+  return static_cast<int64_t>(head_blocks(H, head_block(H))) * sparse_mla_bwd_chunk_tokens(T, K) * K;
 }
 
 cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream) {
@@ -97,7 +127,7 @@ cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream) {
   if (!a.deterministic) return launch_bwd_main_any(a, 0, a.T, a.T, nullptr, stream);
   const int64_t chunk = sparse_mla_bwd_chunk_tokens(a.T, a.K);
   const int64_t chunk_entries = chunk * a.K;
-  const int nhb = a.H / head_block(a.H);
+  const int nhb = head_blocks(a.H, head_block(a.H));
   constexpr int kThreads = 256;
   for (int64_t t0 = 0; t0 < a.T; t0 += chunk) {
     const int64_t tokens = a.T - t0 < chunk ? a.T - t0 : chunk;
@@ -113,9 +143,10 @@ cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream) {
     scan_rows_kernel<<<1, kScanThreads, kScanSmemBytes, stream>>>(a.row_counts, a.S, a.row_offsets, a.row_cursor);
     fill_rows_kernel<<<blocks, kThreads, 0, stream>>>(a.indices, a.topk_length, t0, n_entries,
                                                       a.K, a.S, a.row_cursor, a.entry_list);
-    if (a.S > 0)
-      reduce_rows_kernel<<<static_cast<unsigned>(a.S), kReduceThreads, kReduceSmemBytes, stream>>>(
-          a.scratch, a.row_offsets, a.entry_list, n_entries, chunk_entries, nhb, a.dkv_acc);
+    if (a.S > 0) {
+      if (a.D == 512) launch_reduce_rows<512>(a, n_entries, chunk_entries, nhb, stream);
+      else launch_reduce_rows<576>(a, n_entries, chunk_entries, nhb, stream);
+    }
     err = last_launch_error();
     if (err != cudaSuccess) return err;
   }

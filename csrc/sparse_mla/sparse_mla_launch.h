@@ -7,8 +7,10 @@
 namespace dsa::sparse_mla {
 
 // Pointers are device pointers; bf16 data is passed as void*. Layouts (all contiguous):
-// q [T, H, 576], kv [S, 1, 576], indices [T, K] int32, attn_sink [H] fp32 or null,
-// topk_length [T] int32 or null, out [T, H, 512] bf16, lse [T, H] fp32.
+// q [T, H, D], kv [S, 1, D] with D = d_qk in {576, 512}, indices [T, K] int32, attn_sink [H]
+// fp32 or null, topk_length [T] int32 or null, out [T, H, 512] bf16, lse [T, H] fp32.
+// H is any positive count (the glue admits {8, 16, 32, 64, 128}): heads are processed in blocks
+// of 64, 32 or 16, the last one partial when 16 does not divide H (masked rows, no padding).
 struct FwdArgs {
   const void* q;
   const void* kv;
@@ -19,6 +21,7 @@ struct FwdArgs {
   float* lse;
   int64_t T, S;
   int H, K;
+  int D = 576;  // d_qk: 576 or 512 (d_v is 512 for both)
   float sm_scale;
   // H % 64 == 0 on sm_90a: the wgmma kernel (sparse_mla_wgmma.cuh) instead of mma.sync.
   bool use_wgmma = false;
@@ -34,7 +37,7 @@ cudaError_t wgmma_opted_in(int device, bool* use_wgmma);
 
 cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream);
 
-// Backward. dq [T, H, 576] bf16 is written; dkv_acc [S, 576] fp32 must be zeroed by the caller
+// Backward. dq [T, H, D] bf16 is written; dkv_acc [S, D] fp32 must be zeroed by the caller
 // and receives the sum of every contribution (cast to bf16 by the caller).
 // deterministic == false: contributions are added with fp32 atomics.
 // deterministic == true: the workspace below must be provided; tokens are processed in chunks
@@ -54,10 +57,11 @@ struct BwdArgs {
   float* dkv_acc;
   int64_t T, S;
   int H, K;
+  int D = 576;  // d_qk: 576 or 512
   float sm_scale;
   bool deterministic;
   // deterministic workspace
-  float* scratch;       // [sparse_mla_bwd_scratch_rows, 576] fp32
+  float* scratch;       // [sparse_mla_bwd_scratch_rows, D] fp32
   int32_t* entry_list;  // [chunk_tokens * K]
   int32_t* row_counts;  // [S + 1]
   int32_t* row_offsets; // [S + 1]
@@ -69,7 +73,7 @@ constexpr int64_t kBwdDeterministicMaxK = 131072;
 
 // Tokens per deterministic chunk: chunk_tokens * K <= 131072 entries (one 16 KB bitmap).
 int64_t sparse_mla_bwd_chunk_tokens(int64_t T, int K);
-// Rows of the deterministic scratch: (H / head_block) * chunk_tokens * K.
+// Rows of the deterministic scratch: ceil(H / head_block) * chunk_tokens * K.
 int64_t sparse_mla_bwd_scratch_rows(int64_t T, int H, int K);
 
 cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream);

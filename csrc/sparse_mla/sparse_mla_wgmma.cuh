@@ -1,10 +1,12 @@
-// Sparse MLA forward on Hopper warpgroup MMA (wgmma, sm_90a only), for 64-head blocks.
+// Sparse MLA forward on Hopper warpgroup MMA (wgmma, sm_90a only), for 64-head blocks and a
+// latent width D of 576 or 512 (template parameter, as in sparse_mla_kernels.cuh: only the
+// score loop's k steps and the row strides depend on it; V is the first 512 columns either way).
 // Opt-in (DSA_SPARSE_MLA_WGMMA=1, see sparse_mla_cuda.cpp) until validated on hardware.
 //
 // One CTA per (token, 64 heads), 256 threads = two warpgroups, per 64-token block:
 //   warpgroup 1 gathers the next block's 64 latent rows (16-byte cp.async, zero-fill for skipped
 //   entries) into the other of two KV buffers while warpgroup 0 computes S of this block;
-//   warpgroup 0: S = Q Kᵀ (36 wgmma m64n64k16, Q and K from shared memory), online softmax on the
+//   warpgroup 0: S = Q Kᵀ (D/16 = 36 or 32 wgmma m64n64k16, Q and K from shared memory), online softmax on the
 //     fp32 accumulators (a row of S lives in the 4 lanes of a quad: no cross-warp reduction),
 //     P (bf16) and each row's rescale factor to shared memory;
 //   warpgroup w: O[:, 256 w, +256) = alpha O + P V (4 wgmma m64n256k16, P and V from shared
@@ -34,14 +36,17 @@ __host__ __device__ constexpr uint32_t core_byte_offset(int r, int c) {
   return static_cast<uint32_t>((c >> 3) * (R * 16) + (r >> 3) * 128 + (r & 7) * 16 + (c & 7) * 2);
 }
 
+constexpr int kWgmmaHeadBlock = 64;
+
+template <int D>
 struct WgmmaFwdCfg {
-  static constexpr int kHB = 64;
+  static constexpr int kHB = kWgmmaHeadBlock;
   static constexpr int kBN = 64;
   static constexpr int kThreads = 256;
   static constexpr uint32_t kRowGroupBytes = 128;             // SBO (K-major), LBO (MN-major)
   static constexpr uint32_t kColGroupBytes = 64 * 16;         // 8-column group of a 64-row tile
-  static constexpr int kQBytes = kHB * kDqk * 2;              // 73,728
-  static constexpr int kKVBytes = kBN * kDqk * 2;             // 73,728
+  static constexpr int kQBytes = kHB * D * 2;                 // 73,728 (D = 576)
+  static constexpr int kKVBytes = kBN * D * 2;                // 73,728 (D = 576)
   static constexpr int kPBytes = kHB * kBN * 2;               // 8,192
   static constexpr int kQOff = 0;
   static constexpr int kKVOff = kQOff + kQBytes;              // two buffers
@@ -49,29 +54,30 @@ struct WgmmaFwdCfg {
   static constexpr int kAlphaOff = kPOff + kPBytes;           // float [64]: rescale; final max
   static constexpr int kSumOff = kAlphaOff + kHB * 4;         // float [64]: final row sums
   static constexpr int kValidOff = kSumOff + kHB * 4;         // float [2][64]
-  static constexpr int kSmemBytes = kValidOff + 2 * kBN * 4;  // 230,144
+  static constexpr int kSmemBytes = kValidOff + 2 * kBN * 4;  // 230,144 (D = 576)
   static_assert(kSmemBytes <= kMaxSmemPerBlock, "wgmma forward tiles exceed shared memory");
   static_assert(kQOff % 16 == 0 && kKVOff % 16 == 0 && kPOff % 16 == 0, "wgmma operands 16-aligned");
 };
 
 // Gather a 64-row block into a core-matrix tile. Thread pairs copy 32 contiguous bytes of one
 // row (one full sector); consecutive pairs take consecutive rows.
-template <int kNThreads>
+template <int kNThreads, int D>
 __device__ __forceinline__ void wgmma_gather_kv_block(int tid, uint32_t tile, float* valid,
                                                       const __nv_bfloat16* kv,
                                                       const int32_t* idx_row, int blk, int limit,
                                                       int64_t S) {
-  using C = WgmmaFwdCfg;
-  for (int c = tid; c < C::kBN * kQkChunks; c += kNThreads) {
+  using C = WgmmaFwdCfg<D>;
+  for (int c = tid; c < C::kBN * Latent<D>::kChunks; c += kNThreads) {
     const int r = (c >> 1) & (C::kBN - 1), ch = 2 * (c >> 7) + (c & 1);
     const int64_t row = entry_row(idx_row, blk * C::kBN + r, limit, S);
-    const __nv_bfloat16* src = kv + (row >= 0 ? row * kDqk + ch * 8 : 0);
+    const __nv_bfloat16* src = kv + (row >= 0 ? row * D + ch * 8 : 0);
     cp_async_16_zfill(tile + core_byte_offset<C::kBN>(r, ch * 8), src, row >= 0);
     if (c < 2 * C::kBN && (c & 1) == 0) valid[r] = row >= 0 ? 1.f : 0.f;
   }
 }
 
-__global__ void __launch_bounds__(WgmmaFwdCfg::kThreads, 1)
+template <int D>
+__global__ void __launch_bounds__(WgmmaFwdCfg<D>::kThreads, 1)
     sparse_mla_fwd_wgmma_kernel(const __nv_bfloat16* __restrict__ q,
                                 const __nv_bfloat16* __restrict__ kv,
                                 const int32_t* __restrict__ indices,
@@ -80,7 +86,7 @@ __global__ void __launch_bounds__(WgmmaFwdCfg::kThreads, 1)
                                 __nv_bfloat16* __restrict__ out, float* __restrict__ lse, int64_t S,
                                 int H, int K, float sm_scale) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = WgmmaFwdCfg;
+  using C = WgmmaFwdCfg<D>;
   DSA_DYNAMIC_SMEM(smem, 128);
   uint8_t* q_s = smem + C::kQOff;
   uint8_t* kv_s0 = smem + C::kKVOff;
@@ -102,16 +108,16 @@ __global__ void __launch_bounds__(WgmmaFwdCfg::kThreads, 1)
   const int nblocks = (limit + C::kBN - 1) / C::kBN;
   const float scale2 = sm_scale * kLog2e;
 
-  {  // Q [64 x 576] (same pair-per-row order as the gather)
-    const __nv_bfloat16* qsrc = q + (t * H + h0) * kDqk;
+  {  // Q [64 x D] (same pair-per-row order as the gather)
+    const __nv_bfloat16* qsrc = q + (t * H + h0) * D;
     const uint32_t q_addr = smem_u32(q_s);
-    for (int c = threadIdx.x; c < C::kHB * kQkChunks; c += C::kThreads) {
+    for (int c = threadIdx.x; c < C::kHB * Latent<D>::kChunks; c += C::kThreads) {
       const int r = (c >> 1) & (C::kHB - 1), ch = 2 * (c >> 7) + (c & 1);
-      cp_async_16_zfill(q_addr + core_byte_offset<C::kHB>(r, ch * 8), qsrc + r * kDqk + ch * 8, true);
+      cp_async_16_zfill(q_addr + core_byte_offset<C::kHB>(r, ch * 8), qsrc + r * D + ch * 8, true);
     }
   }
   if (nblocks > 0)
-    wgmma_gather_kv_block<C::kThreads>(threadIdx.x, smem_u32(kv_s0), valid_s, kv, idx_row, 0, limit, S);
+    wgmma_gather_kv_block<C::kThreads, D>(threadIdx.x, smem_u32(kv_s0), valid_s, kv, idx_row, 0, limit, S);
   cp_async_commit();
   cp_async_wait<0>();
   wg::fence_proxy_async_smem();  // this thread's cp.async writes -> wgmma (async proxy) reads
@@ -128,7 +134,7 @@ __global__ void __launch_bounds__(WgmmaFwdCfg::kThreads, 1)
     // so the index loads and copy issue stay off warpgroup 0's path; it waits for the copies
     // after its P V, before the barrier that ends this block.
     if (wgi == 1 && blk + 1 < nblocks)
-      wgmma_gather_kv_block<C::kThreads / 2>(threadIdx.x - C::kThreads / 2,
+      wgmma_gather_kv_block<C::kThreads / 2, D>(threadIdx.x - C::kThreads / 2,
                                              smem_u32(kv_s0 + (stage ^ 1) * C::kKVBytes),
                                              valid_s + (stage ^ 1) * C::kBN, kv, idx_row, blk + 1,
                                              limit, S);
@@ -143,7 +149,7 @@ __global__ void __launch_bounds__(WgmmaFwdCfg::kThreads, 1)
       const uint64_t b0 = wg::wgmma_desc(kv_s, C::kColGroupBytes, C::kRowGroupBytes);
       wg::wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < kDqk / 16; ++ks)  // k step 16 = two 8-column groups of each tile
+      for (int ks = 0; ks < D / 16; ++ks)  // k step 16 = two 8-column groups of each tile
         wg::wgmma_m64n64k16_kmajor_b(s, a0 + ((ks * 2 * C::kHB * 16) >> 4),
                                      b0 + ((ks * 2 * C::kColGroupBytes) >> 4), ks > 0);
       wg::wgmma_commit();

@@ -12,12 +12,16 @@ Differences from FlashMLA a user should know:
 - the gradient that flows into `lse` is ignored by the backward (lse is an auxiliary output);
   only `out` is differentiated.
 
-CUDA kernels (sm_80+ mma.sync bf16 tensor cores; see csrc/sparse_mla): bf16 only, d_qk = 576,
-d_v = 512, H a multiple of 16 (head blocks of 64, 32 or 16 share one gather), any K (entries
-past K's last multiple of the tile, or past topk_length, are masked), tensors 16-byte aligned.
-The CPU kernels accept any d_qk / d_v and bf16 / float32 / float64. The deterministic CUDA
-backward processes tokens in chunks of 131072 // K with a [H/64 * chunk * K, 576] fp32 scratch
-(about 600 MB at H=128, K=2048) and requires K <= 131072.
+CUDA kernels (sm_80+ mma.sync bf16 tensor cores; see csrc/sparse_mla): bf16 only, d_qk = 576
+(DeepSeek-V3.2 / GLM-5: 512 value + 64 rope dims) or d_qk = 512 (DeepSeek-V4: the whole row is K
+and V, so ``dkv`` sums both roles over all 512 dims), d_v = 512, H in {8, 16, 32, 64, 128} (head
+blocks of 64, 32 or 16 share one gather; H = 8 runs in a 16-row block with the other 8 rows
+masked, so tensor-parallel shards need no padding), any K (entries past K's last multiple of the
+tile, or past topk_length, are masked), tensors 16-byte aligned. The opt-in sm_90a wgmma forward
+(DSA_SPARSE_MLA_WGMMA=1) serves both widths for H a multiple of 64. The CPU kernels accept any
+d_qk / d_v / H and bf16 / float32 / float64. The deterministic CUDA backward processes tokens in
+chunks of 131072 // K with a [ceil(H/64) * chunk * K, d_qk] fp32 scratch (about 600 MB at H=128,
+K=2048, d_qk=576) and requires K <= 131072.
 """
 from __future__ import annotations
 
@@ -37,9 +41,10 @@ def sparse_mla_fwd(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, d_v:
     """Sparse MLA attention forward.
 
     Args:
-        q: ``[T, H, d_qk]`` bf16 (CPU also float32 / float64). CUDA: d_qk = 576, H a multiple
-            of 16 (16, 32, 64, 128 for V3.2 tensor-parallel shards).
-        kv: ``[S, 1, d_qk]`` latent rows, q's dtype; the value is ``kv[..., :d_v]``.
+        q: ``[T, H, d_qk]`` bf16 (CPU also float32 / float64). CUDA: d_qk 576 (V3.2 / GLM-5)
+            or 512 (V4), H in {8, 16, 32, 64, 128} (tensor-parallel shards, unpadded).
+        kv: ``[S, 1, d_qk]`` latent rows, q's dtype; the value is ``kv[..., :d_v]`` (the
+            whole row at d_qk = d_v = 512, K == V).
         indices: ``[T, 1, K]`` int32 (or int64) rows of kv each query attends to. ``-1``, negative or
             ``>= S`` entries are skipped (never read); a repeated index counts once per
             occurrence.

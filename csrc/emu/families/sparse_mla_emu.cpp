@@ -3,14 +3,15 @@
 // raw pointers exactly as sparse_mla_cuda.cpp calls them once its checks have passed (so the
 // caller, like the glue, handles S == 0 or K == 0 without a launch and zeroes dkv_acc). The
 // forward kernel is the launcher's choice: DSA_SPARSE_MLA_WGMMA=1 through emu_set_env opts into
-// wgmma for 64-head blocks, else mma.sync with the largest head block dividing H.
+// wgmma for 64-head blocks, else mma.sync with the largest head block dividing H (16 with a
+// partial last block otherwise). D is d_qk (576 or 512); d_v is 512.
 #include "sparse_mla_launch.gen.cu"
 
 extern "C" {
 
 int emu_sparse_mla_fwd(const void* q, const void* kv, const int32_t* indices, const float* attn_sink,
                        const int32_t* topk_length, void* out, float* lse, int64_t T, int64_t S, int64_t H,
-                       int64_t K, float sm_scale) {
+                       int64_t K, int64_t D, float sm_scale) {
   dsa::sparse_mla::FwdArgs a{};
   a.q = q;
   a.kv = kv;
@@ -23,6 +24,7 @@ int emu_sparse_mla_fwd(const void* q, const void* kv, const int32_t* indices, co
   a.S = S;
   a.H = static_cast<int>(H);
   a.K = static_cast<int>(K);
+  a.D = static_cast<int>(D);
   a.sm_scale = sm_scale;
   const cudaError_t err = dsa::sparse_mla::wgmma_opted_in(0, &a.use_wgmma);
   if (err != cudaSuccess) return err;
@@ -30,22 +32,22 @@ int emu_sparse_mla_fwd(const void* q, const void* kv, const int32_t* indices, co
 }
 
 // The deterministic backward's workspace as the glue sizes it: sizes[0] = scratch floats
-// ([rows, 576], at least one row), sizes[1] = int32 words (entry list, then row counts, offsets
+// ([rows, D], at least one row), sizes[1] = int32 words (entry list, then row counts, offsets
 // and cursor of S + 1 each), sizes[2] = the entry list's length.
-void emu_sparse_mla_bwd_workspace(int64_t T, int64_t S, int64_t H, int64_t K, int64_t* sizes) {
+void emu_sparse_mla_bwd_workspace(int64_t T, int64_t S, int64_t H, int64_t K, int64_t D, int64_t* sizes) {
   const int64_t chunk = dsa::sparse_mla::sparse_mla_bwd_chunk_tokens(T, static_cast<int>(K));
   const int64_t rows = dsa::sparse_mla::sparse_mla_bwd_scratch_rows(T, static_cast<int>(H), static_cast<int>(K));
   const int64_t list = chunk * K > 0 ? chunk * K : 1;
-  sizes[0] = (rows > 0 ? rows : 1) * dsa::sparse_mla::kDqk;
+  sizes[0] = (rows > 0 ? rows : 1) * D;
   sizes[1] = list + 3 * (S + 1);
   sizes[2] = list;
 }
 
-// dkv_acc [S, 576] fp32 must be zero. scratch / ints: the workspace above (deterministic only).
+// dkv_acc [S, D] fp32 must be zero. scratch / ints: the workspace above (deterministic only).
 int emu_sparse_mla_bwd(const void* q, const void* kv, const void* out, const void* dout, const int32_t* indices,
                        const float* lse, const float* attn_sink, const int32_t* topk_length, void* dq,
                        float* dkv_acc, float* scratch, int32_t* ints, int64_t T, int64_t S, int64_t H, int64_t K,
-                       float sm_scale, int deterministic) {
+                       int64_t D, float sm_scale, int deterministic) {
   dsa::sparse_mla::BwdArgs a{};
   a.q = q;
   a.kv = kv;
@@ -61,11 +63,12 @@ int emu_sparse_mla_bwd(const void* q, const void* kv, const void* out, const voi
   a.S = S;
   a.H = static_cast<int>(H);
   a.K = static_cast<int>(K);
+  a.D = static_cast<int>(D);
   a.sm_scale = sm_scale;
   a.deterministic = deterministic != 0;
   if (a.deterministic && T > 0) {
     int64_t sizes[3];
-    emu_sparse_mla_bwd_workspace(T, S, H, K, sizes);
+    emu_sparse_mla_bwd_workspace(T, S, H, K, D, sizes);
     a.scratch = scratch;
     a.entry_list = ints;
     a.row_counts = ints + sizes[2];
