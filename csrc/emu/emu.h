@@ -71,7 +71,10 @@ void clear_globals();
 struct Report {
   std::string kind;    // "race", "oob-global", "oob-shared", "uninit-shared", "pending-cp-async",
                        // "pending-wgmma", "proxy-fence", "barrier-deadlock", "divergent-collective",
-                       // "misaligned", "trap", "bad-launch"
+                       // "misaligned", "trap", "bad-launch", "mbarrier" (misuse of an mbarrier:
+                       // uninitialised, init not visible, arrivals above the count, tx-count
+                       // underflow/overflow, remote wait), "cluster-barrier" (arrive twice /
+                       // wait without arrive), "dsmem-exited" (DSMEM access to an exited CTA)
   std::string kernel;  // LaunchSpec::kernel
   std::string text;    // address, threads (block, thread) and the place (return address)
 };
@@ -141,8 +144,42 @@ void collective(const char* op, int scope, uint32_t lanes, const uint32_t* in, i
 
 // Barriers. bar_sync(id, count): named barrier `id` over `count` threads (count 0 = the CTA),
 // as bar.sync / __syncthreads (PTX 9.7.13.4). cluster_sync: barrier.cluster arrive+wait.
+//
+// Race detection spans the cluster: a thread's vector clock covers every thread of its
+// cluster (its own CTA's part plus what it has learnt of each peer CTA), so distributed
+// shared memory accesses (map_shared_rank pointers, st.async) are checked against the peer's
+// shadow like local ones. Cross-CTA happens-before comes only from barrier.cluster (arrive
+// .release / wait .acquire, the default), mbarrier phases (arrive .release, try_wait .acquire,
+// at .cta or .cluster scope) and st.async's complete-tx; fences alone order nothing here
+// (a fence + relaxed-atomic flag protocol is not modelled and would be reported as a race).
 void bar_sync(int id, int count);
 void cluster_sync();
+// barrier.cluster.arrive{.release|.relaxed} / barrier.cluster.wait{.acquire} (PTX 9.7.13.4):
+// the split form; a thread must wait before it arrives again.
+void cluster_arrive(bool release);
+void cluster_wait(bool acquire);
+
+// mbarrier (PTX 9.7.13.15): objects live at 8-byte aligned shared addresses; the emulator keeps
+// their state (phase, pending arrivals, tx-count, clocks) beside the shared memory. Addresses
+// are shared::cta offsets of the calling CTA, or shared::cluster addresses from mapa().
+// A wait on a phase that never completes is a barrier-deadlock report (all threads blocked),
+// not a hang; misuse is an "mbarrier" report.
+uint32_t mapa(uint32_t shared_cta_addr, unsigned rank);  // mapa.shared::cluster (PTX 9.7.9.23)
+uint8_t* cluster_addr_ptr(uint32_t shared_cluster_addr);  // host pointer of such an address
+void mbar_init(uint32_t addr, int count);                 // mbarrier.init.shared::cta.b64
+void fence_mbarrier_init();  // fence.mbarrier_init.release.cluster / fence.acq_rel.cluster (PTX 9.7.13.1)
+// mbarrier.arrive{.expect_tx}{.release|.relaxed}{.cta|.cluster}: tx bytes expected first, then
+// `count` arrivals. Returns the state token (the phase arrived in).
+uint64_t mbar_arrive(uint32_t addr, int count, int64_t tx, bool release, bool cluster_scope);
+void mbar_expect_tx(uint32_t addr, int64_t tx);    // mbarrier.expect_tx
+void mbar_complete_tx(uint32_t addr, int64_t tx);  // mbarrier.complete_tx
+// mbarrier.try_wait.parity (blocking: true once the phase of `parity` completed) or
+// test_wait.parity (blocking false: may return false; the thread then sleeps until a phase
+// completes so that spin loops make progress), .acquire at .cta or .cluster scope.
+bool mbar_wait(uint32_t addr, int parity, bool acquire_cluster, bool blocking);
+// st.async.shared::cluster.mbarrier::complete_tx::bytes (PTX 9.7.9.12): n bytes (4, 8, 16) to
+// dst, then complete-tx of n bytes on the mbarrier `bar` in the destination's CTA.
+void st_async(uint32_t dst, const void* src, int n, uint32_t bar);
 void yield();  // a scheduling point (spin loops, __nanosleep)
 
 // Asynchronous copies (cp.async, PTX 9.7.9.25): queued per thread; commit closes a group;

@@ -21,6 +21,8 @@
 #pragma once
 #include <cstdint>
 
+#include "emu.h"
+
 namespace emu::ptx {
 
 // ---- ldmatrix (PTX 9.7.14.5.15 "ldmatrix") ------------------------------------------------
@@ -98,6 +100,42 @@ inline void wgmma_wait_all() { wgmma_wait(0); }
 void fence_proxy_async_smem();
 // A compiler-ordering hint only (empty asm on the device); touches nothing.
 inline void fence_operand(float&) {}
+
+// ---- cluster synchronisation: mbarrier (PTX 9.7.13.15), st.async (9.7.9.12), mapa (9.7.9.23),
+// barrier.cluster (9.7.13.4), fence.mbarrier_init (9.7.13.1). State and checks in runtime.cpp
+// (emu.h); these are the instruction forms kernel code names.
+// mbarrier.init.shared::cta.b64 [addr], count
+inline void mbarrier_init(uint32_t addr, uint32_t count) { emu::mbar_init(addr, static_cast<int>(count)); }
+// fence.mbarrier_init.release.cluster: makes prior inits visible to the cluster's other CTAs
+inline void fence_mbarrier_init_release_cluster() { emu::fence_mbarrier_init(); }
+inline void fence_acq_rel_cluster() { emu::fence_mbarrier_init(); }
+// mbarrier.arrive.release.cta.shared::cta.b64 state, [addr]
+inline uint64_t mbarrier_arrive(uint32_t addr) { return emu::mbar_arrive(addr, 1, 0, true, false); }
+// mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 state, [addr], tx
+inline uint64_t mbarrier_arrive_expect_tx(uint32_t addr, uint32_t tx) { return emu::mbar_arrive(addr, 1, tx, true, false); }
+// mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote] (remote = mapa result)
+inline void mbarrier_arrive_cluster(uint32_t remote) { emu::mbar_arrive(remote, 1, 0, true, true); }
+// mbarrier.arrive.release.cta.shared::cluster.b64 _, [remote]: orders nothing for another CTA
+inline void mbarrier_arrive_cluster_cta_scope(uint32_t remote) { emu::mbar_arrive(remote, 1, 0, true, false); }
+// mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [addr], tx
+inline void mbarrier_expect_tx(uint32_t addr, uint32_t tx) { emu::mbar_expect_tx(addr, tx); }
+// mbarrier.try_wait.parity.acquire.{cta,cluster}.shared::cta.b64 p, [addr], parity
+inline bool mbarrier_try_wait_parity(uint32_t addr, uint32_t parity) { return emu::mbar_wait(addr, parity, false, true); }
+inline bool mbarrier_try_wait_parity_cluster(uint32_t addr, uint32_t parity) { return emu::mbar_wait(addr, parity, true, true); }
+// mbarrier.test_wait.parity.acquire.cluster.shared::cta.b64 p, [addr], parity
+inline bool mbarrier_test_wait_parity_cluster(uint32_t addr, uint32_t parity) { return emu::mbar_wait(addr, parity, true, false); }
+// mapa.shared::cluster.u32 d, addr, rank
+inline uint32_t mapa_shared_cluster(uint32_t addr, uint32_t rank) { return emu::mapa(addr, rank); }
+// st.async.shared::cluster.mbarrier::complete_tx::bytes.{b32,v2.b32,v4.b32} [dst], v, [bar]
+inline void st_async_b32(uint32_t dst, uint32_t v, uint32_t bar) { emu::st_async(dst, &v, 4, bar); }
+inline void st_async_v2_b32(uint32_t dst, uint32_t a, uint32_t b, uint32_t bar) {
+  const uint32_t v[2] = {a, b};
+  emu::st_async(dst, v, 8, bar);
+}
+// barrier.cluster.arrive{.release,.relaxed}.aligned / barrier.cluster.wait{.acquire}.aligned
+inline void barrier_cluster_arrive_release() { emu::cluster_arrive(true); }
+inline void barrier_cluster_arrive_relaxed() { emu::cluster_arrive(false); }
+inline void barrier_cluster_wait() { emu::cluster_wait(true); }
 
 // ---- conversions (PTX 9.7.9.21 "cvt"; formats 5.2.5 "Alternate Floating-Point Data Formats") -
 uint16_t float_to_bf16_rn(float f);   // cvt.rn.bf16.f32

@@ -69,7 +69,12 @@ constexpr size_t kStackBytes = 512 * 1024;
 constexpr size_t kGuardBytes = 64 * 1024;  // around each CTA's shared memory: hits are oob-shared
 constexpr int kMaxBarriers = 16;           // bar.sync ids 0..15 (PTX 9.7.13.4)
 
-enum class Wait { kNone, kBarrier, kCollective, kCluster, kDone };
+enum class Wait { kNone, kBarrier, kCollective, kCluster, kMbarrier, kDone };
+
+// One CTA's part of a vector clock, shared (immutable) between the threads that hold the same
+// knowledge of that CTA: after a cluster barrier every thread of the cluster holds the same
+// parts, so a cluster's clocks cost O(CTAs x threads) memory, not O(threads^2).
+using Part = std::shared_ptr<const std::vector<uint32_t>>;
 
 struct PendingCopy {
   uint32_t dst;
@@ -92,6 +97,14 @@ struct Fiber {
   const char* wait_what = "";
   int wait_id = 0;
   std::vector<uint32_t> vc;  // vector clock over the CTA's threads
+  // What this thread knows of the other CTAs of its cluster: remote[r] is a clock over CTA
+  // r's threads (null: nothing), acquired through cluster barriers and mbarriers (remote[own
+  // rank] is unused: vc is that part).
+  std::vector<Part> remote;
+  int cl_arrived = -1;         // barrier.cluster phase this thread arrived in and has not waited for
+  int cl_waited = -1;          // the last barrier.cluster phase it waited for
+  uint32_t mbar_fences = 0;    // fence.mbarrier_init / fence.acq_rel.cluster executed so far
+  std::vector<Part> woke_local, woke_cluster;  // the mbarrier phase clocks it was woken with
   uint32_t proxy_fences = 0;
   std::vector<PendingCopy> copies;
   int cp_groups = 0;  // committed cp.async groups so far
@@ -138,6 +151,7 @@ struct Cta {
   size_t smem_size = 0;
   std::vector<ByteShadow> shadow;
   std::vector<Fiber*> fibers;
+  int live = 0;  // threads that have not exited (DSMEM access to an exited CTA is reported)
   BarrierState bars[kMaxBarriers];
   // (scope, group index, member mask): a warp's disjoint member masks (sub-warp shuffles over
   // 16 lanes each, say) are independent collectives that may be in flight at once.
@@ -158,6 +172,7 @@ struct State {
   bool in_launch = false;
   bool in_collective_fn = false;
   int live = 0;  // threads of the running cluster that have not exited
+  int nthreads = 0;  // threads per CTA (cluster thread id = rank * nthreads + tid)
   std::map<std::string, size_t> static_sites;  // DSA_STATIC_SMEM objects of this launch: offset
   size_t static_end = 0;                       // end of the CTA shared window (dynamic + static)  // the emulator's own code of a collective: not kernel accesses
   bool aborted = false;
@@ -253,22 +268,91 @@ void block_current(Wait w, const char* what, int id) {
 
 void wake(Fiber* f) { f->wait = Wait::kNone; }
 
+void cluster_exit(Fiber* f);
+
 void fiber_entry() {
   g.body(g.ctx);
   g.current->wait = Wait::kDone;  // the scheduler completes barriers only exited threads block
   --g.live;
+  --g.current->cta->live;
+  cluster_exit(g.current);
   emu_switch_stack(&g.current->sp, g.scheduler_sp);  // never resumed
 }
 
-// Joins the vector clocks of `members` and starts a new epoch for each.
+// ---- cluster vector clocks -------------------------------------------------------------
+// Elementwise max of two parts; the result of a pair is memoised for the running cluster
+// (thousands of threads acquiring the same phase merge the same pairs).
+std::map<std::pair<const void*, const void*>, Part> g_merge_memo;
+
+Part merge(const Part& a, const Part& b) {
+  if (!a || a == b) return b ? b : a;
+  if (!b) return a;
+  auto key = std::make_pair(static_cast<const void*>(a.get()), static_cast<const void*>(b.get()));
+  auto it = g_merge_memo.find(key);
+  if (it != g_merge_memo.end()) return it->second;
+  std::vector<uint32_t> m(*a);
+  bool from_b = false;
+  for (size_t i = 0; i < m.size(); ++i)
+    if ((*b)[i] > m[i]) m[i] = (*b)[i], from_b = true;
+  Part r = !from_b ? a : (m == *b ? b : std::make_shared<const std::vector<uint32_t>>(std::move(m)));
+  g_merge_memo.emplace(key, r);
+  return r;
+}
+
+// A clock being accumulated from releasing threads (an mbarrier or cluster-barrier phase).
+struct ClockAcc {
+  std::vector<std::vector<uint32_t>> own;  // [rank][tid]: the releasers' own parts (max)
+  std::vector<Part> remote;                // [rank]: merged remote knowledge
+  void join(const Fiber* f) {
+    const size_t cs = f->remote.size();
+    if (own.size() != cs) own.assign(cs, {}), remote.assign(cs, nullptr);
+    auto& o = own[f->pos.cta_rank];
+    if (o.empty()) o.assign(f->vc.size(), 0);
+    for (size_t i = 0; i < o.size(); ++i) o[i] = std::max(o[i], f->vc[i]);
+    for (size_t r = 0; r < cs; ++r)
+      if (r != f->pos.cta_rank) remote[r] = merge(remote[r], f->remote[r]);
+  }
+  std::vector<Part> freeze() const {
+    std::vector<Part> out(own.size());
+    for (size_t r = 0; r < own.size(); ++r) {
+      Part p = own[r].empty() ? nullptr : std::make_shared<const std::vector<uint32_t>>(own[r]);
+      out[r] = merge(p, remote[r]);
+    }
+    return out;
+  }
+  bool empty() const { return own.empty(); }
+};
+
+// Acquire: f learns every part of `c` (only its own CTA's part with own_only).
+void acquire(Fiber* f, const std::vector<Part>& c, bool own_only = false) {
+  for (size_t r = 0; r < c.size(); ++r) {
+    if (!c[r]) continue;
+    if (r == f->pos.cta_rank) {
+      for (size_t i = 0; i < f->vc.size(); ++i) f->vc[i] = std::max(f->vc[i], (*c[r])[i]);
+    } else if (!own_only) {
+      f->remote[r] = merge(f->remote[r], c[r]);
+    }
+  }
+}
+
+// After a release: the thread's later accesses are not covered by what it released.
+inline void new_epoch(Fiber* f) { ++f->vc[f->pos.tid]; }
+
+// Joins the vector clocks of `members` (one CTA's threads at a bar.sync / syncwarp: their own
+// parts and their knowledge of the other CTAs) and starts a new epoch for each.
 void join_clocks(const std::vector<Fiber*>& members) {
   if (members.empty()) return;
   const size_t n = members[0]->vc.size();
   std::vector<uint32_t> j(n, 0);
   for (Fiber* m : members)
     for (size_t i = 0; i < n; ++i) j[i] = std::max(j[i], m->vc[i]);
+  const size_t cs = members[0]->remote.size();
+  std::vector<Part> rj(cs);
+  for (size_t r = 0; r < cs; ++r)
+    for (Fiber* m : members) rj[r] = merge(rj[r], m->remote[r]);
   for (Fiber* m : members) {
     m->vc = j;
+    m->remote = rj;
     ++m->vc[m->pos.tid];
   }
 }
@@ -302,21 +386,100 @@ bool release_barrier(Cta* c, int id) {
   return true;
 }
 
-std::vector<Fiber*> g_cluster_waiting;
+// barrier.cluster (PTX 9.7.13.4 "barrier.cluster"): a phase completes when every thread of
+// the cluster that has not exited has arrived; arrive has .release semantics (unless .relaxed),
+// wait .acquire, at cluster scope: a waiter learns the clocks of every releasing arriver.
+struct ClusterBarrier {
+  int phase = 0, arrived = 0;
+  ClockAcc acc;
+  std::vector<Part> done;  // the clock of the last completed phase
+  std::vector<Fiber*> waiting;
+} g_cbar;
 
 bool release_cluster() {
-  if (g_cluster_waiting.empty() || static_cast<int>(g_cluster_waiting.size()) < g.live) return false;
-  for (auto& c : g.ctas) {
-    std::vector<Fiber*> mine;
-    for (Fiber* f : g_cluster_waiting)
-      if (f->cta == c.get()) mine.push_back(f);
-    join_clocks(mine);
-    flush_counters(c.get());
-  }
-  for (Fiber* f : g_cluster_waiting) wake(f);
-  g_cluster_waiting.clear();
+  if (g_cbar.arrived == 0 || g_cbar.arrived < g.live) return false;
+  g_cbar.done = g_cbar.acc.freeze();
+  g_cbar.acc = ClockAcc{};
+  ++g_cbar.phase;
+  g_cbar.arrived = 0;
+  for (auto& c : g.ctas) flush_counters(c.get());
+  for (Fiber* f : g_cbar.waiting) wake(f);
+  g_cbar.waiting.clear();
   if (g.cur_counters) ++g.cur_counters->barriers;
   return true;
+}
+
+// mbarrier objects (PTX 9.7.13.15 "mbarrier"), keyed by (owning CTA rank, shared offset).
+// Clocks: arrivals (and st.async completions) by threads of the owning CTA feed `local`, those
+// by other CTAs' threads at .cluster scope feed `cluster` (a .cta-scope release by another
+// CTA's thread orders nothing for the owner's waiters); a waiter acquires the completed
+// phase's local clock, plus its cluster clock when its acquire is at .cluster scope.
+struct Mbarrier {
+  unsigned owner = 0;
+  uint32_t off = 0;
+  int expected = 0, pending = 0, phase = 0;
+  int64_t tx = 0;
+  int init_ct = 0;           // the initialising thread (cluster thread id), its clock then, and
+  uint32_t init_clk = 0;     // its fence count then: a remote use needs a fence.mbarrier_init
+  uint32_t init_fences = 0;  // (or fence.acq_rel.cluster) by it after the init
+  int vis_phase = -1;        // barrier.cluster phase the initialiser arrived in after that fence:
+                             // threads that waited for it see the init (the CUTLASS pattern
+                             // fence.mbarrier_init + barrier.cluster.arrive.relaxed + wait)
+  ClockAcc local, cluster;
+  std::vector<Part> done_local, done_cluster;  // the clocks of the last completed phase
+  std::vector<Fiber*> waiting;
+};
+std::map<std::pair<unsigned, uint32_t>, Mbarrier> g_mbars;
+constexpr int64_t kMaxTx = (1 << 20) - 1;  // tx-count range [-(2^20-1), 2^20-1] (PTX 9.7.13.15.1)
+
+std::string mbar_name(const Mbarrier& m) {
+  char buf[96];
+  std::snprintf(buf, sizeof buf, "mbarrier at shared 0x%x of cta %u", m.off, m.owner);
+  return buf;
+}
+
+// Completes the current phase once no arrival and no transaction byte is pending.
+void mbar_try_complete(Mbarrier& m, const void* pc) {
+  if (m.pending > 0) return;
+  if (m.tx < 0) {
+    add_report("mbarrier", mbar_name(m) + ": the last expected arrival came with tx-count " + std::to_string(m.tx) +
+                               ": more bytes completed (complete_tx / st.async) than expect_tx announced",
+               pc);
+    return;  // the phase cannot complete on the device either
+  }
+  if (m.tx > 0) return;
+  const std::vector<Part> lc = m.local.freeze(), cc = m.cluster.freeze();
+  m.local = ClockAcc{};
+  m.cluster = ClockAcc{};
+  m.done_local = lc;
+  m.done_cluster = cc;
+  ++m.phase;
+  m.pending = m.expected;
+  m.tx = 0;
+  for (Fiber* f : m.waiting) {
+    f->woke_local = lc;
+    f->woke_cluster = cc;
+    wake(f);
+  }
+  m.waiting.clear();
+}
+
+void mbar_release(Mbarrier& m, Fiber* f, bool release, bool cluster_scope) {
+  if (!release) return;
+  if (f->pos.cta_rank == m.owner) m.local.join(f);
+  else if (cluster_scope) m.cluster.join(f);
+  new_epoch(f);
+}
+
+void reset_cluster_state() {
+  g_cbar = ClusterBarrier{};
+  g_mbars.clear();
+  g_merge_memo.clear();
+}
+
+void cluster_exit(Fiber* f) {
+  if (f->cl_arrived == g_cbar.phase) --g_cbar.arrived;  // counted in live no more
+  f->cl_arrived = -1;
 }
 
 void report_deadlock() {
@@ -329,6 +492,12 @@ void report_deadlock() {
     ++waits[buf];
   }
   for (auto& [w, n] : waits) text += w + " x" + std::to_string(n) + ";";
+  for (auto& [key, m] : g_mbars)
+    if (!m.waiting.empty())
+      text += " " + mbar_name(m) + " phase " + std::to_string(m.phase) + ": " + std::to_string(m.pending) + " of " +
+              std::to_string(m.expected) + " arrivals pending, tx-count " + std::to_string(m.tx) + ";";
+  if (g_cbar.arrived)
+    text += " barrier.cluster: " + std::to_string(g_cbar.arrived) + " of " + std::to_string(g.live) + " live threads arrived;";
   for (auto& c : g.ctas)
     for (int id = 0; id < kMaxBarriers; ++id)
       if (c->bars[id].arrived)
@@ -377,14 +546,31 @@ bool in_region(const Cta* c, uintptr_t a, size_t n) {
   return a >= lo && a + n <= lo + c->smem_size;
 }
 
-// Happens-before: does thread f know about thread t's clock value clk?
-inline bool ordered(const Fiber* f, int t, uint32_t clk) { return f->vc[t] >= clk; }
+// Happens-before: does thread f know about cluster thread ct's clock value clk?
+inline bool ordered(const Fiber* f, int ct, uint32_t clk) {
+  const unsigned r = static_cast<unsigned>(ct / g.nthreads);
+  const int t = ct % g.nthreads;
+  if (r == f->pos.cta_rank) return f->vc[t] >= clk;
+  const Part& p = f->remote[r];
+  return p && (*p)[t] >= clk;
+}
+
+// A cluster thread id as reports name it: "tid N" (of "cta R" in clusters of several CTAs).
+std::string tid_name(int ct) {
+  if (g.ctas.size() <= 1) return "tid " + std::to_string(ct);
+  return "tid " + std::to_string(ct % g.nthreads) + " of cta " + std::to_string(ct / g.nthreads);
+}
+
+// " of cta R" when the byte is in a cluster peer's shared memory (DSMEM), else "".
+std::string where(const Cta* c, const Fiber* f) {
+  return c == f->cta ? std::string() : " of cta " + std::to_string(c->rank) + " (distributed shared memory)";
+}
 
 void shadow_access(Cta* c, Fiber* f, size_t off, size_t n, bool write, bool async_read, const void* pc) {
   bool uninit_reported = false;
   for (size_t i = 0; i < n; ++i) {
     ByteShadow& s = c->shadow[off + i];
-    const int t = f->pos.tid;
+    const int t = f->pos.cluster_tid;  // identity; the clock is f->vc[f->pos.tid]
     if (s.pending) {
       char buf[200];
       std::snprintf(buf, sizeof buf, "%s of shared byte 0x%zx by %s while a cp.async to it is outstanding (no wait_group covers it)",
@@ -394,27 +580,28 @@ void shadow_access(Cta* c, Fiber* f, size_t off, size_t n, bool write, bool asyn
     }
     if (s.written && s.wtid != t && !ordered(f, s.wtid, s.wclk)) {
       char buf[240];
-      std::snprintf(buf, sizeof buf, "%s of shared byte 0x%zx by %s races with a write by tid %d (no barrier between)",
-                    write ? "write" : "read", off + i, who(f).c_str(), s.wtid);
+      std::snprintf(buf, sizeof buf, "%s of shared byte 0x%zx%s by %s races with a write by %s (no barrier between)",
+                    write ? "write" : "read", off + i, where(c, f).c_str(), who(f).c_str(), tid_name(s.wtid).c_str());
       add_report("race", buf, pc);
       return;
     }
     if (!write) {
       if (!s.written) {
         char buf[200];
-        std::snprintf(buf, sizeof buf, "read of never-written shared byte 0x%zx by %s", off + i, who(f).c_str());
+        std::snprintf(buf, sizeof buf, "read of never-written shared byte 0x%zx%s by %s", off + i, where(c, f).c_str(),
+                      who(f).c_str());
         if (!uninit_reported) add_report("uninit-shared", buf, pc);
         uninit_reported = true;  // one report per access; the read is still recorded below
       }
-      if (s.written && async_read && s.wfence == f->cta->fibers[s.wtid]->proxy_fences + 1) {
+      if (s.written && async_read && s.wfence == g.fibers[s.wtid]->proxy_fences + 1) {
         char buf[240];
         std::snprintf(buf, sizeof buf,
-                      "wgmma (async proxy) read of shared byte 0x%zx written by tid %d through the generic proxy with no fence.proxy.async after the write",
-                      off + i, s.wtid);
+                      "wgmma (async proxy) read of shared byte 0x%zx written by %s through the generic proxy with no fence.proxy.async after the write",
+                      off + i, tid_name(s.wtid).c_str());
         add_report("proxy-fence", buf, pc);
         return;
       }
-      const uint32_t clk = f->vc[t];
+      const uint32_t clk = f->vc[f->pos.tid];
       int slot = -1;
       for (int r = 0; r < s.nreads; ++r)
         if (s.rtid[r] == t || ordered(f, s.rtid[r], s.rclk[r])) { slot = r; break; }
@@ -425,14 +612,14 @@ void shadow_access(Cta* c, Fiber* f, size_t off, size_t n, bool write, bool asyn
       for (int r = 0; r < s.nreads; ++r)
         if (s.rtid[r] != t && !ordered(f, s.rtid[r], s.rclk[r])) {
           char buf[240];
-          std::snprintf(buf, sizeof buf, "write of shared byte 0x%zx by %s races with a read by tid %d (no barrier between)",
-                        off + i, who(f).c_str(), s.rtid[r]);
+          std::snprintf(buf, sizeof buf, "write of shared byte 0x%zx%s by %s races with a read by %s (no barrier between)",
+                        off + i, where(c, f).c_str(), who(f).c_str(), tid_name(s.rtid[r]).c_str());
           add_report("race", buf, pc);
           return;
         }
       s.written = 1;
       s.wtid = static_cast<uint16_t>(t);
-      s.wclk = f->vc[t];
+      s.wclk = f->vc[f->pos.tid];
       s.wfence = f->proxy_fences + 1;
       s.nreads = 0;
     }
@@ -546,6 +733,14 @@ void on_access(void* p, size_t n, bool write, const void* pc) {
   }
   for (auto& other : g.ctas)  // distributed shared memory of a cluster peer
     if (other.get() != c && in_region(other.get(), a, n)) {
+      if (other->live == 0) {
+        char buf[200];
+        std::snprintf(buf, sizeof buf, "%s of %zu bytes of cta %u's shared memory by %s after every thread of that CTA exited",
+                      write ? "write" : "read", n, other->rank, who(f).c_str());
+        add_report("dsmem-exited", buf, pc);
+      }
+      // Races, never-written bytes: checked against the peer's shadow with f's cluster clock.
+      shadow_access(other.get(), f, a - reinterpret_cast<uintptr_t>(other->smem), n, write, false, pc);
       count_access(f, reinterpret_cast<uintptr_t>(pc), a, static_cast<uint32_t>(n));
       return;
     }
@@ -660,7 +855,7 @@ int launch(const LaunchSpec& spec, void (*body)(void*), void* ctx) {
       for (unsigned cx = 0; cx < spec.grid.x; cx += spec.cluster.x) {
         g.ctas.clear();
         g.fibers.clear();
-        g_cluster_waiting.clear();
+        reset_cluster_state();
         unsigned rank = 0;
         for (unsigned z = 0; z < spec.cluster.z; ++z)
           for (unsigned y = 0; y < spec.cluster.y; ++y)
@@ -669,6 +864,7 @@ int launch(const LaunchSpec& spec, void (*body)(void*), void* ctx) {
               c->block = {cx + x, cy + y, cz + z};
               c->rank = rank;
               c->nthreads = static_cast<int>(nthreads);
+              c->live = static_cast<int>(nthreads);
               if (!g.region_pool.empty()) {
                 c->region = g.region_pool.back();
                 g.region_pool.pop_back();
@@ -684,6 +880,7 @@ int launch(const LaunchSpec& spec, void (*body)(void*), void* ctx) {
             }
         k.ctas += g.ctas.size();
         g.live = static_cast<int>(g.ctas.size() * nthreads);
+        g.nthreads = static_cast<int>(nthreads);
         for (auto& c : g.ctas) {
           for (unsigned t = 0; t < nthreads; ++t) {
             auto f = std::make_unique<Fiber>();
@@ -695,6 +892,7 @@ int launch(const LaunchSpec& spec, void (*body)(void*), void* ctx) {
             f->pos.cluster_tid = static_cast<int>(c->rank * nthreads + t);
             f->vc.assign(nthreads, 0);
             f->vc[t] = 1;
+            f->remote.assign(g.ctas.size(), nullptr);
             f->stack = get_stack();
             // First switch-in "returns" into fiber_entry with the stack aligned as after a call.
             void** top = reinterpret_cast<void**>(static_cast<uint8_t*>(f->stack) + kStackBytes);
@@ -933,17 +1131,234 @@ void bar_sync(int id, int count) {
   }
 }
 
-void cluster_sync() {
+void cluster_arrive(bool release) {
   Fiber* f = cur();
-  g_cluster_waiting.push_back(f);
-  f->wait = Wait::kCluster;
-  f->wait_what = "barrier.cluster";
-  f->wait_id = 0;
-  if (!release_cluster()) {
-    switch_to_scheduler();
-    if (g.aborted) switch_to_scheduler();
+  if (f->cl_arrived >= 0) {
+    add_report("cluster-barrier", "barrier.cluster.arrive by " + who(f) + " that already arrived and has not waited",
+               __builtin_return_address(0));
+    return;
   }
+  f->cl_arrived = g_cbar.phase;
+  ++g_cbar.arrived;
+  for (auto& [key, m] : g_mbars)
+    if (m.vis_phase < 0 && m.init_ct == f->pos.cluster_tid && f->mbar_fences > m.init_fences) m.vis_phase = g_cbar.phase;
+  if (release) {
+    g_cbar.acc.join(f);
+    new_epoch(f);
+  }
+  release_cluster();
 }
+
+void cluster_wait(bool acquire_) {
+  Fiber* f = cur();
+  if (f->cl_arrived < 0) {
+    add_report("cluster-barrier", "barrier.cluster.wait by " + who(f) + " without a barrier.cluster.arrive before it",
+               __builtin_return_address(0));
+    return;
+  }
+  if (f->cl_arrived == g_cbar.phase) {  // its phase has not completed
+    g_cbar.waiting.push_back(f);
+    block_current(Wait::kCluster, "barrier.cluster.wait", 0);
+  }
+  f->cl_waited = f->cl_arrived;
+  f->cl_arrived = -1;
+  if (acquire_) acquire(f, g_cbar.done);
+}
+
+void cluster_sync() {
+  cluster_arrive(true);
+  cluster_wait(true);
+}
+
+// ---- mbarrier, st.async, mapa ---------------------------------------------------------------
+
+namespace {
+constexpr uint32_t kRankShift = 24;  // emulated shared::cluster address: (rank + 1) << 24 | offset
+
+// A shared::cta address (own CTA) or a mapa result -> (rank, offset).
+std::pair<unsigned, uint32_t> decode_cluster_addr(uint32_t a) {
+  const uint32_t hi = a >> kRankShift;
+  if (hi == 0) return {cur()->pos.cta_rank, a};
+  return {hi - 1, a & ((1u << kRankShift) - 1)};
+}
+
+// The mbarrier at `addr` for an operation by the calling thread, or null (reported): it must
+// exist (mbarrier.init), its init must happen before the use, and a use from another CTA needs
+// the initialiser's fence.mbarrier_init.release.cluster after the init (PTX 9.7.13.15.2).
+Mbarrier* mbar_lookup(uint32_t addr, const char* op, const void* pc) {
+  Fiber* f = cur();
+  const auto [rank, off] = decode_cluster_addr(addr);
+  if (rank >= g.ctas.size() || off % 8 || off + 8 > g.ctas[rank]->smem_size) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "%s on shared::cluster address 0x%x by %s: not an 8-byte aligned shared address of the cluster",
+                  op, addr, who(f).c_str());
+    add_report("mbarrier", buf, pc);
+    return nullptr;
+  }
+  auto it = g_mbars.find({rank, off});
+  if (it == g_mbars.end()) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "%s by %s on shared 0x%x of cta %u, where no mbarrier.init was done", op, who(f).c_str(), off,
+                  rank);
+    add_report("mbarrier", buf, pc);
+    return nullptr;
+  }
+  Mbarrier& m = it->second;
+  const bool by_cluster_barrier = m.vis_phase >= 0 && f->cl_waited >= m.vis_phase;
+  if (!by_cluster_barrier && !ordered(f, m.init_ct, m.init_clk)) {
+    add_report("mbarrier", std::string(op) + " by " + who(f) + " on " + mbar_name(m) +
+                               " not ordered after its mbarrier.init by " + tid_name(m.init_ct) +
+                               " (no barrier between; across CTAs: fence.mbarrier_init.release.cluster, then a cluster barrier)",
+               pc);
+  } else if (!by_cluster_barrier && rank != f->pos.cta_rank && g.fibers[m.init_ct]->mbar_fences == m.init_fences) {
+    add_report("mbarrier", std::string(op) + " by " + who(f) + " on " + mbar_name(m) + " of another CTA: " +
+                               tid_name(m.init_ct) + " did no fence.mbarrier_init.release.cluster after the init",
+               pc);
+  }
+  return &m;
+}
+}  // namespace
+
+uint32_t mapa(uint32_t addr, unsigned rank) {
+  if (rank >= g.ctas.size() || (addr >> kRankShift)) {
+    add_report("oob-shared", "mapa of shared 0x" + std::to_string(addr) + " to cluster rank " + std::to_string(rank) +
+                                 " of a cluster of " + std::to_string(g.ctas.size()) + ", by " + who(cur()),
+               __builtin_return_address(0));
+    rank = 0;
+  }
+  return ((rank + 1) << kRankShift) | addr;
+}
+
+uint8_t* cluster_addr_ptr(uint32_t addr) {
+  const auto [rank, off] = decode_cluster_addr(addr);
+  if (rank >= g.ctas.size()) return nullptr;
+  return g.ctas[rank]->smem + off;
+}
+
+void mbar_init(uint32_t addr, int count) {
+  Fiber* f = cur();
+  const void* pc = __builtin_return_address(0);
+  if ((addr >> kRankShift) || addr % 8 || addr + 8 > f->cta->smem_size || count < 1 || count > kMaxTx) {
+    add_report("mbarrier", "mbarrier.init of shared 0x" + std::to_string(addr) + " with count " + std::to_string(count) + " by " +
+                               who(f) + ": needs an 8-byte aligned shared::cta address and 1 <= count <= 2^20-1",
+               pc);
+    return;
+  }
+  Mbarrier& m = g_mbars[{f->pos.cta_rank, addr}];
+  if (!m.waiting.empty()) add_report("mbarrier", "mbarrier.init of " + mbar_name(m) + " while threads wait on it, by " + who(f), pc);
+  m = Mbarrier{};
+  m.owner = f->pos.cta_rank;
+  m.off = addr;
+  m.expected = m.pending = count;
+  m.init_ct = f->pos.cluster_tid;
+  m.init_clk = f->vc[f->pos.tid];
+  m.init_fences = f->mbar_fences;
+  new_epoch(f);
+}
+
+void fence_mbarrier_init() { ++cur()->mbar_fences; }
+
+uint64_t mbar_arrive(uint32_t addr, int count, int64_t tx, bool release, bool cluster_scope) {
+  Fiber* f = cur();
+  const void* pc = __builtin_return_address(0);
+  Mbarrier* m = mbar_lookup(addr, tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive", pc);
+  if (!m) return 0;
+  if (m->owner != f->pos.cta_rank && !cluster_scope)
+    add_report("mbarrier", "remote mbarrier.arrive by " + who(f) + " on " + mbar_name(*m) +
+                               " at .cta scope: it orders nothing for the owner's threads (use .cluster)",
+               pc);
+  const uint64_t state = static_cast<uint64_t>(m->phase);
+  m->tx += tx;
+  if (m->tx > kMaxTx || m->tx < -kMaxTx)
+    add_report("mbarrier", mbar_name(*m) + ": tx-count " + std::to_string(m->tx) + " outside [-(2^20-1), 2^20-1] after expect_tx by " +
+                               who(f), pc);
+  mbar_release(*m, f, release, cluster_scope);
+  m->pending -= count;
+  if (m->pending < 0) {
+    add_report("mbarrier", mbar_name(*m) + ": " + std::to_string(-m->pending) + " arrival(s) more than its expected count " +
+                               std::to_string(m->expected) + " in phase " + std::to_string(m->phase) + ", by " + who(f),
+               pc);
+    m->pending = 0;
+  }
+  mbar_try_complete(*m, pc);
+  return state;
+}
+
+void mbar_complete_tx(uint32_t addr, int64_t bytes) {
+  Fiber* f = cur();
+  const void* pc = __builtin_return_address(0);
+  Mbarrier* m = mbar_lookup(addr, "mbarrier.complete_tx", pc);
+  if (!m) return;
+  m->tx -= bytes;
+  mbar_release(*m, f, true, true);
+  mbar_try_complete(*m, pc);
+}
+
+void st_async(uint32_t dst, const void* src, int n, uint32_t bar) {
+  Fiber* f = cur();
+  const void* pc = __builtin_return_address(0);
+  const auto [drank, doff] = decode_cluster_addr(dst);
+  const auto [brank, boff] = decode_cluster_addr(bar);
+  (void)boff;
+  if (drank >= g.ctas.size() || doff % n || doff + n > g.ctas[drank]->smem_size) {
+    add_report("oob-shared", "st.async of " + std::to_string(n) + " bytes to shared::cluster 0x" + std::to_string(dst) + " by " +
+                                 who(f) + ": not an aligned shared address of the cluster",
+               pc);
+    return;
+  }
+  if (drank != brank) {
+    add_report("mbarrier", "st.async by " + who(f) + ": destination in cta " + std::to_string(drank) + " but its mbarrier in cta " +
+                               std::to_string(brank) + " (both must be in the same CTA)",
+               pc);
+    return;
+  }
+  Mbarrier* m = mbar_lookup(bar, "st.async", pc);
+  Cta* c = g.ctas[drank].get();
+  if (c->live == 0) add_report("dsmem-exited", "st.async by " + who(f) + " to cta " + std::to_string(drank) + " after it exited", pc);
+  // The store, as a write by f at its current clock; the complete-tx that follows releases it
+  // (at cluster scope) to the threads that observe the phase completion.
+  shadow_access(c, f, doff, n, true, false, pc);
+  std::memcpy(c->smem + doff, src, n);
+  count_access(f, reinterpret_cast<uintptr_t>(pc), reinterpret_cast<uintptr_t>(c->smem + doff), static_cast<uint32_t>(n));
+  if (!m) return;
+  m->tx -= n;
+  mbar_release(*m, f, true, true);
+  mbar_try_complete(*m, pc);
+}
+
+void mbar_expect_tx(uint32_t addr, int64_t tx) {
+  const void* pc = __builtin_return_address(0);
+  Mbarrier* m = mbar_lookup(addr, "mbarrier.expect_tx", pc);
+  if (!m) return;
+  m->tx += tx;
+  if (m->tx > kMaxTx) add_report("mbarrier", mbar_name(*m) + ": tx-count above 2^20-1 after expect_tx by " + who(cur()), pc);
+}
+
+bool mbar_wait(uint32_t addr, int parity, bool acquire_cluster, bool blocking) {
+  Fiber* f = cur();
+  const void* pc = __builtin_return_address(0);
+  if (addr >> kRankShift && decode_cluster_addr(addr).first != f->pos.cta_rank) {
+    add_report("mbarrier", "mbarrier wait by " + who(f) + " on another CTA's mbarrier (only arrive may be remote)", pc);
+    return true;
+  }
+  Mbarrier* m = mbar_lookup(addr & ((1u << kRankShift) - 1), "mbarrier.try_wait", pc);
+  if (!m) return true;
+  f->woke_local.clear();
+  f->woke_cluster.clear();
+  if ((m->phase & 1) == (parity & 1)) {  // the phase of this parity has not completed yet
+    m->waiting.push_back(f);
+    block_current(Wait::kMbarrier, "mbarrier.try_wait", static_cast<int>(m->off));
+    if (!blocking) return false;  // test_wait: the test happened before the completion
+  } else {
+    // Completed earlier: the clocks of the last completed phase.
+    f->woke_local = m->done_local;
+    f->woke_cluster = m->done_cluster;
+  }
+  acquire(f, f->woke_local);
+  if (acquire_cluster) acquire(f, f->woke_cluster);
+  return true;
+}
+
 
 void yield() {
   // Let every other thread run once before this one continues (spin loops make progress).
