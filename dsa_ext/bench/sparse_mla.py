@@ -2,15 +2,17 @@
 
 CUDA (SPEC section 6): forward at T=4096, H=128, K=2048, S in {8K, 32K, 128K}; backward at
 T=4096, S=8192, H=128, K=2048 (atomic and deterministic dKV); the forward again with the opt-in
-sm_90a wgmma kernel (DSA_SPARSE_MLA_WGMMA=1) at S in {8K, 128K}. FLOPs: forward
-2*T*H*K*(576+512) over valid entries (all entries are valid here), backward 2.5x that; both
+sm_90a wgmma kernel (DSA_SPARSE_MLA_WGMMA=1) at S in {8K, 128K}; the DeepSeek-V4 width
+d_qk = 512 (K == V) forward and backward at T=4096, H=64, K=640, S=32K (SPEC section 6's
+d_qk = 512 row; names end in `[d512]`). FLOPs: forward 2*T*H*K*(d_qk+512) over valid entries
+(all entries are valid here), backward 2.5x that; both
 compute-bound against the bf16 tensor-core roofline. Bytes: each input read once, each output
 written once (kv counted once, not per selection).
 Baselines: gather the selected rows and run PyTorch attention (bmm, fp32 softmax; chunked over T
 to bound memory), and dense attention over the whole context where it fits (S = 8K), each once
 in bf16 (`... bf16`) and once upcast to fp32 (`... fp32`: the faster one on CPUs whose bf16
 matmul is emulated).
-CPU / quick: tiny shapes that run in well under a second.
+CPU / quick: tiny shapes that run in well under a second; d_qk 512 at H = 8 (the TP8 shard).
 """
 from __future__ import annotations
 
@@ -26,16 +28,16 @@ __all__ = ["cases"]
 D_QK, D_V = 576, 512
 
 
-def _inputs(device, T, H, S, K, gen):
-    q = (torch.randn(T, H, D_QK, generator=gen) * 0.5).to(torch.bfloat16).to(device)
-    kv = torch.randn(S, 1, D_QK, generator=gen).to(torch.bfloat16).to(device)
+def _inputs(device, T, H, S, K, gen, d_qk=D_QK):
+    q = (torch.randn(T, H, d_qk, generator=gen) * 0.5).to(torch.bfloat16).to(device)
+    kv = torch.randn(S, 1, d_qk, generator=gen).to(torch.bfloat16).to(device)
     # K distinct-ish rows per token (random, like a top-k over a long context).
     idx = torch.randint(0, S, (T, 1, K), generator=gen, dtype=torch.int32).to(device)
     return q, kv, idx
 
 
 def _chunk(T, H, K, budget_elems=1 << 28):
-    """Tokens per baseline chunk so that the [Tc, K, 576] gather and [Tc, H, K] scores fit."""
+    """Tokens per baseline chunk so that the [Tc, K, d_qk] gather and [Tc, H, K] scores fit."""
     return max(1, min(T, budget_elems // max(1, K * max(D_QK, H))))
 
 
@@ -50,7 +52,7 @@ def _gathered_attention(q, kv, idx, scale, chunk, dtype=torch.bfloat16):
     flat = kv[:, 0]
     for t0 in range(0, q.shape[0], chunk):
         qi, ii = q[t0:t0 + chunk].to(dtype), idx[t0:t0 + chunk, 0].long()
-        rows = flat[ii].to(dtype)                                         # [Tc, K, 576]
+        rows = flat[ii].to(dtype)                                         # [Tc, K, d_qk]
         s = torch.bmm(qi, rows.transpose(1, 2)).float() * scale           # [Tc, H, K]
         p = torch.softmax(s, dim=-1).to(dtype)
         outs.append(torch.bmm(p, rows[..., :D_V]).to(q.dtype))
@@ -79,8 +81,8 @@ def _dense_attention(q, kv, scale, chunk, dtype=torch.bfloat16):
     outs = []
     for t0 in range(0, q.shape[0], chunk):
         qi = q[t0:t0 + chunk].to(dtype)
-        Tc, H, _ = qi.shape
-        s = (qi.reshape(Tc * H, D_QK) @ flat.t()).float() * scale        # [Tc*H, S]
+        Tc, H, D = qi.shape
+        s = (qi.reshape(Tc * H, D) @ flat.t()).float() * scale           # [Tc*H, S]
         p = torch.softmax(s, dim=-1).to(dtype)
         outs.append((p @ flat[:, :D_V]).view(Tc, H, D_V).to(q.dtype))
     return torch.cat(outs)
@@ -102,11 +104,16 @@ def _with_wgmma(fn):
     return run
 
 
-def _fwd_case(device, T, H, S, K, gen, dense: bool, wgmma: bool = False) -> Case:
+def _suffix(wgmma: bool, d_qk: int) -> str:
+    tags = (["wgmma"] if wgmma else []) + (["d512"] if d_qk == 512 else [])
+    return f"[{','.join(tags)}]" if tags else ""
+
+
+def _fwd_case(device, T, H, S, K, gen, dense: bool, wgmma: bool = False, d_qk: int = D_QK) -> Case:
     import dsa_ext
 
-    q, kv, idx = _inputs(device, T, H, S, K, gen)
-    scale = D_QK ** -0.5
+    q, kv, idx = _inputs(device, T, H, S, K, gen, d_qk)
+    scale = d_qk ** -0.5
     chunk = _chunk(T, H, K)
     baselines = {f"gather + torch attention {name}": (lambda dt=dt: _gathered_attention(q, kv, idx, scale, chunk, dt))
                  for name, dt in COMPOSITE_DTYPES}
@@ -115,30 +122,30 @@ def _fwd_case(device, T, H, S, K, gen, dense: bool, wgmma: bool = False) -> Case
         for name, dt in COMPOSITE_DTYPES:
             baselines[f"dense torch attention (all S) {name}"] = (
                 lambda dt=dt: _dense_attention(q, kv, scale, dchunk, dt))
-    flops = 2.0 * T * H * K * (D_QK + D_V)
+    flops = 2.0 * T * H * K * (d_qk + D_V)
     nbytes = (q.numel() + kv.numel()) * 2 + idx.numel() * 4 + T * H * D_V * 2 + T * H * 4
     op = lambda: dsa_ext.sparse_mla_fwd(q, kv, idx, scale)  # noqa: E731
-    return Case(family="attn_fwd", name="sparse_mla_fwd[wgmma]" if wgmma else "sparse_mla_fwd",
-                shape={"T": T, "H": H, "S": S, "K": K},
+    return Case(family="attn_fwd", name="sparse_mla_fwd" + _suffix(wgmma, d_qk),
+                shape={"T": T, "H": H, "S": S, "K": K, "d_qk": d_qk},
                 fn=_with_wgmma(op) if wgmma else op,
                 flops=flops, bytes=float(nbytes), bound="compute", flops_dtype="bf16",
                 baselines=baselines, note="random indices, all valid")
 
 
-def _bwd_case(device, T, H, S, K, gen, deterministic: bool) -> Case:
+def _bwd_case(device, T, H, S, K, gen, deterministic: bool, d_qk: int = D_QK) -> Case:
     import dsa_ext
 
-    q, kv, idx = _inputs(device, T, H, S, K, gen)
-    scale = D_QK ** -0.5
+    q, kv, idx = _inputs(device, T, H, S, K, gen, d_qk)
+    scale = d_qk ** -0.5
     out, lse = dsa_ext.sparse_mla_fwd(q, kv, idx, scale)
     dout = (torch.randn(out.shape, generator=gen) * 0.1).to(torch.bfloat16).to(device)
     upcast = {torch.float32: (q.float(), kv.float(), dout.float())}   # built once, outside the timing
     chunk = max(1, _chunk(T, H, K) // 2)
-    flops = 2.5 * 2.0 * T * H * K * (D_QK + D_V)
+    flops = 2.5 * 2.0 * T * H * K * (d_qk + D_V)
     nbytes = ((q.numel() + kv.numel() + 2 * out.numel()) * 2 + idx.numel() * 4 + lse.numel() * 4
               + (q.numel() + kv.numel()) * 2)
-    name = "sparse_mla_bwd_deterministic" if deterministic else "sparse_mla_bwd"
-    return Case(family="attn_bwd", name=name, shape={"T": T, "H": H, "S": S, "K": K},
+    name = ("sparse_mla_bwd_deterministic" if deterministic else "sparse_mla_bwd") + _suffix(False, d_qk)
+    return Case(family="attn_bwd", name=name, shape={"T": T, "H": H, "S": S, "K": K, "d_qk": d_qk},
                 fn=lambda: dsa_ext.sparse_mla_bwd(q, kv, out, dout, idx, lse, scale,
                                                   deterministic=deterministic),
                 flops=flops, bytes=float(nbytes), bound="compute", flops_dtype="bf16",
@@ -162,8 +169,17 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
             out.append(_fwd_case(device, 4096, 128, S, 2048, gen, dense=False, wgmma=True))
         out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=False))
         out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=True))
+        # DeepSeek-V4 width (SPEC section 6, d_qk = 512 row): T=4096, H=64, K=640, S=32K
+        out.append(_fwd_case(device, 4096, 64, 32768, 640, gen, dense=False, d_qk=512))
+        out.append(_fwd_case(device, 4096, 64, 32768, 640, gen, dense=False, wgmma=True, d_qk=512))
+        out.append(_bwd_case(device, 4096, 64, 32768, 640, gen, deterministic=False, d_qk=512))
+        out.append(_bwd_case(device, 4096, 64, 32768, 640, gen, deterministic=True, d_qk=512))
     else:
         out.append(_fwd_case(device, 8, 16, 512, 128, gen, dense=True))
         out.append(_bwd_case(device, 8, 16, 512, 128, gen, deterministic=False))
         out.append(_bwd_case(device, 8, 16, 512, 128, gen, deterministic=True))
+        # d_qk = 512 at H = 8 (V4-Flash at TP8); two rows only: `dsa-bench all --quick` has a
+        # time budget in tests/test_bench_cli.py
+        out.append(_fwd_case(device, 8, 8, 512, 128, gen, dense=True, d_qk=512))
+        out.append(_bwd_case(device, 8, 8, 512, 128, gen, deterministic=False, d_qk=512))
     return out
