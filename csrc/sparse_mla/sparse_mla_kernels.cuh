@@ -362,7 +362,14 @@ struct BwdCfg {
   // n-tiles per dKV group: 48 (D = 576) or 64 (D = 512) columns where registers allow (fewer
   // reloads of the dSᵀ / Pᵀ fragments), half that at 512 threads (128 registers per thread). A
   // group must divide D: 576 = 12 x 48, 512 = 8 x 64.
+  // Below sm_90 the dKV atomics are scalar (no float2 atomicAdd) and the 64-head, 576-wide
+  // kernel spilled at 24 columns: 16 there. (The emulator compiles sm_90, so it runs the
+  // sm_90 group widths; 16 columns is the same loop with a smaller constant.)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  static constexpr int kGroupTiles = (D == 576 ? 6 : 8) / (HB == 64 ? (D == 576 ? 3 : 2) : 1);
+#else
   static constexpr int kGroupTiles = (D == 576 ? 6 : 8) / (HB == 64 ? 2 : 1);
+#endif
   static constexpr int kGroupsPerM = D / (8 * kGroupTiles);
   static_assert(kGroupsPerM * 8 * kGroupTiles == D, "dKV groups tile the row");
   // dQ n-tiles per warp: the 4 column warps split D.
