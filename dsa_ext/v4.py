@@ -429,6 +429,7 @@ class V4Attention(nn.Module):
         if x.dim() != 2:
             raise ValueError(f"x must be 2-D [T, dim], got {tuple(x.shape)}")
         self._check_prev_topk_use(prev_topk)
+        x = x.to(self.wq_a.weight.dtype)       # the layer's dtype (inputs of another float dtype are cast)
         T = x.shape[0]
         cu = (torch.tensor([0, T], device=x.device) if cu_seqlens is None
               else cu_seqlens.to(device=x.device, dtype=torch.long))
@@ -573,6 +574,7 @@ class V4Attention(nn.Module):
             raise ValueError(f"seq_ids must be distinct, got {list(seq_ids)}")
         self._check_cache(cache)
         self._check_prev_topk_use(prev_topk)
+        x = x.to(self.wq_a.weight.dtype)
         dev = x.device
         lens = [cache.seq_len(s) for s in seq_ids]
         positions = torch.tensor(lens, dtype=torch.long, device=dev)

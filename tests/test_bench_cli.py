@@ -28,6 +28,9 @@ FAMILY_OPS = {
     "e2e": ["fp8_quantize", "hadamard_fp8_quantize", "indexer_logits", "indexer_topk", "sparse_mla_fwd", "indexer_k_cache_write", "mla_kv_cache_write",
             "paged_indexer_logits", "topk_indices", "topk_slot_ids", "sparse_mla_decode"],
     "train": ["indexer_train_logits_bwd", "indexer_kl_loss_sparse", "indexer_kl_loss_dense"],
+    "v4": ["v4_compress", "v4_compress_step", "fp8_quantize", "hadamard_fp8_quantize", "indexer_topk",
+           "sparse_mla_fwd", "mla_kv_cache_write", "mla_kv_cache_gather", "indexer_k_cache_write",
+           "paged_indexer_logits", "topk_indices", "topk_slot_ids"],
 }
 
 
@@ -44,7 +47,7 @@ def cli_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "report.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "dsa_ext.bench.cli", "all", "--quick", "--device", "cpu",
-                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, json.loads(out.read_text())
 

@@ -6,9 +6,9 @@
     python -m dsa_ext.bench.cli ...    # the same without the console script
 
 Subcommands pick the case family: indexer, topk, attn-fwd, attn-bwd, decode, cache, e2e, train,
-all. `dsa-bench train-demo [--steps N ...]` instead runs `dsa_ext.train_demo` (the indexer
+v4 (DeepSeek-V4: the compressor and whole V4 layers), all. `dsa-bench train-demo [--steps N ...]` instead runs `dsa_ext.train_demo` (the indexer
 trained by the dense warm-up loss on a toy layer, on the CPU in about two minutes).
-Cases come from the family modules `dsa_ext.bench.{cache,indexer,topk,sparse_mla,mla_decode,e2e,training}`
+Cases come from the family modules `dsa_ext.bench.{cache,indexer,topk,sparse_mla,mla_decode,e2e,training,v4}`
 (`cases(device, quick) -> list[Case]`, see common.py); a module that is absent is skipped with
 a message, and a case that raises (an op not built yet, out of memory) becomes an error row
 while the run goes on. The device is CUDA when available (`--device` to choose); on a GPU the
@@ -77,6 +77,7 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "decode": ("decode", "mla_decode"),
     "e2e": ("e2e", "e2e"),
     "train": ("train", "training"),
+    "v4": ("v4", "v4"),
 }
 
 
