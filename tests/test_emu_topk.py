@@ -6,6 +6,11 @@ memory every pass), the launcher's fallback to smaller clusters when the device 
 16 (or any) CTAs per cluster, and topk_slot_ids_kernel; exact against dsa_ext.reference, with
 no hazard reported.
 
+Every test runs in both cluster synchronisation modes of topk_radix_kernel (DSA_TOPK_SYNC,
+topk_launch.cu): "mbarrier" (point-to-point mbarrier / st.async signalling, the sm_90 default;
+one cluster barrier per cluster) and "cluster" (a full cluster barrier per pass, the previous
+kernel); the emulator checks races across the cluster's CTAs (DSMEM) in both.
+
 Only the columns a row may read ([ks, ke) clamped) are registered as device memory, so a read
 outside its range is an out-of-bounds report; rows start off 16-byte alignment (the scalar head
 of the vectorised first pass) at a row stride that is not S. Outputs start at -7, which no
@@ -42,9 +47,18 @@ def _setup(lib):
     return lib
 
 
+SYNC_MODES = ["mbarrier", "cluster"]
+
+
+@pytest.fixture(scope="module", params=SYNC_MODES)
+def sync(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def lib():
+def lib(sync):
     lib = _setup(E.load("topk"))
+    E.set_env(lib, "DSA_TOPK_SYNC", sync)  # read by the launcher at every launch
     # The launcher reads the device (SM count, the largest cluster it can place) once per
     # process, at its first call: it must see the whole emulated H100.
     E.set_env(lib, "DSA_EMU_NUM_SMS", None)
@@ -105,7 +119,7 @@ CLUSTERS = [(3, 3000, 1), (1, 4096, 2), (2, 8192, 4), (1, 16384, 8), (1, 2 * 163
 
 @pytest.mark.parametrize("T,S,cs", CLUSTERS, ids=[f"cs{c[2]}" for c in CLUSTERS])
 @pytest.mark.parametrize("name,k,sorted", [("random", 2049, True), ("few_distinct", 777, False)])
-def test_cluster_sizes(lib, gen, T, S, cs, name, k, sorted):
+def test_cluster_sizes(lib, sync, gen, T, S, cs, name, k, sorted):
     """Every cluster size: the cluster histogram through distributed shared memory, CTA offsets
     for the elements above the threshold and for the tie class (few_distinct: thousands of
     equal keys, cut in index order across the cluster's CTAs), and the sort by CTA 0."""
@@ -114,6 +128,16 @@ def test_cluster_sizes(lib, gen, T, S, cs, name, k, sorted):
     assert reports == []
     assert cluster_size(counters, T) == cs
     assert_topk(out, x, k, None, None, sorted)
+    assert E.counters(lib) and (RADIX + "<(dsa::topk::SyncMode)" + ("1" if sync == "mbarrier" else "0")) in \
+        next(n for n in E.counters(lib) if RADIX in n)
+    if sync == "mbarrier":
+        # one cluster barrier per cluster (the mbarrier inits); per pass a reduce-scatter and an
+        # all-gather phase in every CTA (cs > 1), one counts phase per CTA, CTA 0's done phase
+        # when sorted
+        assert counters["cluster_barriers"] == T
+        assert counters["mbarrier_phases"] >= T * (cs * (1 + (2 if cs > 1 else 0)) + (1 if sorted else 0))
+    else:
+        assert counters["cluster_barriers"] >= 3 * T and counters["mbarrier_phases"] == 0
     # the key cache: every logit is read once (the sort reads its k indices and their logits)
     assert counters["gmem_bytes_read"] == 4 * T * S + (8 * T * k if sorted else 0)
 
@@ -230,13 +254,14 @@ print(json.dumps(res))
 
 
 @pytest.mark.parametrize("max_cluster,S,cs", [("8", 2 * 16384, 8), ("1", CACHE_KEYS + 3000, 1)])
-def test_cluster_fallback(max_cluster, S, cs):
+@pytest.mark.parametrize("sync", SYNC_MODES)
+def test_cluster_fallback(max_cluster, S, cs, sync):
     """The launcher asks cudaOccupancyMaxActiveClusters for 16, 8, ... CTAs and takes the
     largest the device can place (the emulator's DSA_EMU_MAX_CLUSTER caps it; the launcher
     decides once per process, hence a child process). With no clusters at all, a row above
     one key cache streams on a single CTA."""
     tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, DSA_EMU_MAX_CLUSTER=max_cluster)
+    env = dict(os.environ, DSA_EMU_MAX_CLUSTER=max_cluster, DSA_TOPK_SYNC=sync)
     env.pop("DSA_EMU_NUM_SMS", None)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(tests), tests, env.get("PYTHONPATH", "")])
     cases = [(S, 2049, True)]

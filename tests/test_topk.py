@@ -167,10 +167,19 @@ needs_cuda = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 
+@pytest.fixture(params=["mbarrier", "cluster"])
+def topk_sync(request, monkeypatch):
+    """The CUDA top-k's cluster synchronisation (DSA_TOPK_SYNC, read by the launcher at every
+    launch, topk_launch.cu): mbarrier / st.async pushes (the sm_90 default) or a full cluster
+    barrier per pass (the previous kernel). Results must be identical."""
+    monkeypatch.setenv("DSA_TOPK_SYNC", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("name", ["random", "all_equal", "low_10_bits", "few_distinct", "nan_mix"])
 @pytest.mark.parametrize("T,S", [(1, 131072), (64, 131072), (300, 32768), (3, 400000)])
 @pytest.mark.parametrize("ragged", [False, True])
-def test_cuda_long_rows(gen, name, T, S, ragged):
+def test_cuda_long_rows(gen, topk_sync, name, T, S, ragged):
     """Both CUDA regimes (one CTA per row; a cluster of CTAs per row) and the streaming
     fallback (S = 400000: slices larger than the shared-memory key cache)."""
     x = randn(T, S, gen=gen) if name == "random" else _adversarial(name, T, S, gen)
@@ -198,7 +207,7 @@ for _m in needs_cuda:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_matches_cpu_ragged(gen):
+def test_cuda_matches_cpu_ragged(gen, topk_sync):
     T, S = 300, 20000
     x = _adversarial("few_distinct", T, S, gen)
     ks = torch.randint(-10, S, (T,), generator=gen, dtype=torch.int32)
@@ -210,7 +219,7 @@ def test_cuda_matches_cpu_ragged(gen):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_graph_capture(gen):
+def test_cuda_graph_capture(gen, topk_sync):
     x = randn(8, 65536, gen=gen, device="cuda")
     ke = torch.full((8,), 60000, dtype=torch.int32, device="cuda")
     want = dsa_ext.topk_indices(x, 2048, None, ke, sorted=True)

@@ -93,6 +93,8 @@ struct Counters {
   uint64_t cp_async_bytes = 0;
   uint64_t mma_sync = 0, wgmma = 0, ldmatrix = 0;    // warp/warpgroup-level instructions issued
   uint64_t barriers = 0;
+  uint64_t cluster_barriers = 0;  // completed barrier.cluster phases (also counted in barriers)
+  uint64_t mbarrier_phases = 0;   // completed mbarrier phases
 };
 // Name -> counters, in first-launch order.
 std::vector<std::pair<std::string, Counters>> counters();

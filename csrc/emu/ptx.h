@@ -132,6 +132,10 @@ inline void st_async_v2_b32(uint32_t dst, uint32_t a, uint32_t b, uint32_t bar) 
   const uint32_t v[2] = {a, b};
   emu::st_async(dst, v, 8, bar);
 }
+inline void st_async_v4_b32(uint32_t dst, uint32_t a, uint32_t b, uint32_t c, uint32_t d, uint32_t bar) {
+  const uint32_t v[4] = {a, b, c, d};
+  emu::st_async(dst, v, 16, bar);
+}
 // barrier.cluster.arrive{.release,.relaxed}.aligned / barrier.cluster.wait{.acquire}.aligned
 inline void barrier_cluster_arrive_release() { emu::cluster_arrive(true); }
 inline void barrier_cluster_arrive_relaxed() { emu::cluster_arrive(false); }

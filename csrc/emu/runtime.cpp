@@ -405,7 +405,7 @@ bool release_cluster() {
   for (auto& c : g.ctas) flush_counters(c.get());
   for (Fiber* f : g_cbar.waiting) wake(f);
   g_cbar.waiting.clear();
-  if (g.cur_counters) ++g.cur_counters->barriers;
+  if (g.cur_counters) ++g.cur_counters->barriers, ++g.cur_counters->cluster_barriers;
   return true;
 }
 
@@ -454,6 +454,7 @@ void mbar_try_complete(Mbarrier& m, const void* pc) {
   m.done_local = lc;
   m.done_cluster = cc;
   ++m.phase;
+  if (g.cur_counters) ++g.cur_counters->mbarrier_phases;
   m.pending = m.expected;
   m.tx = 0;
   for (Fiber* f : m.waiting) {
@@ -1626,10 +1627,10 @@ const char* emu_counters_json() {
                   ",\"smem_requests\":%" PRIu64 ",\"smem_wavefronts\":%" PRIu64 ",\"gmem_requests\":%" PRIu64
                   ",\"gmem_sectors\":%" PRIu64 ",\"gmem_bytes_read\":%" PRIu64 ",\"gmem_bytes_written\":%" PRIu64
                   ",\"cp_async_bytes\":%" PRIu64 ",\"mma_sync\":%" PRIu64 ",\"wgmma\":%" PRIu64 ",\"ldmatrix\":%" PRIu64
-                  ",\"barriers\":%" PRIu64 "}",
+                  ",\"barriers\":%" PRIu64 ",\"cluster_barriers\":%" PRIu64 ",\"mbarrier_phases\":%" PRIu64 "}",
                   json_escape(name).c_str(), c.launches, c.ctas, c.threads, c.smem_requests, c.smem_wavefronts,
                   c.gmem_requests, c.gmem_sectors, c.gmem_bytes_read, c.gmem_bytes_written, c.cp_async_bytes, c.mma_sync,
-                  c.wgmma, c.ldmatrix, c.barriers);
+                  c.wgmma, c.ldmatrix, c.barriers, c.cluster_barriers, c.mbarrier_phases);
     g_json += buf;
   }
   g_json += "}";

@@ -39,6 +39,9 @@ __device__ __forceinline__ void wait_cluster(uint32_t bar, uint32_t parity) {
 __device__ __forceinline__ void st_async_v2(uint32_t remote_dst, uint32_t a, uint32_t b, uint32_t remote_bar) {
   emu::ptx::st_async_v2_b32(remote_dst, a, b, remote_bar);
 }
+__device__ __forceinline__ void st_async_v4(uint32_t remote_dst, uint4 v, uint32_t remote_bar) {
+  emu::ptx::st_async_v4_b32(remote_dst, v.x, v.y, v.z, v.w, remote_bar);
+}
 __device__ __forceinline__ void cluster_arrive_relaxed() { emu::ptx::barrier_cluster_arrive_relaxed(); }
 __device__ __forceinline__ void cluster_arrive_release() { emu::ptx::barrier_cluster_arrive_release(); }
 __device__ __forceinline__ void cluster_wait() { emu::ptx::barrier_cluster_wait(); }
@@ -89,6 +92,12 @@ __device__ __forceinline__ void st_async_v2(uint32_t remote_dst, uint32_t a, uin
                "r"(a), "r"(b), "r"(remote_bar)
                : "memory");
 }
+// Four words (16-byte aligned) to a peer; completes 16 transaction bytes on its mbarrier.
+__device__ __forceinline__ void st_async_v4(uint32_t remote_dst, uint4 v, uint32_t remote_bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.u32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(remote_dst),
+               "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(remote_bar)
+               : "memory");
+}
 __device__ __forceinline__ void cluster_arrive_relaxed() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 }
@@ -97,6 +106,28 @@ __device__ __forceinline__ void cluster_arrive_release() {
 }
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
 
+#else
+// Before sm_90 (and in nvcc's host pass) there are no clusters: kernels select their
+// non-cluster code at compile time (kHasClusters); these only keep that code well-formed.
+__device__ __forceinline__ uint32_t smem_addr(const void*) { return 0; }
+__device__ __forceinline__ void mbar_init(uint32_t, uint32_t) {}
+__device__ __forceinline__ void fence_mbar_init() {}
+__device__ __forceinline__ uint32_t mapa(uint32_t addr, uint32_t) { return addr; }
+__device__ __forceinline__ void arrive_remote(uint32_t) {}
+__device__ __forceinline__ void arrive_expect_tx(uint32_t, uint32_t) {}
+__device__ __forceinline__ void wait_cluster(uint32_t, uint32_t) {}
+__device__ __forceinline__ void st_async_v2(uint32_t, uint32_t, uint32_t, uint32_t) {}
+__device__ __forceinline__ void st_async_v4(uint32_t, uint4, uint32_t) {}
+__device__ __forceinline__ void cluster_arrive_relaxed() {}
+__device__ __forceinline__ void cluster_arrive_release() {}
+__device__ __forceinline__ void cluster_wait() {}
+#endif
+
+// Whether this compilation pass has thread-block clusters (sm_90 device code or the emulator).
+#if defined(DSA_EMULATOR) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+constexpr bool kHasClusters = true;
+#else
+constexpr bool kHasClusters = false;
 #endif
 
 }  // namespace csync

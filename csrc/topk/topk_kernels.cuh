@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "common/cuda_utils.cuh"
+#include "topk/topk_cluster.cuh"
 #include "topk/topk_key.h"
 
 namespace dsa {
@@ -45,6 +46,32 @@ static_assert(pass_bins(0) == 4 * kBlock && pass_bins(1) == 4 * kBlock && pass_b
               "each thread owns 4 (or 2) contiguous histogram bins");
 static_assert(pass_shift(0) + 11 == 32 && pass_shift(1) + 11 == pass_shift(0) && pass_shift(2) + 10 == pass_shift(1),
               "the digits tile the 32-bit key");
+
+// How the CTAs of a row's cluster synchronise (topk_radix_kernel's template parameter; the
+// launcher picks it, DSA_TOPK_SYNC=cluster|mbarrier, see topk_launch.cu):
+//   kCluster  — a full cluster barrier (barrier.cluster arrive.release + wait.acquire) after
+//               every histogram pass, after the count exchange and before exit: up to five
+//               per row, each waiting for every thread of every CTA.
+//   kMbarrier — point-to-point pushes by st.async (each completes its bytes on the receiver's
+//               mbarrier; no fence, no remote read): per pass a reduce-scatter (CTA r owns
+//               bins [r q, (r+1) q), q = bins / cs; every CTA pushes each owner its slice of
+//               the local histogram, 16 bytes per st.async, into the owner's recv buffer), the
+//               owner sums its slice, then an all-gather (each owner pushes its summed slice
+//               into every peer's cluster histogram). Each receiver arrives once with
+//               expect_tx of the bytes it will receive and waits (acquire.cluster) on its own
+//               barrier. The counts go the same way (8 bytes to every peer); with sorted output
+//               the peers arrive (release.cluster: their global output) on CTA 0's done
+//               mbarrier. The one cluster barrier left (mbarrier inits visible cluster-wide) is
+//               split: arrive at kernel start, wait after the first pass's global sweep.
+//               DSMEM traffic per CTA and pass: ~2 x 8 KB out (pull: cs x 8 KB in).
+//   Why no exit barrier: no CTA reads a peer's shared memory; every push into a CTA is
+//   waited for by that CTA before its output pass, so none is in flight when it exits.
+//   Why barriers can be reused pass after pass (parity = pass & 1): a push of pass p+1 into
+//   a CTA follows its sender's wait for pass p's all-gather, which needs that CTA's own
+//   pass-p push, made after its pass-p waits completed (and the same one step earlier for
+//   the recv buffer and the cluster histogram: no push overwrites data still being read).
+enum class SyncMode : int { kCluster = 0, kMbarrier = 1 };
+constexpr int kScatterBar = 0, kGatherBar = 1, kCountsBar = 2, kDoneBar = 3, kNumBars = 4;
 
 struct TopkParams {
   const float* logits;
@@ -88,6 +115,12 @@ struct TopkShared {
   uint32_t above_off, equal_off;
   uint32_t sel_above;
   int sel_bin;
+  // SyncMode::kMbarrier: the reduce-scatter, all-gather and counts barriers (1 arrival each, plus
+  // the transaction bytes the CTA receives) and the done barrier (cs arrivals, CTA 0's is
+  // used); counts_in[r] = (above, equal) of rank r, pushed by st.async.
+  alignas(8) uint64_t bars[kNumBars];
+  uint32_t counts_in[kMaxCluster][2];
+  alignas(16) uint32_t recv[kMaxBins];  // reduce-scatter inbox: [source rank][q] of this CTA's slice
 };
 
 // Static shared memory of the kernel (the key cache is the dynamic region).
@@ -195,6 +228,59 @@ __device__ __forceinline__ void sort_selected(const float* x, int32_t* out, int 
     out[j] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(buf[j]));
 }
 
+// SyncMode::kMbarrier, cs > 1: the cluster histogram of this pass into sh.hist by st.async
+// pushes (see SyncMode), this thread's bins [t*PER, (t+1)*PER) into h. lh: this CTA's
+// complete local histogram (after a bar.sync); parity: pass & 1.
+template <int PER>
+__device__ __forceinline__ void exchange_cluster_hist(TopkShared& sh, const uint32_t* lh, unsigned cs,
+                                                      unsigned rank, uint32_t parity, uint32_t (&h)[4]) {
+  using V = typename BinVec<PER>::type;
+  constexpr int nbins = PER * kBlock;
+  const int tid = threadIdx.x;
+  // Bins per owner, q = nbins / cs: cs is a power of two <= 16, so q is one and a multiple of 4
+  // (shifts, not divisions: this runs at the kernel's 64-register cap).
+  const int cs_log = __ffs(static_cast<int>(cs)) - 1;
+  const int q_log = __ffs(nbins) - 1 - cs_log;
+  const int q = 1 << q_log;
+  const uint32_t scatter = csync::smem_addr(&sh.bars[kScatterBar]), gather = csync::smem_addr(&sh.bars[kGatherBar]);
+  const uint32_t bytes = 4u * static_cast<uint32_t>(q) * (cs - 1);  // each receives (cs-1) slices per round
+  if (tid == 0) {
+    csync::arrive_expect_tx(scatter, bytes);
+    csync::arrive_expect_tx(gather, bytes);
+  }
+  // Reduce-scatter: thread t pushes bins [4t, 4t+4) to their owner (unless that is us).
+  if (tid < nbins / 4) {
+    const unsigned owner = static_cast<unsigned>((4 * tid) >> q_log);
+    if (owner != rank) {
+      const uint32_t dst = csync::smem_addr(&sh.recv[rank * q + 4 * tid - owner * q]);
+      csync::st_async_v4(csync::mapa(dst, owner), *reinterpret_cast<const uint4*>(lh + 4 * tid),
+                         csync::mapa(scatter, owner));
+    }
+  }
+  csync::wait_cluster(scatter, parity);
+  // The owner's sums of its slice, into its own part of the cluster histogram.
+  for (int i = tid; i < q; i += kBlock) {
+    uint32_t v = lh[rank * q + i];
+    for (unsigned r = 0; r < cs; ++r)
+      if (r != rank) v += sh.recv[r * q + i];
+    sh.hist[rank * q + i] = v;
+  }
+  __syncthreads();
+  // All-gather: (peer, 16-byte piece of our slice) pairs, at most one per thread.
+  const int pieces_log = q_log - 2;  // 16-byte pieces per slice: q / 4
+  if (tid < static_cast<int>(cs - 1) << pieces_log) {
+    unsigned peer = static_cast<unsigned>(tid >> pieces_log);
+    peer += peer >= rank;
+    const int b = rank * q + 4 * (tid & ((1 << pieces_log) - 1));
+    csync::st_async_v4(csync::mapa(csync::smem_addr(&sh.hist[b]), peer), *reinterpret_cast<const uint4*>(sh.hist + b),
+                       csync::mapa(gather, peer));
+  }
+  csync::wait_cluster(gather, parity);
+  const V v = *reinterpret_cast<const V*>(sh.hist + tid * PER);
+  h[0] = h[1] = h[2] = h[3] = 0;
+  BinVec<PER>::add(h, v);
+}
+
 // First pass: read the CTA's slice [0, len) of xr from global memory once (16-byte loads on
 // the aligned body), build the histogram of the top digit, and cache the keys in ck if cached.
 // ck is offset so that ck + head is 16-byte aligned, head = elements before xr's first
@@ -242,7 +328,11 @@ __device__ __forceinline__ void first_pass(const float* xr, int64_t len, bool ca
   }
 }
 
+template <SyncMode kMode>
 __global__ void __launch_bounds__(kBlock, 2) topk_radix_kernel(const TopkParams p) {
+  // Point-to-point synchronisation only where clusters exist (sm_90, the emulator); elsewhere
+  // both modes are the same single-CTA code.
+  constexpr bool kMb = kMode == SyncMode::kMbarrier && csync::kHasClusters;
   DSA_DYNAMIC_SMEM(topk_smem, 16);
   // A static object: at fixed addresses its fields cost no base register (at the state's place
   // in the dynamic region, ptxas spilled 12 B at the 64-register cap of 2 CTAs per SM).
@@ -261,13 +351,33 @@ __global__ void __launch_bounds__(kBlock, 2) topk_radix_kernel(const TopkParams 
   const float* x = p.logits + row * p.row_stride;
   int32_t* out = p.out + row * static_cast<int64_t>(p.k);
   const int k = p.k;
+  // sh.bars[i]'s shared::cta address: a constant (static shared memory), no register held.
+  const auto bar = [&](int i) { return csync::smem_addr(&sh.bars[i]); };
+  if constexpr (kMb) {
+    if (tid == 0) {
+      csync::mbar_init(bar(kScatterBar), 1);
+      csync::mbar_init(bar(kGatherBar), 1);
+      csync::mbar_init(bar(kCountsBar), 1);
+      csync::mbar_init(bar(kDoneBar), cs);
+      csync::fence_mbar_init();
+    }
+    __syncthreads();                   // the inits, for this CTA's waiters
+    csync::cluster_arrive_relaxed();   // ... and for the peers, at the matching cluster_wait
+  }
 
   if (n <= k) {  // every column in range is selected (same branch for the whole cluster)
+    if constexpr (kMb) csync::cluster_wait();  // no CTA arrives on CTA 0's barrier before its init
     for (int64_t i = tid; i < len; i += kBlock) out[c0 - lo + i] = static_cast<int32_t>(c0 + i);
     for (int64_t j = n + static_cast<int64_t>(rank) * kBlock + tid; j < k; j += int64_t(cs) * kBlock)
       out[j] = -1;
     if (p.sorted) {
-      cluster_sync();  // release/acquire at cluster scope: CTA 0 sees the peers' output
+      if constexpr (kMb) {
+        __syncthreads();  // this CTA's output written; released to CTA 0 at cluster scope
+        if (tid == 0) csync::arrive_remote(csync::mapa(bar(kDoneBar), 0));
+        if (rank == 0) csync::wait_cluster(bar(kDoneBar), 0);
+      } else {
+        cluster_sync();  // release/acquire at cluster scope: CTA 0 sees the peers' output
+      }
       if (rank == 0 && n > 1) sort_selected(x, out, static_cast<int>(n), reinterpret_cast<uint64_t*>(cache));
     }
     return;
@@ -297,15 +407,23 @@ __global__ void __launch_bounds__(kBlock, 2) topk_radix_kernel(const TopkParams 
         if ((key & mask) == prefix) atomicAdd(&lh[(key >> shift) & (nbins - 1)], 1u);
       }
     }
-    cluster_sync();  // every CTA's histogram of this pass is complete
     uint32_t h[4];
-    if (nbins == 4 * kBlock) {
-      reduce_cluster_hist<4>(sh, lh, cs, h);
-      select_threshold_bin(sh, h, 4, need);
+    if (kMb && cs > 1) {
+      if (pass == 0) csync::cluster_wait();  // the peers' barrier inits (arrived at kernel start)
+      __syncthreads();                       // this CTA's histogram is complete
+      if (nbins == 4 * kBlock) exchange_cluster_hist<4>(sh, lh, cs, rank, pass & 1, h);
+      else exchange_cluster_hist<2>(sh, lh, cs, rank, pass & 1, h);
     } else {
-      reduce_cluster_hist<2>(sh, lh, cs, h);
-      select_threshold_bin(sh, h, 2, need);
+      if (kMb) {
+        if (pass == 0) csync::cluster_wait();  // (a cluster of one: matches the arrive)
+        __syncthreads();
+      } else {
+        cluster_sync();  // every CTA's histogram of this pass is complete
+      }
+      if (nbins == 4 * kBlock) reduce_cluster_hist<4>(sh, lh, cs, h);
+      else reduce_cluster_hist<2>(sh, lh, cs, h);
     }
+    select_threshold_bin(sh, h, nbins == 4 * kBlock ? 4 : 2, need);
     bin = sh.sel_bin;
     need -= sh.sel_above;
     prefix |= static_cast<uint32_t>(bin) << shift;
@@ -317,15 +435,26 @@ __global__ void __launch_bounds__(kBlock, 2) topk_radix_kernel(const TopkParams 
   const uint32_t total_equal = sh.hist[bin];
   if (above_acc) atomicAdd(&sh.my_above, above_acc);
   __syncthreads();
-  if (tid == 0) {
-    sh.counts[0] = sh.my_above;
-    sh.counts[1] = sh.local_hist[last_pass & 1][bin];
+  if constexpr (kMb) {
+    // Push (above, equal) into every peer's counts_in[rank]; the counts barrier completes when
+    // the cs - 1 pushes (8 bytes each) have landed here.
+    const uint32_t b = bar(kCountsBar);
+    if (tid == 0) csync::arrive_expect_tx(b, 8u * (cs - 1));
+    if (tid < static_cast<int>(cs) && tid != static_cast<int>(rank))
+      csync::st_async_v2(csync::mapa(csync::smem_addr(&sh.counts_in[rank][0]), tid), sh.my_above,
+                         sh.local_hist[last_pass & 1][bin], csync::mapa(b, tid));
+    csync::wait_cluster(b, 0);
+  } else {
+    if (tid == 0) {
+      sh.counts[0] = sh.my_above;
+      sh.counts[1] = sh.local_hist[last_pass & 1][bin];
+    }
+    cluster_sync();  // every CTA's counts are published
   }
-  cluster_sync();  // every CTA's counts are published
   if (tid == 0) {
     uint32_t a = 0, e = 0;
     for (unsigned r = 0; r < rank; ++r) {
-      const uint32_t* c = cluster_peer(sh.counts, r);
+      const uint32_t* c = kMb ? sh.counts_in[r] : cluster_peer(sh.counts, r);
       a += c[0];
       e += c[1];
     }
@@ -377,7 +506,16 @@ __global__ void __launch_bounds__(kBlock, 2) topk_radix_kernel(const TopkParams 
       __syncthreads();
     }
   }
-  cluster_sync();  // peers are done reading our counts; CTA 0 sees the whole output row
+  if constexpr (kMb) {
+    // No exit barrier (see SyncMode); with sorted output CTA 0 waits for every CTA's part.
+    if (p.sorted) {
+      __syncthreads();
+      if (tid == 0) csync::arrive_remote(csync::mapa(bar(kDoneBar), 0));
+      if (rank == 0) csync::wait_cluster(bar(kDoneBar), 0);
+    }
+  } else {
+    cluster_sync();  // peers are done reading our counts; CTA 0 sees the whole output row
+  }
   if (p.sorted && rank == 0) sort_selected(x, out, k, reinterpret_cast<uint64_t*>(cache));
 }
 

@@ -1,6 +1,17 @@
 // topk family: torch-free launchers.
+//
+// Cluster synchronisation of topk_radix_kernel (topk_kernels.cuh, SyncMode): the environment
+// variable DSA_TOPK_SYNC, read at every launch, selects it —
+//   DSA_TOPK_SYNC=mbarrier  point-to-point mbarrier / st.async signalling (the default on
+//                           sm_90+, where clusters exist);
+//   DSA_TOPK_SYNC=cluster   the previous kernel: a full cluster barrier after every pass.
+// Below sm_90 both are the same single-CTA kernel. Results are identical (bit for bit: the
+// selection and the tie order do not depend on the synchronisation), so a first GPU run can
+// time both (dsa_ext/bench/topk.py --sync).
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/cuda_utils.cuh"
 #include "topk/topk_kernels.cuh"
@@ -16,6 +27,19 @@ struct DeviceInfo {
   int max_cs = 1;  // largest cluster size used on this device
   std::atomic<bool> ready{false};
 };
+
+using RadixKernel = void (*)(const topk::TopkParams);
+constexpr RadixKernel kRadixKernels[2] = {topk::topk_radix_kernel<topk::SyncMode::kCluster>,
+                                          topk::topk_radix_kernel<topk::SyncMode::kMbarrier>};
+
+// The synchronisation DSA_TOPK_SYNC asks for ("cluster" or "mbarrier"; anything else, unset
+// included, is the default).
+topk::SyncMode sync_mode(int major) {
+  const char* v = std::getenv("DSA_TOPK_SYNC");
+  if (v && !std::strcmp(v, "cluster")) return topk::SyncMode::kCluster;
+  if (v && !std::strcmp(v, "mbarrier")) return topk::SyncMode::kMbarrier;
+  return major >= 9 ? topk::SyncMode::kMbarrier : topk::SyncMode::kCluster;
+}
 
 // CTAs per row: enough that a row's slice fits the shared-memory key cache, and, for few rows,
 // enough to spread the rows over the SMs (slices of at least 2048 columns). Cluster sizes above
@@ -33,13 +57,15 @@ int choose_cluster_size(int64_t T, int64_t S, const DeviceInfo& info, int max_cs
 // SM limits) may report no room for it, and a launch would then fail with a cluster error.
 // Cluster size 1 always works (the kernel is exact for any cs; larger clusters only add SMs
 // per row and shared-memory key cache).
+// Both synchronisation modes have the same footprint (static TopkShared, dynamic key cache)
+// and block size, so the answer for one holds for the other.
 int max_cluster_size(size_t smem) {
   int cs = topk::kMaxCluster;
-  if (cudaFuncSetAttribute(topk::topk_radix_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
-      cudaSuccess) {
-    (void)cudaGetLastError();
-    cs = topk::kPortableCluster;
-  }
+  for (RadixKernel kern : kRadixKernels)
+    if (cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+      (void)cudaGetLastError();
+      cs = topk::kPortableCluster;
+    }
   for (; cs > 1; cs /= 2) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(cs);
@@ -53,7 +79,7 @@ int max_cluster_size(size_t smem) {
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, topk::topk_radix_kernel, &cfg) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, kRadixKernels[1], &cfg) != cudaSuccess) {
       (void)cudaGetLastError();
       continue;
     }
@@ -92,9 +118,10 @@ cudaError_t device_info(DeviceInfo*& out) {
   err = cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, dev);
   if (err != cudaSuccess) return err;
   const size_t max_smem = smem_for(topk::kMaxCacheKeys, topk::kMaxSortK, true);
-  err = cudaFuncSetAttribute(topk::topk_radix_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(max_smem));
-  if (err != cudaSuccess) return err;
+  for (RadixKernel kern : kRadixKernels) {
+    err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(max_smem));
+    if (err != cudaSuccess) return err;
+  }
   info.max_cs = info.major >= 9 ? max_cluster_size(max_smem) : 1;
   info.ready.store(true, std::memory_order_release);
   return cudaSuccess;
@@ -140,7 +167,7 @@ cudaError_t topk_indices_launch(const float* logits, int64_t T, int64_t S, int64
     cfg.attrs = attr;
     cfg.numAttrs = 1;
   }
-  err = cudaLaunchKernelEx(&cfg, topk::topk_radix_kernel, p);
+  err = cudaLaunchKernelEx(&cfg, kRadixKernels[static_cast<int>(sync_mode(info->major))], p);
   if (err != cudaSuccess) return err;
   return last_launch_error();
 }
