@@ -34,6 +34,7 @@ SCALE = 576 ** -0.5
 # check_bwd (dq, dkv rel. error).
 OUT_TOL, LSE_ATOL, LSE_RTOL, GRAD_TOL = 1e-2, 1e-3, 1e-4, 2e-2
 WGMMA_ENV = "DSA_SPARSE_MLA_WGMMA"
+BUDGET_ENV = "DSA_SPARSE_MLA_DET_SCRATCH_MB"   # the deterministic scratch budget (MiB; 0 = none)
 DETERMINISTIC_KERNELS = ("count_rows_kernel", "scan_rows_kernel", "fill_rows_kernel",
                          "reduce_rows_kernel")  # the last one instantiated per d_qk
 
@@ -44,9 +45,12 @@ def lib():
     lib.emu_sparse_mla_fwd.argtypes = [VP] * 7 + [I64] * 5 + [ctypes.c_float]
     lib.emu_sparse_mla_bwd_workspace.argtypes = [I64] * 5 + [VP]
     lib.emu_sparse_mla_bwd_workspace.restype = None
+    lib.emu_sparse_mla_bwd_workspace_for.argtypes = [I64] * 5 + [VP]
+    lib.emu_sparse_mla_bwd_workspace_for.restype = None
     lib.emu_sparse_mla_bwd.argtypes = [VP] * 12 + [I64] * 5 + [ctypes.c_float, ctypes.c_int]
     yield lib
     E.set_env(lib, WGMMA_ENV, None)
+    E.set_env(lib, BUDGET_ENV, None)
 
 
 def make_inputs(T, H, S, K, gen, invalid_frac=0.1, scale_q=1.0, d_qk=576):
@@ -103,7 +107,7 @@ def run_bwd(lib, q, kv, out, dout, idx, lse, sm_scale, sink=None, tl=None, deter
     dkv_acc = torch.zeros(S, D)
     scratch = ints = None
     if deterministic:
-        sizes = (ctypes.c_int64 * 3)()
+        sizes = (ctypes.c_int64 * 4)()
         lib.emu_sparse_mla_bwd_workspace(T, S, H, K, D, sizes)
         scratch = torch.full((sizes[0],), float("nan"))
         ints = torch.full((sizes[1],), -12345, dtype=torch.int32)
@@ -324,19 +328,93 @@ def test_bwd_deterministic_matches_atomic(lib, gen, d_qk):
     torch.testing.assert_close(dkv_d, dkv_a, atol=1e-5, rtol=1e-5)
 
 
-def test_bwd_deterministic_several_chunks(lib, gen):
-    """K = 65536: two tokens per deterministic chunk (131072 entries), so T = 3 takes two chunks
-    and the second launch's tokens start at t_begin = 2. topk_length keeps the work small (the
-    count / fill kernels still visit every one of the chunk's entries)."""
+@pytest.mark.parametrize("budget_mb,chunks", [(None, 3), ("0", 2)], ids=["64MiB", "no-budget"])
+def test_bwd_deterministic_several_chunks(lib, gen, budget_mb, chunks):
+    """K = 65536: one token's contributions (65536 x 576 x 4 bytes = 144 MiB) exceed the 64 MiB
+    budget, so every token is its own chunk (three launches, t_begin = 0, 1, 2); without a budget
+    (the earlier chunking) two tokens share a chunk of 131072 entries (two launches). topk_length
+    keeps the work small (the count / fill kernels still visit every one of the chunk's
+    entries)."""
     T, H, S, K = 3, 16, 30, 65536
     q, kv, idx = make_inputs(T, H, S, K, gen)
     tl = torch.tensor([40, 0, 70], dtype=torch.int32)
-    lib.emu_clear_counters()
-    dq, _ = bwd_case(lib, gen, q, kv, idx, SCALE, None, tl, deterministic=True)
+    E.set_env(lib, BUDGET_ENV, budget_mb)
+    try:
+        lib.emu_clear_counters()
+        dq, _ = bwd_case(lib, gen, q, kv, idx, SCALE, None, tl, deterministic=True)
+    finally:
+        E.set_env(lib, BUDGET_ENV, None)
     assert (dq[1] == 0).all()
     kernels = kernels_launched(lib)
-    assert kernels["dsa::sparse_mla::sparse_mla_bwd_kernel<16, 576>"]["launches"] == 2
-    assert kernels["dsa::sparse_mla::reduce_rows_kernel<576>"]["launches"] == 2
+    assert kernels["dsa::sparse_mla::sparse_mla_bwd_kernel<16, 576>"]["launches"] == chunks
+    assert kernels["dsa::sparse_mla::reduce_rows_kernel<576>"]["launches"] == chunks
+
+
+@pytest.mark.parametrize("d_qk", D_QKS)
+def test_bwd_deterministic_any_budget_same_bits(lib, gen, d_qk):
+    """Every dkv row sums its contributions in (token, slot, head block) order and each chunk
+    continues the sums of the previous ones, so the chunking (the scratch budget) cannot change
+    a bit: 1 MiB (a few tokens per chunk: 4 chunks at d_qk 576), the default 64 MiB (one
+    chunk) and no budget give identical dq and dkv. H = 8 and 128 (two head blocks)."""
+    T, S, K = 13, 30, 70
+    for H in (8, 128):
+        q, kv, idx = make_inputs(T, H, S, K, gen, d_qk=d_qk)
+        out, lse = ref.sparse_mla_fwd(q, kv, idx, SCALE)
+        dout = randn(*out.shape, gen=gen, dtype=torch.bfloat16)
+        results = []
+        for budget in ("1", None, "0"):
+            E.set_env(lib, BUDGET_ENV, budget)
+            try:
+                sizes = (ctypes.c_int64 * 4)()
+                lib.emu_sparse_mla_bwd_workspace(T, S, H, K, d_qk, sizes)
+                lib.emu_clear_counters()
+                dq, dkv, reports = run_bwd(lib, q, kv, out, dout, idx, lse, SCALE, deterministic=True)
+            finally:
+                E.set_env(lib, BUDGET_ENV, None)
+            assert reports == []
+            chunks = -(-T // sizes[3])
+            if budget == "1":
+                nhb = -(-H // (64 if H % 64 == 0 else 16))
+                assert sizes[3] == max(1, (1 << 20) // (nhb * K * d_qk * 4)) and chunks > 1
+                assert sizes[0] * 4 <= 1 << 20 or sizes[3] == 1
+            else:
+                assert chunks == 1
+            launched = kernels_launched(lib)[f"dsa::sparse_mla::reduce_rows_kernel<{d_qk}>"]
+            assert launched["launches"] == chunks
+            results.append((dq, dkv))
+        r_dq, r_dkv = ref.sparse_mla_bwd(q, kv, out, dout, idx, lse, SCALE)
+        assert rel_err(results[0][0], r_dq) < GRAD_TOL
+        assert rel_err(results[0][1].to(torch.bfloat16), r_dkv.view(S, d_qk)) < GRAD_TOL
+        for dq, dkv in results[1:]:
+            assert torch.equal(dq, results[0][0])
+            assert torch.equal(dkv, results[0][1])
+
+
+def test_bwd_deterministic_scratch_within_64mib(lib):
+    """SPEC section 6: the deterministic backward's scratch stays <= 64 MiB for any T and S,
+    H <= 128 and K <= 2048 (both widths), with the chunking the workspace helper chooses (the
+    same host code the launcher and the glue call). At H = 128, K = 2048, d_qk = 576 that is
+    7 tokens per chunk (63 MiB) where the budget-free chunking held 64 (604 MB). Also: a
+    token never splits (chunk >= 1) and the chunk never exceeds T or the 131072-entry bitmap."""
+    out = (ctypes.c_int64 * 4)()
+    budget = 64 << 20
+    for d_qk in D_QKS:
+        for H in (1, 8, 16, 24, 32, 48, 64, 96, 128):
+            for K in (1, 2, 63, 64, 100, 512, 640, 1000, 1024, 2047, 2048):
+                for T in (1, 2, 7, 100, 4096, 1 << 17, 1 << 20, 1 << 31):
+                    lib.emu_sparse_mla_bwd_workspace_for(T, H, K, d_qk, budget, out)
+                    chunk, rows, list_len, nbytes = list(out)
+                    assert nbytes <= budget, (T, H, K, d_qk, chunk, nbytes)
+                    assert 1 <= chunk <= T and chunk * K <= 131072
+                    assert rows == -(-H // (64 if H % 64 == 0 else 32 if H % 32 == 0 else 16)) * chunk * K
+                    assert list_len == chunk * K
+    lib.emu_sparse_mla_bwd_workspace_for(4096, 128, 2048, 576, budget, out)
+    assert out[0] == 7 and out[3] == 7 * 2 * 2048 * 576 * 4
+    lib.emu_sparse_mla_bwd_workspace_for(4096, 128, 2048, 576, 0, out)      # no budget
+    assert out[0] == 64 and out[3] == 64 * 2 * 2048 * 576 * 4              # 604 MB
+    # above the bound (one token's contributions exceed it) a chunk is one token
+    lib.emu_sparse_mla_bwd_workspace_for(5, 128, 16384, 576, budget, out)
+    assert out[0] == 1
 
 
 # ---- infinite sinks: +inf -> the head's output (and gradient) is 0, lse unaffected; -inf -> none

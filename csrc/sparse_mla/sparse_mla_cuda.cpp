@@ -116,10 +116,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_cuda(
   a.deterministic = deterministic;
   at::Tensor scratch, ints;
   if (deterministic && sz.T > 0) {
-    const int64_t chunk = sparse_mla::sparse_mla_bwd_chunk_tokens(sz.T, a.K);
-    const int64_t rows = sparse_mla::sparse_mla_bwd_scratch_rows(sz.T, a.H, a.K);
-    scratch = at::empty({rows > 0 ? rows : 1, sz.D}, kv.options().dtype(at::kFloat));
-    const int64_t list = chunk * sz.K > 0 ? chunk * sz.K : 1;
+    // scratch <= the budget (64 MiB unless DSA_SPARSE_MLA_DET_SCRATCH_MB): see BwdWorkspace
+    a.scratch_budget = sparse_mla::sparse_mla_bwd_scratch_budget();
+    const auto w = sparse_mla::sparse_mla_bwd_workspace(sz.T, a.H, a.K, a.D, a.scratch_budget);
+    scratch = at::empty({w.scratch_rows, sz.D}, kv.options().dtype(at::kFloat));
+    const int64_t list = w.list_len;
     ints = at::empty({list + 3 * (sz.S + 1)}, kv.options().dtype(at::kInt));
     int32_t* p = ints.data_ptr<int32_t>();
     a.scratch = scratch.data_ptr<float>();

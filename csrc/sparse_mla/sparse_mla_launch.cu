@@ -5,6 +5,7 @@
 #include "sparse_mla/sparse_mla_launch.h"
 #include "sparse_mla/sparse_mla_wgmma.cuh"
 
+#include <cstdlib>
 #include <type_traits>
 
 
@@ -112,20 +113,36 @@ cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream) {
   });
 }
 
-int64_t sparse_mla_bwd_chunk_tokens(int64_t T, int K) {
-  const int64_t per = K > 0 ? kMaxChunkEntries / K : kMaxChunkEntries;
-  const int64_t c = per < 1 ? 1 : per;
-  return T < c ? (T < 1 ? 1 : T) : c;
+int64_t sparse_mla_bwd_scratch_budget() {
+  const char* env = std::getenv("DSA_SPARSE_MLA_DET_SCRATCH_MB");
+  if (env == nullptr || *env == '\0') return kBwdScratchBudgetBytes;
+  char* end = nullptr;
+  const long long mb = std::strtoll(env, &end, 10);
+  if (end == env || *end != '\0' || mb < 0) return kBwdScratchBudgetBytes;  // not a count: default
+  return mb == 0 ? 0 : static_cast<int64_t>(mb) << 20;
 }
 
-int64_t sparse_mla_bwd_scratch_rows(int64_t T, int H, int K) {
-  return static_cast<int64_t>(head_blocks(H, head_block(H))) * sparse_mla_bwd_chunk_tokens(T, K) * K;
+BwdWorkspace sparse_mla_bwd_workspace(int64_t T, int H, int K, int D, int64_t budget_bytes) {
+  const int64_t nhb = head_blocks(H, head_block(H));
+  int64_t c = K > 0 ? kMaxChunkEntries / K : kMaxChunkEntries;
+  if (budget_bytes > 0 && K > 0) {
+    const int64_t per_token = nhb * K * D * 4;  // scratch bytes of one token's contributions
+    const int64_t fit = budget_bytes / per_token;
+    if (fit < c) c = fit;
+  }
+  if (c < 1) c = 1;
+  if (T < c) c = T < 1 ? 1 : T;
+  BwdWorkspace w{};
+  w.chunk_tokens = c;
+  w.scratch_rows = nhb * c * K > 0 ? nhb * c * K : 1;
+  w.list_len = c * K > 0 ? c * K : 1;
+  return w;
 }
 
 cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
   if (!a.deterministic) return launch_bwd_main_any(a, 0, a.T, a.T, nullptr, stream);
-  const int64_t chunk = sparse_mla_bwd_chunk_tokens(a.T, a.K);
+  const int64_t chunk = sparse_mla_bwd_workspace(a.T, a.H, a.K, a.D, a.scratch_budget).chunk_tokens;
   const int64_t chunk_entries = chunk * a.K;
   const int nhb = head_blocks(a.H, head_block(a.H));
   constexpr int kThreads = 256;

@@ -40,10 +40,12 @@ cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream);
 // Backward. dq [T, H, D] bf16 is written; dkv_acc [S, D] fp32 must be zeroed by the caller
 // and receives the sum of every contribution (cast to bf16 by the caller).
 // deterministic == false: contributions are added with fp32 atomics.
-// deterministic == true: the workspace below must be provided; tokens are processed in chunks
-// of `sparse_mla_bwd_chunk_tokens` tokens, each writing its contributions to `scratch`, then
-// every dkv row sums its contributions in (head block, token, slot) order via an inverse
-// index built on the device (bitwise reproducible).
+// deterministic == true: the workspace below must be provided (sized by
+// sparse_mla_bwd_workspace with the same T, H, K, D and scratch_budget); tokens are processed in
+// chunks of `chunk_tokens` tokens, each writing its contributions to `scratch`, then every dkv
+// row sums its contributions in (token, slot, head block) order via an inverse index built on
+// the device. The order does not depend on the chunking (each chunk continues the rows' sums),
+// so the result is bitwise the same for any budget.
 struct BwdArgs {
   const void* q;
   const void* kv;
@@ -61,8 +63,9 @@ struct BwdArgs {
   float sm_scale;
   bool deterministic;
   // deterministic workspace
-  float* scratch;       // [sparse_mla_bwd_scratch_rows, D] fp32
-  int32_t* entry_list;  // [chunk_tokens * K]
+  int64_t scratch_budget = 0;  // bytes of `scratch` the chunking keeps to (<= 0: no budget)
+  float* scratch;       // [scratch_rows, D] fp32
+  int32_t* entry_list;  // [list_len = chunk_tokens * K]
   int32_t* row_counts;  // [S + 1]
   int32_t* row_offsets; // [S + 1]
   int32_t* row_cursor;  // [S + 1]
@@ -71,10 +74,24 @@ struct BwdArgs {
 // Largest K the deterministic backward serves (one token's entries must fit one chunk).
 constexpr int64_t kBwdDeterministicMaxK = 131072;
 
-// Tokens per deterministic chunk: chunk_tokens * K <= 131072 entries (one 16 KB bitmap).
-int64_t sparse_mla_bwd_chunk_tokens(int64_t T, int K);
-// Rows of the deterministic scratch: ceil(H / head_block) * chunk_tokens * K.
-int64_t sparse_mla_bwd_scratch_rows(int64_t T, int H, int K);
+// The deterministic scratch budget (SPEC section 6: <= 64 MiB), in force unless
+// DSA_SPARSE_MLA_DET_SCRATCH_MB says otherwise (MiB; 0 = no budget: the earlier chunks of 131072
+// entries, about 600 MB at H = 128, K = 2048, kept selectable so a first GPU run can time both).
+constexpr int64_t kBwdScratchBudgetBytes = int64_t{64} << 20;
+int64_t sparse_mla_bwd_scratch_budget();
+
+// The deterministic workspace of one shape: tokens per chunk, chosen as the most that keep
+// chunk_tokens * K <= 131072 entries (one 16 KB bitmap) and scratch_rows * D * 4 <= budget,
+// but at least one token (so a single token above the budget, K > budget / (nhb * D * 4),
+// e.g. K > 14563 at H = 128, d_qk = 576, 64 MiB, still runs, one token per chunk);
+// scratch_rows = ceil(H / head_block) * chunk_tokens * K; list_len = chunk_tokens * K (both at
+// least 1). With the 64 MiB budget, scratch_bytes <= 64 MiB for any T and S whenever
+// ceil(H / head_block) * K * D * 4 <= 64 MiB: every H <= 128 with K <= 14563 (576) / 16384 (512).
+struct BwdWorkspace {
+  int64_t chunk_tokens, scratch_rows, list_len;
+  int64_t scratch_bytes(int D) const { return scratch_rows * D * 4; }
+};
+BwdWorkspace sparse_mla_bwd_workspace(int64_t T, int H, int K, int D, int64_t budget_bytes);
 
 cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream);
 

@@ -31,16 +31,30 @@ int emu_sparse_mla_fwd(const void* q, const void* kv, const int32_t* indices, co
   return dsa::sparse_mla::sparse_mla_fwd_launch(a, nullptr);
 }
 
-// The deterministic backward's workspace as the glue sizes it: sizes[0] = scratch floats
-// ([rows, D], at least one row), sizes[1] = int32 words (entry list, then row counts, offsets
-// and cursor of S + 1 each), sizes[2] = the entry list's length.
+// The deterministic backward's workspace as the glue sizes it (the budget from
+// DSA_SPARSE_MLA_DET_SCRATCH_MB, default 64 MiB): sizes[0] = scratch floats ([rows, D], at
+// least one row), sizes[1] = int32 words (entry list, then row counts, offsets and cursor of
+// S + 1 each), sizes[2] = the entry list's length, sizes[3] = tokens per chunk.
 void emu_sparse_mla_bwd_workspace(int64_t T, int64_t S, int64_t H, int64_t K, int64_t D, int64_t* sizes) {
-  const int64_t chunk = dsa::sparse_mla::sparse_mla_bwd_chunk_tokens(T, static_cast<int>(K));
-  const int64_t rows = dsa::sparse_mla::sparse_mla_bwd_scratch_rows(T, static_cast<int>(H), static_cast<int>(K));
-  const int64_t list = chunk * K > 0 ? chunk * K : 1;
-  sizes[0] = (rows > 0 ? rows : 1) * D;
-  sizes[1] = list + 3 * (S + 1);
-  sizes[2] = list;
+  const auto w = dsa::sparse_mla::sparse_mla_bwd_workspace(
+      T, static_cast<int>(H), static_cast<int>(K), static_cast<int>(D),
+      dsa::sparse_mla::sparse_mla_bwd_scratch_budget());
+  sizes[0] = w.scratch_rows * D;
+  sizes[1] = w.list_len + 3 * (S + 1);
+  sizes[2] = w.list_len;
+  sizes[3] = w.chunk_tokens;
+}
+
+// The workspace helper itself for an explicit budget (bytes; <= 0: none): {chunk_tokens,
+// scratch_rows, list_len, scratch bytes}. Host arithmetic only (tests sweep shapes with it).
+void emu_sparse_mla_bwd_workspace_for(int64_t T, int64_t H, int64_t K, int64_t D, int64_t budget,
+                                      int64_t* out) {
+  const auto w = dsa::sparse_mla::sparse_mla_bwd_workspace(T, static_cast<int>(H), static_cast<int>(K),
+                                                           static_cast<int>(D), budget);
+  out[0] = w.chunk_tokens;
+  out[1] = w.scratch_rows;
+  out[2] = w.list_len;
+  out[3] = w.scratch_bytes(static_cast<int>(D));
 }
 
 // dkv_acc [S, D] fp32 must be zero. scratch / ints: the workspace above (deterministic only).
@@ -67,7 +81,8 @@ int emu_sparse_mla_bwd(const void* q, const void* kv, const void* out, const voi
   a.sm_scale = sm_scale;
   a.deterministic = deterministic != 0;
   if (a.deterministic && T > 0) {
-    int64_t sizes[3];
+    a.scratch_budget = dsa::sparse_mla::sparse_mla_bwd_scratch_budget();
+    int64_t sizes[4];
     emu_sparse_mla_bwd_workspace(T, S, H, K, D, sizes);
     a.scratch = scratch;
     a.entry_list = ints;
