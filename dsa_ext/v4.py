@@ -566,7 +566,11 @@ class V4Attention(nn.Module):
         writes its window row (ring), steps the compressors (a new entry, and indexer key, at a
         window's last token), selects and attends over the two caches in one softmax.
         `prev_topk [B, K]`: a shared-indexer layer's selection (the previous csa layer's
-        `topk`, entry positions within each sequence)."""
+        `topk`, entry positions within each sequence).
+
+        The cache's bookkeeping (lengths, block allocation, which sequences complete a window
+        this step) is host-side, so a step is not CUDA-graph capturable as a whole; the ops it
+        calls are (a serving engine that keeps its own block tables calls them directly)."""
         B = len(seq_ids)
         if x.dim() != 2 or x.shape[0] != B:
             raise ValueError(f"x must be [B, dim] with B = len(seq_ids) = {B}, got {tuple(x.shape)}")

@@ -93,6 +93,20 @@ def test_prefill_equals_token_by_token_decode(kind, fmt):
     assert cache.num_entries(1) == (30 // KINDS[kind] if KINDS[kind] else 0)
 
 
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_window_not_a_multiple_of_the_ratio(kind):
+    """A window of 10 (ratio 4 / 8): window rows and compressed entries overlap unevenly."""
+    layer = make_layer(kind, seed=41, window=10)
+    lens = [9, 23]
+    x = inputs(sum(lens), seed=42)
+    with torch.no_grad():
+        pre = layer(x, cu_of(lens))
+        dec, *_ = decode_all(layer, x, lens)
+    close(dec, pre.out.float())
+    close(pre.out, ref.v4_attention(layer, x, cu_of(lens), topk=pre.topk).out, 5e-3)
+    assert (pre.window >= 0).sum(1).max() == 10
+
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_prefill_then_decode(kind):
     """A prefill that stores the caches and compressor states, then decode steps: each decoded
@@ -299,3 +313,28 @@ def test_bad_inputs():
     small.add_sequence()
     with pytest.raises(RuntimeError, match="state row"):
         small.add_sequence()
+
+
+# ---------------------------------------------------------------- CUDA (skipped without a GPU)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_cuda_prefill_and_decode_match_cpu(kind):
+    """The same layer on CUDA: prefill and token-by-token decode agree with the CPU prefill."""
+    layer = make_layer(kind, seed=51)
+    lens = [13, 30]
+    x = inputs(sum(lens), seed=52)
+    with torch.no_grad():
+        cpu = layer(x, cu_of(lens))
+        layer.cuda()
+        gpu = layer(x.cuda(), cu_of(lens).cuda())
+        cache = V4LayerCache(layer, num_blocks=64, block_size=8, max_seqs=4, device="cuda")
+        ids = [cache.add_sequence() for _ in lens]
+        cu = cu_of(lens).tolist()
+        dec = torch.full_like(cpu.out, float("nan"))
+        for t in range(max(lens)):
+            live = [b for b in range(2) if t < lens[b]]
+            rows = [cu[b] + t for b in live]
+            dec[rows] = layer.decode_step(x[rows].cuda(), cache, [ids[b] for b in live]).out.cpu()
+    close(gpu.out.cpu(), cpu.out, 5e-3)
+    close(dec, cpu.out, 5e-3)
