@@ -4,6 +4,10 @@
 
 Environment: DSA_WITH_CUDA=ON|OFF|AUTO, TORCH_CUDA_ARCH_LIST (default: local GPU, else 9.0a),
 MAX_JOBS (parallel compile jobs), DSA_PTXAS_VERBOSE=1 (print ptxas resource usage).
+Release wheels: TORCH_CUDA_ARCH_LIST="8.0;8.9;9.0a;10.0+PTX" (tools/build_wheel.sh).
+
+The wheel requires exactly the torch release it is compiled against (torch_requirement below):
+the module links torch's C++ API (ATen, c10, pybind11), whose ABI differs between releases.
 """
 import os
 import shutil
@@ -56,6 +60,22 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs], env=env)
 
 
+def torch_requirement(version):
+    """'2.14.1+cu130' -> 'torch==2.14.1': the release the module loads with. `==` without a
+    local label also admits 2.14.1+cpu and friends; dsa_ext/__init__.py tells a CUDA build run
+    under a CPU-only torch apart at import time, which metadata cannot express."""
+    return f"torch=={version.split('+')[0]}"
+
+
+def _built_torch_version():
+    try:
+        import torch
+    except ImportError:
+        sys.exit("dsa_ext: building needs torch in this environment (pip install torch, then "
+                 "build with --no-build-isolation so the wheel is compiled against that torch)")
+    return torch.__version__
+
+
 def _have_build_tools():
     for tool in ("cmake", "ninja"):
         if shutil.which(tool) is None:
@@ -64,6 +84,7 @@ def _have_build_tools():
 
 _have_build_tools()
 setup(
+    install_requires=[torch_requirement(_built_torch_version()), "numpy"],
     ext_modules=[CMakeExtension("dsa_ext._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

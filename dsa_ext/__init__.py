@@ -9,6 +9,37 @@ import os as _os
 import torch
 
 
+def _check_torch():
+    """Refuse, in plain words, a torch other than the one _C was compiled against, before
+    loading _C: otherwise the loader's 'undefined symbol' (or a crash) is all one gets. The record
+    is dsa_ext/_build_info.py, written by the build; DSA_SKIP_TORCH_CHECK=1 skips this."""
+    try:
+        from . import _build_info as built
+    except ImportError:
+        return  # a source tree without a build: _load_extension says so
+    if _os.environ.get("DSA_SKIP_TORCH_CHECK") == "1":
+        return
+    release = built.TORCH_VERSION.split("+")[0]
+    problems = []
+    if torch.__version__.split("+")[0] != release:
+        problems.append(f"torch {torch.__version__} is running")
+    if built.WITH_CUDA and not torch.version.cuda:
+        problems.append(f"the running torch {torch.__version__} is a CPU-only build (this "
+                        "dsa_ext links torch's CUDA libraries)")
+    elif built.WITH_CUDA and torch.version.cuda.split(".")[0] != built.TORCH_CUDA_VERSION.split(".")[0]:
+        problems.append(f"the running torch is built for CUDA {torch.version.cuda}")
+    if problems:
+        cuda = f" (CUDA {built.TORCH_CUDA_VERSION})" if built.WITH_CUDA else " (CPU only)"
+        raise ImportError(
+            f"dsa_ext was compiled against torch {built.TORCH_VERSION}{cuda}, but "
+            + "; ".join(problems) + ". Its compiled module uses torch's C++ ABI, which differs "
+            f"between torch releases, so it only loads with torch {release} (elsewhere loading "
+            "fails with an 'undefined symbol' error). Fix: install that "
+            f"torch (`pip install torch=={release}`), or rebuild dsa_ext against the torch you "
+            "have (`pip install --no-build-isolation --force-reinstall --no-deps <dsa_ext "
+            "sdist or source dir>`). DSA_SKIP_TORCH_CHECK=1 skips this check.")
+
+
 def _load_extension():
     """Import the compiled module, or say in plain words why it cannot be and what to do."""
     try:
@@ -32,6 +63,7 @@ def _load_extension():
         raise
 
 
+_check_torch()
 _load_extension()
 from . import _C  # noqa: E402,F401
 from .ops import *  # noqa: E402,F401,F403
@@ -63,6 +95,11 @@ def build_info() -> dict:
     }
     info["cuda_ops"] = [n for n, keys in info["ops"].items() if "CUDA" in keys]
     info["runtime_torch_version"] = torch.__version__
+    try:
+        from . import _build_info as built
+        info["torch_requirement"] = f"torch=={built.TORCH_VERSION.split('+')[0]}"
+    except ImportError:  # built before the record existed
+        pass
     return info
 
 

@@ -50,3 +50,88 @@ def test_source_tree_without_a_build_says_so(tmp_path):
     assert r.returncode != 0
     assert "compiled module (_C*.so) is not in" in r.stderr and "tools/dev_build.sh" in r.stderr
     assert "circular import" not in r.stderr.splitlines()[-1]
+
+
+def _import_with_fake_torch(patch, tmp_path, env_extra=None):
+    """Import dsa_ext in a fresh interpreter after `patch` changed what torch reports, the way a
+    wheel installed next to another torch sees it. The check runs before _C loads, so faking the
+    version is enough to exercise it (a real second torch install is not needed)."""
+    import os
+    import subprocess
+    import sys
+    code = f"import torch\n{patch}\nimport dsa_ext\nprint('loaded')"
+    env = {k: v for k, v in os.environ.items() if k != "DSA_SKIP_TORCH_CHECK"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+
+
+def _built():
+    import pytest
+    try:
+        from dsa_ext import _build_info
+    except ImportError:
+        pytest.skip("this build predates dsa_ext/_build_info.py")
+    return _build_info
+
+
+def test_build_records_the_torch_it_was_compiled_against():
+    built = _built()
+    assert built.TORCH_VERSION == dsa_ext.build_info()["torch_version"] == torch.__version__
+    assert built.WITH_CUDA == dsa_ext.build_info()["with_cuda"]
+    assert dsa_ext.build_info()["torch_requirement"] == f"torch=={torch.__version__.split('+')[0]}"
+
+
+def test_setup_pins_the_release_it_builds_against():
+    """The wheel's metadata requires the release it is compiled against (setup.py's rule,
+    read out of setup.py: importing it would start a build)."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ns = {}
+    exec(_extract_function(open(os.path.join(root, "setup.py")).read(), "torch_requirement"), ns)
+    assert ns["torch_requirement"]("2.14.1+cu130") == "torch==2.14.1"
+    assert ns["torch_requirement"]("2.13.0") == "torch==2.13.0"
+
+
+def _extract_function(src, name):
+    lines = src.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith(f"def {name}("))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()), len(lines))
+    return "\n".join(lines[start:end]) + "\n"
+
+
+def test_another_torch_release_is_refused_in_plain_words(tmp_path):
+    built = _built()
+    r = _import_with_fake_torch("torch.__version__ = '2.13.0+cpu'", tmp_path)
+    assert r.returncode != 0 and "loaded" not in r.stdout
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: dsa_ext was compiled against torch " + built.TORCH_VERSION), last
+    assert "torch 2.13.0+cpu is running" in last
+    assert f"pip install torch=={built.TORCH_VERSION.split('+')[0]}" in last
+    assert "undefined symbol" in last and "DSA_SKIP_TORCH_CHECK" in last
+
+
+def test_same_release_other_local_label_loads(tmp_path):
+    """2.14.1+cu130 vs 2.14.1: the same release, the check lets it through (and _C loads)."""
+    built = _built()
+    r = _import_with_fake_torch(f"torch.__version__ = '{built.TORCH_VERSION.split('+')[0]}'", tmp_path)
+    assert r.returncode == 0 and "loaded" in r.stdout, r.stderr
+
+
+def test_cuda_build_under_cpu_only_torch_is_refused(tmp_path):
+    import pytest
+    built = _built()
+    if not built.WITH_CUDA:
+        pytest.skip("a CPU-only build loads under either torch build")
+    r = _import_with_fake_torch("torch.version.cuda = None", tmp_path)
+    assert r.returncode != 0
+    assert "is a CPU-only build" in r.stderr.strip().splitlines()[-1]
+    r = _import_with_fake_torch("torch.version.cuda = '12.8'", tmp_path)
+    assert r.returncode != 0
+    assert "built for CUDA 12.8" in r.stderr.strip().splitlines()[-1]
+
+
+def test_skip_switch_bypasses_the_check(tmp_path):
+    _built()
+    r = _import_with_fake_torch("torch.__version__ = '2.13.0'", tmp_path, {"DSA_SKIP_TORCH_CHECK": "1"})
+    # the real torch is the built one, so with the check off the module loads
+    assert r.returncode == 0 and "loaded" in r.stdout, r.stderr
