@@ -16,6 +16,11 @@ TORCH_LIBRARY(dsa, m) {
 
   // ---- lightning indexer (csrc/indexer) ----
   m.def("indexer_logits(Tensor q, Tensor k, Tensor k_scale, Tensor weights, Tensor ks, Tensor ke, bool clean_logits=True) -> Tensor");
+  // MXFP4 indexer keys (SPEC 10.5; layout in csrc/indexer/mxfp4.h): the quantiser and the paged
+  // cache writer; indexer_logits / paged_indexer_logits read MXFP4 keys too (uint8 k_scale, or
+  // a cache whose last dim is D/2 + D/32).
+  m.def("mxfp4_quantize(Tensor x) -> (Tensor packed, Tensor scale)");
+  m.def("mxfp4_indexer_k_cache_write(Tensor k, Tensor slot_mapping, Tensor(a!) kv_cache) -> ()");
   m.def("paged_indexer_logits(Tensor q, Tensor kv_cache, Tensor weights, Tensor context_lens, Tensor block_table, int max_context_len, bool clean_logits=True) -> Tensor");
   m.def("indexer_topk(Tensor q, Tensor k, Tensor k_scale, Tensor weights, Tensor ks, Tensor ke, int topk, bool sorted=False, int max_workspace_bytes=268435456) -> Tensor");
 
@@ -28,7 +33,7 @@ TORCH_LIBRARY(dsa, m) {
   m.def("sparse_mla_bwd(Tensor q, Tensor kv, Tensor out, Tensor dout, Tensor indices, Tensor lse, float sm_scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None, bool deterministic=False) -> (Tensor dq, Tensor dkv)");
 
   // ---- sparse MLA decode over a paged cache (csrc/mla_decode) ----
-  m.def("sparse_mla_decode(Tensor q, Tensor kv_cache, Tensor indices, float sm_scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None) -> (Tensor out, Tensor lse)");
+  m.def("sparse_mla_decode(Tensor q, Tensor kv_cache, Tensor indices, float sm_scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None, Tensor? extra_kv_cache=None, Tensor? extra_indices=None, Tensor? extra_topk_length=None) -> (Tensor out, Tensor lse)");
 
   // ---- training the indexer (csrc/training, SPEC section 7; dsa_ext/ops/training.py) ----
   // The indexer in training precision (bf16/fp32, fp64 on CPU) with its backward, the main

@@ -20,12 +20,15 @@
 #include <array>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "common/cpu_gemm.h"
 #include "common/fp8_cpu.h"
 #include "indexer/indexer_checks.h"
 #include "indexer/indexer_rules.h"
+#include "indexer/mxfp4.h"
+#include "indexer/mxfp4_checks.h"
 
 namespace dsa {
 namespace {
@@ -66,6 +69,25 @@ struct TileGemm {
       const auto& lut = fp8_e4m3_table();
       float* dst = static_cast<float*>(tile) + col * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = lut[src[d]];
+    }
+  }
+  // The same from D decoded fp32 values (MXFP4 keys: every value e2m1 * 2^e is exact in bf16).
+  void store_key_values(const float* v, void* tile, int64_t col) const {
+    if (bf16) {
+      uint32_t* dst = static_cast<uint32_t*>(tile);
+      for (int64_t i = 0; i < D / 2; ++i)
+        dst[i * key_tile + col] = uint32_t(c10::BFloat16(v[2 * i]).x) | (uint32_t(c10::BFloat16(v[2 * i + 1]).x) << 16);
+    } else {
+      std::memcpy(static_cast<float*>(tile) + col * D, v, static_cast<size_t>(D) * sizeof(float));
+    }
+  }
+  // Row `r` of decoded A-operand rows from D fp32 values.
+  void store_row_values(const float* v, void* rows, int64_t r) const {
+    if (bf16) {
+      c10::BFloat16* dst = static_cast<c10::BFloat16*>(rows) + r * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = c10::BFloat16(v[d]);
+    } else {
+      std::memcpy(static_cast<float*>(rows) + r * D, v, static_cast<size_t>(D) * sizeof(float));
     }
   }
   void zero_key(void* tile, int64_t col) const {
@@ -113,6 +135,23 @@ struct TileGemm {
   }
 };
 
+// One MXFP4 key (mxfp4.h) dequantised: out[32 g + j] = e2m1(code) * 2^(scale byte g - 127).
+inline void mxfp4_decode_key(const uint8_t* packed, const uint8_t* scales, int64_t D, float* out) {
+  static const std::array<float, 16> lut = [] {
+    std::array<float, 16> t{};
+    for (uint32_t c = 0; c < 16; ++c) t[c] = mxfp4::e2m1_value(c);
+    return t;
+  }();
+  for (int64_t g = 0; g < D / mxfp4::kGroup; ++g) {
+    const float sc = mxfp4::scale_value(scales[g]);
+    for (int64_t i = 0; i < mxfp4::kGroup / 2; ++i) {
+      const uint8_t b = packed[g * (mxfp4::kGroup / 2) + i];
+      out[g * mxfp4::kGroup + 2 * i] = lut[b & 15] * sc;
+      out[g * mxfp4::kGroup + 2 * i + 1] = lut[b >> 4] * sc;
+    }
+  }
+}
+
 // out[s] = sum_h w[h] * relu(C[h, s]) for s in [s0, s1) of a tile whose rows have stride ld.
 inline void weighted_relu_rows(const float* C, int64_t ld, const float* w, int64_t H, int64_t s0,
                                int64_t s1, float* out) {
@@ -137,13 +176,24 @@ at::Tensor indexer_logits_cpu(const at::Tensor& q, const at::Tensor& k, const at
 
   // Keys: decoded once into B-operand tiles, reused by every query block.
   std::vector<uint8_t> key_tiles(static_cast<size_t>(tiles * g.tile_elems()) * g.elem_bytes());
+  // MXFP4 keys are dequantised whole (group scales inside the values, no per-key scale).
+  const bool mx = shape.format == KeyFormat::kMxfp4;
   const uint8_t* k_bytes = reinterpret_cast<const uint8_t*>(k.data_ptr());
+  const uint8_t* k_scale_bytes = mx ? k_scale.data_ptr<uint8_t>() : nullptr;
   at::parallel_for(0, tiles, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<float> vals(mx ? D : 0);
     for (int64_t j = j0; j < j1; ++j) {
       void* tile = key_tiles.data() + j * g.tile_elems() * g.elem_bytes();
       for (int64_t c = 0; c < kt; ++c) {
         const int64_t s = j * kt + c;
-        if (s < S) g.store_key(k_bytes + s * D, tile, c); else g.zero_key(tile, c);
+        if (s >= S) {
+          g.zero_key(tile, c);
+        } else if (mx) {
+          mxfp4_decode_key(k_bytes + s * (D / 2), k_scale_bytes + s * (D / mxfp4::kGroup), D, vals.data());
+          g.store_key_values(vals.data(), tile, c);
+        } else {
+          g.store_key(k_bytes + s * D, tile, c);
+        }
       }
     }
   });
@@ -155,7 +205,7 @@ at::Tensor indexer_logits_cpu(const at::Tensor& q, const at::Tensor& k, const at
   });
 
   const float* w_ptr = weights.data_ptr<float>();
-  const float* scale_ptr = k_scale.data_ptr<float>();
+  const float* scale_ptr = mx ? nullptr : k_scale.data_ptr<float>();
   const int32_t* ks_ptr = ks.data_ptr<int32_t>();
   const int32_t* ke_ptr = ke.data_ptr<int32_t>();
   float* out_ptr = out.data_ptr<float>();
@@ -193,7 +243,8 @@ at::Tensor indexer_logits_cpu(const at::Tensor& q, const at::Tensor& k, const at
           float* row = out_ptr + t * S + j * kt;
           weighted_relu_rows(C.data() + (t - t0) * H * kt, kt, w_ptr + t * H, H, s0 - j * kt,
                              s1 - j * kt, row);
-          for (int64_t s = s0; s < s1; ++s) out_ptr[t * S + s] *= scale_ptr[s];
+          if (scale_ptr != nullptr)
+            for (int64_t s = s0; s < s1; ++s) out_ptr[t * S + s] *= scale_ptr[s];
         }
       }
     }
@@ -210,6 +261,7 @@ at::Tensor paged_indexer_logits_cpu(const at::Tensor& q, const at::Tensor& kv_ca
                                                     block_table, max_context_len);
   const int64_t B = sh.B, N = sh.N, H = sh.H, D = sh.D, P = sh.max_context_len;
   const int64_t bs = sh.block_size;
+  const bool mx = sh.format == KeyFormat::kMxfp4;
   at::Tensor out = at::empty({B * N, P}, q.options().dtype(at::kFloat));
   if (B == 0 || P == 0) return out;
   const TileGemm g(D);
@@ -241,6 +293,7 @@ at::Tensor paged_indexer_logits_cpu(const at::Tensor& q, const at::Tensor& kv_ca
     std::vector<float> C(static_cast<size_t>(kt * R)), scale(kt);
     std::vector<char> readable(kt);
     std::vector<int64_t> lens(N);
+    std::vector<float> vals(mx ? D : 0);
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t b = item / tiles_per_seq;
       const int64_t p0 = (item % tiles_per_seq) * kt, p1 = std::min(P, p0 + kt);
@@ -258,7 +311,14 @@ at::Tensor paged_indexer_logits_cpu(const at::Tensor& q, const at::Tensor& kv_ca
         const int64_t blk = indexer::physical_block(bt_row, p / bs, sh.max_blocks, sh.num_blocks);
         const int64_t run = std::min(p_end, (p / bs + 1) * bs) - p;
         uint8_t* dst = keys.data() + (p - p0) * D * g.elem_bytes();
-        if (blk >= 0) {
+        if (blk >= 0 && mx) {
+          for (int64_t r = 0; r < run; ++r) {
+            mxfp4_decode_key(cache + mxfp4::value_offset(blk, p % bs + r, bs, D),
+                             cache + mxfp4::scale_offset(blk, p % bs + r, bs, D), D, vals.data());
+            g.store_row_values(vals.data(), dst, r);
+          }
+          std::fill_n(&scale[p - p0], run, 1.0f);
+        } else if (blk >= 0) {
           g.decode_rows(cache + indexer::k_value_offset(blk, p % bs, bs, D), run, dst);
           std::memcpy(&scale[p - p0], cache + indexer::k_scale_offset(blk, p % bs, bs, D), run * sizeof(float));
         } else {
@@ -288,10 +348,97 @@ at::Tensor paged_indexer_logits_cpu(const at::Tensor& q, const at::Tensor& kv_ca
   return out;
 }
 
+// ---- MXFP4 quantiser and cache writer (mxfp4.h) ----------------------------------------------
+
+// Quantise n rows of D values (bf16 or fp32) into packed [n, D/2] and scale [n, D/32] rows;
+// `dst_row(i)` gives where row i's packed bytes and scale bytes go.
+template <typename T, typename Dst>
+void mxfp4_quantize_rows(const T* src, int64_t n, int64_t D, Dst dst_row) {
+  at::parallel_for(0, n, std::max<int64_t>(1, 4096 / D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      uint8_t* packed = nullptr;
+      uint8_t* scales = nullptr;
+      if (!dst_row(r, packed, scales)) continue;
+      const T* row = src + r * D;
+      for (int64_t g = 0; g < D / mxfp4::kGroup; ++g)
+        scales[g] = static_cast<uint8_t>(mxfp4::quantize_group(
+            [&](int i) { return static_cast<float>(row[g * mxfp4::kGroup + i]); },
+            packed + g * (mxfp4::kGroup / 2)));
+    }
+  });
+}
+
+template <typename F>
+void dispatch_float_input(const at::Tensor& t, F&& f) {
+  if (t.scalar_type() == at::kBFloat16) f(c10::BFloat16{});
+  else f(float{});
+}
+
+std::tuple<at::Tensor, at::Tensor> mxfp4_quantize_cpu(const at::Tensor& x_in) {
+  check_mxfp4_quantize(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t D = x.size(-1), n = x.numel() / D;
+  auto sizes = x.sizes().vec();
+  sizes.back() = D / 2;
+  at::Tensor packed = at::empty(sizes, x.options().dtype(at::kByte));
+  sizes.back() = D / mxfp4::kGroup;
+  at::Tensor scale = at::empty(sizes, x.options().dtype(at::kByte));
+  uint8_t* p = packed.data_ptr<uint8_t>();
+  uint8_t* sc = scale.data_ptr<uint8_t>();
+  dispatch_float_input(x, [&](auto tag) {
+    using T = decltype(tag);
+    mxfp4_quantize_rows(x.const_data_ptr<T>(), n, D, [&](int64_t r, uint8_t*& pr, uint8_t*& sr) {
+      pr = p + r * (D / 2);
+      sr = sc + r * (D / mxfp4::kGroup);
+      return true;
+    });
+  });
+  return {packed, scale};
+}
+
+// Slots past the cache raise, and a slot written twice in one call raises (tokens are written
+// in parallel), as indexer_k_cache_write's CPU kernel; negative slots are skipped.
+template <typename Idx>
+void check_mxfp4_write_slots(const Idx* slots, int64_t n, int64_t num_slots) {
+  std::vector<int64_t> used;
+  used.reserve(n);
+  for (int64_t i = 0; i < n; ++i)
+    if (slots[i] >= 0) used.push_back(slots[i]);
+  std::sort(used.begin(), used.end());
+  if (!used.empty())
+    TORCH_CHECK_VALUE(used.back() < num_slots, "slot_mapping holds slot ", used.back(),
+                      ", past the cache's ", num_slots, " slots (num_blocks * block_size)");
+  const auto dup = std::adjacent_find(used.begin(), used.end());
+  TORCH_CHECK_VALUE(dup == used.end(), "slot_mapping holds slot ", dup == used.end() ? 0 : *dup,
+                    " more than once (each slot may be written by one token per call)");
+}
+
+void mxfp4_indexer_k_cache_write_cpu(const at::Tensor& k_in, const at::Tensor& slot_in,
+                                     const at::Tensor& kv_cache) {
+  const auto geo = check_mxfp4_k_cache_write(k_in, slot_in, kv_cache);
+  const at::Tensor k = k_in.contiguous(), slots = slot_in.contiguous().to(at::kLong);
+  const int64_t n = k.size(0), D = geo.head_dim, bs = geo.block_size;
+  const int64_t* sl = slots.const_data_ptr<int64_t>();
+  check_mxfp4_write_slots(sl, n, geo.num_slots());
+  uint8_t* cache = kv_cache.data_ptr<uint8_t>();
+  dispatch_float_input(k, [&](auto tag) {
+    using T = decltype(tag);
+    mxfp4_quantize_rows(k.const_data_ptr<T>(), n, D, [&](int64_t r, uint8_t*& pr, uint8_t*& sr) {
+      const int64_t slot = sl[r];
+      if (slot < 0) return false;
+      pr = cache + mxfp4::value_offset(slot / bs, slot % bs, bs, D);
+      sr = cache + mxfp4::scale_offset(slot / bs, slot % bs, bs, D);
+      return true;
+    });
+  });
+}
+
 }  // namespace
 }  // namespace dsa
 
 TORCH_LIBRARY_IMPL(dsa, CPU, m) {
+  m.impl("mxfp4_quantize", &dsa::mxfp4_quantize_cpu);
+  m.impl("mxfp4_indexer_k_cache_write", &dsa::mxfp4_indexer_k_cache_write_cpu);
   m.impl("indexer_logits", &dsa::indexer_logits_cpu);
   m.impl("paged_indexer_logits", &dsa::paged_indexer_logits_cpu);
 }
