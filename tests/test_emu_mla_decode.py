@@ -49,9 +49,11 @@ def plan(lib, B, s_q, H, K):
     return p[0], p[1]
 
 
-def run_decode(lib, q, cache, idx, sm_scale, sink=None, topk_length=None, wgmma=False):
+def run_decode(lib, q, cache, idx, sm_scale, sink=None, topk_length=None, wgmma=False, kernel=None):
     """The emulated op: (out, lse, splits, reports). Every argument is registered whole and
-    nothing else (the partials are registered only when the plan splits)."""
+    nothing else (the partials are registered only when the plan splits). `kernel` is
+    DSA_MLA_DECODE_KERNEL; by default "mma" (the tests above exercise the kernels of
+    mla_decode_kernels.cuh, which the overlap kernel replaced as the FP8 64/128-head default)."""
     B, s_q, H, _ = q.shape
     K = idx.shape[2]
     num_slots = cache.shape[0] * cache.shape[1]
@@ -63,6 +65,7 @@ def run_decode(lib, q, cache, idx, sm_scale, sink=None, topk_length=None, wgmma=
         out_partial = torch.full((splits, B * s_q, H, D_V), float("nan"))
         lse_partial = torch.full((splits, B * s_q, H), float("nan"))
     E.set_env(lib, "DSA_MLA_DECODE_WGMMA", "1" if wgmma else None)
+    E.set_env(lib, "DSA_MLA_DECODE_KERNEL", kernel if kernel is not None else (None if wgmma else "mma"))
     try:
         reports, rc = E.run(
             lib.emu_sparse_mla_decode, P(q), P(cache), P(idx), P(sink), P(topk_length),
@@ -71,6 +74,7 @@ def run_decode(lib, q, cache, idx, sm_scale, sink=None, topk_length=None, wgmma=
             buffers=[q, cache, idx, sink, topk_length, out, lse, out_partial, lse_partial], lib=lib)
     finally:
         E.set_env(lib, "DSA_MLA_DECODE_WGMMA", None)
+        E.set_env(lib, "DSA_MLA_DECODE_KERNEL", None)
     assert rc == 0
     return out, lse, splits, reports
 
@@ -255,3 +259,107 @@ def test_nan_score_propagates(lib, gen, variant, split):
         out, lse, splits, reports = run_decode(lib, q, cache, idx, D_QK ** -0.5, None, None, wgmma)
         assert reports == [] and (splits > 1) == split
         assert out.float().isnan().all() and lse.isnan().all()
+
+
+# ---- The overlap kernel (mla_decode_overlap.cuh): FP8, H = 64 (one CTA per row) and H = 128
+# (a 2-CTA cluster per row: each CTA dequantises half of every tile into both CTAs' shared
+# memory by st.shared + st.async on the peer's transaction mbarrier). It is the default for
+# these shapes (kernel=""), and DSA_MLA_DECODE_KERNEL=overlap names it.
+OVERLAP = "sparse_mla_decode_overlap_kernel"
+
+
+def overlap_case(gen, B, s_q, H, K, blocks=3, invalid_frac=0.2):
+    cache = make_cache(blocks, 64, True, gen)
+    q = randn(B, s_q, H, D_QK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(B, s_q, K, blocks * 64, gen, invalid_frac=invalid_frac)
+    return cache, q, idx
+
+
+def overlap_launch(lib):
+    kernels = launched(lib)
+    main = [n for n in kernels if OVERLAP in n]
+    assert len(main) == 1 and not any(KERNEL in n and OVERLAP not in n and COMBINE not in n for n in kernels), \
+        list(kernels)
+    return kernels[main[0]], main[0]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["unsplit", "split"])
+@pytest.mark.parametrize("H", [64, 128])
+def test_overlap_kernel(lib, gen, H, split):
+    """One query row. Unsplit: K = 150 (3 tiles, the last ragged). Split: K = 384 in 3 splits
+    of 2 tiles, topk_length 300 (the last split 1 tile of 44 entries), merged by the combine.
+    Invalid slots of every kind (-1, negatives, num_slots, 2^31-1) and a finite sink."""
+    K = 384 if split else 150
+    cache, q, idx = overlap_case(gen, 1, 1, H, K)
+    idx[0, 0, 3] = 2**31 - 1
+    idx[0, 0, 70] = 3 * 64
+    idx[0, 0, 71] = -7
+    sink = randn(H, gen=gen)
+    lengths = torch.tensor([300], dtype=torch.int32) if split else None
+    lib.emu_clear_counters()
+    out, lse, splits, reports = run_decode(lib, q, cache, idx, D_QK ** -0.5, sink, lengths, kernel="")
+    assert reports == []
+    assert splits == (3 if split else 1)
+    check(out, lse, q, cache, idx, D_QK ** -0.5, sink, lengths)
+    c, name = overlap_launch(lib)
+    pair = H == 128
+    assert name.replace(" ", "").endswith(f"<{str(pair).lower()}>(dsa::mla_decode::DecodeParams)") or "<" not in name
+    tiles = -(-min(K, 300 if split else K) // TILE)
+    assert c["ctas"] == splits * (2 if pair else 1)
+    # per CTA: S 36 k-steps (warpgroup 0) + P V 4 k-steps (both warpgroups), per tile
+    assert c["wgmma"] == c["ctas"] // splits * tiles * (D_QK // 16 + 2 * 4)
+    assert c["mma_sync"] == 0 and c["cp_async_bytes"] == 0
+    # The crossover's synchronisation: one cluster barrier per cluster (mbarrier inits), and
+    # per tile and CTA one full[] phase (own arm + the peer's 36864 st.async bytes) and one
+    # empty[] phase (the peer's release of the slot); no mbarrier at all for one CTA.
+    assert c["cluster_barriers"] == (splits if pair else 0)
+    assert c["mbarrier_phases"] == (2 * 2 * tiles if pair else 0)
+    combine = [n for n in launched(lib) if COMBINE in n]
+    assert len(combine) == int(split)
+
+
+@pytest.mark.parametrize("per_query", [False, True], ids=["len[B]", "len[B,s_q]"])
+def test_overlap_ragged_rows(lib, gen, per_query):
+    """B * s_q = 3 rows (a multiple of nothing) at H = 128, ragged topk_length (0, 1, one tile
+    and a bit, beyond K): an empty row in a cluster (both CTAs walk no tile), and rows whose
+    last tile holds one valid entry."""
+    B, s_q, H, K = 3, 1, 128, 130
+    cache, q, idx = overlap_case(gen, B, s_q, H, K, invalid_frac=0.1)
+    lengths = torch.tensor([0, 65, 500], dtype=torch.int32)
+    if per_query:
+        lengths = lengths.view(B, s_q)
+    out, lse, splits, reports = run_decode(lib, q, cache, idx, D_QK ** -0.5, None, lengths, kernel="overlap")
+    assert reports == [] and splits == 1
+    check(out, lse, q, cache, idx, D_QK ** -0.5, None, lengths)
+    assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1:]).all()
+
+
+@pytest.mark.parametrize("H", [64, 128])
+def test_overlap_empty_and_infinite_sink(lib, gen, H):
+    """A row of only invalid slots next to a row with one valid entry (in its second tile);
+    sinks +inf / -inf / finite per head: +inf gives out 0 with lse unaffected."""
+    cache, q, idx = overlap_case(gen, 1, 2, H, 100)
+    idx[0, 0] = torch.tensor([-1, 3 * 64, -2**31, 2**31 - 1], dtype=torch.int32).repeat(25)
+    idx[0, 1] = -1
+    idx[0, 1, 77] = 5
+    sink = randn(H, gen=gen)
+    sink[0::3], sink[1::3] = float("inf"), float("-inf")
+    out, lse, _, reports = run_decode(lib, q, cache, idx, 0.1, sink, kernel="overlap")
+    assert reports == []
+    check(out, lse, q, cache, idx, 0.1, sink)
+    assert torch.isneginf(lse[0, 0]).all() and torch.isfinite(lse[0, 1]).all()
+    assert (out[:, :, torch.isposinf(sink)] == 0).all()
+
+
+def test_overlap_other_shapes_keep_old_kernels(lib, gen):
+    """H = 80 (not 64/128) and a bf16 cache are not the overlap kernel's: the launcher routes
+    them to the kernels of mla_decode_kernels.cuh even when overlap is asked for."""
+    for H, fp8 in ((80, True), (64, False)):
+        cache = make_cache(2, 64, fp8, gen)
+        q = randn(1, 1, H, D_QK, gen=gen, dtype=torch.bfloat16)
+        idx = make_indices(1, 1, 64, 128, gen)
+        lib.emu_clear_counters()
+        out, lse, _, reports = run_decode(lib, q, cache, idx, D_QK ** -0.5, kernel="overlap")
+        assert reports == []
+        check(out, lse, q, cache, idx, D_QK ** -0.5)
+        assert not any(OVERLAP in n for n in launched(lib))

@@ -3,8 +3,11 @@
 #include "common/loaded_image.cuh"
 #include "mla_decode/mla_decode_kernels.cuh"
 #include "mla_decode/mla_decode_launch.h"
+#include "mla_decode/mla_decode_overlap.cuh"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 namespace dsa::mla_decode {
 
@@ -32,6 +35,56 @@ cudaError_t launch_main_for_cache(const DecodeParams& p, cudaStream_t stream) {
   return p.fp8_cache ? launch_main<HB, true, kWgmma>(p, stream) : launch_main<HB, false, kWgmma>(p, stream);
 }
 
+// The overlap kernel (mla_decode_overlap.cuh): a 2-CTA cluster per row for H = 128 (the two
+// head blocks share the dequantisation), one CTA for H = 64. Grid x = row * CTAs per row.
+template <bool kPair>
+cudaError_t launch_overlap(const DecodeParams& p, cudaStream_t stream) {
+  constexpr size_t kSmem = overlap::Smem::kBytes;
+  auto kernel = overlap::sparse_mla_decode_overlap_kernel<kPair>;
+  cudaError_t err = ensure_max_dynamic_smem<overlap::sparse_mla_decode_overlap_kernel<kPair>>(int(kSmem));
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(p.batch * p.s_q * (kPair ? 2 : 1)), static_cast<unsigned>(p.plan.num_splits));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = kSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kPair ? 2 : 1;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = kPair ? 1 : 0;
+  err = cudaLaunchKernelEx(&cfg, kernel, p);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+// DSA_MLA_DECODE_KERNEL = overlap | wgmma | mma (unset: overlap where it applies, else mma;
+// DSA_MLA_DECODE_WGMMA=1 still selects wgmma). The overlap kernel applies to FP8 caches with
+// H = 64 or 128 on a cc 9 device running this unit's sm_90a image; other shapes take the
+// kernels of mla_decode_kernels.cuh. An explicit "overlap" on Hopper without the sm_90a image
+// is cudaErrorNoKernelImageForDevice (as the wgmma opt-in), not a silent fallback.
+const char* kernel_env() {
+  const char* v = std::getenv("DSA_MLA_DECODE_KERNEL");
+  return v != nullptr ? v : "";
+}
+
+cudaError_t overlap_selected(const DecodeParams& p, bool* use) {
+  *use = false;
+  const char* env = kernel_env();
+  const bool asked = std::strcmp(env, "overlap") == 0;
+  if (!asked && (*env != '\0' || p.use_wgmma)) return cudaSuccess;
+  if (!p.fp8_cache || (p.heads != 64 && p.heads != 128)) return cudaSuccess;
+  int dev = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess || major != 9) return err;
+  err = require_loaded_image(ImageLevel::kSm90a);
+  *use = err == cudaSuccess;
+  return asked ? err : cudaSuccess;
+}
+
 }  // namespace
 
 SplitPlan plan_splits(int64_t batch, int64_t s_q, int64_t heads, int64_t topk, int num_sms) {
@@ -49,13 +102,26 @@ SplitPlan plan_splits(int64_t batch, int64_t s_q, int64_t heads, int64_t topk, i
 }
 
 cudaError_t wgmma_opted_in(int device, bool* use_wgmma) {
+  if (std::strcmp(kernel_env(), "wgmma") == 0) {   // the same decision under the newer switch
+    *use_wgmma = false;
+    int major = 0;
+    cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err != cudaSuccess || major != 9) return err;
+    err = require_loaded_image(ImageLevel::kSm90a);
+    *use_wgmma = err == cudaSuccess;
+    return err;
+  }
   return sm90a_wgmma_opted_in("DSA_MLA_DECODE_WGMMA", device, use_wgmma);
 }
 
 cudaError_t launch_sparse_mla_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.batch * p.s_q == 0 || p.heads == 0) return cudaSuccess;
-  cudaError_t err;
-  switch (head_block(p.heads)) {
+  bool use_overlap = false;
+  cudaError_t err = overlap_selected(p, &use_overlap);
+  if (err != cudaSuccess) return err;
+  if (use_overlap) {
+    err = p.heads == 128 ? launch_overlap<true>(p, stream) : launch_overlap<false>(p, stream);
+  } else switch (head_block(p.heads)) {
     case 64:
       err = p.use_wgmma ? launch_main_for_cache<64, true>(p, stream) : launch_main_for_cache<64>(p, stream);
       break;
