@@ -5,7 +5,8 @@ Some kernels compile to __trap() where the image lacks a feature: wgmma without 
 mma.sync below sm_89. Dispatch may only reach them after asking which image the driver loaded
 (require_loaded_image, csrc/common/loaded_image.cuh), because the device's compute capability
 cannot tell (an sm_90 cubin runs on an H100 as well as an sm_90a one does). This compiles every
-launcher with the flags CMake passes, for sm_80, sm_90 and sm_90a, and checks each cubin:
+launcher with the flags CMake passes, for sm_80, sm_89, sm_90, sm_90a and sm_100 (the release
+wheel's list "8.0;8.9;9.0a;10.0+PTX" plus the sm_90 a "9.0" build makes), and checks each cubin:
 
   * the image probe's __launch_bounds__ is the level that cubin's arch can execute (so the
     runtime answer of require_loaded_image is right), and
@@ -16,9 +17,11 @@ Each -gencode is compiled on its own, so a cubin does not depend on what else th
 checking sm_80, sm_90 and sm_90a once covers "9.0", "8.0;9.0", "9.0a", "8.0;9.0a", "9.0;9.0a"
 (whichever of the two images an H100 loads from the last one, the probe reports it). PTX that
 the driver JIT-compiles for a newer device is code of its compute capability, the same as its
-cubin here.
+cubin here (compute_100 PTX on an sm_120 GPU: the sm_100 row). sm_89 and sm_100 run the sm_80-class
+kernels plus the e4m3 mma.sync ones; wgmma stays behind the sm_90a guard there.
 
-  tools/check_loaded_image.py [--cuobjdump PATH] [file.cu ...]   (default: csrc/*/*_launch.cu)
+  tools/check_loaded_image.py [--cuobjdump PATH] [--archs sm_80,sm_90a] [file.cu ...]
+      (default: all of ARCHS, csrc/*/*_launch.cu)
 """
 import argparse
 import concurrent.futures
@@ -37,14 +40,17 @@ CMAKE_FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-li
 
 # The ImageLevel (loaded_image.cuh) each arch's cubin can execute.
 BASIC, FP8_MMA, SM90A = 1, 2, 3
-ARCHS = {"sm_80": BASIC, "sm_90": FP8_MMA, "sm_90a": SM90A}
+ARCHS = {"sm_80": BASIC, "sm_89": FP8_MMA, "sm_90": FP8_MMA, "sm_90a": SM90A, "sm_100": FP8_MMA}
 PROBE_THREADS_PER_LEVEL = 32
 
 # launcher -> (demangled kernel-name regex, level its dispatch requires via require_loaded_image).
 GUARDS = {
     "sparse_mla_launch": [(r"sparse_mla_fwd_wgmma_kernel<(576|512)>\(", SM90A)],  # sm90a_wgmma_opted_in
-    "mla_decode_launch": [(r"sparse_mla_decode_kernel<64, (true|false), true>", SM90A)],  # same
-    "indexer_launch": [(r"indexer_logits_kernel<", FP8_MMA)],             # dispatch_heads
+    "mla_decode_launch": [(r"sparse_mla_decode_kernel<64, (true|false), true>", SM90A),  # same
+                          (r"sparse_mla_decode_overlap_kernel<(true|false)>", SM90A)],  # overlap_selected
+    # dispatch_heads: the e4m3 kernels (last template argument kBf16Mma = false) need an FP8
+    # MMA image; the bf16 kernels (true) serve every image and must have no trap.
+    "indexer_launch": [(r"indexer_logits_kernel<\d+, \w+, \w+, \w+, false>", FP8_MMA)],
 }
 
 
@@ -62,9 +68,9 @@ def find_cuobjdump(given):
     sys.exit("cuobjdump not found")
 
 
-def compile_object(src, out_dir):
+def compile_object(src, out_dir, archs):
     obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-    gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in ARCHS]
+    gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
     r = subprocess.run([NVCC, *gencode, *CMAKE_FLAGS, "-I" + os.path.join(ROOT, "csrc"), "-c", src, "-o", obj],
                        capture_output=True, text=True)
     if r.returncode != 0:
@@ -112,13 +118,14 @@ def probe_levels(cuobjdump, obj):
     return levels
 
 
-def check(cuobjdump, obj, launcher):
+def check(cuobjdump, obj, launcher, archs):
     errors = []
     kernels = sass_kernels(cuobjdump, obj)
     levels = probe_levels(cuobjdump, obj)
     guards = GUARDS.get(launcher, [])
     names = demangle(sorted({k for per in kernels.values() for k in per}))
-    for arch, level in ARCHS.items():
+    for arch in archs:
+        level = ARCHS[arch]
         if arch not in kernels:
             errors.append(f"{launcher}: no {arch} cubin")
             continue
@@ -144,8 +151,13 @@ def check(cuobjdump, obj, launcher):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cuobjdump")
+    ap.add_argument("--archs", default=",".join(ARCHS), help="comma-separated subset of " + ", ".join(ARCHS))
     ap.add_argument("files", nargs="*")
     args = ap.parse_args()
+    archs = [a for a in args.archs.split(",") if a]
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        sys.exit(f"unknown arch {unknown}: expected some of {', '.join(ARCHS)}")
     cuobjdump = find_cuobjdump(args.cuobjdump)
     files = args.files or sorted(glob.glob(os.path.join(ROOT, "csrc/*/*_launch.cu")))
     # The largest first, so that two workers finish together.
@@ -153,10 +165,10 @@ def main():
     errors = []
     with tempfile.TemporaryDirectory() as tmp, \
             concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        jobs = {pool.submit(compile_object, f, tmp): f for f in files}
+        jobs = {pool.submit(compile_object, f, tmp, archs): f for f in files}
         for job in concurrent.futures.as_completed(jobs):
             launcher = os.path.basename(jobs[job])[:-3]
-            errors += check(cuobjdump, job.result(), launcher)
+            errors += check(cuobjdump, job.result(), launcher, archs)
     for e in errors:
         print("FAIL:", e)
     return 1 if errors else 0
