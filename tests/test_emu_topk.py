@@ -142,6 +142,69 @@ def test_cluster_sizes(lib, sync, gen, T, S, cs, name, k, sorted):
     assert counters["gmem_bytes_read"] == 4 * T * S + (8 * T * k if sorted else 0)
 
 
+def _topk_model():
+    """tools/topk_model.py (the MODEL of topk_kernels.cuh), imported by path: tools is no package."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "topk_model.py")
+    if "topk_model" not in sys.modules:  # registered first: its dataclass looks itself up there
+        spec = importlib.util.spec_from_file_location("topk_model", path)
+        sys.modules["topk_model"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["topk_model"])
+    return sys.modules["topk_model"]
+
+
+# (T, S, data, k, sorted, cluster size): two sizes at cs 8 and 4, rows that stop after 2 radix
+# passes (random) and rows that take all 3 (few_distinct: the threshold bin is a tie class
+# larger than what is left to take; low_10_bits: the keys differ only in the last digit).
+MODEL_CASES = [(1, 16384, "random", 256, False, 8), (1, 16384, "few_distinct", 777, True, 8),
+               (2, 8192, "random", 300, True, 4), (2, 8192, "low_10_bits", 1000, False, 4)]
+
+
+@pytest.mark.parametrize("T,S,name,k,sorted,cs", MODEL_CASES,
+                         ids=[f"cs{c[5]}-{c[2]}-{'sorted' if c[4] else 'unsorted'}" for c in MODEL_CASES])
+def test_sync_counts_match_the_model(lib, sync, gen, T, S, name, k, sorted, cs):
+    """The MODEL's synchronisation counts per row (topk_kernels.cuh, tools/topk_model.py) are the
+    kernel's: the emulator's cluster_barriers / mbarrier_phases equal the model's formulas
+    (mbarrier: one cluster barrier per row and cs (2 p + 1) + sorted phases; cluster: p + 2
+    barriers) with p, the radix passes, computed by the model's own replay of the kernel's
+    digit loop on the same rows; and the model's cluster size is the launcher's."""
+    model = _topk_model()
+    x = rows(T, S, gen, name)
+    out, reports, counters = run_topk(lib, x, k, sorted=sorted)
+    assert reports == []
+    assert_topk(out, x, k, None, None, sorted)
+    assert cluster_size(counters, T) == cs == model.choose_cluster_size(T, S)
+    passes = [model.radix_passes(model.topk_keys(x[t]), k)[0] for t in range(T)]
+    if name != "random":  # random rows stop after 2 or 3 passes: both regimes are covered
+        assert set(passes) == {3}, passes
+    want = [model.sync_counts(sync, cs, p, sorted) for p in passes]
+    assert counters["cluster_barriers"] == sum(w["cluster_barriers"] for w in want)
+    assert counters["mbarrier_phases"] == sum(w["mbarrier_phases"] for w in want)
+
+
+def test_model_pass_replay_matches_the_reference():
+    """The model's pass count is the kernel's stopping rule, derived independently from the
+    reference order (on the CPU, no emulator): with P_d the first d digits of the k-th largest
+    key, the loop stops after the first d whose prefix class is taken whole (exactly k keys at
+    or above P_d), else after all 3 digits; so the passes the test above feeds the model are
+    not an echo of the counters."""
+    model = _topk_model()
+    masks = [0xFFE00000, 0xFFFFFC00, 0xFFFFFFFF]  # the 11-, 11- and 10-bit digits
+    g = torch.Generator().manual_seed(5)
+    seen = set()
+    for name, S, k in (("random", 5000, 100), ("random", 131072, 2048), ("few_distinct", 4000, 777),
+                       ("low_10_bits", 3000, 50), ("all_equal", 300, 7)):
+        x = randn(1, S, gen=g)[0] if name == "random" else _adversarial(name, 1, S, g)[0]
+        keys = model.topk_keys(x)
+        p, counted = model.radix_passes(keys, k)
+        kth = int(keys.sort(descending=True).values[k - 1])
+        whole = [int(((keys & m) >= (kth & m)).sum()) == k for m in masks]
+        assert p == next((d + 1 for d in range(3) if whole[d]), 3), (name, p, whole)
+        assert counted[0] == S and all(a >= b for a, b in zip(counted, counted[1:]))
+        seen.add(p)
+    assert seen == {2, 3}
+
+
 @pytest.mark.parametrize("name", ADVERSARIAL)
 @pytest.mark.parametrize("k,sorted", [(1, False), (2049, True)])
 def test_adversarial_rows(lib, gen, name, k, sorted):

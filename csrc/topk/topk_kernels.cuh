@@ -16,8 +16,72 @@
 // count needed is reached — unless the whole tie class is taken, when order does not matter.
 // sorted=true: CTA 0 then sorts the k selected (key, index) pairs with a bitonic sort.
 //
-// Shared memory: the TopkShared state (static; peers of a cluster read its histograms and
-// counts at the same address), and the dynamic key cache, which CTA 0 reuses as the sort buffer.
+// Shared memory: the TopkShared state (static, 33040 B on sm_90a: peers of a cluster address
+// its histograms, inboxes and counts at the same offset), and the dynamic key cache, which CTA 0
+// reuses as the sort buffer.
+//
+// ---- MODEL (performance model; tools/topk_model.py prints this table from its parameters) ----
+// Case: SPEC's 64 x 131072 fp32, k = 2048, unsorted, H100 SXM (3.35 TB/s, 132 SMs). Computed
+// (launcher rules, simulated N(0,1) rows): cs = 8 (16384-key slices fit the 20480-key cache),
+// 512 CTAs of 512 threads, 2 per SM; 32 clusters of 8 resident (assumption: 4 per GPC x 8) -> 2
+// waves of 32 rows. Bytes per row: pass 0 reads the 512 KiB of logits once from HBM (emulator:
+// gmem_bytes_read = 4 S per row, + 8 k sorted); every later pass and the output pass sweep the
+// same keys in shared memory; 8 KiB of indices out. Streaming rows (slice > cache: S > 16 x
+// 20480 at cs = 16) re-read global memory (L2 where it holds them) in every pass instead.
+// Radix passes per row: mean 2.45 (35 rows of 64 take 2, 29 take 3: the early exit fires when
+// the threshold bin is taken whole). Shared atomics per element: 1 in pass 0, 0.0165 in pass 1,
+// ~1e-5 in pass 2; atomicAdd(.., 1u) compiles to ATOMS.POPC.INC (same-address lanes combine),
+// 1.92 wavefronts per warp instruction in pass 0's access order.
+// Synchronisation per row (emulator counters, exact: test_emu_topk.py::test_sync_counts_match_
+// the_model at cs = 8 and 4, p = 2 and 3 passes):
+//   kMbarrier: cluster_barriers = 1 (the split init barrier; its wait overlaps pass 0's sweep),
+//              mbarrier_phases = cs (2p + 1) + sorted (cs = 1: 1 + sorted): per CTA two waits
+//              per pass and one for the counts (+ CTA 0's done wait when sorted).
+//   kCluster:  cluster_barriers = p + 2 (one per pass, counts, exit), mbarrier_phases = 0.
+// SASS (cuobjdump -sass of the sm_90a cubin): each kCluster sync is MEMBAR.ALL.GPU + UCGABAR_ARV +
+// UCGABAR_WAIT + CCTL.IVALL; kMbarrier has no MEMBAR.GPU on the unsorted path (one in the sorted
+// hand-off: mbarrier.arrive.release.cluster), and each acquire.cluster try_wait is
+// SYNCS.PHASECHK + CCTL.IVALL (an L1 invalidate: harmless, the keys live in shared memory).
+// Latencies (ASSUMPTIONS, not measured; the first GPU run calibrates them): cluster barrier
+// 0.45 us (~300 clk barrier + ~500 clk MEMBAR.GPU), mbarrier phase 0.15 us (st.async one-way
+// ~200 clk, the order of DSM latency in Luo et al., arXiv 2402.13499), DSMEM 25 GB/s per SM
+// (~3.3 TB/s SM-to-SM aggregate, same paper, as recalled), 1.755 GHz, 90% of HBM peak, 3 IPC,
+// 9 / 12 instructions per key in the cache / output sweeps, 2 us fixed start and drain.
+//   per wave (us)                        mbarrier  cluster
+//   pass 0 (HBM 5.56 > atomics 2.24)       5.56     5.56
+//   exchange + threshold, pass 0 / 1       1.62     5.45   (push 2 x 7 KiB vs pull 56 KiB per CTA)
+//   exchange + threshold, pass 2 (x0.45)   0.47     1.43
+//   cache sweeps (1.45 x 1.75) + output    4.87     4.87
+//   counts, exit                           0.15     1.02
+//   TOTAL = 2 + 2 waves x (pass 0 + tail)  30.6     49.6   vs SPEC 15; floor 10.0 (11.1 at 90%)
+// Shortfall: ~2x the target in the default mode. The tail after the stream (8.7 us per wave:
+// histogram bytes through DSMEM, the later and output sweeps of 16384 keys per CTA, 2 CTAs per
+// SM) is not overlapped with HBM, and paid twice (two waves). The estimate hangs on the DSMEM
+// bandwidth assumption (4x faster: 26.8 / 34.3; 2x slower: 35.7 / 70.0). What would close it
+// (modelled, tools/topk_model.py): A) a two-level exchange (64 group sums, then the threshold
+// group's 32 bins: ~5% of the bytes, +2 phases): 27.2; B) leaner sweeps (LDS.128, 32-bit indices,
+// 4 / 6 instructions per key): 25.4; C) a persistent kernel streaming the next row under this
+// row's tail: 25.0; A+B 22.0, A+B+C 17.6 -- still 2.6 us over: finer waves (one CTA per SM, more
+// rows per cluster) would shrink the exposed first stream and last tail; not modelled.
+// The first GPU run (dsa-bench topk: both DSA_TOPK_SYNC modes side by side) gives the cluster -
+// mbarrier difference, which by this model is mostly (56 - 14) KiB per CTA and pass over
+// DSMEM: it measures the DSMEM bandwidth assumption directly.
+// Anchors (read in their sources, numbers as published):
+//   FlashInfer fast_topk_clusters_exact (include/flashinfer/fast_topk_clusters_exact.cuh, PR
+//   #3009, sm_90+): 1024 threads, <= 8 CTAs per row, four 8-bit rounds for fp32; the logits are
+//   read twice from global memory (a histogram sweep, then a filter sweep into a shared
+//   candidate cache that overflows to global memory); peer histograms pulled with
+//   map_shared_rank; per row 6 full cluster.sync + 3 split arrive/wait pairs. Published (PR
+//   #3009; B200 per shared/KERNELS.md): 256 x 262144 fp32 k = 2048: 160.8 us vs 230.4 us for
+//   FlashInfer's default top-k and 885.5 us torch.topk; PR #2461 (B200, batch 1, k = 2048):
+//   5.3 / 15.1 / 33.8 us at 4K / 16K / 64K.
+//   DeepSelect (deepseek-ai/DeepSelect, v1.0.0 2026-09, docs/DeepSelect-deep-dive.md): one read
+//   per element against a running threshold in random block order with periodic radix
+//   compaction of the candidates; the cluster variant (bf16, 16 CTAs, k <= 1024) has one full
+//   cluster barrier (arrive.relaxed + wait.acquire) after every CTA's local top-k, then st.async
+//   of each CTA's candidates into CTA 0 on two transaction mbarriers; CTA 0 selects. Published:
+//   "2 ~ 20x" torch.topk, and bandwidth plots (README, assets/perf_*.png) without a number
+//   for our shape.
 #pragma once
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
@@ -37,7 +101,7 @@ constexpr int kMaxBins = 2048;
 constexpr int kPasses = 3;            // digits of 11, 11 and 10 bits over the 32-bit key
 constexpr int kPortableCluster = 8;
 constexpr int kMaxCluster = 16;       // non-portable; used only where the device accepts it
-constexpr int kMaxCacheKeys = 20480;  // 80 KiB of keys per CTA (+24 KiB of TopkShared): 2 CTAs/SM
+constexpr int kMaxCacheKeys = 20480;  // 80 KiB of keys per CTA (+32 KiB of TopkShared): 2 CTAs/SM
 constexpr int kMaxSortK = 4096;
 
 __host__ __device__ constexpr int pass_shift(int pass) { return pass == 0 ? 21 : pass == 1 ? 10 : 0; }
