@@ -363,3 +363,23 @@ def test_overlap_other_shapes_keep_old_kernels(lib, gen):
         assert reports == []
         check(out, lse, q, cache, idx, D_QK ** -0.5)
         assert not any(OVERLAP in n for n in launched(lib))
+
+
+@pytest.mark.parametrize("kernel,expect", [("", OVERLAP), ("overlap", OVERLAP), ("mma", ",false>"),
+                                           ("wgmma", ",true>")])
+def test_overlap_switch(lib, gen, kernel, expect):
+    """DSA_MLA_DECODE_KERNEL picks the kernel of an FP8 64-head call: the overlap kernel by
+    default and by name, the mma.sync and wgmma kernels of mla_decode_kernels.cuh by name (the
+    old kernels stay selectable so that a GPU run times them side by side)."""
+    cache, q, idx = overlap_case(gen, 1, 1, 64, 64)
+    lib.emu_clear_counters()
+    out, lse, _, reports = run_decode(lib, q, cache, idx, D_QK ** -0.5, kernel=kernel)
+    assert reports == []
+    check(out, lse, q, cache, idx, D_QK ** -0.5)
+    names = ["".join(n.split()) for n in launched(lib)]
+    names = [n[:n.rindex("(")] if n.endswith(")") else n for n in names]   # drop "(DecodeParams)"
+    assert len(names) == 1, names
+    if expect == OVERLAP:
+        assert OVERLAP in names[0], names
+    else:   # sparse_mla_decode_kernel<64, <cache format>, kWgmma>
+        assert OVERLAP not in names[0] and "sparse_mla_decode_kernel<64," in names[0] and names[0].endswith(expect), names

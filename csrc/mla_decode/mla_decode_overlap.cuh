@@ -31,30 +31,36 @@
 // split is the shape-only SplitPlan (CUDA-graph safe).
 //
 // MODEL (not a measurement; H100/H800 SXM, 132 SMs, 1.83 GHz, bf16 dense wgmma 2048 MAC/clk/SM,
-// HBM 3.35 TB/s). Shape B = 128, s_q = 2, H = 128, K = 2048: 256 rows x 2 head blocks = 512
-// CTAs = 256 clusters (no split: 512 > 66), 3.9 waves on 132 SMs.
-//   FLOP = 2 * B * s_q * H * K * (576 + 512) = 146.0 GFLOP.
-//   Bytes per token: 656 (record) + 4 (index); per row 2048 x 660 = 1.35 MB, once per cluster
-//   (each CTA loads its half); 256 rows = 346 MB -> 103 us at 3.35 TB/s (1417 TFLOP/s bound).
-//   MMA per 64-head tile of 64 tokens: S 64x64x576 = 2.36 M MAC (1152 clk), PV 64x512x64 =
-//   2.10 M MAC (1024 clk): 2176 clk = 34 clk/token. S at n = 64 reads A + B at 128 B/clk,
-//   exactly the shared-memory port rate, so S has no slack.
-//   Dequant (FlashMLA's deep-dive figure, ~50 clk/token/SM for the whole SM): crossover halves
-//   it to 32 tokens/CTA = 1600 clk per tile, split 800 + 800 across the S (1152) and PV (1024)
-//   windows: hidden (each half is shorter than its window).
-//   Not overlapped: the softmax on WG0 between S and PV (~64 values/thread, 2 rows: ~200 clk),
-//   the three CTA barriers and the mbarrier wait per tile (~100 clk), the first tile's
-//   dequant (1/32 of the row), the epilogue.
-//   Per tile ~ 2176 + 200 + 100 = 2476 clk -> 88% of the tensor-core rate; x 3.88/4 waves
-//   (97%) -> ~ 0.85 x 989 = ~840 TFLOP/s model bound for H = 128 (SPEC target 500: reached in
-//   the model). H = 64 (no crossover): dequant 64 tokens/CTA = 3200 clk per tile against
-//   2176 clk of MMA: dequant-bound, ~3200 + 300 = 3500 clk per tile -> ~ 0.62 x 989 = 610
-//   TFLOP/s at full occupancy.
-//   Honest shortfall: FlashMLA measured 410 TFLOP/s with a comparable schedule on H800, so
-//   unmodelled costs (L2/HBM latency of the gathers at 1 CTA/SM, the wgmma issue and
-//   shared-memory bank pressure of the conversion stores next to S's operand reads, the
-//   fixed 36-instruction S chain) are worth ~2x; until a GPU run measures it, the target is
-//   unverified. The gathers of tile t+2 are prefetched to L2 while tile t+1 converts.
+// shared memory 128 B/clk/SM, HBM 3.35 TB/s). Shape B = 128, s_q = 2, H = 128, K = 2048: 256
+// rows x 2 head blocks = 512 CTAs = 256 clusters (no split: 512 > 66), 3.88 waves of 132.
+//   FLOP = 2 * B * s_q * H * K * (576 + 512) = 146.0 GFLOP; 989 TFLOP/s peak -> 148 us.
+//   Bytes per token: 656 (record) + 4 (index), read once per cluster (each CTA its half):
+//   256 rows x 2048 x 660 = 346 MB -> 103 us at 3.35 TB/s: compute-bound, not memory-bound.
+//   MMA per 64-head CTA and 64-token tile: S 64x64x576 (1152 clk), P V 64x512x64 (1024 clk):
+//   2176 clk = 34 clk/token. S (n = 64, both operands from shared memory) reads 128 B/clk:
+//   the whole shared-memory port.
+//   Dequant per token (SASS of this kernel: 8 F2FP.F16.E4M3.UNPACK, 16 HADD2.F32, 16 FMUL,
+//   8 F2FP.BF16.F32.PACK per 16 values): 512 conversions at an assumed 16/clk = 32 clk, 1024 FP32-pipe
+//   ops at 128/clk = 8 clk, the L2 loads and 72 16-byte stores: ~45 clk/token for the whole SM
+//   (FlashMLA's deep dive measures ~50). Crossover: 32 tokens per CTA and tile = ~1440 clk,
+//   split 720 / 720 over the S and P V windows.
+//   Shared-memory port per tile: S 147 KB of operand reads + this CTA's and the peer's
+//   conversion stores for the first half (36.9 KB) -> 1440 clk for the S window (not 1152);
+//   P V 80 B/clk + the second half's stores -> fits its 1024 clk.
+//   Not overlapped: the softmax on WG0 between S and P V (~200 clk), three barriers and the
+//   mbarrier wait (~100 clk), the first tile of each CTA, the epilogue.
+//   H = 128: ~1440 + 200 + 1024 + 100 = 2764 clk per tile vs 2176 of MMA -> 79% of peak x
+//   97% wave efficiency = ~750 TFLOP/s: the SPEC target (500) is reached in the model.
+//   H = 64 (one CTA per row, no crossover): 64 tokens x 45 = 2880 clk of dequant per tile,
+//   more than the MMA: ~2880 + 300 = 3180 clk -> ~66% = ~650 TFLOP/s at B = 128, s_q = 2.
+//   Honest shortfall: FlashMLA measured 410 TFLOP/s with this kind of schedule on H800, so
+//   costs the model leaves out (gather latency with one CTA per SM and only an L2 prefetch one
+//   tile ahead, wgmma issue stalls at 255 registers, bank conflicts between the conversion
+//   stores and the wgmma operand reads, the acquire.cluster waits' L1 invalidation) are worth
+//   up to ~1.8x; the target is unverified until a GPU run (dsa-bench decode times this kernel
+//   beside mma.sync). Next steps the model points to: e4m3 -> f32 by integer ops (no
+//   conversion-pipe instructions: ~2x on the dequant), and the softmax of tile t overlapped
+//   with S of tile t+1 (a second S accumulator: registers permitting).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

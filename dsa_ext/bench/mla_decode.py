@@ -47,23 +47,29 @@ def _gathered_attention(q, kv_cache, indices, sm_scale, dtype=torch.bfloat16):
     return out.view(B, s_q, H, D_V), lse.view(B, s_q, H)
 
 
-def _with_wgmma(fn):
-    """Run fn with the opt-in wgmma kernel selected (the glue reads DSA_MLA_DECODE_WGMMA per call,
-    so under --graphs the choice is captured too)."""
+def _with_env(fn, name, value):
+    """Run fn with environment variable `name` = value (the glue and the launcher read the decode
+    switches per call, so under --graphs the choice is captured too)."""
     def run():
-        old = os.environ.get("DSA_MLA_DECODE_WGMMA")
-        os.environ["DSA_MLA_DECODE_WGMMA"] = "1"
+        old = os.environ.get(name)
+        os.environ[name] = value
         try:
             return fn()
         finally:
             if old is None:
-                del os.environ["DSA_MLA_DECODE_WGMMA"]
+                del os.environ[name]
             else:
-                os.environ["DSA_MLA_DECODE_WGMMA"] = old
+                os.environ[name] = old
     return run
 
 
-def _case(device, B, s_q, H, K, fp8, block_size=64, invalid_frac=0.0, wgmma=False) -> Case:
+def _with_wgmma(fn):
+    """Run fn with the opt-in wgmma kernel selected (DSA_MLA_DECODE_WGMMA=1)."""
+    return _with_env(fn, "DSA_MLA_DECODE_WGMMA", "1")
+
+
+def _case(device, B, s_q, H, K, fp8, block_size=64, invalid_frac=0.0, wgmma=False, kernel=None) -> Case:
+    """kernel: DSA_MLA_DECODE_KERNEL for this case ("overlap", "mma", "wgmma"; None = the default)."""
     gen_slots = max(B * s_q * K, 64 * 1024)
     num_slots = math.ceil(gen_slots / block_size) * block_size
     if fp8:
@@ -80,9 +86,9 @@ def _case(device, B, s_q, H, K, fp8, block_size=64, invalid_frac=0.0, wgmma=Fals
     op = lambda: sparse_mla_decode(q, cache, indices, sm_scale)
     return Case(
         family="decode",
-        name="sparse_mla_decode[wgmma]" if wgmma else "sparse_mla_decode",
+        name="sparse_mla_decode[wgmma]" if wgmma else (f"sparse_mla_decode[{kernel}]" if kernel else "sparse_mla_decode"),
         shape=dict(B=B, s_q=s_q, H=H, K=K, fp8_cache=int(fp8), block_size=block_size),
-        fn=_with_wgmma(op) if wgmma else op,
+        fn=_with_wgmma(op) if wgmma else (_with_env(op, "DSA_MLA_DECODE_KERNEL", kernel) if kernel else op),
         flops=2.0 * B * s_q * H * K * (D_QK + D_V),
         bytes=float(q.numel() * 2 + B * s_q * K * (record_bytes + 4) + B * s_q * H * (D_V * 2 + 4)),
         bound="compute",
@@ -109,4 +115,12 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
         _case(device, 128, 2, 128, 2048, True, wgmma=True),
         _case(device, 128, 2, 128, 2048, False, wgmma=True),
         _case(device, 1, 2, 128, 2048, True, wgmma=True),
+        # the overlap kernel (FP8, H 64 / 128: the sm_90a default there) beside the mma.sync
+        # kernel it replaced, same shapes; elsewhere the switch falls back to the old kernels
+        _case(device, 128, 2, 128, 2048, True, kernel="overlap"),
+        _case(device, 128, 2, 128, 2048, True, kernel="mma"),
+        _case(device, 128, 2, 64, 2048, True, kernel="overlap"),
+        _case(device, 128, 2, 64, 2048, True, kernel="mma"),
+        _case(device, 1, 2, 128, 2048, True, kernel="overlap"),
+        _case(device, 1, 2, 128, 2048, True, kernel="mma"),
     ]
