@@ -196,3 +196,68 @@ def test_collect_cases_skips_absent_and_reports_broken_modules(monkeypatch):
         cases, errors, skipped = cli.collect_cases(command, torch.device("cpu"), True, say=messages.append)
         assert cases == [] and skipped == [] and errors[0]["status"] == "error" and errors[0]["family"] == command
     assert "cannot build inputs" in messages[1] and "ModuleNotFoundError" in messages[2]
+
+
+# ---- dsa-bench topk --sync: both DSA_TOPK_SYNC kernels side by side on a GPU ----------------
+
+def test_topk_sync_variants_and_env_per_call(monkeypatch):
+    """On a GPU, "both" times the mbarrier kernel as ours and the cluster-barrier kernel beside
+    it; one mode times only that one; the CPU is unchanged. Each call sets DSA_TOPK_SYNC (the
+    launcher reads it per launch) and restores the caller's value, also when the call raises."""
+    from dsa_ext.bench import topk
+
+    assert topk.sync_variants("cuda", "both") == ("mbarrier", ["cluster"])
+    assert topk.sync_variants("cuda", "cluster") == ("cluster", [])
+    assert topk.sync_variants("cuda", "mbarrier") == ("mbarrier", [])
+    for sync in topk.SYNC_CHOICES:
+        assert topk.sync_variants("cpu", sync) == (None, [])
+    with pytest.raises(ValueError, match="topk sync"):
+        topk.sync_variants("cuda", "fence")
+    seen = []
+    probe = topk.with_sync("cluster", lambda: seen.append(os.environ.get("DSA_TOPK_SYNC")) or "out")
+    monkeypatch.delenv("DSA_TOPK_SYNC", raising=False)
+    assert probe() == "out" and seen == ["cluster"] and "DSA_TOPK_SYNC" not in os.environ
+    monkeypatch.setenv("DSA_TOPK_SYNC", "mbarrier")
+    probe()
+    assert seen == ["cluster", "cluster"] and os.environ["DSA_TOPK_SYNC"] == "mbarrier"
+
+    def boom():
+        assert os.environ["DSA_TOPK_SYNC"] == "cluster"
+        raise RuntimeError("launch failed")
+    with pytest.raises(RuntimeError, match="launch failed"):
+        topk.with_sync("cluster", boom)()
+    assert os.environ["DSA_TOPK_SYNC"] == "mbarrier"
+
+
+def test_topk_cases_with_sync_on_cpu_are_unchanged(monkeypatch):
+    """CPU cases carry no sync baseline whatever --sync says, and still compute the top-k."""
+    from dsa_ext.bench import topk
+
+    for sync in topk.SYNC_CHOICES:
+        monkeypatch.setattr(topk, "SYNC", sync)
+        case = topk._topk_case(torch.device("cpu"), 2, 300, 7, False, torch.Generator().manual_seed(0))
+        assert list(case.baselines) == ["torch.topk", "torch.sort[:k]"]
+        assert "DSA_TOPK_SYNC" not in (case.note or "")
+        if has_cpu_kernels(["topk_indices"]):
+            got = case.fn().sort(1).values
+            want = case.baselines["torch.topk"]().indices.int().sort(1).values
+            assert torch.equal(got, want)
+
+
+def test_cli_sync_option(monkeypatch):
+    """--sync is in the help, defaults to both, rejects other modes, and reaches the topk cases."""
+    import dsa_ext.bench.cli as cli
+    from dsa_ext.bench import topk
+
+    proc = subprocess.run([sys.executable, "-m", "dsa_ext.bench.cli", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])))
+    assert proc.returncode == 0 and "--sync {both,mbarrier,cluster}" in proc.stdout and "DSA_TOPK_SYNC" in proc.stdout
+    assert cli.parse_args(["topk"]).sync == "both"
+    assert cli.parse_args(["topk", "--sync", "cluster"]).sync == "cluster"
+    with pytest.raises(SystemExit):
+        cli.parse_args(["topk", "--sync", "fence"])
+    monkeypatch.setattr(topk, "SYNC", "both")
+    monkeypatch.setattr(cli, "collect_cases", lambda *a, **k: ([], [], []))  # time nothing
+    assert cli.main(["topk", "--device", "cpu", "--sync", "cluster"]) == 0
+    assert topk.SYNC == "cluster"

@@ -2,6 +2,7 @@
 
     dsa-bench all                      # every family, SPEC section 6 shapes on a GPU
     dsa-bench topk --graphs            # one family; CUDA graphs where launch overhead dominates
+    dsa-bench topk --sync cluster      # top-k: time one DSA_TOPK_SYNC mode (default: both, GPU)
     dsa-bench all --quick --json r.json --plot e2e.png
     python -m dsa_ext.bench.cli ...    # the same without the console script
 
@@ -28,7 +29,7 @@ JSON report (`--json PATH`), schema "dsa-bench/1":
       "cuda_version": str | null,  # torch.version.cuda
       "argv": [str],
       "settings": {"family": str, "quick": bool, "graphs": bool, "warmup": int, "min_reps": int,
-                   "max_reps": int, "budget_s": float},
+                   "max_reps": int, "budget_s": float, "topk_sync": str},
       "device": {"type": "cuda" | "cpu", "name": str,
                  "roofline": {"name": str, "bf16_tflops": float, "fp8_tflops": float,
                               "fp32_tflops": float, "bandwidth_gbs": float, "source": str}},
@@ -261,6 +262,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--v32-heads", action="store_true",
                    help="e2e on the CPU at the DeepSeek-V3.2 layer sizes (128 heads, 64 indexer heads, "
                         "K=2048, L=2K and 4K): about ten minutes")
+    p.add_argument("--sync", choices=["both", "mbarrier", "cluster"], default="both",
+                   help="topk cases on a GPU: which cluster synchronisation of the top-k kernel "
+                        "(DSA_TOPK_SYNC, set per call) is timed; both (default): the mbarrier kernel "
+                        "as ours and the full-cluster-barrier kernel beside it as a baseline. "
+                        "No effect on the CPU")
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any case failed")
     return p.parse_args(argv)
 
@@ -297,6 +303,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.v32_heads:
         from . import e2e
         e2e.V32_HEADS = True
+    from . import topk as topk_cases
+    topk_cases.SYNC = args.sync
     cases, rows, skipped = collect_cases(args.command, device, quick)
     if args.filter:
         cases = [c for c in cases if args.filter in c.name]
@@ -322,7 +330,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.json:
         settings = {"family": args.command, "quick": quick, "graphs": opts.graphs, "warmup": opts.warmup,
-                    "min_reps": opts.min_reps, "max_reps": opts.max_reps, "budget_s": opts.budget_s}
+                    "min_reps": opts.min_reps, "max_reps": opts.max_reps, "budget_s": opts.budget_s,
+                    "topk_sync": args.sync}
         report = build_report(rows, skipped, device, roofline, settings)
         validate_report(report)
         with open(args.json, "w") as f:

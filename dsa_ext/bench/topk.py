@@ -3,16 +3,55 @@
 GPU: T in {1, 64, 4096} x S in {8K, 32K, 128K}, plus sorted output and `topk_slot_ids` at the
 decode shape. CPU / quick: small shapes. Bytes = logits read once + indices written once.
 Baselines: `torch.topk` and sort-based selection (`torch.sort` then the first k columns).
+
+Cluster synchronisation (GPU only): the launcher reads DSA_TOPK_SYNC at every launch
+(csrc/topk/topk_launch.cu), so each timed call sets it. `SYNC` (the CLI's `--sync`) picks
+what is timed: "both" (the GPU default) times the mbarrier kernel as ours and the full-cluster-
+barrier kernel beside it as the baseline "ours, DSA_TOPK_SYNC=cluster" (its speedup column is
+cluster time / mbarrier time); "mbarrier" or "cluster" times that one kernel as ours. Below
+sm_90 both modes run the same single-CTA kernel. On the CPU nothing changes (no such kernel).
 """
 from __future__ import annotations
 
-from typing import List
+import os
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from .common import Case
 
-__all__ = ["cases"]
+__all__ = ["cases", "SYNC", "SYNC_CHOICES", "sync_variants", "with_sync"]
+
+SYNC_CHOICES = ("both", "mbarrier", "cluster")
+SYNC = "both"   # set by `dsa-bench --sync`
+_ENV = "DSA_TOPK_SYNC"
+
+
+def with_sync(mode: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with DSA_TOPK_SYNC=mode (restored after): the launcher reads it at every launch,
+    and under --graphs the kernel chosen at capture is the one the graph replays."""
+    def run():
+        old = os.environ.get(_ENV)
+        os.environ[_ENV] = mode
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop(_ENV, None)
+            else:
+                os.environ[_ENV] = old
+    return run
+
+
+def sync_variants(device_type: str, sync: str) -> Tuple[Optional[str], List[str]]:
+    """(the mode timed as ours or None for the launcher's default, [modes timed beside it])."""
+    if sync not in SYNC_CHOICES:
+        raise ValueError(f"topk sync must be one of {SYNC_CHOICES}, got {sync!r}")
+    if device_type != "cuda":
+        return None, []
+    if sync == "both":
+        return "mbarrier", ["cluster"]
+    return sync, []
 
 
 def _topk_case(device, T, S, k, sorted, gen) -> Case:
@@ -20,15 +59,16 @@ def _topk_case(device, T, S, k, sorted, gen) -> Case:
 
     logits = torch.randn(T, S, generator=gen, dtype=torch.float32).to(device)
     name = "topk_indices_sorted" if sorted else "topk_indices"
+    ours = lambda: dsa_ext.topk_indices(logits, k, sorted=sorted)  # noqa: E731
+    mode, beside = sync_variants(device.type, SYNC)
+    baselines = {f"ours, {_ENV}={m}": with_sync(m, ours) for m in beside}
+    baselines["torch.topk"] = lambda: torch.topk(logits, k, dim=1, sorted=sorted)
+    baselines["torch.sort[:k]"] = lambda: torch.sort(logits, dim=1, descending=True).indices[:, :k]
     return Case(
         family="topk", name=name, shape={"T": T, "S": S, "k": k},
-        fn=lambda: dsa_ext.topk_indices(logits, k, sorted=sorted),
-        bytes=float(T * S * 4 + T * k * 4), bound="memory",
-        baselines={
-            "torch.topk": lambda: torch.topk(logits, k, dim=1, sorted=sorted),
-            "torch.sort[:k]": lambda: torch.sort(logits, dim=1, descending=True).indices[:, :k],
-        },
-        note="random normal logits, whole rows")
+        fn=with_sync(mode, ours) if mode else ours,
+        bytes=float(T * S * 4 + T * k * 4), bound="memory", baselines=baselines,
+        note="random normal logits, whole rows" + (f"; ours with {_ENV}={mode}" if mode else ""))
 
 
 def _slot_ids_case(device, B, N, k, block_size, gen) -> Case:
