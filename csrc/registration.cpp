@@ -33,7 +33,7 @@ TORCH_LIBRARY(dsa, m) {
   m.def("sparse_mla_bwd(Tensor q, Tensor kv, Tensor out, Tensor dout, Tensor indices, Tensor lse, float sm_scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None, bool deterministic=False) -> (Tensor dq, Tensor dkv)");
 
   // ---- sparse MLA decode over a paged cache (csrc/mla_decode) ----
-  m.def("sparse_mla_decode(Tensor q, Tensor kv_cache, Tensor indices, float sm_scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None) -> (Tensor out, Tensor lse)");
+  m.def("sparse_mla_decode(Tensor q, Tensor kv_cache, Tensor indices, float sm_scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None, Tensor? extra_kv_cache=None, Tensor? extra_indices=None, Tensor? extra_topk_length=None) -> (Tensor out, Tensor lse)");
 
   // ---- training the indexer (csrc/training, SPEC section 7; dsa_ext/ops/training.py) ----
   // The indexer in training precision (bf16/fp32, fp64 on CPU) with its backward, the main

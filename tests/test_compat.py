@@ -296,11 +296,43 @@ def test_flash_mla_with_kvcache_checks(gen):
     with pytest.raises(NotImplementedError, match="dense"):
         call(q, cache, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 512,
              flash_mla.get_mla_metadata()[0])
-    if "extra_kv_cache" not in flash_mla._decode_schema_args():
-        v4 = torch.zeros(2, 8, 1, 584, dtype=torch.uint8)
-        with pytest.raises(NotImplementedError, match="584"):
-            call(q[..., :512], v4, None, None, 512, flash_mla.get_mla_metadata()[0], None, None,
-                 False, True, idx)
+    v32 = torch.zeros(2, 8, 1, 656, dtype=torch.uint8)       # d_qk 512 needs the 584-byte cache
+    with pytest.raises(RuntimeError, match="k_cache"):
+        call(q[..., :512].contiguous(), v32, None, None, 512, flash_mla.get_mla_metadata()[0], None, None,
+             False, True, idx)
+
+
+def _flashmla_v4_cache(gen, num_blocks, block_size):
+    """A V4 (MODEL1) FP8 cache the way FlashMLA allocates it: float8_e4m3fn pages of
+    ceil(bs * 584 / 576) * 576 bytes viewed as [nb, bs, 1, 584] (stride(0) is the padded pitch),
+    written with our writer; returns (cache view, dequantised rows [slots, 512])."""
+    rows = randn(num_blocks * block_size, 512, gen=gen, scale=0.3).bfloat16()
+    cache = ref.new_mla_kv_cache(num_blocks, block_size, True, model="v4")
+    torch.ops.dsa.mla_kv_cache_write(rows, torch.arange(num_blocks * block_size), cache)
+    return cache.view(torch.float8_e4m3fn), ref.dequantize_mla_cache(cache)
+
+
+def test_flash_mla_with_kvcache_v4_extra_cache(device, gen):
+    """DeepSeek-V4 decode through the adapter: d_qk 512 over MODEL1 caches read in place (padded
+    page pitch), window cache + compressed entries (extra_k_cache) in one softmax, lengths on
+    both lists, a sink, 8 heads."""
+    b, s_q, h_q = 2, 1, 8
+    cache, rows = _flashmla_v4_cache(gen, 2, 64)
+    extra, extra_rows = _flashmla_v4_cache(gen, 3, 64)
+    assert cache.stride(0) != 64 * 584 and cache.dtype == torch.float8_e4m3fn
+    q = randn(b, s_q, h_q, 512, gen=gen, scale=0.5).bfloat16()
+    idx = _decode_indices(gen, b, s_q, 128, 128)
+    eidx = _decode_indices(gen, b, s_q, 64, 192)
+    tl = torch.tensor([128, 70], dtype=torch.int32)
+    elen = torch.tensor([0, 50], dtype=torch.int32)        # batch 0: window rows only
+    sink = torch.randn(h_q, generator=gen)
+    meta, _ = flash_mla.get_mla_metadata()
+    out, lse = flash_mla.flash_mla_with_kvcache(
+        q.to(device), cache.to(device), None, None, 512, meta, None, 512 ** -0.5, False, True,
+        idx.to(device), sink.to(device), extra.to(device), eidx.to(device), tl.to(device), elen.to(device))
+    r_out, r_lse = flashmla_decode_formula(q, [(rows, idx, tl), (extra_rows, eidx, elen)], 512 ** -0.5, sink)
+    torch.testing.assert_close(out.cpu().double(), r_out, atol=2e-3, rtol=2.01 / 128)
+    torch.testing.assert_close(lse.cpu().double(), r_lse, atol=1e-5, rtol=8.01 / 65536)
 
 
 # ---------------------------------------------------------------------------------------------

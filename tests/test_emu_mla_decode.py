@@ -43,6 +43,11 @@ def lib():
     E.set_env(lib, "DSA_MLA_DECODE_WGMMA", None)
 
 
+def fmt_name(kind, d_qk):
+    """The demangled cache-format template argument of the kernel (mla_decode_kernels.cuh Fmt)."""
+    return f"dsa::mla_decode::Fmt<(dsa::cache::MlaCacheKind){kind},{d_qk}>"
+
+
 def plan(lib, B, s_q, H, K):
     p = (ctypes.c_int32 * 2)()
     lib.emu_mla_decode_plan(B, s_q, H, K, p)
@@ -135,9 +140,10 @@ def test_every_kernel(lib, gen, variant, fp8, split):
     kernels = launched(lib)
     main = [n for n in kernels if KERNEL in n and COMBINE not in n]
     assert len(main) == 1, f"one main kernel launch expected, got {list(kernels)}"
-    args = "".join(main[0].split("(")[0].split())   # "...kernel<64,true,true>" when demangled
-    if "<" in args:
-        assert args.endswith(f"<{hb},{str(fp8).lower()},{str(wgmma).lower()}>"), main[0]
+    args = "".join(main[0].split())
+    args = args[:args.rindex("(")] if args.endswith(")") else args   # drop "(DecodeParams)"
+    if "<" in args:   # "...kernel<16,dsa::mla_decode::Fmt<(dsa::cache::MlaCacheKind)0,576>,false>"
+        assert args.endswith(f"<{hb},{fmt_name(0 if fp8 else 2, D_QK)},{str(wgmma).lower()}>"), main[0]
     c = kernels[main[0]]
     tiles = -(-min(K, int(lengths[0]) if split else K) // TILE)   # 64-entry tiles walked in all
     assert c["ctas"] == splits and c["threads"] == THREADS * splits

@@ -13,11 +13,24 @@ from conftest import randn, rel_err
 D_QK, D_V = 576, 512
 
 
-def make_cache(num_blocks, block_size, fp8, gen):
-    kv = randn(num_blocks * block_size, D_QK, gen=gen)
-    if fp8:
-        return ref.quantize_mla_records(kv).view(num_blocks, block_size, 1, 656)
-    return kv.to(torch.bfloat16).view(num_blocks, block_size, 1, D_QK)
+def make_cache(num_blocks, block_size, fp8, gen, d_qk=D_QK, pitch_pad=None):
+    """A random MLA cache. d_qk 576: V3.2 (FP8 656-byte records or bf16 576). d_qk 512: V4 (FP8
+    584-byte MODEL1 pages or bf16 512). A V4 FP8 cache is a view over pages of pitch
+    `block_size * 584 + pitch_pad` bytes (None: FlashMLA's allocation, rounded up to a multiple
+    of 576), the padding filled with random bytes that a read would turn into wrong output."""
+    kv = randn(num_blocks * block_size, d_qk, gen=gen)
+    if d_qk == D_QK:
+        if fp8:
+            return ref.quantize_mla_records(kv).view(num_blocks, block_size, 1, 656)
+        return kv.to(torch.bfloat16).view(num_blocks, block_size, 1, D_QK)
+    if not fp8:
+        return kv.to(torch.bfloat16).view(num_blocks, block_size, 1, 512)
+    row = block_size * 584
+    pitch = -(-row // 576) * 576 if pitch_pad is None else row + pitch_pad
+    pages = torch.randint(0, 256, (num_blocks, pitch), generator=gen, dtype=torch.uint8)
+    cache = pages[:, :row].view(num_blocks, block_size, 1, 584)
+    ref.mla_kv_cache_write(kv, torch.arange(num_blocks * block_size), cache)
+    return cache
 
 
 def make_indices(B, s_q, K, num_slots, gen, invalid_frac=0.2):
@@ -31,11 +44,14 @@ def make_indices(B, s_q, K, num_slots, gen, invalid_frac=0.2):
     return idx
 
 
-def check(q, cache, idx, sm_scale, device, sink=None, topk_length=None):
+def check(q, cache, idx, sm_scale, device, sink=None, topk_length=None, extra_cache=None,
+          extra_idx=None, extra_length=None):
     to = lambda t: None if t is None else t.to(device)
     out, lse = dsa_ext.sparse_mla_decode(to(q), to(cache), to(idx), sm_scale, 512, to(sink),
-                                         to(topk_length))
-    ro, rl = ref.sparse_mla_decode(q, cache, idx, sm_scale, 512, sink, topk_length)
+                                         to(topk_length), to(extra_cache), to(extra_idx),
+                                         to(extra_length))
+    ro, rl = ref.sparse_mla_decode(q, cache, idx, sm_scale, 512, sink, topk_length, extra_cache,
+                                   extra_idx, extra_length)
     assert out.shape == ro.shape and out.dtype == torch.bfloat16
     assert lse.shape == rl.shape and lse.dtype == torch.float32
     out, lse = out.cpu(), lse.cpu()
@@ -400,3 +416,222 @@ def test_cuda_graph_replay_follows_new_indices(gen, B):
     finite = torch.isfinite(rl)
     assert torch.equal(torch.isneginf(lse.cpu()), ~finite)
     assert rel_err(out.cpu()[finite], ro[finite]) < 2e-2
+
+
+# ------------------------------------------------------------------ DeepSeek-V4 / GLM-5 (SPEC 10)
+V4_DQK = 512
+V4_CACHES = {   # id -> (fp8, pitch_pad): FlashMLA's padded pages, dense pages, an odd padding
+    "v4fp8-padded": (True, None), "v4fp8-dense": (True, 0), "v4fp8-pad48": (True, 48),
+    "v4bf16": (False, None)}
+
+
+@pytest.mark.parametrize("cache_id", list(V4_CACHES))
+@pytest.mark.parametrize("B,s_q,H,K", [(2, 1, 8, 64), (1, 2, 64, 128), (2, 3, 16, 96), (1, 1, 128, 70)])
+def test_v4_matches_reference(device, gen, cache_id, B, s_q, H, K):
+    """d_qk 512 (K == V: out is the whole row) over the V4 caches, page pitch from stride(0)."""
+    fp8, pad = V4_CACHES[cache_id]
+    block_size = 16 if pad == 0 else 64   # dense 584-byte pages: a pitch that is no multiple of 576
+    cache = make_cache(5, block_size, fp8, gen, V4_DQK, pad)
+    if fp8 and pad != 0:
+        assert cache.stride(0) != block_size * 584 and not cache.is_contiguous()
+    q = randn(B, s_q, H, V4_DQK, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(B, s_q, K, 5 * block_size, gen)
+    check(q, cache, idx, V4_DQK ** -0.5, device, sink=randn(H, gen=gen))
+
+
+def test_v4_agrees_with_written_and_gathered_cache(device, gen):
+    """The V4 cache written by mla_kv_cache_write and read back by mla_kv_cache_gather (the
+    cache family's byte layout) is what decode attends to."""
+    N, H = 150, 8
+    kv = randn(N, V4_DQK, gen=gen)
+    cache = ref.new_mla_kv_cache(3, 64, fp8=True, model="v4")
+    slots = torch.randperm(192, generator=gen)[:N]
+    torch.ops.dsa.mla_kv_cache_write(kv.to(torch.bfloat16), slots, cache)
+    q = randn(1, 1, H, V4_DQK, gen=gen, dtype=torch.bfloat16)
+    idx = slots[torch.randint(0, N, (1, 1, 80), generator=gen)].to(torch.int32)
+    rows = torch.ops.dsa.mla_kv_cache_gather(cache, idx.view(-1)).view(80, V4_DQK).double()
+    scores = q[0, 0].double() @ rows.T * 0.05
+    expect = torch.softmax(scores, dim=1) @ rows
+    out, lse = dsa_ext.sparse_mla_decode(q.to(device), cache.to(device), idx.to(device), 0.05)
+    assert rel_err(out.cpu()[0, 0], expect) < (8e-3 if device == "cpu" else 2e-2)
+    torch.testing.assert_close(lse.cpu()[0, 0].double(), torch.logsumexp(scores, 1),
+                               atol=1e-3 if device == "cpu" else 1e-2, rtol=0)
+
+
+def _extra_case(gen, d_qk, fp8, B, s_q, H, K, K2, pad=None):
+    """A window cache + list and a compressed cache + list of the same format (V4's layout of
+    SPEC 10.3), random with invalid slots of every kind in both lists."""
+    cache = make_cache(3, 64, fp8, gen, d_qk, pad)
+    extra = make_cache(5, 32, fp8, gen, d_qk, pad)
+    q = randn(B, s_q, H, d_qk, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(B, s_q, K, 3 * 64, gen)
+    extra_idx = make_indices(B, s_q, K2, 5 * 32, gen)
+    return q, cache, idx, extra, extra_idx
+
+
+EXTRA_FORMATS = {"v4fp8": (V4_DQK, True), "v4bf16": (V4_DQK, False), "v32fp8": (D_QK, True),
+                 "v32bf16": (D_QK, False)}
+
+
+@pytest.mark.parametrize("fmt", list(EXTRA_FORMATS))
+@pytest.mark.parametrize("B,s_q,H,K,K2", [(2, 1, 8, 128, 192), (1, 2, 64, 64, 512), (2, 6, 16, 32, 40),
+                                          (1, 1, 32, 128, 0)])
+def test_extra_cache_matches_reference(device, gen, fmt, B, s_q, H, K, K2):
+    """One softmax over both lists (sink in the denominator), any s_q (6: chunked prefill),
+    K2 = 0, both caches and the lists of both with -1 / out-of-range slots."""
+    d_qk, fp8 = EXTRA_FORMATS[fmt]
+    q, cache, idx, extra, extra_idx = _extra_case(gen, d_qk, fp8, B, s_q, H, K, K2)
+    sink = randn(H, gen=gen)
+    check(q, cache, idx, d_qk ** -0.5, device, sink, None, extra, extra_idx)
+
+
+@pytest.mark.parametrize("per_query", [False, True], ids=["len[B]", "len[B,s_q]"])
+def test_extra_lengths_window_only_and_empty_rows(device, gen, per_query):
+    """extra_topk_length limits the second list as topk_length the first: rows with only window
+    entries (extra length 0), only compressed entries (length 0), neither (empty: lse -inf,
+    out 0) and lengths past K2 or negative."""
+    B, s_q, H, K, K2 = 2, 2, 8, 64, 96
+    q, cache, idx, extra, extra_idx = _extra_case(gen, V4_DQK, True, B, s_q, H, K, K2)
+    if per_query:
+        lengths = torch.tensor([[0, 64], [10, 0]], dtype=torch.int32)
+        extra_lengths = torch.tensor([[0, 0], [500, -4]], dtype=torch.int32)
+        empty = [(0, 0), (1, 1)]
+    else:
+        lengths = torch.tensor([0, 33], dtype=torch.int32)
+        extra_lengths = torch.tensor([0, 90], dtype=torch.int32)
+        empty = [(0, 0), (0, 1)]
+    out, lse = check(q, cache, idx, V4_DQK ** -0.5, device, randn(H, gen=gen), lengths, extra, extra_idx,
+                     extra_lengths)
+    for b, s in empty:
+        assert torch.isneginf(lse[b, s]).all() and (out[b, s] == 0).all()
+    # entries past extra_topk_length must not matter, even if they are valid slots
+    per_row = extra_lengths if per_query else extra_lengths[:, None].expand(B, s_q)
+    idx2 = torch.where(torch.arange(K2) >= per_row[..., None], 0, extra_idx).int()
+    assert not torch.equal(idx2, extra_idx)
+    cut, _ = dsa_ext.sparse_mla_decode(q.to(device), cache.to(device), idx.to(device), V4_DQK ** -0.5,
+                                       512, None, lengths.to(device), extra.to(device), idx2.to(device),
+                                       extra_lengths.to(device))
+    full, _ = dsa_ext.sparse_mla_decode(q.to(device), cache.to(device), idx.to(device), V4_DQK ** -0.5,
+                                        512, None, lengths.to(device), extra.to(device), extra_idx.to(device),
+                                        extra_lengths.to(device))
+    assert torch.equal(full.cpu(), cut.cpu())
+
+
+def test_extra_cache_equals_one_joined_cache(device, gen):
+    """Two caches in one softmax = one cache holding both, the second list re-based (the same
+    rows in a different order: equal up to summation order)."""
+    B, s_q, H, K, K2 = 2, 2, 16, 64, 128
+    q, cache, idx, extra, extra_idx = _extra_case(gen, V4_DQK, False, B, s_q, H, K, K2)
+    sink = randn(H, gen=gen)
+    joined = torch.cat([cache.reshape(-1, 1, 1, V4_DQK), extra.reshape(-1, 1, 1, V4_DQK)])
+    n1, n2 = cache.shape[0] * cache.shape[1], extra.shape[0] * extra.shape[1]
+    rebased = torch.where((extra_idx >= 0) & (extra_idx < n2), extra_idx + n1, torch.full_like(extra_idx, -1))
+    one = torch.where((idx >= 0) & (idx < n1), idx, torch.full_like(idx, -1))
+    jo, jl = dsa_ext.sparse_mla_decode(q.to(device), joined.to(device), torch.cat([one, rebased], 2).to(device),
+                                       0.05, 512, sink.to(device))
+    to, tl = dsa_ext.sparse_mla_decode(q.to(device), cache.to(device), idx.to(device), 0.05, 512, sink.to(device),
+                                       None, extra.to(device), extra_idx.to(device))
+    assert rel_err(to.cpu(), jo.cpu()) < 1e-2
+    torch.testing.assert_close(tl.cpu(), jl.cpu(), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["v4fp8", "v32fp8"])
+def test_extra_infinite_sink(device, gen, fmt):
+    """Sinks +inf (head output 0, lse unaffected), -inf (no sink) and finite over two lists."""
+    d_qk, fp8 = EXTRA_FORMATS[fmt]
+    B, s_q, H, K, K2 = 1, 2, 16, 128, 256
+    q, cache, idx, extra, extra_idx = _extra_case(gen, d_qk, fp8, B, s_q, H, K, K2)
+    sink = randn(H, gen=gen)
+    sink[0::3], sink[1::3] = float("inf"), float("-inf")
+    out, lse = check(q, cache, idx, d_qk ** -0.5, device, sink, None, extra, extra_idx)
+    plain, plain_lse = dsa_ext.sparse_mla_decode(q.to(device), cache.to(device), idx.to(device), d_qk ** -0.5,
+                                                 512, None, None, extra.to(device), extra_idx.to(device))
+    assert not out.isnan().any() and (out[:, :, torch.isposinf(sink)] == 0).all()
+    assert torch.equal(out[:, :, torch.isneginf(sink)], plain.cpu()[:, :, torch.isneginf(sink)])
+    assert torch.equal(lse, plain_lse.cpu())
+
+
+@pytest.mark.parametrize("fmt", ["v4fp8", "v32bf16"])
+def test_extra_opcheck(device, gen, fmt):
+    d_qk, fp8 = EXTRA_FORMATS[fmt]
+    q, cache, idx, extra, extra_idx = _extra_case(gen, d_qk, fp8, 2, 2, 8, 64, 32)
+    sink = randn(8, gen=gen)
+    lengths = torch.tensor([[40, 64], [3, 0]], dtype=torch.int32)
+    extra_lengths = torch.tensor([20, 32], dtype=torch.int32)
+    args = [t.to(device) if isinstance(t, torch.Tensor) else t
+            for t in (q, cache, idx, 0.05, 512, sink, lengths, extra, extra_idx, extra_lengths)]
+    torch.library.opcheck(torch.ops.dsa.sparse_mla_decode.default, tuple(args))
+
+
+def test_extra_compiles_fullgraph(gen):
+    q, cache, idx, extra, extra_idx = _extra_case(gen, V4_DQK, True, 1, 1, 8, 64, 64)
+    f = torch.compile(lambda q, c, i, e, ei: dsa_ext.sparse_mla_decode(q, c, i, 0.1, extra_kv_cache=e,
+                                                                       extra_indices=ei),
+                      fullgraph=True, backend="eager")
+    out, lse = f(q, cache, idx, extra, extra_idx)
+    eo, el = dsa_ext.sparse_mla_decode(q, cache, idx, 0.1, extra_kv_cache=extra, extra_indices=extra_idx)
+    assert torch.equal(out, eo) and torch.equal(lse, el)
+
+
+def _v4_args():
+    g = torch.Generator().manual_seed(0)
+    q, cache, idx, extra, extra_idx = _extra_case(g, V4_DQK, True, 2, 1, 8, 64, 32)
+    return dict(q=q, kv_cache=cache, indices=idx, sm_scale=0.1, extra_kv_cache=extra, extra_indices=extra_idx)
+
+
+@pytest.mark.parametrize("change,match", [
+    # d_qk and the cache's model must agree
+    (lambda a: a.update(q=torch.zeros(2, 1, 8, 512, dtype=torch.bfloat16), kv_cache=make_cache(
+        2, 16, True, torch.Generator().manual_seed(1)), extra_kv_cache=None, extra_indices=None),
+     r"q.size\(3\) \(d_qk\) must be 576 for kv_cache with 656-byte"),
+    (lambda a: a.update(q=torch.zeros(2, 1, 8, 576, dtype=torch.bfloat16), extra_kv_cache=None,
+                        extra_indices=None), r"q.size\(3\) \(d_qk\) must be 512 for kv_cache with 584-byte"),
+    (lambda a: a.update(q=torch.zeros(2, 1, 8, 448, dtype=torch.bfloat16)), r"q.size\(3\) \(d_qk\) must be 576"),
+    (lambda a: a.update(extra_kv_cache=make_cache(2, 16, True, torch.Generator().manual_seed(1))),
+     r"q.size\(3\) \(d_qk\) must be 576 for extra_kv_cache with 656-byte.*got 512"),
+    (lambda a: a.update(extra_kv_cache=torch.zeros(2, 16, 1, 512, dtype=torch.bfloat16)),
+     "extra_kv_cache must have the format of kv_cache"),
+    (lambda a: a.update(extra_kv_cache=torch.zeros(2, 16, 1, 600, dtype=torch.uint8)), r"extra_kv_cache.size\(3\)"),
+    (lambda a: a.update(extra_kv_cache=torch.zeros(2, 16, 1, 584, dtype=torch.uint8)[:, :, :, ::2]),
+     "extra_kv_cache.size|extra_kv_cache .V4 FP8. must be dense"),
+    (lambda a: a.update(extra_kv_cache=None), "extra_indices was given without extra_kv_cache"),
+    (lambda a: a.update(extra_indices=None), "extra_kv_cache was given without extra_indices"),
+    (lambda a: a.update(extra_kv_cache=None, extra_indices=None,
+                        extra_topk_length=torch.zeros(2, dtype=torch.int32)),
+     "extra_topk_length was given without extra_kv_cache"),
+    (lambda a: a.update(extra_indices=a["extra_indices"][:1]), r"extra_indices.size\(0\)"),
+    (lambda a: a.update(extra_indices=a["extra_indices"].expand(2, 3, 32).contiguous()), r"extra_indices.size\(1\)"),
+    (lambda a: a.update(extra_indices=a["extra_indices"][0]), "extra_indices must be 3-D"),
+    (lambda a: a.update(extra_indices=a["extra_indices"].long()), "extra_indices must be int32, got int64"),
+    (lambda a: a.update(extra_topk_length=torch.zeros(3, dtype=torch.int32)), r"extra_topk_length.size\(0\)"),
+    (lambda a: a.update(extra_topk_length=torch.zeros(2, 2, dtype=torch.int32)), r"extra_topk_length.size\(1\)"),
+    (lambda a: a.update(extra_topk_length=torch.zeros(2, 1, 1, dtype=torch.int32)), "extra_topk_length must be 1-D"),
+    (lambda a: a.update(extra_topk_length=torch.zeros(2, dtype=torch.int64)), "extra_topk_length must be int32"),
+])
+def test_v4_and_extra_bad_inputs(change, match):
+    a = _v4_args()
+    change(a)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        torch.ops.dsa.sparse_mla_decode(**a)
+    if match not in ("extra_indices must be int32, got int64", "extra_topk_length must be int32"):
+        with pytest.raises((RuntimeError, ValueError), match=match):
+            dsa_ext.sparse_mla_decode(**a)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("wgmma", [False, True], ids=["mma", "wgmma"])
+@pytest.mark.parametrize("fmt", list(EXTRA_FORMATS))
+@pytest.mark.parametrize("B,s_q,H,K,K2", [(2, 1, 8, 128, 512), (1, 1, 64, 128, 512), (3, 2, 128, 64, 1024),
+                                          (128, 1, 64, 128, 512), (2, 5, 16, 64, 0), (1, 1, 8, 2048, 0)])
+def test_cuda_extra_and_v4(monkeypatch, gen, wgmma, fmt, B, s_q, H, K, K2):
+    """CUDA: both models' caches, H = 8..128, two lists (split and unsplit plans), lengths."""
+    if wgmma:
+        monkeypatch.setenv("DSA_MLA_DECODE_WGMMA", "1")
+    d_qk, fp8 = EXTRA_FORMATS[fmt]
+    q, cache, idx, extra, extra_idx = _extra_case(gen, d_qk, fp8, B, s_q, H, K, K2)
+    lengths = torch.randint(0, K + 1, (B,), generator=gen, dtype=torch.int32)
+    extra_lengths = torch.randint(0, K2 + 1, (B, s_q), generator=gen, dtype=torch.int32)
+    sink = randn(H, gen=gen)
+    sink[0] = float("inf")
+    check(q, cache, idx, d_qk ** -0.5, "cuda", sink, lengths, extra, extra_idx, extra_lengths)

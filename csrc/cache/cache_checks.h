@@ -89,24 +89,25 @@ inline void check_seq_len_range(int64_t min_len, int64_t max_len, int64_t capaci
 // uint8 [nb, bs, 1, 656] V3.2 FP8 records, uint8 [nb, bs, 1, 584] V4 FP8 pages (any page pitch
 // stride(0) >= bs * 584, the rest dense: FlashMLA's padded allocation), bfloat16
 // [nb, bs, 1, 576 or 512] rows (contiguous).
-inline MlaCacheLayout check_mla_cache(const at::Tensor& kv_cache) {
-  check_dtype_in(kv_cache, "kv_cache", {at::kByte, at::kBFloat16});
-  check_dim(kv_cache, "kv_cache", 4,
+// `name` is the argument named in messages (sparse_mla_decode also checks its extra_kv_cache).
+inline MlaCacheLayout check_mla_cache(const at::Tensor& kv_cache, const char* name = "kv_cache") {
+  check_dtype_in(kv_cache, name, {at::kByte, at::kBFloat16});
+  check_dim(kv_cache, name, 4,
             "[num_blocks, block_size, 1, 656 or 584 (uint8) or 576 or 512 (bfloat16)]");
-  check_size(kv_cache, "kv_cache", 2, 1, "one KV head");
+  check_size(kv_cache, name, 2, 1, "one KV head");
   const int64_t nb = kv_cache.size(0), bs = kv_cache.size(1), last = kv_cache.size(3);
   MlaCacheLayout l{};
   l.block_size = bs;
   l.num_slots = nb * bs;
   if (kv_cache.scalar_type() == at::kByte) {
     TORCH_CHECK(last == kV32RecordBytes || last == kV4TokenBytes,
-                "kv_cache.size(3) must be 656 (V3.2 FP8 records) or 584 (V4 FP8 pages) for a "
+                name, ".size(3) must be 656 (V3.2 FP8 records) or 584 (V4 FP8 pages) for a "
                 "uint8 cache, got ", last, " (shape ", kv_cache.sizes(), ")");
     l.kind = last == kV32RecordBytes ? MlaCacheKind::kV32Fp8 : MlaCacheKind::kV4Fp8;
     l.dim = last == kV32RecordBytes ? 576 : 512;
   } else {
     TORCH_CHECK(last == 576 || last == 512,
-                "kv_cache.size(3) must be 576 (V3.2) or 512 (V4) for a bfloat16 cache, got ", last,
+                name, ".size(3) must be 576 (V3.2) or 512 (V4) for a bfloat16 cache, got ", last,
                 " (shape ", kv_cache.sizes(), ")");
     l.kind = MlaCacheKind::kBf16;
     l.dim = static_cast<int32_t>(last);
@@ -114,14 +115,14 @@ inline MlaCacheLayout check_mla_cache(const at::Tensor& kv_cache) {
   if (l.kind == MlaCacheKind::kV4Fp8) {
     // Inside a page the bytes are dense; pages may be further apart than bs * 584.
     TORCH_CHECK(kv_cache.stride(3) == 1 && (bs <= 1 || kv_cache.stride(1) == kV4TokenBytes),
-                "kv_cache (V4 FP8) must be dense inside a page (strides (pitch, 584, *, 1)), "
+                name, " (V4 FP8) must be dense inside a page (strides (pitch, 584, *, 1)), "
                 "got strides ", kv_cache.strides());
     l.page_pitch = nb > 1 ? kv_cache.stride(0) : bs * kV4TokenBytes;
     TORCH_CHECK(l.page_pitch >= bs * kV4TokenBytes,
-                "kv_cache (V4 FP8) page pitch stride(0) must be >= block_size * 584 = ",
+                name, " (V4 FP8) page pitch stride(0) must be >= block_size * 584 = ",
                 bs * kV4TokenBytes, ", got ", kv_cache.stride(0));
   } else {
-    check_contiguous(kv_cache, "kv_cache");
+    check_contiguous(kv_cache, name);
     l.page_pitch = bs * (l.fp8() ? kV32RecordBytes : 2 * int64_t(l.dim));
   }
   return l;

@@ -1,7 +1,12 @@
 // sparse_mla_decode CUDA kernels (torch-free).
 //
-// One CTA of 8 warps per (query row b*s_q+s, block of HB heads, split of the K entries).
-// Per step it gathers 64 selected cache records, dequantises them once into shared memory as
+// One CTA of 8 warps per (query row b*s_q+s, block of HB heads, split of the entries).
+// Templated on the cache format (Fmt: V3.2 FP8 656-byte records or bf16 576 for d_qk 576, V4 FP8
+// 584-byte MODEL1 pages or bf16 512 for d_qk 512; token addresses from cache/mla_layout.h).
+// The entries are the 64-entry tiles of the window list (indices / kv_cache) followed by those
+// of the optional second list (extra_indices / extra_kv_cache, SPEC 10.3): one online softmax
+// runs over both, so the second list costs nothing beyond its tiles. Tiles wholly past a
+// list's length are skipped (CTA-uniform). Per step it gathers 64 selected cache tokens, dequantises them once into shared memory as
 // bf16 (shared by all HB heads), then runs S = Q K^T and O += P V on bf16 tensor cores
 // (mma.sync m16n8k16, or wgmma on sm_90a for 64-head blocks) with an online softmax. FP8 records are fetched with cp.async into a raw
 // staging buffer one step ahead, so the gather of step t+1 overlaps the math of step t.
@@ -40,19 +45,47 @@ template <int R>
 constexpr uint32_t core_column_group_bytes() { return R * 16; }
 constexpr uint32_t kCoreRowGroupBytes = 128;
 
+// A cache format the kernel reads: kind of layout and d_qk (the token's values, 576 or 512).
+// kStageBytes: the FP8 staging bytes of one token (V3.2: the 656-byte record; V4: the 576-byte
+// row, then 4 private copies of its 8 scale bytes, one per quarter-thread: see issue_tile_copy).
+template <cache::MlaCacheKind kKind, int kDqk_>
+struct Fmt {
+  static constexpr cache::MlaCacheKind kind = kKind;
+  static constexpr bool kFp8 = kKind != cache::MlaCacheKind::kBf16;
+  static constexpr bool kV4 = kKind == cache::MlaCacheKind::kV4Fp8;
+  static constexpr int kDqk = kDqk_;
+  static constexpr int kNope = kDqk - kDRope;                   // 512 / 448
+  static constexpr int kV4Stage = int(cache::kV4RowBytes) + 4 * int(cache::kV4ScaleBytes);   // 608
+  static constexpr int kStageBytes = !kFp8 ? 0 : kV4 ? kV4Stage : kFp8RecordBytes;
+  static_assert(kDqk == 576 || kDqk == 512, "d_qk");
+  static_assert(!kFp8 || (kV4 ? kDqk == 512 : kDqk == 576), "FP8 layouts: V3.2 is 576, V4 is 512");
+};
+using FmtV32Fp8 = Fmt<cache::MlaCacheKind::kV32Fp8, 576>;
+using FmtV4Fp8 = Fmt<cache::MlaCacheKind::kV4Fp8, 512>;
+using FmtBf16x576 = Fmt<cache::MlaCacheKind::kBf16, 576>;
+using FmtBf16x512 = Fmt<cache::MlaCacheKind::kBf16, 512>;
+
 // Shared-memory layout of one CTA for a head block of HB heads (byte offsets, 16-aligned).
-template <int HB, bool kFp8>
+template <int HB, class F>
 struct DecodeSmem {
   static constexpr int kSStride = kTokensPerTile + 4;   // fp32 scores, row-major
-  static constexpr size_t kQ = 0;                                         // [HB x 576] core tiles
-  static constexpr size_t kKV = kQ + size_t(HB) * kDQK * 2;               // [64 x 576] core tiles
-  static constexpr size_t kS = kKV + size_t(kTokensPerTile) * kDQK * 2;
+  static constexpr size_t kQ = 0;                                         // [HB x d_qk] core tiles
+  static constexpr size_t kKV = kQ + size_t(HB) * F::kDqk * 2;            // [64 x d_qk] core tiles
+  static constexpr size_t kS = kKV + size_t(kTokensPerTile) * F::kDqk * 2;
   static constexpr size_t kP = kS + size_t(HB) * kSStride * 4;            // [HB x 64] core tiles
   static constexpr size_t kRowAlpha = kP + size_t(HB) * kTokensPerTile * 2;   // per-row rescale
   static constexpr size_t kRowFinal = kRowAlpha + HB * 4;                     // per-row 1/denominator
   static constexpr size_t kValid = kRowFinal + HB * 4;                        // per-token validity
   static constexpr size_t kRaw = kValid + kTokensPerTile * 4;                 // FP8 staging
-  static constexpr size_t kBytes = kRaw + (kFp8 ? size_t(kTokensPerTile) * kFp8RecordBytes : 0);
+  static constexpr size_t kBytes = kRaw + size_t(kTokensPerTile) * F::kStageBytes;
+};
+
+// One list of a query row: its slots, valid length and cache.
+struct RowList {
+  const uint8_t* cache;
+  const int32_t* indices;    // this row's K entries
+  int len;                   // entries used, clamped to [0, K]
+  cache::MlaCacheLayout layout;
 };
 
 // The slot of entry j of a row, or -1 when it must not be read.
@@ -68,19 +101,37 @@ __device__ __forceinline__ int64_t entry_slot(const int32_t* row_indices, int j,
 __device__ __forceinline__ int tile_token() { return threadIdx.x % kTokensPerTile; }
 __device__ __forceinline__ int tile_part() { return threadIdx.x / kTokensPerTile; }
 
-// Issue the copies of one 64-entry tile. Each thread copies a quarter of its token's record:
-// FP8 nope tile `part` (8 chunks), its tile's scale and 2 rope chunks into the raw staging
-// buffer, so each thread later reads only bytes it copied itself; bf16 rows go straight to the
-// KV tile. Returns whether the token is valid (its copies zero-fill otherwise).
-template <bool kFp8>
-__device__ __forceinline__ bool issue_tile_copy(const DecodeParams& p, const int32_t* row_indices,
-                                                int tile, int len, uint8_t* raw, __nv_bfloat16* kv) {
+// Issue the copies of one 64-entry tile. Each thread copies a quarter of its token: V3.2 FP8:
+// nope tile `part` (8 chunks), its tile's scale and 2 rope chunks; V4 FP8: 7 chunks of the 448
+// e4m3 values, 2 rope chunks and the token's 8 scale bytes (into its own copy) — both into the
+// raw staging buffer, so each thread later reads only bytes it copied itself; bf16 rows go
+// straight to the KV tile. Returns whether the token is valid (its copies zero-fill otherwise).
+template <class F>
+__device__ __forceinline__ bool issue_tile_copy(const RowList& list, int tile, uint8_t* raw, __nv_bfloat16* kv) {
   const int token = tile_token(), part = tile_part();
-  const int64_t slot = entry_slot(row_indices, tile * kTokensPerTile + token, len, p.num_slots);
+  const int64_t slot = entry_slot(list.indices, tile * kTokensPerTile + token, list.len, list.layout.num_slots);
   const bool valid = slot >= 0;
   const int64_t safe_slot = valid ? slot : 0;   // an invalid entry is zero-filled, never read
-  if constexpr (kFp8) {
-    const uint8_t* src = static_cast<const uint8_t*>(p.kv_cache) + safe_slot * kFp8RecordBytes;
+  const uint8_t* src = list.cache + list.layout.value_byte(safe_slot);
+  if constexpr (F::kV4) {
+    uint8_t* dst = raw + token * F::kStageBytes;
+    constexpr int kChunks = F::kNope / 16 / 4;   // 7 chunks of 16 e4m3 values a quarter
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      const int off = (part * kChunks + c) * 16;
+      cp_async_16(dst + off, src + off, valid);
+    }
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int off = F::kNope + 32 * part + 16 * c;
+      cp_async_16(dst + off, src + off, valid);
+    }
+    // The scale bytes are 8-aligned only (page + bs * 576 + 8 off): two 4-byte copies.
+    const uint8_t* scales = list.cache + list.layout.scale_byte(safe_slot);
+    uint8_t* sdst = dst + cache::kV4RowBytes + cache::kV4ScaleBytes * part;
+    cp_async_4(sdst, scales, valid);
+    cp_async_4(sdst + 4, scales + 4, valid);
+  } else if constexpr (F::kFp8) {
     uint8_t* dst = raw + token * kFp8RecordBytes;
 #pragma unroll
     for (int c = 0; c < 8; ++c) cp_async_16(dst + part * kTile + 16 * c, src + part * kTile + 16 * c, valid);
@@ -91,49 +142,67 @@ __device__ __forceinline__ bool issue_tile_copy(const DecodeParams& p, const int
     }
     cp_async_4(dst + kScaleOffset + 4 * part, src + kScaleOffset + 4 * part, valid);
   } else {
-    const auto* src = static_cast<const __nv_bfloat16*>(p.kv_cache) + safe_slot * kDQK;
-    constexpr int kCols = kDQK / 4;   // 144 features, 18 chunks per thread
+    const auto* row = reinterpret_cast<const __nv_bfloat16*>(src);
+    constexpr int kCols = F::kDqk / 4;   // 144 / 128 features, 18 / 16 chunks per thread
 #pragma unroll
     for (int c = 0; c < kCols / 8; ++c) {
       const int col = part * kCols + 8 * c;
-      cp_async_16(kv + core_offset<kTokensPerTile>(token, col), src + col, valid);
+      cp_async_16(kv + core_offset<kTokensPerTile>(token, col), row + col, valid);
     }
   }
   cp_async_commit();
   return valid;
 }
 
-// FP8 staging -> bf16 KV tile: this thread's nope tile (128 values times its scale) and rope.
+// 16 e4m3 values (one uint4) times a power-of-two scale -> 16 bf16 at KV columns [col, col + 16).
+__device__ __forceinline__ void dequantise_chunk(const uint4 v, float scale, __nv_bfloat16* kv, int token, int col) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  uint32_t packed[8];
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    // e4m3 -> f16 is exact; times a power-of-two scale, bf16 holds the product exactly.
+    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] & 0xFFFF), __NV_E4M3);
+    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] >> 16), __NV_E4M3);
+    const float2 flo = __half22float2(*reinterpret_cast<const __half2*>(&lo));
+    const float2 fhi = __half22float2(*reinterpret_cast<const __half2*>(&hi));
+    packed[2 * w] = pack_bf16x2(flo.x * scale, flo.y * scale);
+    packed[2 * w + 1] = pack_bf16x2(fhi.x * scale, fhi.y * scale);
+  }
+  *reinterpret_cast<uint4*>(kv + core_offset<kTokensPerTile>(token, col)) =
+      make_uint4(packed[0], packed[1], packed[2], packed[3]);
+  *reinterpret_cast<uint4*>(kv + core_offset<kTokensPerTile>(token, col + 8)) =
+      make_uint4(packed[4], packed[5], packed[6], packed[7]);
+}
+
+// FP8 staging -> bf16 KV tile: this thread's quarter of its token (the bytes it copied).
+template <class F>
 __device__ __forceinline__ void dequantise_tile_part(const uint8_t* raw, __nv_bfloat16* kv) {
   const int token = tile_token(), part = tile_part();
-  const uint8_t* rec = raw + token * kFp8RecordBytes;
-  const float scale = reinterpret_cast<const float*>(rec + kScaleOffset)[part];
+  const uint8_t* rec = raw + token * F::kStageBytes;
+  int rope_src;
+  if constexpr (F::kV4) {
+    constexpr int kChunks = F::kNope / 16 / 4;
+    const uint8_t* scales = rec + cache::kV4RowBytes + cache::kV4ScaleBytes * part;
 #pragma unroll
-  for (int c = 0; c < 8; ++c) {
-    const uint4 v = *reinterpret_cast<const uint4*>(rec + part * kTile + 16 * c);
-    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-    uint32_t packed[8];
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      // e4m3 -> f16 is exact; times a power-of-two scale, bf16 holds the product exactly.
-      const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] & 0xFFFF), __NV_E4M3);
-      const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] >> 16), __NV_E4M3);
-      const float2 flo = __half22float2(*reinterpret_cast<const __half2*>(&lo));
-      const float2 fhi = __half22float2(*reinterpret_cast<const __half2*>(&hi));
-      packed[2 * w] = pack_bf16x2(flo.x * scale, flo.y * scale);
-      packed[2 * w + 1] = pack_bf16x2(fhi.x * scale, fhi.y * scale);
+    for (int c = 0; c < kChunks; ++c) {
+      const int chunk = part * kChunks + c;   // 16 values of 64-value tile chunk / 4
+      dequantise_chunk(*reinterpret_cast<const uint4*>(rec + 16 * chunk), cache::ue8m0_value(scales[chunk / 4]),
+                       kv, token, 16 * chunk);
     }
-    const int col = part * kTile + 16 * c;
-    *reinterpret_cast<uint4*>(kv + core_offset<kTokensPerTile>(token, col)) =
-        make_uint4(packed[0], packed[1], packed[2], packed[3]);
-    *reinterpret_cast<uint4*>(kv + core_offset<kTokensPerTile>(token, col + 8)) =
-        make_uint4(packed[4], packed[5], packed[6], packed[7]);
+    rope_src = F::kNope;
+  } else {
+    const float scale = reinterpret_cast<const float*>(rec + kScaleOffset)[part];
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+      dequantise_chunk(*reinterpret_cast<const uint4*>(rec + part * kTile + 16 * c), scale, kv, token,
+                       part * kTile + 16 * c);
+    rope_src = kRopeOffset;
   }
 #pragma unroll
   for (int c = 0; c < 2; ++c) {
-    const int col = kDNope + 16 * part + 8 * c;
+    const int col = F::kNope + 16 * part + 8 * c;
     *reinterpret_cast<uint4*>(kv + core_offset<kTokensPerTile>(token, col)) =
-        *reinterpret_cast<const uint4*>(rec + kRopeOffset + 32 * part + 16 * c);
+        *reinterpret_cast<const uint4*>(rec + rope_src + 32 * part + 16 * c);
   }
 }
 
@@ -141,9 +210,11 @@ __device__ __forceinline__ void dequantise_tile_part(const uint8_t* raw, __nv_bf
 // output columns, with wgmma from shared memory; otherwise each warp issues mma.sync.
 // Accumulators are laid out alike: acc[(m * kAccN + n) * 4 + i] is the m16n8 fragment (m, n)
 // of the lane, rows acc_row0(m) + g (+8), columns acc_col0(n) + 2 t4 (+1).
-template <int HB, bool kFp8, bool kWgmma>
+template <int HB, class F, bool kWgmma>
 __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const DecodeParams p) {
-  using Smem = DecodeSmem<HB, kFp8>;
+  using Smem = DecodeSmem<HB, F>;
+  constexpr bool kFp8 = F::kFp8;
+  constexpr int kDQK = F::kDqk;   // shadows the V3.2 constant: this format's d_qk
   constexpr int MT = HB / 16;                  // 16-row MMA tiles of heads
   constexpr int kTPR = kThreads / HB;          // softmax threads per head row
   constexpr int kVPT = kTokensPerTile / kTPR;  // scores per softmax thread
@@ -173,12 +244,30 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
   auto acc_row0 = [&](int m) { return kWgmma ? (warp % 4) * 16 : m * 16; };
   auto acc_col0 = [&](int n) { return kWgmma ? (warp / 4) * (kDV / 2) + n * 8 : warp * kColsPerWarp + n * 8; };
 
-  int len = static_cast<int>(p.topk);
-  if (p.topk_length != nullptr)
-    len = min(max(__ldg(p.topk_length + (p.per_query_topk_length ? row : b)), 0), len);
+  // The row's two lists (the second empty without extra_kv_cache) and their tiles: list 0 owns
+  // global tiles [0, T0), list 1 [T0, T0 + T1) (T from K and K2 only: the split plan's tiles).
+  auto row_len = [&](const int32_t* lengths, bool per_query, int64_t k) {
+    int n = static_cast<int>(k);
+    if (lengths != nullptr) n = min(max(__ldg(lengths + (per_query ? row : b)), 0), n);
+    return n;
+  };
+  const bool has_extra = p.extra_kv_cache != nullptr;
+  const RowList list0{static_cast<const uint8_t*>(p.kv_cache), p.indices + row * p.topk,
+                      row_len(p.topk_length, p.per_query_topk_length, p.topk), p.layout};
+  const RowList list1{static_cast<const uint8_t*>(p.extra_kv_cache), p.extra_indices + row * p.extra_topk,
+                      has_extra ? row_len(p.extra_topk_length, p.per_query_extra_topk_length, p.extra_topk) : 0,
+                      p.extra_layout};
+  const int T0 = static_cast<int>((p.topk + kTokensPerTile - 1) / kTokensPerTile);
+  const int T1 = has_extra ? static_cast<int>((p.extra_topk + kTokensPerTile - 1) / kTokensPerTile) : 0;
+  const int L0 = (list0.len + kTokensPerTile - 1) / kTokensPerTile;   // tiles of list 0 with entries
+  const int L1 = (list1.len + kTokensPerTile - 1) / kTokensPerTile;
+  // The next tile at or after t that has entries: tiles [L0, T0) are skipped.
+  auto live = [&](int t) { return (t >= L0 && t < T0) ? T0 : t; };
   const int tile_begin = split * p.plan.tiles_per_split;
-  const int tile_end = min(tile_begin + p.plan.tiles_per_split, (len + kTokensPerTile - 1) / kTokensPerTile);
-  const int32_t* row_indices = p.indices + row * p.topk;
+  const int tile_end = min(min(tile_begin + p.plan.tiles_per_split, T0 + T1), T0 + L1);
+  auto issue = [&](int t) {
+    return t < T0 ? issue_tile_copy<F>(list0, t, raw_s, kv_s) : issue_tile_copy<F>(list1, t - T0, raw_s, kv_s);
+  };
 
   // Q of the head block (rows past H are zero and never stored).
   {
@@ -199,17 +288,17 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
   for (int i = 0; i < kAccM * kAccN * 4; ++i) acc[i] = 0.f;
 
   bool pending_valid = false;
-  if (tile_begin < tile_end)
-    pending_valid = issue_tile_copy<kFp8>(p, row_indices, tile_begin, len, raw_s, kv_s);
+  int tile = live(tile_begin);
+  if (tile < tile_end) pending_valid = issue(tile);
 
-  for (int tile = tile_begin; tile < tile_end; ++tile) {
+  while (tile < tile_end) {
+    const int next = live(tile + 1);
     cp_async_wait<0>();
     if (tid < kTokensPerTile) valid_s[tid] = pending_valid;   // part-0 threads own the tokens
     if constexpr (kFp8) {
-      dequantise_tile_part(raw_s, kv_s);
+      dequantise_tile_part<F>(raw_s, kv_s);
       // Each thread re-fills only staging bytes it alone reads, so the next copy can start now.
-      if (tile + 1 < tile_end)
-        pending_valid = issue_tile_copy<kFp8>(p, row_indices, tile + 1, len, raw_s, kv_s);
+      if (next < tile_end) pending_valid = issue(next);
     }
     if constexpr (kWgmma) fence_proxy_async_smem();   // Q / KV stores -> wgmma reads
     __syncthreads();
@@ -353,9 +442,9 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_decode_kernel(const De
     }
     __syncthreads();   // KV, P and alpha are rewritten by the next step
     if constexpr (!kFp8) {
-      if (tile + 1 < tile_end)
-        pending_valid = issue_tile_copy<kFp8>(p, row_indices, tile + 1, len, raw_s, kv_s);
+      if (next < tile_end) pending_valid = issue(next);
     }
+    tile = next;
   }
 
   // Finish: lse in natural log; out = O / (l + sink term) unsplit, O / l as a partial.

@@ -17,12 +17,12 @@ namespace {
 // smaller block rather than padding (rows past H are masked inside the kernel).
 int head_block(int64_t heads) { return heads >= 64 ? 64 : (heads > 16 ? 32 : 16); }
 
-template <int HB, bool kFp8, bool kWgmma>
+template <int HB, class F, bool kWgmma>
 cudaError_t launch_main(const DecodeParams& p, cudaStream_t stream) {
-  constexpr size_t kSmem = DecodeSmem<HB, kFp8>::kBytes;
+  constexpr size_t kSmem = DecodeSmem<HB, F>::kBytes;
   static_assert(kSmem <= 227 * 1024, "dynamic shared memory beyond an H100 SM's 227 KB");
-  auto kernel = sparse_mla_decode_kernel<HB, kFp8, kWgmma>;
-  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_decode_kernel<HB, kFp8, kWgmma>>(int(kSmem));
+  auto kernel = sparse_mla_decode_kernel<HB, F, kWgmma>;
+  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_decode_kernel<HB, F, kWgmma>>(int(kSmem));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(p.batch * p.s_q), static_cast<unsigned>(ceil_div<int64_t>(p.heads, HB)),
                   static_cast<unsigned>(p.plan.num_splits));
@@ -30,9 +30,17 @@ cudaError_t launch_main(const DecodeParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// The cache format (layout kind x d_qk) picks the instantiation: V3.2 FP8 / bf16 576 (d_qk 576),
+// V4 FP8 / bf16 512 (d_qk 512). Every one also serves the second list (SPEC 10.3).
 template <int HB, bool kWgmma = false>
 cudaError_t launch_main_for_cache(const DecodeParams& p, cudaStream_t stream) {
-  return p.fp8_cache ? launch_main<HB, true, kWgmma>(p, stream) : launch_main<HB, false, kWgmma>(p, stream);
+  switch (p.layout.kind) {
+    case cache::MlaCacheKind::kV32Fp8: return launch_main<HB, FmtV32Fp8, kWgmma>(p, stream);
+    case cache::MlaCacheKind::kV4Fp8: return launch_main<HB, FmtV4Fp8, kWgmma>(p, stream);
+    default:
+      return p.layout.dim == 512 ? launch_main<HB, FmtBf16x512, kWgmma>(p, stream)
+                                 : launch_main<HB, FmtBf16x576, kWgmma>(p, stream);
+  }
 }
 
 // The overlap kernel (mla_decode_overlap.cuh): a 2-CTA cluster per row for H = 128 (the two
@@ -76,6 +84,9 @@ cudaError_t overlap_selected(const DecodeParams& p, bool* use) {
   const bool asked = std::strcmp(env, "overlap") == 0;
   if (!asked && (*env != '\0' || p.use_wgmma)) return cudaSuccess;
   if (!p.fp8_cache || (p.heads != 64 && p.heads != 128)) return cudaSuccess;
+  // The overlap kernel reads V3.2 656-byte records over one list; V4 caches (d_qk 512) and a
+  // second list (extra_kv_cache) take the templated kernels.
+  if (p.layout.kind != cache::MlaCacheKind::kV32Fp8 || p.extra_kv_cache != nullptr) return cudaSuccess;
   int dev = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
@@ -99,6 +110,12 @@ SplitPlan plan_splits(int64_t batch, int64_t s_q, int64_t heads, int64_t topk, i
   }
   const int64_t per_split = ceil_div<int64_t>(tiles, splits);
   return SplitPlan{static_cast<int>(ceil_div<int64_t>(tiles, per_split)), static_cast<int>(per_split)};
+}
+
+SplitPlan plan_decode_splits(int64_t batch, int64_t s_q, int64_t heads, int64_t topk, int64_t extra_topk,
+                             int num_sms) {
+  const int64_t tiles = ceil_div<int64_t>(topk, kTokensPerTile) + ceil_div<int64_t>(extra_topk, kTokensPerTile);
+  return plan_splits(batch, s_q, heads, tiles * kTokensPerTile, num_sms);
 }
 
 cudaError_t wgmma_opted_in(int device, bool* use_wgmma) {

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "cache/mla_layout.h"
+
 namespace dsa::mla_decode {
 
 constexpr int kTokensPerTile = 64;   // selected entries gathered per main-loop step
@@ -17,10 +19,14 @@ struct SplitPlan {
 };
 
 SplitPlan plan_splits(int64_t batch, int64_t s_q, int64_t heads, int64_t topk, int num_sms);
+// The plan of a call with a second list (SPEC 10.3): the splits cover the 64-entry tiles of
+// both lists, the window list's first (extra_topk 0: the same plan as plan_splits).
+SplitPlan plan_decode_splits(int64_t batch, int64_t s_q, int64_t heads, int64_t topk, int64_t extra_topk,
+                             int num_sms);
 
 struct DecodeParams {
-  const void* q;                 // bf16 [B, s_q, H, 576]
-  const void* kv_cache;          // uint8 [slots, 656] or bf16 [slots, 576]
+  const void* q;                 // bf16 [B, s_q, H, d_qk]
+  const void* kv_cache;          // any layout of cache/mla_layout.h (see `layout`)
   const int32_t* indices;        // [B, s_q, K]
   const float* attn_sink;        // [H] or nullptr
   const int32_t* topk_length;    // [B] or [B, s_q] or nullptr
@@ -31,6 +37,17 @@ struct DecodeParams {
   int64_t batch, s_q, heads, topk, num_slots;
   bool fp8_cache;
   bool per_query_topk_length;
+  // Where kv_cache's tokens live: kind (V3.2 FP8 656-byte records, V4 FP8 584-byte pages, bf16),
+  // d_qk = layout.dim (576 or 512), block size and page pitch (V4: stride(0)), num_slots.
+  cache::MlaCacheLayout layout;
+  // The second list of SPEC 10.3 (extra_kv_cache == nullptr without it): same layout kind and
+  // dim as kv_cache, its own blocks and pitch; its scores join the same softmax.
+  const void* extra_kv_cache;
+  const int32_t* extra_indices;        // [B, s_q, K2]
+  const int32_t* extra_topk_length;    // [B] or [B, s_q] or nullptr
+  int64_t extra_topk;
+  bool per_query_extra_topk_length;
+  cache::MlaCacheLayout extra_layout;
   float sm_scale;
   SplitPlan plan;
   // Head blocks of 64 on sm_90a: S = Q K^T and O += P V with wgmma instead of mma.sync.

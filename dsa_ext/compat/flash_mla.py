@@ -25,14 +25,13 @@ Differences a user should know:
   (FlashMLA: 64 or 128), CPU tensors, and ``flash_mla_sparse_fwd`` is differentiable (our sparse
   backward) in q, kv and attn_sink.
 * inputs with strides our ops do not take are copied (``.contiguous()``) before the call: q and
-  indices cheaply, a non-contiguous paged cache (FlashMLA allows any page pitch) entirely.
+  indices cheaply; a V3.2 656-byte cache with padded pages (FlashMLA allows any page pitch)
+  entirely. A V4 (MODEL1) 584-byte cache is read in place at any page pitch ``stride(0)``
+  (FlashMLA's padded allocation).
 * dense attention (``indices=None``) is not served: ``NotImplementedError``.
 * ``extra_k_cache`` / ``extra_indices_in_kvcache`` / ``extra_topk_length`` (one softmax over a
-  second cache) are passed to ``dsa.sparse_mla_decode`` when its schema has them; until then the
-  two caches are attended separately and merged by lse here (exact in real arithmetic; the two
-  partial outputs are rounded to bf16 once before the merge).
-* the V4 (MODEL1) 584-byte cache (d_qk = 512) is not read by ``dsa.sparse_mla_decode`` yet:
-  ``NotImplementedError``.
+  second cache, DeepSeek-V4's window + compressed entries) map onto ``dsa.sparse_mla_decode``'s
+  ``extra_kv_cache`` / ``extra_indices`` / ``extra_topk_length``.
 * ``FlashMLASchedMeta`` only records the call configuration (FlashMLA's consistency checks);
   its ``tile_scheduler_metadata`` / ``num_splits`` stay ``None``: our decode kernel schedules
   itself from the shapes, without host synchronisation.
@@ -40,7 +39,6 @@ Differences a user should know:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -60,11 +58,6 @@ _MAX_LOGITS_SHARPEN = 2.0 ** 32
 _V32_RECORD_BYTES = 656   # 512 e4m3 + 4 fp32 tile scales + 64 bf16 rope
 _MODEL1_RECORD_BYTES = 584
 _FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
-
-
-@functools.lru_cache(maxsize=None)   # the schema is fixed once the extension is loaded
-def _decode_schema_args():
-    return {a.name for a in torch.ops.dsa.sparse_mla_decode.default._schema.arguments}
 
 
 @dataclasses.dataclass
@@ -211,11 +204,14 @@ def flash_mla_sparse_fwd(
 
 
 def _paged_cache_for_op(k_cache: Tensor, name: str) -> Tensor:
-    """FlashMLA's FP8 cache as our op takes it: the uint8 view of a float8/int8 cache, dense."""
+    """FlashMLA's FP8 cache as our op takes it: the uint8 view of a float8/int8 cache. A V4
+    (584-byte) cache is read in place at any page pitch; a V3.2 cache with padded pages is
+    copied densely (slow for a large cache; lay it out densely to avoid it)."""
     if k_cache.dtype != torch.uint8:
         k_cache = k_cache.view(torch.uint8)
-    # FlashMLA allows any page pitch (stride(0)); our op reads dense pages, so a padded cache
-    # is copied (slow for a large cache; lay the cache out densely to avoid it)
+    if k_cache.shape[-1] == _MODEL1_RECORD_BYTES and (k_cache.shape[1] <= 1 or k_cache.stride(1) == _MODEL1_RECORD_BYTES) \
+            and k_cache.stride(-1) == 1:
+        return k_cache
     return k_cache.contiguous()
 
 
@@ -231,23 +227,6 @@ def _check_decode_cache(k_cache: Tensor, name: str, d_qk: int, q: Tensor) -> Non
            f"{name} must have shape (num_blocks, page_block_size, 1, {record}), got {tuple(k_cache.shape)}")
     _check(k_cache.shape[1] == 1 or k_cache.stride(1) == record,
            f"The whole block must be contiguous when is_fp8_cache is True for {name}")
-
-
-def _merge_by_lse(out1: Tensor, lse1: Tensor, out2: Tensor, lse2: Tensor,
-                  attn_sink: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """One softmax over two key sets from their separate results (split-KV combine): the
-    weights ``exp(lse_i - lse)``, then the sink factor ``1 / (1 + exp(sink - lse))``."""
-    lse = torch.logaddexp(lse1, lse2)
-    empty = torch.isneginf(lse)
-    safe = lse.masked_fill(empty, 0.0)
-    w1 = torch.exp(lse1 - safe).masked_fill(empty, 0.0)
-    w2 = torch.exp(lse2 - safe).masked_fill(empty, 0.0)
-    out = w1[..., None] * out1.float() + w2[..., None] * out2.float()
-    if attn_sink is not None:
-        # sigmoid(lse - sink) = exp(lse) / (exp(lse) + exp(sink)); +inf sink -> 0, -inf -> 1
-        factor = torch.sigmoid(safe - attn_sink.view(1, 1, -1)).masked_fill(empty, 0.0)
-        out = out * factor[..., None]
-    return out.to(out1.dtype), lse
 
 
 def flash_mla_with_kvcache(
@@ -362,38 +341,19 @@ def flash_mla_with_kvcache(
         if t is not None:
             _check(t.size(-1) == 1 or t.stride(-1) == 1, f"{name} must have contiguous last dimension")
 
-    op_args = _decode_schema_args()
-    serves_two_caches = "extra_kv_cache" in op_args
-    if d_qk == 512 and not serves_two_caches:
-        # the V4 geometry arrives in dsa.sparse_mla_decode with its two-cache form (issue 22)
-        raise NotImplementedError(
-            "flash_mla_with_kvcache: k_cache with 584-byte MODEL1 records (d_qk = 512, DeepSeek-V4) "
-            "is not read by dsa.sparse_mla_decode yet")
-
     q_c = q.contiguous()
     kv = _paged_cache_for_op(k_cache, "k_cache")
     idx = indices_in_kvcache.contiguous()
     tl = None if topk_length is None else topk_length.contiguous()
-    if extra_k_cache is None or serves_two_caches:
-        sink, zeroed = _flashmla_sink(attn_sink)
-        extra = {}
-        if extra_k_cache is not None:
-            extra = dict(extra_kv_cache=_paged_cache_for_op(extra_k_cache, "extra_k_cache"),
-                         extra_indices=extra_indices_in_kvcache.contiguous(),
-                         extra_topk_length=None if extra_topk_length is None else extra_topk_length.contiguous())
-        out, lse = torch.ops.dsa.sparse_mla_decode(q_c, kv, idx, softmax_scale, head_dim_v, sink, tl,
-                                                   **extra)
-        if zeroed is not None:
-            out = out.masked_fill(zeroed[:, None], 0.0)
-    else:
-        # workaround until dsa.sparse_mla_decode takes the second cache: attend to each cache
-        # alone (no sink) and merge the two partial results by lse
-        out1, lse1 = torch.ops.dsa.sparse_mla_decode(q_c, kv, idx, softmax_scale, head_dim_v, None, tl)
-        out2, lse2 = torch.ops.dsa.sparse_mla_decode(
-            q_c, _paged_cache_for_op(extra_k_cache, "extra_k_cache"),
-            extra_indices_in_kvcache.contiguous(), softmax_scale, head_dim_v, None,
-            None if extra_topk_length is None else extra_topk_length.contiguous())
-        out, lse = _merge_by_lse(out1, lse1, out2, lse2, attn_sink)
+    sink, zeroed = _flashmla_sink(attn_sink)
+    extra = {}
+    if extra_k_cache is not None:
+        extra = dict(extra_kv_cache=_paged_cache_for_op(extra_k_cache, "extra_k_cache"),
+                     extra_indices=extra_indices_in_kvcache.contiguous(),
+                     extra_topk_length=None if extra_topk_length is None else extra_topk_length.contiguous())
+    out, lse = torch.ops.dsa.sparse_mla_decode(q_c, kv, idx, softmax_scale, head_dim_v, sink, tl, **extra)
+    if zeroed is not None:
+        out = out.masked_fill(zeroed[:, None], 0.0)
     return out, _flashmla_lse(lse).transpose(1, 2)
 
 
