@@ -77,6 +77,7 @@ OP_NAMES = (
     "fp8_quantize", "indexer_k_cache_write", "indexer_k_cache_gather",
     "mla_kv_cache_write", "mla_kv_cache_gather", "hadamard_fp8_quantize",
     "indexer_logits", "paged_indexer_logits", "indexer_topk",
+    "mxfp4_quantize", "mxfp4_indexer_k_cache_write",
     "topk_indices", "topk_slot_ids",
     "sparse_mla_fwd", "sparse_mla_bwd", "sparse_mla_decode",
     "indexer_train_logits", "indexer_train_logits_bwd", "sparse_attention_target",

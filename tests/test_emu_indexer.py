@@ -260,3 +260,144 @@ def test_launcher_refuses_what_the_kernels_do_not_serve(lib, gen):
     out, reports = run_dense(lib, *_prefill_inputs(0, 20, 32, 128, gen, "cpu", "full"), True)
     assert reports == [] and out.numel() == 0
     assert not any(KERNEL in n for n in E.counters(lib))
+
+
+# ---------------------------------------------------------------------------------------------
+# MXFP4 keys (kMx: raw 64-byte codes + 4 ue8m0 bytes a key, widened to e4m3 in shared memory,
+# one scale group per k32 step of the mma.sync path) and the MXFP4 quantiser / cache writer.
+
+from test_indexer_mxfp4 import _abs_mx, _keys, _mx_paged, _mx_prefill  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mxlib(lib):
+    lib.emu_indexer_logits_mxfp4.argtypes = [ctypes.c_void_p] * 7 + [I64, I64, I64, ctypes.c_int]
+    lib.emu_paged_indexer_logits_mxfp4.argtypes = lib.emu_paged_indexer_logits.argtypes
+    lib.emu_mxfp4_quantize.argtypes = ([ctypes.c_void_p, ctypes.c_int, I64, I64] + [ctypes.c_void_p] * 3
+                                       + [I64, I64])
+    return lib
+
+
+def _mx_dense_magnitude(q, kp, ksc, w, ks, ke):
+    qa = q.view(torch.uint8).bitwise_and(0x7F).view(torch.float8_e4m3fn)
+    return ref.indexer_logits(qa, _abs_mx(kp), ksc, w.abs(), ks, ke)
+
+
+def run_dense_mx(lib, q, kp, ksc, w, ks, ke, clean_logits, registered=None, status=0):
+    T, H, _ = q.shape
+    S = kp.shape[0]
+    out = _nan_out(T, S)
+    reports, rc = E.run(lib.emu_indexer_logits_mxfp4, P(q), P(kp), P(ksc), P(w), P(ks), P(ke), P(out),
+                        T, S, H, int(clean_logits),
+                        buffers=(registered or [q, kp, ksc, w, ks, ke]) + [out], lib=lib)
+    assert rc == status
+    return out, reports
+
+
+def run_paged_mx(lib, q, cache, w, context_lens, block_table, max_context_len, clean_logits):
+    B, N, H, _ = q.shape
+    nb, bs = cache.shape[:2]
+    out = _nan_out(B * N, max_context_len)
+    reports, rc = E.run(
+        lib.emu_paged_indexer_logits_mxfp4, P(q), P(cache), P(w), P(context_lens), int(context_lens.dim() == 2),
+        P(block_table), block_table.stride(0), P(out), B, N, H, nb, bs, block_table.shape[1],
+        max_context_len, int(clean_logits), buffers=[q, cache, w, context_lens, block_table, out], lib=lib)
+    assert rc == 0
+    return out, reports
+
+
+@pytest.mark.parametrize("H", [32, 64])
+@pytest.mark.parametrize("clean_logits", [True, False])
+def test_indexer_logits_mxfp4(mxlib, gen, H, clean_logits):
+    T, S = 7, 300
+    q, kp, ksc, w, _, _ = _mx_prefill(T, S, H, 128, gen, "cpu", "full")
+    ks, ke = _ragged_ranges(T, S)
+    end = int(ke.clamp(max=S).max())
+    out, reports = run_dense_mx(mxlib, q, kp, ksc, w, ks, ke, clean_logits)
+    assert reports == []
+    args = [q, kp, ksc, w, ks, ke]
+    mask = _key_mask(ks, ke, S)
+    _assert_in_range_close(out, ref.indexer_logits(*args), mask, clean_logits, _mx_dense_magnitude(*args))
+    if not clean_logits:
+        assert torch.isnan(out[~mask]).all()
+    assert end == S
+
+
+def test_indexer_logits_mxfp4_reads_only_its_keys(mxlib, gen):
+    """Keys past every row's end are not registered: the packed codes and scale bytes of a
+    skipped tile are never read."""
+    H, T, S = 64, 6, 400
+    q, kp, ksc, w, _, _ = _mx_prefill(T, S, H, 128, gen, "cpu", "full")
+    ks = torch.tensor([0, 5, 9, 300, 130, 17], dtype=torch.int32)
+    ke = torch.tensor([100, 60, 9, 200, 250, 255], dtype=torch.int32)
+    end = int(ke.max())
+    out, reports = run_dense_mx(mxlib, q, kp, ksc, w, ks, ke, True, registered=[q, kp[:end], ksc[:end], w, ks, ke])
+    assert reports == []
+    args = [q, kp, ksc, w, ks, ke]
+    _assert_in_range_close(out, ref.indexer_logits(*args), _key_mask(ks, ke, S), True, _mx_dense_magnitude(*args))
+
+
+@pytest.mark.parametrize("H", [32, 64])
+@pytest.mark.parametrize("block_size,per_query_lens", [(16, False), (64, True), (12, True)])
+def test_paged_indexer_logits_mxfp4(mxlib, gen, H, block_size, per_query_lens):
+    args = _mx_paged(2, 3, H, 128, block_size, 200, gen, "cpu", per_query_lens, bad_blocks=True)
+    out, reports = run_paged_mx(mxlib, *args, 200, True)
+    assert reports == []
+    expected = ref.paged_indexer_logits(*args, 200)
+    q, cache, w, cl, bt = args
+    packed, scale = ref.unpack_mxfp4_k_cache(cache)
+    qa = q.view(torch.uint8).bitwise_and(0x7F).view(torch.float8_e4m3fn)
+    mag = ref.paged_indexer_logits(qa, ref.pack_mxfp4_k_cache(_abs_mx(packed), scale), w.abs(), cl, bt, 200)
+    _assert_in_range_close(out, expected, _position_mask(cl, 3, 200), True, mag)
+
+
+def test_paged_mxfp4_pipeline_wraps_its_stages(mxlib, sms, gen):
+    """One emulated SM: every CTA streams more MXFP4 tiles than the pipeline has stages (the
+    single widened tile is rewritten each tile: a missing barrier there is a race report)."""
+    sms(1)
+    L = 40 * TILE_KEYS - 30
+    args = _mx_paged(1, 2, 64, 128, 64, L, gen, "cpu", True, bad_blocks=True)
+    mxlib.emu_clear_counters()
+    out, reports = run_paged_mx(mxlib, *args, L, True)
+    assert reports == []
+    expected = ref.paged_indexer_logits(*args, L)
+    q, cache, w, cl, bt = args
+    packed, scale = ref.unpack_mxfp4_k_cache(cache)
+    qa = q.view(torch.uint8).bitwise_and(0x7F).view(torch.float8_e4m3fn)
+    mag = ref.paged_indexer_logits(qa, ref.pack_mxfp4_k_cache(_abs_mx(packed), scale), w.abs(), cl, bt, L)
+    _assert_in_range_close(out, expected, _position_mask(cl, 2, L), True, mag)
+    qb, splits, chunk_tiles = _grid(1, L, 1)
+    c = _kernel_counters(mxlib)
+    assert chunk_tiles > STAGES and c["ctas"] == qb * splits
+    assert c["wgmma"] == 0 and c["mma_sync"] > 0
+    # half the key bytes of the FP8 cache: 64 packed + 4 scale bytes a readable key
+    assert c["cp_async_bytes"] < qb * splits * COLS * 128 + L * 132
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_quantize_and_cache_write(mxlib, gen, dtype):
+    """The CUDA quantiser's bytes equal the reference's, dense and through slots (negative and
+    past-the-cache slots skipped, other bytes untouched)."""
+    D, rows = 128, 37
+    x = _keys(rows, D, gen).to(dtype)
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -0.0, 2.5])
+    packed = torch.full((rows, D // 2), 0xAB, dtype=torch.uint8)
+    scale = torch.full((rows, D // 32), 0xAB, dtype=torch.uint8)
+    xb = x.view(torch.int16) if dtype == torch.bfloat16 else x
+    reports, rc = E.run(mxlib.emu_mxfp4_quantize, P(xb), int(dtype == torch.bfloat16), rows, D, P(packed), P(scale),
+                        None, 0, 0, buffers=[xb, packed, scale], lib=mxlib)
+    assert rc == 0 and reports == []
+    want_p, want_s = ref.mxfp4_quantize(x)
+    assert torch.equal(packed, want_p) and torch.equal(scale, want_s)
+    nb, bs = 4, 12
+    cache = torch.randint(0, 256, (nb, bs, 1, 68), generator=gen, dtype=torch.uint8)
+    want = cache.clone()
+    slots = torch.randperm(nb * bs, generator=gen)[:rows].long()
+    slots[::5] = -1
+    slots[3] = nb * bs + 7
+    reports, rc = E.run(mxlib.emu_mxfp4_quantize, P(xb), int(dtype == torch.bfloat16), rows, D, P(cache), None,
+                        P(slots), nb * bs, bs, buffers=[xb, cache, slots], lib=mxlib)
+    assert rc == 0 and reports == []
+    keep = (slots >= 0) & (slots < nb * bs)
+    ref.mxfp4_indexer_k_cache_write(x[keep], slots[keep], want)
+    assert torch.equal(cache, want)

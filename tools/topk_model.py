@@ -299,6 +299,8 @@ def main(argv=None) -> int:
     line("tail after the stream", "t_tail")
     print(f"  {'TOTAL (fixed %.1f + waves x (pass 0 + tail))' % P.t_fixed_us:<42}"
           + "".join(f"{rows[m]['total']:>12.1f}" for m in ("mbarrier", "cluster")))
+    if a.sorted:
+        print("(sorted: CTA 0's bitonic sort of the k pairs is not modelled; only its hand-off is)")
     print(f"SPEC target 15 us; memory floor {e['floor']:.1f} us at peak HBM "
           f"({e['floor'] / P.hbm_eff:.1f} us at {P.hbm_eff:.0%})")
     print()

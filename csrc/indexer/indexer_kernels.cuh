@@ -27,6 +27,16 @@
 // global stores are coalesced. Shared rows are 128 bytes with 16-byte chunk c of row r at
 // c ^ (r & 7) in 1024-byte aligned tiles: conflict-free for ldmatrix and exactly the 128B
 // swizzle layout wgmma's descriptors describe.
+//
+// MXFP4 keys (kMx, SPEC 10.5, csrc/indexer/mxfp4.h): there is no FP4 x FP8 MMA on sm_89/sm_90,
+// so a stage holds the raw 64 packed bytes and 4 ue8m0 bytes of each key (half the bytes an
+// FP8 key reads); once landed, the CTA widens the codes to e4m3 (every E2M1 value is an e4m3
+// value) into one swizzled 128-byte-row tile, and the mma.sync path scores it unchanged except
+// that each k32 step is exactly one 32-value scale group: its m16n8 product goes to a 4-float
+// temporary that is added into the accumulator times the key row's 2^(e - 127). The group
+// scales therefore act before the ReLU, as dequantise-then-score requires; the per-key scale of
+// the epilogue is 1 (or -inf for a key that must not be read). The wgmma path keeps its
+// 64-float accumulator chain whole, so MXFP4 keys always take mma.sync.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -36,6 +46,7 @@
 #include "common/mma_sm80.cuh"
 #include "common/wgmma_sm90.cuh"
 #include "indexer/indexer_rules.h"
+#include "indexer/mxfp4.h"
 
 namespace dsa {
 namespace indexer {
@@ -59,6 +70,13 @@ constexpr int kSmemWeightBytes = kCols * 4;
 // wgmma descriptors assume); the dynamic shared window itself is only 16-byte aligned.
 constexpr int kSmemBytes = kSmemQBytes + kStages * (kSmemKBytes + kSmemScaleBytes) + kSmemOutBytes +
                            kSmemRangeBytes + kSmemWeightBytes + 1024;
+// MXFP4 keys: a stage's K area holds the packed codes (kTileKeys x 64 bytes) then the ue8m0
+// bytes (kTileKeys x 4); the widened e4m3 tile is one more kSmemKBytes after the weights.
+constexpr int kMxPackedRow = kHeadDim / 2;
+constexpr int kMxExpOffset = kTileKeys * kMxPackedRow;
+static_assert(kMxExpOffset + kTileKeys * 4 <= kSmemKBytes, "indexer: MXFP4 stage does not fit");
+template <bool kMx>
+constexpr int smem_bytes() { return kSmemBytes + (kMx ? kSmemKBytes : 0); }
 // Two CTAs per SM on the wgmma path (__launch_bounds__ below): 2 x (dynamic + 1 KB reserved)
 // must fit the SM's 228 KB.
 static_assert(2 * (kSmemBytes + 1024) <= 228 * 1024, "indexer: two CTAs per SM no longer fit");
@@ -75,6 +93,7 @@ struct LogitsParams {
   // dense keys (indexer_logits)
   const uint8_t* k;          // [S, 128] FP8 bytes
   const float* k_scale;      // [S]
+  const uint8_t* k_scale_bytes;   // MXFP4 keys: [S, 4] ue8m0 bytes (k is then [S, 64] packed)
   const int32_t* ks;         // [T]
   const int32_t* ke;         // [T]
   // paged keys (paged_indexer_logits)
@@ -106,9 +125,10 @@ __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
 
 // ---- where a key's bytes live --------------------------------------------------------------
 
-// Sets the addresses of key `pos`'s 128 FP8 bytes and fp32 scale; false when the position
-// must not be read (paged: block-table entry missing or out of range).
-template <bool kPaged>
+// Sets the addresses of key `pos`'s 128 FP8 bytes and fp32 scale (MXFP4: its 64 packed bytes
+// and 4 scale bytes); false when the position must not be read (paged: block-table entry
+// missing or out of range).
+template <bool kPaged, bool kMx = false>
 __device__ __forceinline__ bool locate_key(const LogitsParams& p, const int32_t* bt_row, int64_t pos,
                                            const uint8_t*& row, const void*& scale) {
   if constexpr (kPaged) {
@@ -120,8 +140,17 @@ __device__ __forceinline__ bool locate_key(const LogitsParams& p, const int32_t*
     const int64_t blk = physical_block(bt_row, lblk, p.max_blocks, p.num_blocks);
     if (blk < 0) return false;
     const int64_t off = upos - lblk * bs;
-    row = p.cache + k_value_offset(blk, off, p.block_size, kHeadDim);
-    scale = p.cache + k_scale_offset(blk, off, p.block_size, kHeadDim);
+    if constexpr (kMx) {
+      row = p.cache + mxfp4::value_offset(blk, off, p.block_size, kHeadDim);
+      scale = p.cache + mxfp4::scale_offset(blk, off, p.block_size, kHeadDim);
+    } else {
+      row = p.cache + k_value_offset(blk, off, p.block_size, kHeadDim);
+      scale = p.cache + k_scale_offset(blk, off, p.block_size, kHeadDim);
+    }
+    return true;
+  } else if constexpr (kMx) {
+    row = p.k + pos * kMxPackedRow;
+    scale = p.k_scale_bytes + pos * (kHeadDim / mxfp4::kGroup);
     return true;
   } else {
     row = p.k + pos * kHeadDim;
@@ -130,12 +159,44 @@ __device__ __forceinline__ bool locate_key(const LogitsParams& p, const int32_t*
   }
 }
 
+// e4m3 byte of an E2M1 code: magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6} are e4m3 bytes
+// {00, 30, 38, 3C, 40, 44, 48, 4C}; the sign moves from bit 3 to bit 7.
+__device__ __forceinline__ uint32_t e2m1_to_e4m3(uint32_t code) {
+  constexpr unsigned long long kLut = 0x4C4844403C383000ull;
+  return static_cast<uint32_t>((kLut >> (8u * (code & 7u))) & 0xffu) | ((code & 8u) << 4);
+}
+
+// Widens a landed MXFP4 stage (kTileKeys rows of 64 packed bytes) into the e4m3 tile `dst`
+// (128-byte rows, swizzled as the FP8 stages). Each thread: 2 packed 16-byte chunks.
+__device__ __forceinline__ void widen_mxfp4_tile(const uint8_t* raw, uint8_t* dst, int tid) {
+#pragma unroll
+  for (int i = 0; i < kTileKeys * (kMxPackedRow / 16) / kThreads; ++i) {
+    const int idx = tid + i * kThreads, key = idx / (kMxPackedRow / 16), c = idx % (kMxPackedRow / 16);
+    const uint4 in = *reinterpret_cast<const uint4*>(raw + key * kMxPackedRow + c * 16);
+    const uint32_t w[4] = {in.x, in.y, in.z, in.w};
+    uint32_t out[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {   // out word j: codes 4j .. 4j + 3 (nibbles of a half word)
+      const uint32_t h = (w[j >> 1] >> (16 * (j & 1))) & 0xffffu;
+      out[j] = e2m1_to_e4m3(h & 15u) | (e2m1_to_e4m3((h >> 4) & 15u) << 8) |
+               (e2m1_to_e4m3((h >> 8) & 15u) << 16) | (e2m1_to_e4m3(h >> 12) << 24);
+    }
+    // packed chunk c (32 values) = e4m3 chunks 2c, 2c + 1 of the row
+    *reinterpret_cast<uint4*>(dst + swizzled(key, 2 * c)) = make_uint4(out[0], out[1], out[2], out[3]);
+    *reinterpret_cast<uint4*>(dst + swizzled(key, 2 * c + 1)) = make_uint4(out[4], out[5], out[6], out[7]);
+  }
+}
+
 // ---- per-tile pieces -----------------------------------------------------------------------
 
 // mma.sync path: warp (warp_m, warp_n) computes keys [32 warp_m, +32) x columns [64 warp_n, +64)
 // of the tile into acc (m16n8 accumulator layout).
+// kMx: exps[key] holds the key's 4 ue8m0 bytes; k-step kk (= scale group kk) is accumulated
+// through a temporary times 2^(byte kk - 127) of the accumulator row's key.
+template <bool kMx = false>
 __device__ __forceinline__ void tile_mma_sync(float (&acc)[kWarpMTiles][8][4], uint32_t k_base,
-                                              uint32_t q_base, int warp_m, int warp_n, int lane) {
+                                              uint32_t q_base, int warp_m, int warp_n, int lane,
+                                              const uint32_t* exps = nullptr) {
 #pragma unroll
   for (int i = 0; i < kWarpMTiles; ++i)
 #pragma unroll
@@ -159,8 +220,24 @@ __device__ __forceinline__ void tile_mma_sync(float (&acc)[kWarpMTiles][8][4], u
                                        2 * kk + ((lane >> 3) & 1)));
 #pragma unroll
       for (int i = 0; i < kWarpMTiles; ++i) {
-        mma_e4m3_16832(acc[i][2 * jp], a[i], b[0], b[1]);
-        mma_e4m3_16832(acc[i][2 * jp + 1], a[i], b[2], b[3]);
+        if constexpr (kMx) {
+          const int r0 = warp_m * 16 * kWarpMTiles + i * 16 + (lane >> 2);
+          const float s0 = mxfp4::scale_value((exps[r0] >> (8 * kk)) & 0xffu);
+          const float s1 = mxfp4::scale_value((exps[r0 + 8] >> (8 * kk)) & 0xffu);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float t[4] = {0.f, 0.f, 0.f, 0.f};
+            mma_e4m3_16832(t, a[i], b[2 * h], b[2 * h + 1]);
+            float* c = acc[i][2 * jp + h];
+            c[0] = fmaf(t[0], s0, c[0]);
+            c[1] = fmaf(t[1], s0, c[1]);
+            c[2] = fmaf(t[2], s1, c[2]);
+            c[3] = fmaf(t[3], s1, c[3]);
+          }
+        } else {
+          mma_e4m3_16832(acc[i][2 * jp], a[i], b[0], b[1]);
+          mma_e4m3_16832(acc[i][2 * jp + 1], a[i], b[2], b[3]);
+        }
       }
     }
   }
@@ -203,11 +280,12 @@ __device__ __forceinline__ void reduce_heads(const float (&acc)[kMT][kNT][4], co
 // ---- the kernel ----------------------------------------------------------------------------
 
 // kAllowWgmma: use wgmma where this is an sm_90a compile (else, and when false, mma.sync).
-template <int kHeads, bool kPaged, bool kAllowWgmma>
-__global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMMA) ? 2 : 1) indexer_logits_kernel(const LogitsParams p) {
+// kMx: MXFP4 keys (always mma.sync; see the file comment).
+template <int kHeads, bool kPaged, bool kAllowWgmma, bool kMx = false>
+__global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMMA && !kMx) ? 2 : 1) indexer_logits_kernel(const LogitsParams p) {
   static_assert(kHeads == 32 || kHeads == 64, "CUDA indexer serves H in {32, 64}");
   constexpr int kQueriesPerCta = kCols / kHeads;
-  constexpr bool kWgmmaPath = kAllowWgmma && DSA_INDEXER_HAS_WGMMA;
+  constexpr bool kWgmmaPath = kAllowWgmma && DSA_INDEXER_HAS_WGMMA && !kMx;
 
   DSA_DYNAMIC_SMEM(smem_raw, 16);
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -218,6 +296,7 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
   int64_t* range_lo = reinterpret_cast<int64_t*>(out_smem + kMaxQueriesPerCta * kTileKeys);
   int64_t* range_hi = range_lo + kMaxQueriesPerCta;
   float* w_smem = reinterpret_cast<float*>(range_hi + kMaxQueriesPerCta);   // [kCols]
+  uint8_t* wide_smem = reinterpret_cast<uint8_t*>(w_smem + kCols);          // kMx: e4m3 tile
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp & 3, warp_n = warp >> 2;
@@ -295,6 +374,28 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
     const int64_t base = tiles_lo + tile * kTileKeys;
     uint8_t* k_dst = k_smem + stage * kSmemKBytes;
     float* s_dst = scale_smem + stage * kTileKeys;
+    if constexpr (kMx) {
+      // 4 packed chunks + the 4 scale bytes of each key; the per-key scale is 1 or the -inf mark.
+      constexpr int kRawChunks = kMxPackedRow / 16;
+      const int chunk = tid % kRawChunks;
+#pragma unroll
+      for (int i = 0; i < kTileKeys * kRawChunks / kThreads; ++i) {
+        const int key = tid / kRawChunks + i * (kThreads / kRawChunks);
+        const int64_t pos = base + key;
+        const uint8_t* row = nullptr;
+        const void* scale = nullptr;
+        const bool readable = pos < tiles_hi && locate_key<kPaged, true>(p, bt_row, pos, row, scale);
+        cp_async_16(smem_u32(k_dst + key * kMxPackedRow + chunk * 16), readable ? row + chunk * 16 : p.q,
+                    readable ? 16u : 0u);
+        if (chunk == 0) {
+          uint32_t* e_dst = reinterpret_cast<uint32_t*>(k_dst + kMxExpOffset) + key;
+          if (readable) cp_async_4(smem_u32(e_dst), scale, 4u);
+          else *e_dst = 0x7f7f7f7fu;   // 2^0: the zero-filled codes score 0, then -inf below
+          s_dst[key] = readable ? 1.0f : -__int_as_float(0x7f800000);
+        }
+      }
+      return;
+    }
     const int chunk = tid % kChunksPerRow;
 #pragma unroll
     for (int i = 0; i < kTileKeys * kChunksPerRow / kThreads; ++i) {
@@ -340,7 +441,14 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
       cp_async_commit();
     }
     const int stage = static_cast<int>(tile % kStages);
-    const uint32_t k_base = smem_u32(k_smem + stage * kSmemKBytes);
+    uint32_t k_base = smem_u32(k_smem + stage * kSmemKBytes);
+    if constexpr (kMx) {
+      // Everyone finished the previous tile's MMAs (the barrier before its epilogue), so the
+      // single widened tile may be overwritten.
+      widen_mxfp4_tile(k_smem + stage * kSmemKBytes, wide_smem, tid);
+      __syncthreads();
+      k_base = smem_u32(wide_smem);
+    }
 
     if constexpr (kWgmmaPath) {
       // Warpgroup wg: keys [64 wg, +64) x all 128 columns, m64n128k32 x 4 k-steps, chained
@@ -362,7 +470,8 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
                                   out_smem, warp * 16, 0, lane, nq);
     } else {
       float acc[kWarpMTiles][8][4];
-      tile_mma_sync(acc, k_base, q_base, warp_m, warp_n, lane);
+      tile_mma_sync<kMx>(acc, k_base, q_base, warp_m, warp_n, lane,
+                         reinterpret_cast<const uint32_t*>(k_smem + stage * kSmemKBytes + kMxExpOffset));
       reduce_heads<kHeads, kWarpMTiles, 8>(acc, w_smem, out_smem, warp_m * 16 * kWarpMTiles,
                                            warp_n * 64, lane, nq);
     }

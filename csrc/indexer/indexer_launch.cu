@@ -8,6 +8,7 @@
 #include "common/loaded_image.cuh"
 #include "indexer/indexer_kernels.cuh"
 #include "indexer/indexer_launch.h"
+#include "indexer/mxfp4_kernels.cuh"
 
 namespace dsa {
 namespace {
@@ -25,16 +26,16 @@ int64_t split_cols(int64_t query_blocks, int64_t num_cols) {
   return chunk_tiles * kTileKeys;
 }
 
-template <int kHeads, bool kPaged, bool kAllowWgmma>
+template <int kHeads, bool kPaged, bool kAllowWgmma, bool kMx = false>
 cudaError_t launch(const indexer::LogitsParams& p, int64_t query_blocks, cudaStream_t stream) {
-  auto kernel = indexer::indexer_logits_kernel<kHeads, kPaged, kAllowWgmma>;
-  cudaError_t err = ensure_max_dynamic_smem<indexer::indexer_logits_kernel<kHeads, kPaged, kAllowWgmma>>(
-      indexer::kSmemBytes);
+  auto kernel = indexer::indexer_logits_kernel<kHeads, kPaged, kAllowWgmma, kMx>;
+  constexpr int smem = indexer::smem_bytes<kMx>();
+  cudaError_t err = ensure_max_dynamic_smem<indexer::indexer_logits_kernel<kHeads, kPaged, kAllowWgmma, kMx>>(smem);
   if (err != cudaSuccess) return err;
   const int64_t splits = ceil_div<int64_t>(p.num_cols, p.chunk_cols);
   if (query_blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   dim3 grid(static_cast<unsigned>(query_blocks), static_cast<unsigned>(splits));
-  kernel<<<grid, indexer::kThreads, indexer::kSmemBytes, stream>>>(p);
+  kernel<<<grid, indexer::kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -46,12 +47,17 @@ bool allow_wgmma() {
   return !(v != nullptr && std::strcmp(v, "sync") == 0);
 }
 
-template <bool kPaged>
+template <bool kPaged, bool kMx = false>
 cudaError_t dispatch_heads(const indexer::LogitsParams& p, int64_t heads, int64_t query_blocks,
                            cudaStream_t stream) {
   // The glue checks the device (sm_89+); an image compiled below sm_89 (an sm_80 cubin on a
   // cc 8.9 GPU, compute_80 PTX JIT-compiled on an H100) still has only the trap for e4m3 MMA.
   if (const cudaError_t err = require_loaded_image(ImageLevel::kFp8Mma); err != cudaSuccess) return err;
+  if constexpr (kMx) {   // MXFP4 keys: the mma.sync path only (indexer_kernels.cuh)
+    if (heads == 64) return launch<64, kPaged, false, true>(p, query_blocks, stream);
+    if (heads == 32) return launch<32, kPaged, false, true>(p, query_blocks, stream);
+    return cudaErrorInvalidValue;
+  }
   const bool wgmma = allow_wgmma();
   if (heads == 64)
     return wgmma ? launch<64, kPaged, true>(p, query_blocks, stream)
@@ -68,10 +74,13 @@ bool indexer_cuda_supports(int64_t heads, int64_t head_dim) {
   return (heads == 32 || heads == 64) && head_dim == indexer::kHeadDim;
 }
 
-cudaError_t launch_indexer_logits(const uint8_t* q, const uint8_t* k, const float* k_scale,
-                                  const float* weights, const int32_t* ks, const int32_t* ke,
-                                  float* out, int64_t T, int64_t S, int64_t heads,
-                                  bool clean_logits, cudaStream_t stream) {
+namespace {
+
+template <bool kMx>
+cudaError_t launch_dense(const uint8_t* q, const uint8_t* k, const float* k_scale,
+                         const uint8_t* k_scale_bytes, const float* weights, const int32_t* ks,
+                         const int32_t* ke, float* out, int64_t T, int64_t S, int64_t heads,
+                         bool clean_logits, cudaStream_t stream) {
   if (!indexer_cuda_supports(heads, indexer::kHeadDim)) return cudaErrorInvalidValue;
   if (T == 0 || S == 0) return cudaSuccess;
   indexer::LogitsParams p{};
@@ -83,21 +92,20 @@ cudaError_t launch_indexer_logits(const uint8_t* q, const uint8_t* k, const floa
   p.clean_logits = clean_logits;
   p.k = k;
   p.k_scale = k_scale;
+  p.k_scale_bytes = k_scale_bytes;
   p.ks = ks;
   p.ke = ke;
   const int64_t query_blocks = ceil_div<int64_t>(T, indexer::kCols / heads);
   p.chunk_cols = split_cols(query_blocks, S);
-  return dispatch_heads<false>(p, heads, query_blocks, stream);
+  return dispatch_heads<false, kMx>(p, heads, query_blocks, stream);
 }
 
-cudaError_t launch_paged_indexer_logits(const uint8_t* q, const uint8_t* kv_cache,
-                                        const float* weights, const int32_t* context_lens,
-                                        bool per_query_lens, const int32_t* block_table,
-                                        int64_t block_table_stride, float* out, int64_t B,
-                                        int64_t N, int64_t heads, int64_t num_blocks,
-                                        int64_t block_size, int64_t max_blocks,
-                                        int64_t max_context_len, bool clean_logits,
-                                        cudaStream_t stream) {
+template <bool kMx>
+cudaError_t launch_paged(const uint8_t* q, const uint8_t* kv_cache, const float* weights,
+                         const int32_t* context_lens, bool per_query_lens, const int32_t* block_table,
+                         int64_t block_table_stride, float* out, int64_t B, int64_t N, int64_t heads,
+                         int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                         int64_t max_context_len, bool clean_logits, cudaStream_t stream) {
   if (!indexer_cuda_supports(heads, indexer::kHeadDim) || block_size <= 0 || block_size % 4 != 0 ||
       block_size > 0x7fffffffLL || max_context_len > 0x7fffffffLL)
     return cudaErrorInvalidValue;   // the kernel's key addressing is 32-bit
@@ -122,7 +130,64 @@ cudaError_t launch_paged_indexer_logits(const uint8_t* q, const uint8_t* kv_cach
   p.qblocks_per_seq = ceil_div<int64_t>(N, indexer::kCols / heads);
   const int64_t query_blocks = B * p.qblocks_per_seq;
   p.chunk_cols = split_cols(query_blocks, max_context_len);
-  return dispatch_heads<true>(p, heads, query_blocks, stream);
+  return dispatch_heads<true, kMx>(p, heads, query_blocks, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_indexer_logits(const uint8_t* q, const uint8_t* k, const float* k_scale,
+                                  const float* weights, const int32_t* ks, const int32_t* ke,
+                                  float* out, int64_t T, int64_t S, int64_t heads,
+                                  bool clean_logits, cudaStream_t stream) {
+  return launch_dense<false>(q, k, k_scale, nullptr, weights, ks, ke, out, T, S, heads, clean_logits, stream);
+}
+
+cudaError_t launch_indexer_logits_mxfp4(const uint8_t* q, const uint8_t* k_packed,
+                                        const uint8_t* k_scale, const float* weights,
+                                        const int32_t* ks, const int32_t* ke, float* out, int64_t T,
+                                        int64_t S, int64_t heads, bool clean_logits,
+                                        cudaStream_t stream) {
+  return launch_dense<true>(q, k_packed, nullptr, k_scale, weights, ks, ke, out, T, S, heads, clean_logits,
+                            stream);
+}
+
+cudaError_t launch_paged_indexer_logits(const uint8_t* q, const uint8_t* kv_cache,
+                                        const float* weights, const int32_t* context_lens,
+                                        bool per_query_lens, const int32_t* block_table,
+                                        int64_t block_table_stride, float* out, int64_t B,
+                                        int64_t N, int64_t heads, int64_t num_blocks,
+                                        int64_t block_size, int64_t max_blocks,
+                                        int64_t max_context_len, bool clean_logits,
+                                        cudaStream_t stream) {
+  return launch_paged<false>(q, kv_cache, weights, context_lens, per_query_lens, block_table,
+                             block_table_stride, out, B, N, heads, num_blocks, block_size, max_blocks,
+                             max_context_len, clean_logits, stream);
+}
+
+cudaError_t launch_paged_indexer_logits_mxfp4(const uint8_t* q, const uint8_t* kv_cache,
+                                              const float* weights, const int32_t* context_lens,
+                                              bool per_query_lens, const int32_t* block_table,
+                                              int64_t block_table_stride, float* out, int64_t B,
+                                              int64_t N, int64_t heads, int64_t num_blocks,
+                                              int64_t block_size, int64_t max_blocks,
+                                              int64_t max_context_len, bool clean_logits,
+                                              cudaStream_t stream) {
+  return launch_paged<true>(q, kv_cache, weights, context_lens, per_query_lens, block_table,
+                            block_table_stride, out, B, N, heads, num_blocks, block_size, max_blocks,
+                            max_context_len, clean_logits, stream);
+}
+
+cudaError_t launch_mxfp4_quantize(const void* x, bool x_bf16, int64_t rows, int64_t D, uint8_t* packed,
+                                  uint8_t* scale, const int64_t* slots, int64_t num_slots,
+                                  int64_t block_size, cudaStream_t stream) {
+  if (D <= 0 || D % mxfp4::kGroup != 0 || (slots != nullptr && block_size <= 0)) return cudaErrorInvalidValue;
+  const int64_t groups = rows * (D / mxfp4::kGroup);
+  if (groups == 0) return cudaSuccess;
+  mxfp4::QuantParams p{x, x_bf16, rows, D, packed, scale, slots, num_slots, block_size};
+  const int64_t blocks = ceil_div<int64_t>(groups, 256);
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  mxfp4::quantize_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace dsa

@@ -6,6 +6,9 @@
 - ``paged_indexer_logits`` (decode, memory-bound): B sequences of ``ctx`` cached tokens in a
   block-64 paged cache with shuffled blocks, N = 1 or 2 queries each. Bytes: the cached tokens'
   132 bytes each, q, weights, block table, context lengths, and the ``[B*N, ctx]`` output.
+- ``paged_indexer_logits mxfp4`` (V4 decode, SPEC 10.5): the same decode shapes over an MXFP4
+  key cache (68 bytes a key: half the key bytes a step reads), beside the FP8-key op on the
+  same shape and a PyTorch gather + dequantise + matmul composite.
 
 Baselines: what a user would otherwise run in PyTorch — dequantise, ``q @ k^T`` per head, ReLU,
 the weighted head sum as a batched matmul, times the key scale (paged: gather the keys through
@@ -65,6 +68,40 @@ def _random_cache(g, num_blocks, block_size, head_dim, device):
     values |= torch.randint(0, 2, shape, dtype=torch.uint8, device=device, generator=g) << 7
     scales = torch.rand(num_blocks, block_size, device=device, generator=g) * 0.1 + 0.01
     return torch.cat([values, scales.view(torch.uint8)], dim=1).view(num_blocks, block_size, 1, head_dim + 4)
+
+
+def _random_mxfp4_cache(g, num_blocks, block_size, head_dim, device):
+    """An MXFP4 indexer cache (csrc/indexer/mxfp4.h layout): random code bytes, then scale
+    bytes around 2^0 (127 +- 6) so that logits stay finite."""
+    codes = torch.randint(0, 256, (num_blocks, block_size * head_dim // 2), dtype=torch.uint8, device=device,
+                          generator=g)
+    scales = torch.randint(121, 134, (num_blocks, block_size * head_dim // 32), dtype=torch.uint8, device=device,
+                           generator=g)
+    row = head_dim // 2 + head_dim // 32
+    return torch.cat([codes, scales], dim=1).view(num_blocks, block_size, 1, row)
+
+
+def _torch_paged_mxfp4(q, kv_cache, weights, context_lens, block_table, max_context_len, dtype=torch.float32):
+    """Gather the MXFP4 keys through the block table, dequantise (LUT x 2^e), then the dense
+    formulation per sequence (no per-key scale)."""
+    b_len, n_len, h_len, d_len = q.shape
+    nb, bs = kv_cache.shape[:2]
+    flat = kv_cache.view(nb, -1)
+    codes = flat[:, : bs * d_len // 2].reshape(nb * bs, d_len // 2)
+    sc = flat[:, bs * d_len // 2:].reshape(nb * bs, d_len // 32)
+    pos = torch.arange(max_context_len, device=q.device)
+    slots = (block_table.long()[:, pos // bs] * bs + pos % bs)                     # [B, P]
+    c = codes[slots].long()                                                        # [B, P, D/2]
+    lut = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6],
+                       dtype=dtype, device=q.device)
+    vals = torch.stack([lut[c & 15], lut[c >> 4]], dim=-1).flatten(-2)            # [B, P, D]
+    scale = torch.exp2(sc[slots].to(dtype) - 127).repeat_interleave(32, dim=-1)
+    k = vals * scale
+    scores = torch.matmul(q.to(dtype).view(b_len, n_len * h_len, d_len), k.transpose(1, 2))
+    scores = scores.relu_().view(b_len * n_len, h_len, max_context_len)
+    logits = torch.bmm(weights.to(dtype)[:, None, :], scores)[:, 0].float()
+    lens = (context_lens.long()[:, None] - n_len + 1 + torch.arange(n_len, device=q.device)).reshape(-1)
+    return logits.masked_fill_(pos[None] >= lens[:, None], float("-inf"))
 
 
 def _fp8(g, device, *shape):
@@ -133,5 +170,26 @@ def cases(device, quick: bool):
                    + 4 * b_len + 4 * b_len * n_len * ctx),
             bound="memory", flops_dtype="fp8",
             baselines=baselines,
+        ))
+        # The same step over MXFP4 keys (68 bytes a key), beside the FP8-key op above.
+        mx_cache = _random_mxfp4_cache(g_dev, num_blocks, block_size, head_dim, device)
+        mx_baselines = {"dsa_ext paged_indexer_logits FP8 keys (132 B a key)": (
+            lambda q=q, c=cache, w=weights, cl=context_lens, bt=block_table, P=ctx:
+            dsa_ext.paged_indexer_logits(q, c, w, cl, bt, P))}
+        if 4 * b_len * n_len * heads * ctx <= _BASELINE_SCORE_BYTES and 8 * b_len * ctx * head_dim <= _BASELINE_SCORE_BYTES:
+            mx_baselines["torch gather + dequant + matmul fp32"] = (
+                lambda q=q, c=mx_cache, w=weights, cl=context_lens, bt=block_table, P=ctx:
+                _torch_paged_mxfp4(q, c, w, cl, bt, P))
+        out.append(Case(
+            family="indexer", name="paged_indexer_logits mxfp4",
+            shape=dict(B=b_len, N=n_len, ctx=ctx, H=heads, D=head_dim, block_size=block_size),
+            fn=lambda q=q, c=mx_cache, w=weights, cl=context_lens, bt=block_table, P=ctx:
+                dsa_ext.paged_indexer_logits(q, c, w, cl, bt, P),
+            flops=2.0 * heads * head_dim * visible,
+            bytes=(b_len * ctx * (head_dim // 2 + head_dim // 32) + q.numel() + 4 * weights.numel()
+                   + 4 * block_table.numel() + 4 * b_len + 4 * b_len * n_len * ctx),
+            bound="memory", flops_dtype="fp8",
+            baselines=mx_baselines,
+            note="MXFP4 keys: 68 B a key vs 132 B (FP8)",
         ))
     return out
