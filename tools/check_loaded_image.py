@@ -49,8 +49,9 @@ GUARDS = {
     "mla_decode_launch": [(r"sparse_mla_decode_kernel<64, (true|false), true>", SM90A),  # same
                           (r"sparse_mla_decode_overlap_kernel<(true|false)>", SM90A)],  # overlap_selected
     # dispatch_heads: the e4m3 kernels (last template argument kBf16Mma = false) need an FP8
-    # MMA image; the bf16 kernels (true) serve every image and must have no trap.
-    "indexer_launch": [(r"indexer_logits_kernel<\d+, \w+, \w+, \w+, false>", FP8_MMA)],
+    # MMA image; the bf16 kernels (true) serve every image and must have no trap. Without the
+    # kBf16Mma argument (<kHeads, kPaged, kAllowWgmma, kMx>) every instantiation is e4m3.
+    "indexer_launch": [(r"indexer_logits_kernel<\d+, \w+, \w+, \w+(, false)?>", FP8_MMA)],
 }
 
 
