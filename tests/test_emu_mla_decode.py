@@ -324,18 +324,20 @@ def test_overlap_kernel(lib, gen, H, split):
     assert len(combine) == int(split)
 
 
+@pytest.mark.parametrize("K", [130, 384], ids=["unsplit", "split"])
 @pytest.mark.parametrize("per_query", [False, True], ids=["len[B]", "len[B,s_q]"])
-def test_overlap_ragged_rows(lib, gen, per_query):
-    """B * s_q = 3 rows (a multiple of nothing) at H = 128, ragged topk_length (0, 1, one tile
-    and a bit, beyond K): an empty row in a cluster (both CTAs walk no tile), and rows whose
-    last tile holds one valid entry."""
-    B, s_q, H, K = 3, 1, 128, 130
+def test_overlap_ragged_rows(lib, gen, per_query, K):
+    """B * s_q = 3 rows (a multiple of nothing) at H = 128, ragged topk_length (0, one tile and
+    a bit, beyond K): an empty row in a cluster (both CTAs walk no tile). K = 384: 3 splits of
+    2 tiles, so the 65-entry row leaves two clusters of its splits with nothing to walk and
+    the combine merges partials with lse -inf."""
+    B, s_q, H = 3, 1, 128
     cache, q, idx = overlap_case(gen, B, s_q, H, K, invalid_frac=0.1)
     lengths = torch.tensor([0, 65, 500], dtype=torch.int32)
     if per_query:
         lengths = lengths.view(B, s_q)
     out, lse, splits, reports = run_decode(lib, q, cache, idx, D_QK ** -0.5, None, lengths, kernel="overlap")
-    assert reports == [] and splits == 1
+    assert reports == [] and splits == (3 if K == 384 else 1)
     check(out, lse, q, cache, idx, D_QK ** -0.5, None, lengths)
     assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1:]).all()
 
