@@ -391,3 +391,17 @@ def test_overlap_switch(lib, gen, kernel, expect):
         assert OVERLAP in names[0], names
     else:   # sparse_mla_decode_kernel<64, <cache format>, kWgmma>
         assert OVERLAP not in names[0] and "sparse_mla_decode_kernel<64," in names[0] and names[0].endswith(expect), names
+
+
+@pytest.mark.parametrize("H", [64, 128])
+def test_overlap_nan_query_propagates(lib, gen, H):
+    """A NaN in one head's query gives NaN out and lse for that head only (the reference's
+    answer); the other heads of the row, and of the peer CTA at H = 128, are unaffected."""
+    cache, q, idx = overlap_case(gen, 1, 1, H, 150)
+    bad = H - 3
+    q[0, 0, bad, 100] = float("nan")
+    out, lse, _, reports = run_decode(lib, q, cache, idx, D_QK ** -0.5, kernel="overlap")
+    assert reports == []
+    assert out[0, 0, bad].float().isnan().all() and lse[0, 0, bad].isnan()
+    keep = torch.arange(H) != bad
+    check(out[:, :, keep], lse[:, :, keep], q[:, :, keep], cache, idx, D_QK ** -0.5)
