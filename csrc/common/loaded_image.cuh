@@ -39,6 +39,15 @@ enum class ImageLevel : int {
 };
 constexpr int kImageProbeThreadsPerLevel = 32;
 
+// What a launcher returns when the loaded image has no kernel for the request. The emulator's
+// runtime shim names only a few error codes: the same value as CUDA's there.
+#if defined(DSA_EMULATOR)
+constexpr cudaError_t kNoKernelImage = static_cast<cudaError_t>(209);
+#else
+constexpr cudaError_t kNoKernelImage = cudaErrorNoKernelImageForDevice;
+static_assert(static_cast<int>(cudaErrorNoKernelImageForDevice) == 209, "the emulator's value");
+#endif
+
 namespace {
 
 #if !defined(DSA_EMULATOR)
@@ -51,23 +60,63 @@ namespace {
 #endif
 __global__ void __launch_bounds__(DSA_IMAGE_PROBE_LEVEL * kImageProbeThreadsPerLevel) dsa_image_probe_kernel() {}
 #undef DSA_IMAGE_PROBE_LEVEL
+// Thread-block clusters are not an ImageLevel: sm_89 code has FP8 MMA and no clusters, sm_90 /
+// sm_100 code both. Their own probe: bound 64 where the pass compiles cluster code, else 32.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define DSA_CLUSTER_PROBE_THREADS 64
+#else
+#define DSA_CLUSTER_PROBE_THREADS 32
+#endif
+__global__ void __launch_bounds__(DSA_CLUSTER_PROBE_THREADS) dsa_cluster_probe_kernel() {}
+#undef DSA_CLUSTER_PROBE_THREADS
 #endif
 
-// cudaSuccess when the image of this translation unit that the driver loaded for the current
-// device (the glue's CUDAGuard makes it the tensors' device) is at least `needed`, else
-// cudaErrorNoKernelImageForDevice (or the error of the query). The emulator runs the kernels'
-// sm_90a source (wgmma and e4m3 MMA modelled in csrc/emu/ptx.cpp): always cudaSuccess there.
-inline cudaError_t require_loaded_image(ImageLevel needed) {
+// The level of the image of this translation unit that the driver loaded for the current device
+// (the glue's CUDAGuard makes it the tensors' device), for launchers that pick among kernels by
+// it (the indexer: wgmma, e4m3 mma.sync, or bf16 mma.sync after dequantisation). The emulator
+// compiles the kernels' sm_90a source (wgmma and e4m3 MMA modelled in csrc/emu/ptx.cpp) and
+// reports kSm90a, unless DSA_EMU_IMAGE_LEVEL (1, 2 or 3: an ImageLevel) says which image to
+// pretend was loaded, so that tests run the dispatch an sm_80 or sm_89 image gets.
+inline cudaError_t loaded_image_level(ImageLevel* level) {
 #if defined(DSA_EMULATOR)
-  (void)needed;
+  const char* env = std::getenv("DSA_EMU_IMAGE_LEVEL");
+  const int v = env != nullptr ? std::atoi(env) : 3;
+  *level = static_cast<ImageLevel>(v < 1 ? 1 : (v > 3 ? 3 : v));
   return cudaSuccess;
 #else
   cudaFuncAttributes attr{};
   const cudaError_t err = cudaFuncGetAttributes(&attr, dsa_image_probe_kernel);
   if (err != cudaSuccess) return err;
-  return attr.maxThreadsPerBlock >= static_cast<int>(needed) * kImageProbeThreadsPerLevel
-             ? cudaSuccess
-             : cudaErrorNoKernelImageForDevice;
+  const int v = attr.maxThreadsPerBlock / kImageProbeThreadsPerLevel;
+  *level = static_cast<ImageLevel>(v < 1 ? 1 : (v > 3 ? 3 : v));
+  return cudaSuccess;
+#endif
+}
+
+// cudaSuccess when the loaded image (above) is at least `needed`, else
+// cudaErrorNoKernelImageForDevice (or the error of the query).
+inline cudaError_t require_loaded_image(ImageLevel needed) {
+  ImageLevel level = ImageLevel::kBasic;
+  const cudaError_t err = loaded_image_level(&level);
+  if (err != cudaSuccess) return err;
+  return static_cast<int>(level) >= static_cast<int>(needed) ? cudaSuccess : kNoKernelImage;
+}
+
+// Whether the loaded image (above) was compiled with thread-block clusters (sm_90+ device code).
+// A cluster launch needs this as well as a cc 9+ device: an "8.0+PTX" build runs compute_80 code
+// on an H100 or B200, and there cooperative_groups sees a cluster of one CTA whatever the launch
+// asked for. The emulator has clusters unless DSA_EMU_IMAGE_LEVEL pretends an image below sm_90a.
+inline cudaError_t loaded_image_has_clusters(bool* has) {
+#if defined(DSA_EMULATOR)
+  ImageLevel level = ImageLevel::kBasic;
+  const cudaError_t err = loaded_image_level(&level);
+  *has = level == ImageLevel::kSm90a;
+  return err;
+#else
+  cudaFuncAttributes attr{};
+  const cudaError_t err = cudaFuncGetAttributes(&attr, dsa_cluster_probe_kernel);
+  *has = err == cudaSuccess && attr.maxThreadsPerBlock >= 64;
+  return err;
 #endif
 }
 

@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "common/cuda_utils.cuh"
+#include "common/loaded_image.cuh"
 #include "topk/topk_kernels.cuh"
 #include "topk/topk_launch.h"
 
@@ -23,8 +24,9 @@ namespace {
 
 struct DeviceInfo {
   int sms = 1;
-  int major = 0;
+  int major = 0;   // clusters' stand-in below: 9 where they exist, 8 where not
   int max_cs = 1;  // largest cluster size used on this device
+  int max_cache_keys = topk::kMaxCacheKeys;   // what this device's per-block shared memory holds
   std::atomic<bool> ready{false};
 };
 
@@ -47,7 +49,7 @@ topk::SyncMode sync_mode(int major) {
 int choose_cluster_size(int64_t T, int64_t S, const DeviceInfo& info, int max_cs) {
   if (info.major < 9) return 1;  // clusters are sm_90+
   int cs = 1;
-  while (cs < max_cs && ceil_div<int64_t>(S, cs) > topk::kMaxCacheKeys) cs *= 2;
+  while (cs < max_cs && ceil_div<int64_t>(S, cs) > info.max_cache_keys) cs *= 2;
   while (cs < max_cs && T * cs < 2 * info.sms && ceil_div<int64_t>(S, 2 * cs) >= 2048) cs *= 2;
   return cs;
 }
@@ -91,10 +93,10 @@ int max_cluster_size(size_t smem) {
 // Bytes of dynamic shared memory for a slice of `slice` columns: the TopkShared state, then
 // the key cache (+3 words of alignment slack), which CTA 0 reuses for the sort of up to
 // kMaxSortK selected pairs.
-constexpr size_t smem_for(int64_t slice, int k, bool sorted) {
+constexpr size_t smem_for(int64_t slice, int k, bool sorted, int64_t max_keys = topk::kMaxCacheKeys) {
   int sort_pairs = 1;
   while (sort_pairs < k) sort_pairs <<= 1;
-  const int64_t keys = std::min<int64_t>(slice, topk::kMaxCacheKeys);
+  const int64_t keys = std::min<int64_t>(slice, max_keys);
   return std::max<size_t>(size_t(keys + 4) * sizeof(uint32_t), sorted ? size_t(sort_pairs) * sizeof(uint64_t) : 0);
 }
 // __launch_bounds__(kBlock, 2): two CTAs of the largest footprint share an SM (228 KB of
@@ -117,7 +119,25 @@ cudaError_t device_info(DeviceInfo*& out) {
   if (err != cudaSuccess) return err;
   err = cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, dev);
   if (err != cudaSuccess) return err;
-  const size_t max_smem = smem_for(topk::kMaxCacheKeys, topk::kMaxSortK, true);
+  // Clusters need cluster code in the image the driver loaded too (an "8.0+PTX" build on an
+  // H100 runs compute_80 code: cluster_size() is 1 there, and a cluster launch would give each
+  // CTA a row of its own, past the last row).
+  bool clusters = false;
+  err = loaded_image_has_clusters(&clusters);
+  if (err != cudaSuccess) return err;
+  if (!clusters && info.major >= 9) info.major = 8;
+  // sm_86 / sm_89 blocks get 99 KB of shared memory (sm_80 163 KB, sm_90 227 KB): a smaller key
+  // cache there (rows whose slice exceeds it stream from global memory, as they do anyway).
+  int optin = 0;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  const int64_t fit = (static_cast<int64_t>(optin) - static_cast<int64_t>(topk::kSharedStateBytes)) /
+                          static_cast<int64_t>(sizeof(uint32_t)) - 4;
+  info.max_cache_keys = static_cast<int>(std::min<int64_t>(topk::kMaxCacheKeys, fit));
+  if (smem_for(info.max_cache_keys, topk::kMaxSortK, true, info.max_cache_keys) + topk::kSharedStateBytes >
+      static_cast<size_t>(optin))
+    return cudaErrorInvalidConfiguration;   // not even the sort buffer fits (no such GPU is served)
+  const size_t max_smem = smem_for(info.max_cache_keys, topk::kMaxSortK, true, info.max_cache_keys);
   for (RadixKernel kern : kRadixKernels) {
     err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(max_smem));
     if (err != cudaSuccess) return err;
@@ -149,8 +169,8 @@ cudaError_t topk_indices_launch(const float* logits, int64_t T, int64_t S, int64
   p.out = out;
   p.k = k;
   p.sorted = sorted;
-  p.cache_keys = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(S, cs), topk::kMaxCacheKeys));
-  const size_t smem = smem_for(ceil_div<int64_t>(S, cs), k, sorted);
+  p.cache_keys = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(S, cs), info->max_cache_keys));
+  const size_t smem = smem_for(ceil_div<int64_t>(S, cs), k, sorted, info->max_cache_keys);
 
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(T * cs));
