@@ -329,6 +329,21 @@ def test_v4_ranges_match_dense_masked_reference(device, gen, ratio):
             assert torch.equal(out[t, chosen.long()].sort().values, out[t][visible[t]].topk(len(best)).values.sort().values)
 
 
+def test_indexer_topk_over_mxfp4_keys(device, gen):
+    """indexer_topk (row chunks under a small workspace) takes MXFP4 keys and V4 ranges: the
+    same indices as topk_indices over the full logits, top-min(k, visible) per row."""
+    H = _heads(device)[0]
+    T, S = 37, 50
+    q = _fp8(T, H, 128, gen=gen, scale=2.0).to(device)
+    kp, ksc = [t.to(device) for t in ref.mxfp4_quantize(_keys(S, 128, gen))]
+    w = randn(T, H, gen=gen).to(device)
+    ks, ke = ops.v4_indexer_ranges(torch.arange(T, device=device) * 5 + 2, torch.zeros(T, dtype=torch.int32, device=device))
+    got = dsa_ext.indexer_topk(q, kp, ksc, w, ks, ke, 8, sorted=True, max_workspace_bytes=7 * S * 4)
+    want = dsa_ext.topk_indices(dsa_ext.indexer_logits(q, kp, ksc, w, ks, ke), 8, ks, ke, sorted=True)
+    assert torch.equal(got, want)
+    assert torch.equal((got >= 0).sum(1).cpu(), (ke - ks).cpu().long().clamp(0, 8))
+
+
 def test_v4_context_lens_for_paged_decode(device, gen):
     """Decode: queries at positions t see (t + 1) // 4 cached entries (per-query lengths)."""
     H, D, bs = _heads(device)[0], 128, 16

@@ -75,8 +75,14 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, weight
     ``indexer_logits`` accepts (uint8 bytes for FP8, ``[S, 1]`` k_scale, int64 ks/ke,
     non-contiguous views, copied). Returns exactly
     ``topk_indices(indexer_logits(q, k, k_scale, weights, ks, ke), topk, ks, ke, sorted)``:
-    ``[T, topk]`` int32.
+    ``[T, topk]`` int32. MXFP4 keys (``k [S, D/2]`` / ``k_scale [S, D/32]`` uint8, as
+    ``indexer_logits`` takes them; SPEC 10.5) are passed through as such.
     """
+    from .indexer import _MXFP4_SCALE_DTYPES, _mxfp4_bytes
+    if k_scale.dtype in _MXFP4_SCALE_DTYPES:
+        return torch.ops.dsa.indexer_topk(fp8_view(q), _mxfp4_bytes(k), _mxfp4_bytes(k_scale),
+                                          dense(weights), int32_index(ks), int32_index(ke), topk,
+                                          sorted, max_workspace_bytes)
     return torch.ops.dsa.indexer_topk(fp8_view(q), fp8_view(k), scale_vector(k_scale),
                                       dense(weights), int32_index(ks), int32_index(ke), topk,
                                       sorted, max_workspace_bytes)
