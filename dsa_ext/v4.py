@@ -41,10 +41,8 @@ ids as the compressed entries), and both compressors' ring states.
 Defaults are DeepSeek-V4-Flash's (dim 4096, 64 heads of 512, q rank 1024, 8 output groups of
 rank 1024, window 128, 64 indexer heads of 128, top-k 512; V4-Pro: 128 heads, top-k 1024).
 
-Where an op of the V4 path is not there yet, the module composes existing ops and says so:
-a `sparse_mla_decode` without the `extra_kv_cache` arguments (SPEC 10.3) is replaced by
-gathering the selected rows of both caches (`mla_kv_cache_gather`) and one `sparse_mla_fwd`
-over them (same softmax, an extra copy of K2 + window rows per query).
+Decode attends to the window slots and the selected compressed entries straight from the paged
+caches in one softmax: `sparse_mla_decode` with its second list (`extra_kv_cache`, SPEC 10.3).
 """
 from __future__ import annotations
 
@@ -103,13 +101,6 @@ def _rms(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.T
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     return (y if weight is None else y * weight.float()).to(x.dtype)
-
-
-def _sparse_mla_decode_has_extra() -> bool:
-    """Whether `sparse_mla_decode` takes the second cache of SPEC 10.3 (and with it d_qk 512
-    over V4 caches); otherwise decode composes gather + `sparse_mla_fwd`."""
-    schema = str(torch.ops.dsa.sparse_mla_decode.default._schema)
-    return "extra_kv_cache" in schema
 
 
 # ---------------------------------------------------------------- the compressor's weights
@@ -638,29 +629,14 @@ class V4Attention(nn.Module):
 
     def _decode_attention(self, q, cache: V4LayerCache, window, compressed):
         """One softmax over the window slots of `kv_cache` and the entry slots of
-        `compressed_cache`: `sparse_mla_decode` with the second cache where it has it (SPEC
-        10.3), else the composite (gather both caches' selected rows, one `sparse_mla_fwd`)."""
+        `compressed_cache`: `sparse_mla_decode` with the second cache (SPEC 10.3)."""
         B = q.shape[0]
-        sink = self.attn_sink.float()
-        if _sparse_mla_decode_has_extra():
-            extra = {} if compressed is None else dict(
-                extra_kv_cache=cache.compressed_cache, extra_indices=compressed.int().view(B, 1, -1).contiguous())
-            o, lse = torch.ops.dsa.sparse_mla_decode(q.view(B, 1, self.n_heads, LATENT_DIM), cache.kv_cache,
-                                                     window.int().view(B, 1, -1).contiguous(), self.softmax_scale,
-                                                     LATENT_DIM, sink, None, **extra)
-            return o.view(B, self.n_heads, LATENT_DIM), lse.view(B, self.n_heads)
-        parts = [(cache.kv_cache, window)] + ([] if compressed is None else [(cache.compressed_cache, compressed)])
-        rows, idx, base = [], [], 0
-        for kv_cache, slots in parts:
-            K = slots.shape[1]
-            rows.append(torch.ops.dsa.mla_kv_cache_gather(kv_cache, slots.reshape(-1).int().contiguous()))
-            local = base + torch.arange(B, device=q.device)[:, None] * K + torch.arange(K, device=q.device)[None, :]
-            idx.append(torch.where(slots >= 0, local, -1))
-            base += B * K
-        o, lse = torch.ops.dsa.sparse_mla_fwd(q, torch.cat(rows).contiguous(),
-                                              torch.cat(idx, dim=1).int().view(B, 1, -1).contiguous(),
-                                              self.softmax_scale, LATENT_DIM, sink, None)
-        return o, lse
+        extra = {} if compressed is None else dict(
+            extra_kv_cache=cache.compressed_cache, extra_indices=compressed.int().view(B, 1, -1).contiguous())
+        o, lse = torch.ops.dsa.sparse_mla_decode(q.view(B, 1, self.n_heads, LATENT_DIM), cache.kv_cache,
+                                                 window.int().view(B, 1, -1).contiguous(), self.softmax_scale,
+                                                 LATENT_DIM, self.attn_sink.float(), None, **extra)
+        return o.view(B, self.n_heads, LATENT_DIM), lse.view(B, self.n_heads)
 
     def _check_positions(self, positions: torch.Tensor) -> None:
         if positions.numel() and int(positions.max()) >= self.rope_cos.shape[0]:

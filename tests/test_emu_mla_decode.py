@@ -20,7 +20,7 @@ import torch
 import emulator as E
 from conftest import randn, rel_err
 from dsa_ext import reference as ref
-from test_mla_decode import D_QK, D_V, make_cache, make_indices
+from test_mla_decode import D_QK, D_V, make_cache, make_indices, _extra_case
 
 pytestmark = pytest.mark.emu
 P = E.ptr
@@ -39,6 +39,11 @@ def lib():
     lib.emu_mla_decode_plan.restype = None
     lib.emu_sparse_mla_decode.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_void_p] * 4
                                           + [I64] * 5 + [ctypes.c_int, ctypes.c_float])
+    lib.emu_mla_decode_plan2.argtypes = [I64] * 5 + [ctypes.c_void_p]
+    lib.emu_mla_decode_plan2.restype = None
+    V, C = ctypes.c_void_p, ctypes.c_int
+    lib.emu_sparse_mla_decode2.argtypes = [V, C, C, V, I64, I64, I64, V, I64, V, C, V, I64, I64, I64, V, I64, V, C,
+                                           V, V, V, V, V, I64, I64, I64, ctypes.c_float]
     yield lib
     E.set_env(lib, "DSA_MLA_DECODE_WGMMA", None)
 
@@ -405,3 +410,175 @@ def test_overlap_nan_query_propagates(lib, gen, H):
     assert out[0, 0, bad].float().isnan().all() and lse[0, 0, bad].isnan()
     keep = torch.arange(H) != bad
     check(out[:, :, keep], lse[:, :, keep], q[:, :, keep], cache, idx, D_QK ** -0.5)
+
+
+# ------------------------------------------------------- DeepSeek-V4 caches and the second list
+V4_DQK = 512
+KIND = {"v32fp8": 0, "v4fp8": 1, "bf16": 2}
+
+
+def cache_geometry(cache):
+    """(kind, d_qk, block_size, page pitch in bytes, num_slots) as check_mla_cache reads them."""
+    nb, bs, _, last = cache.shape
+    if cache.dtype == torch.uint8:
+        kind, d_qk = (KIND["v32fp8"], 576) if last == 656 else (KIND["v4fp8"], 512)
+    else:
+        kind, d_qk = KIND["bf16"], last
+    pitch = cache.stride(0) * cache.element_size() if nb > 1 else bs * last * cache.element_size()
+    return kind, d_qk, bs, pitch, nb * bs
+
+
+def pages(cache):
+    """A cache's pages as separate buffers (bs * 584 bytes each for a V4 view), so that a read of
+    the padding between pages is an out-of-bounds report too."""
+    return [cache[i] for i in range(cache.shape[0])] if cache.dtype == torch.uint8 else [cache]
+
+
+def run_decode2(lib, q, cache, idx, sm_scale, sink=None, lengths=None, extra=None, extra_idx=None,
+                extra_lengths=None, wgmma=False):
+    """The emulated op with any cache layout and the second list: (out, lse, splits, reports)."""
+    B, s_q, H, _ = q.shape
+    K, K2 = idx.shape[2], (0 if extra_idx is None else extra_idx.shape[2])
+    kind, d_qk, bs, pitch, slots = cache_geometry(cache)
+    e_bs = e_pitch = e_slots = 0
+    if extra is not None:
+        e_kind, e_dqk, e_bs, e_pitch, e_slots = cache_geometry(extra)
+        assert (e_kind, e_dqk) == (kind, d_qk)
+    p = (ctypes.c_int32 * 2)()
+    lib.emu_mla_decode_plan2(B, s_q, H, K, K2, p)
+    splits = p[0]
+    out = torch.full((B, s_q, H, D_V), float("nan"), dtype=torch.bfloat16)
+    lse = torch.full((B, s_q, H), float("nan"))
+    out_partial = lse_partial = None
+    if splits > 1:
+        out_partial = torch.full((splits, B * s_q, H, D_V), float("nan"))
+        lse_partial = torch.full((splits, B * s_q, H), float("nan"))
+    E.set_env(lib, "DSA_MLA_DECODE_WGMMA", "1" if wgmma else None)
+    E.set_env(lib, "DSA_MLA_DECODE_KERNEL", None if wgmma else "mma")
+    dim2 = lambda t: int(t is not None and t.dim() == 2)
+    try:
+        reports, rc = E.run(
+            lib.emu_sparse_mla_decode2, P(q), d_qk, kind, P(cache), bs, pitch, slots, P(idx), K, P(lengths),
+            dim2(lengths), P(extra), e_bs, e_pitch, e_slots, P(extra_idx), K2, P(extra_lengths), dim2(extra_lengths),
+            P(sink), P(out), P(lse), P(out_partial), P(lse_partial), B, s_q, H, sm_scale,
+            buffers=[q, idx, sink, lengths, extra_idx, extra_lengths, out, lse, out_partial, lse_partial]
+            + pages(cache) + ([] if extra is None else pages(extra)), lib=lib)
+    finally:
+        E.set_env(lib, "DSA_MLA_DECODE_WGMMA", None)
+        E.set_env(lib, "DSA_MLA_DECODE_KERNEL", None)
+    assert rc == 0
+    return out, lse, splits, reports
+
+
+def check2(out, lse, q, cache, idx, sm_scale, sink=None, lengths=None, extra=None, extra_idx=None,
+           extra_lengths=None):
+    ro, rl = ref.sparse_mla_decode(q, cache, idx, sm_scale, D_V, sink, lengths, extra, extra_idx, extra_lengths)
+    empty = torch.isneginf(rl)
+    assert not torch.isnan(lse).any() and not torch.isnan(out.float()).any(), "unwritten outputs"
+    assert torch.equal(torch.isneginf(lse), empty), "empty rows must give lse = -inf exactly"
+    assert torch.all(out[empty] == 0), "empty rows must give out = 0"
+    if (~empty).any():
+        assert rel_err(out[~empty], ro[~empty]) < OUT_TOL
+        assert (lse[~empty] - rl[~empty]).abs().max().item() < LSE_TOL
+    return empty
+
+
+# Format -> (d_qk, fp8, pitch padding of a V4 FP8 page, bytes cp.async copies per valid token:
+# V4 FP8 = the 576-byte row + 4 private copies of the 8 scale bytes).
+FORMATS = {"v4fp8": (V4_DQK, True, None, 576 + 4 * 8), "v4fp8-pad48": (V4_DQK, True, 48, 576 + 4 * 8),
+           "v4bf16": (V4_DQK, False, None, 2 * V4_DQK), "v32fp8": (D_QK, True, None, 656),
+           "v32bf16": (D_QK, False, None, 2 * D_QK)}
+# Head count -> (head block, wgmma): H = 8 computes in a 16-row tile, 8 rows masked.
+HEADS = {"h8": (8, 16, False), "h64": (64, 64, False), "h64-wgmma": (64, 64, True)}
+
+
+def entries(idx, num_slots, lengths=None):
+    B, s_q, K = idx.shape
+    keep = (idx >= 0) & (idx < num_slots)
+    if lengths is not None:
+        per_row = lengths if lengths.dim() == 2 else lengths[:, None].expand(B, s_q)
+        keep &= torch.arange(K) < per_row[..., None]
+    return int(keep.sum())
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["unsplit", "split"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("heads", list(HEADS))
+def test_two_lists_every_format(lib, gen, heads, fmt, split):
+    """Window list + second list in one softmax on every cache format (V4 FP8 pages at FlashMLA's
+    padded pitch and at pitch bs * 584 + 48, registered page by page), H = 8 and 64 (mma.sync and
+    wgmma), unsplit (K 64 + K2 70: 1 + 2 tiles, the last ragged) and split (K 150 + K2 192: 3 + 3
+    tiles in 3 splits, the middle one crossing from the window list's ragged last tile into the
+    second list), -1 / out-of-range
+    slots in both lists, a sink; only valid entries are copied."""
+    H, hb, wgmma = HEADS[heads]
+    d_qk, fp8, pad, token_bytes = FORMATS[fmt]
+    K, K2 = (150, 192) if split else (64, 70)
+    cache = make_cache(3, 64, fp8, gen, d_qk, pad)
+    extra = make_cache(5, 32, fp8, gen, d_qk, pad)
+    q = randn(1, 1, H, d_qk, gen=gen, dtype=torch.bfloat16)
+    idx = make_indices(1, 1, K, 3 * 64, gen)
+    extra_idx = make_indices(1, 1, K2, 5 * 32, gen)
+    sink = randn(H, gen=gen)
+    lib.emu_clear_counters()
+    out, lse, splits, reports = run_decode2(lib, q, cache, idx, d_qk ** -0.5, sink, None, extra, extra_idx,
+                                            None, wgmma)
+    assert reports == []
+    assert splits == (3 if split else 1)
+    check2(out, lse, q, cache, idx, d_qk ** -0.5, sink, None, extra, extra_idx)
+    kernels = launched(lib)
+    main = ["".join(n.split()) for n in kernels if KERNEL in n and COMBINE not in n]
+    assert len(main) == 1, list(kernels)
+    name = main[0][:main[0].rindex("(")] if main[0].endswith(")") else main[0]
+    kind = KIND["bf16"] if not fp8 else (KIND["v4fp8"] if d_qk == V4_DQK else KIND["v32fp8"])
+    if "<" in name:
+        assert name.endswith(f"<{hb},{fmt_name(kind, d_qk)},{str(wgmma).lower()}>"), name
+    c = next(kernels[n] for n in kernels if KERNEL in n and COMBINE not in n)
+    tiles = -(-K // TILE) + -(-K2 // TILE)
+    assert c["ctas"] == splits and c["barriers"] == 4 * tiles + splits
+    assert c["cp_async_bytes"] == (entries(idx, 3 * 64) + entries(extra_idx, 5 * 32)) * token_bytes
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["unsplit", "split"])
+@pytest.mark.parametrize("per_query", [False, True], ids=["len[B]", "len[B,s_q]"])
+def test_two_lists_lengths_and_empty_rows(lib, gen, per_query, split):
+    """Rows with window entries only (extra length 0), compressed entries only (length 0), none
+    (lse -inf, out 0), lengths past K2 and negative; V4 FP8, H = 8, s_q = 3 (beyond decode's 1..4
+    is allowed too: any s_q). Tiles wholly past a length are skipped, not read."""
+    B, s_q, H = 2, 3, 8
+    K, K2 = (64, 320) if split else (64, 96)
+    q, cache, idx, extra, extra_idx = _extra_case(gen, V4_DQK, True, B, s_q, H, K, K2)
+    if per_query:
+        lengths = torch.tensor([[0, 64, 0], [10, 0, 64]], dtype=torch.int32)
+        extra_lengths = torch.tensor([[0, 0, 500], [K2, -4, 65]], dtype=torch.int32)
+    else:
+        lengths = torch.tensor([0, 33], dtype=torch.int32)
+        extra_lengths = torch.tensor([0, K2 - 1], dtype=torch.int32)
+    sink = randn(H, gen=gen)
+    out, lse, splits, reports = run_decode2(lib, q, cache, idx, V4_DQK ** -0.5, sink, lengths, extra,
+                                            extra_idx, extra_lengths)
+    assert reports == [] and (splits > 1) == split
+    empty = check2(out, lse, q, cache, idx, V4_DQK ** -0.5, sink, lengths, extra, extra_idx, extra_lengths)
+    expect_empty = [(0, 0), (1, 1)] if per_query else [(0, 0), (0, 1), (0, 2)]
+    assert sorted(map(tuple, empty.any(-1).nonzero().tolist())) == expect_empty
+
+
+@pytest.mark.parametrize("heads", ["h8", "h64-wgmma"])
+def test_two_lists_k2_zero_and_sinks(lib, gen, heads):
+    """K2 = 0 (a second list with no entries), and sinks +inf / -inf / finite with two lists, in
+    the main kernel (unsplit) and through the combine (split: K 64 + K2 320)."""
+    H, _, wgmma = HEADS[heads]
+    q, cache, idx, extra, extra_idx = _extra_case(gen, V4_DQK, True, 1, 1, H, 150, 0)
+    out, lse, splits, reports = run_decode2(lib, q, cache, idx, V4_DQK ** -0.5, None, None, extra, extra_idx,
+                                            None, wgmma)
+    assert reports == [] and splits == 1
+    check2(out, lse, q, cache, idx, V4_DQK ** -0.5, None, None, extra, extra_idx)
+    for K2 in (64, 320):
+        q, cache, idx, extra, extra_idx = _extra_case(gen, V4_DQK, True, 1, 1, H, 64, K2)
+        sink = randn(H, gen=gen)
+        sink[0::3], sink[1::3] = float("inf"), float("-inf")
+        out, lse, splits, reports = run_decode2(lib, q, cache, idx, V4_DQK ** -0.5, sink, None, extra, extra_idx,
+                                                None, wgmma)
+        assert reports == [] and (splits > 1) == (K2 == 320)
+        check2(out, lse, q, cache, idx, V4_DQK ** -0.5, sink, None, extra, extra_idx)
+        assert (out[:, :, torch.isposinf(sink)] == 0).all()

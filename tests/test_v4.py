@@ -248,20 +248,6 @@ def test_shared_indexer_reuses_the_previous_topk():
         shared(x1, cu_of(lens))
 
 
-# ---------------------------------------------------------------- composite decode path
-
-def test_decode_composite_path_matches(monkeypatch):
-    """With or without sparse_mla_decode's second cache, decode gives the same output (the
-    composite gathers both caches' rows into one sparse_mla_fwd)."""
-    layer = make_layer("csa", seed=31)
-    x = inputs(22, seed=32)
-    with torch.no_grad():
-        pre = layer(x)
-        monkeypatch.setattr(v4mod, "_sparse_mla_decode_has_extra", lambda: False)
-        dec, *_ = decode_all(layer, x, [22])
-    close(dec, pre.out.float())
-
-
 # ---------------------------------------------------------------- bad inputs
 
 def test_bad_inputs():
