@@ -23,6 +23,13 @@ are the keys'). The logits equal dequantise-then-score:
 ``I[t, s] = sum_h w[t, h] * relu(q[t, h] . dequant(k[s]))`` (no per-key scale; the group
 scales sit inside the dot product, before the ReLU).
 
+On CUDA (H in {32, 64}, D = 128) MXFP4 keys take the mma.sync kernel with the codes widened to
+e4m3 in shared memory (the 2-CTA wgmma kernel is FP8-key only), on images with e4m3 MMA
+(sm_89+); other images raise. A key whose scale byte is 0 reads as 2**-127 and 255 (e8m0 NaN)
+gives unspecified logits for that key; neither is written by ``mxfp4_indexer_k_cache_write``.
+The CPU kernels dequantise the keys exactly (bf16 where the CPU has bf16 GEMMs: every MXFP4
+value is a bf16 value; subnormal products may be flushed there).
+
 Accepted forms (``dsa_ext.ops._accept``): q / k as float8_e4m3fn or their uint8 bytes;
 ``k_scale`` as ``[S]`` or ``[S, 1]`` (what ``fp8_quantize`` returns); ks / ke / context_lens /
 block_table as int32 or int64 (converted, clamped to the int32 range); a float8_e4m3fn cache
