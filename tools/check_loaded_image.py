@@ -46,7 +46,7 @@ PROBE_THREADS_PER_LEVEL = 32
 # launcher -> (demangled kernel-name regex, level its dispatch requires via require_loaded_image).
 GUARDS = {
     "sparse_mla_launch": [(r"sparse_mla_fwd_wgmma_kernel<(576|512)>\(", SM90A)],  # sm90a_wgmma_opted_in
-    "mla_decode_launch": [(r"sparse_mla_decode_kernel<64, (true|false), true>", SM90A),  # same
+    "mla_decode_launch": [(r"sparse_mla_decode_kernel<64, dsa::mla_decode::Fmt<[^>]*>, true>", SM90A),  # same
                           (r"sparse_mla_decode_overlap_kernel<(true|false)>", SM90A)],  # overlap_selected
     # dispatch_heads: the e4m3 kernels (last template argument kBf16Mma = false) need an FP8
     # MMA image; the bf16 kernels (true) serve every image and must have no trap. Without the
