@@ -78,20 +78,50 @@ def kernel_plan(capability: Optional[Tuple[int, int]], arch_list: str = "",
         return {fam: none for fam in ("cache", "hadamard", "indexer", "topk", "sparse_mla",
                                       "mla_decode", "training", "compress")}
     level, hopper = _image_level(image)
-    plan = {fam: f"CUDA SIMT ({image})" for fam in ("cache", "hadamard", "topk", "training", "compress")}
-    if capability < (8, 9) or level < 89:
-        plan["indexer"] = f"refused: FP8 MMA needs sm_89+ (device sm_{capability[0]}{capability[1]}, image {image})"
-    elif hopper and env.get("DSA_INDEXER_MMA") != "sync":
-        plan["indexer"] = "CUDA wgmma e4m3 (QGMMA, sm_90a)"
+    plan = {fam: f"CUDA SIMT ({image})" for fam in ("cache", "hadamard", "training", "compress")}
+    # topk clusters need a cc 9+ device and cluster code in the loaded image (compute_80 PTX
+    # JIT-compiled on an H100 has none: the single-CTA kernel then).
+    if capability[0] >= 9 and level >= 90:
+        plan["topk"] = f"CUDA radix select, clusters of up to 16 CTAs ({image})"
     else:
-        plan["indexer"] = f"CUDA mma.sync e4m3 ({image})"
-    for fam, switch in (("sparse_mla", "DSA_SPARSE_MLA_WGMMA"), ("mla_decode", "DSA_MLA_DECODE_WGMMA")):
-        if hopper and env.get(switch) == "1":
-            plan[fam] = "CUDA wgmma bf16 for 64-head blocks (opt-in), mma.sync otherwise"
-        elif env.get(switch) == "1":
-            plan[fam] = f"refused with {switch}=1: the wgmma kernel needs the sm_90a image (image {image})"
-        else:
-            plan[fam] = f"CUDA mma.sync bf16 ({image})"
+        plan["topk"] = f"CUDA radix select, one CTA per row, no clusters ({image})"
+    # The indexer by the loaded image (indexer_launch.cu dispatch_heads): wgmma on sm_90a, e4m3
+    # mma.sync on images of sm_89+, else (sm_80 / sm_86 code) the FP8 tiles dequantised to bf16 in
+    # shared memory for bf16 mma.sync; DSA_INDEXER_MMA=sync / bf16 force the latter two.
+    mx = "; MXFP4 keys: mma.sync e4m3" if level >= 89 else "; MXFP4 keys: refused (no FP8 MMA in this image)"
+    if env.get("DSA_INDEXER_MMA") == "bf16" or level < 89:
+        plan["indexer"] = f"CUDA mma.sync bf16 after e4m3 -> bf16 in shared memory ({image}){mx}"
+    elif hopper and env.get("DSA_INDEXER_MMA") != "sync":
+        plan["indexer"] = f"CUDA wgmma e4m3 (QGMMA, sm_90a){mx}"
+    else:
+        plan["indexer"] = f"CUDA mma.sync e4m3 ({image}){mx}"
+    # sparse_mla_launch.cu fwd_kernel_selected and mla_decode_launch.cu overlap_selected /
+    # wgmma_opted_in: on a cc 9 device without the sm_90a image an explicit wgmma / ws / overlap
+    # is refused (cudaErrorNoKernelImageForDevice); off Hopper every switch falls back to mma.sync.
+    sm90a = hopper and capability[0] == 9
+    fwd = env.get("DSA_SPARSE_MLA_FWD") or ("wgmma" if env.get("DSA_SPARSE_MLA_WGMMA") == "1" else "")
+    det = "; deterministic bwd: list reduction" + (
+        " (bitmap: DSA_SPARSE_MLA_DET_REDUCE)" if env.get("DSA_SPARSE_MLA_DET_REDUCE") != "bitmap"
+        else " replaced by the bitmap one (DSA_SPARSE_MLA_DET_REDUCE=bitmap)")
+    mma = f"mma.sync bf16 ({image})"
+    if fwd in ("ws", "wgmma") and capability[0] == 9 and not sm90a:
+        plan["sparse_mla"] = f"refused with DSA_SPARSE_MLA_FWD={fwd}: needs the sm_90a image (image {image})"
+    elif sm90a and fwd in ("", "ws"):
+        plan["sparse_mla"] = f"CUDA fwd: warp-specialised wgmma (ws) for H = 64 / 128, {mma} for other H; bwd {mma}{det}"
+    elif sm90a and fwd == "wgmma":
+        plan["sparse_mla"] = f"CUDA fwd: wgmma bf16 for 64-head blocks, {mma} otherwise; bwd {mma}{det}"
+    else:
+        plan["sparse_mla"] = f"CUDA {mma}{det}"
+    dec = env.get("DSA_MLA_DECODE_KERNEL") or ("wgmma" if env.get("DSA_MLA_DECODE_WGMMA") == "1" else "")
+    if dec in ("overlap", "wgmma") and capability[0] == 9 and not sm90a:
+        plan["mla_decode"] = f"refused with DSA_MLA_DECODE_KERNEL={dec}: needs the sm_90a image (image {image})"
+    elif sm90a and dec in ("", "overlap"):
+        plan["mla_decode"] = (f"CUDA overlap kernel (wgmma, dequantisation overlapped; H = 128 a 2-CTA cluster) "
+                              f"for V3.2 FP8 caches at H = 64 / 128, {mma} otherwise")
+    elif sm90a and dec == "wgmma":
+        plan["mla_decode"] = f"CUDA wgmma bf16 for 64-head blocks, {mma} otherwise"
+    else:
+        plan["mla_decode"] = f"CUDA {mma}"
     return plan
 
 
@@ -100,7 +130,9 @@ def report() -> dict:
     import dsa_ext
     info = dsa_ext.build_info()
     out = {"dsa_ext": dsa_ext.__version__, "torch_running": torch.__version__,
-           "torch_built_against": info.get("torch_version"), "cuda_built": info.get("cuda_version"),
+           "torch_built_against": info.get("torch_version"),
+           "torch_required": info.get("torch_requirement", "unknown (built before the record)"),
+           "cuda_built": info.get("cuda_version"),
            "archs_compiled": info.get("cuda_archs"), "python": platform.python_version()}
     if torch.cuda.is_available():
         cap = torch.cuda.get_device_capability()

@@ -1,12 +1,16 @@
-"""The indexer kernels (csrc/indexer) run on the CPU emulator (csrc/emu): both tensor-core
-paths (sm_90a wgmma, and mma.sync with DSA_INDEXER_MMA=sync), dense and paged keys, against
-dsa_ext.reference within the CUDA tolerance of test_indexer.py, with no hazard reported.
+"""The indexer kernels (csrc/indexer) run on the CPU emulator (csrc/emu): every tensor-core
+path (sm_90a wgmma; e4m3 mma.sync with DSA_INDEXER_MMA=sync; the sm_80 path that dequantises
+to bf16 for mma.sync m16n8k16, taken by the launcher's own dispatch when the loaded image has no
+FP8 MMA: DSA_EMU_IMAGE_LEVEL=1 makes the emulator report an sm_80-class image), dense and
+paged keys, against dsa_ext.reference within the CUDA tolerance of test_indexer.py, with no
+hazard reported.
 
 Shapes are tiny but reach every branch the launcher and kernel can take: a partial last query
 block, a key count that is not a multiple of the 128-key tile, CTAs whose key chunk holds no
 row's range (the range-tile skip), empty, inverted and out-of-bounds ks/ke, paged lengths beyond
 the table, bad block-table entries, and (with the emulated GPU cut to one SM, so that the
-launcher gives each CTA many tiles) the 4-stage cp.async pipeline wrapping around its stages.
+launcher gives each CTA many tiles) the cp.async pipeline (4 stages; 2 on the sm80 path)
+wrapping around its stages.
 """
 import ctypes
 
@@ -36,12 +40,15 @@ def lib():
     return lib
 
 
-@pytest.fixture(params=["wgmma", "sync"])
+@pytest.fixture(params=["wgmma", "sync", "sm80"])
 def mma(request, lib):
-    """Which tensor-core path the launcher picks (DSA_INDEXER_MMA, read on every launch)."""
+    """Which tensor-core path the launcher picks (DSA_INDEXER_MMA, read on every launch; sm80:
+    the image level the launcher reads says "no FP8 MMA", as for an sm_80 / sm_86 cubin)."""
     E.set_env(lib, "DSA_INDEXER_MMA", "sync" if request.param == "sync" else None)
+    E.set_env(lib, "DSA_EMU_IMAGE_LEVEL", 1 if request.param == "sm80" else None)
     yield request.param
     E.set_env(lib, "DSA_INDEXER_MMA", None)
+    E.set_env(lib, "DSA_EMU_IMAGE_LEVEL", None)
 
 
 @pytest.fixture
@@ -217,7 +224,8 @@ def _kernel_counters(lib):
 
 def test_counters(lib, mma, gen):
     """The emulator counts what the kernel issues: per CTA and 128-key tile 2 warpgroups x 4
-    wgmma k-steps, or 8 warps x 4 k-steps x (2 x 2 x 4 mma.sync, 2 + 4 ldmatrix.x4)."""
+    wgmma k-steps, or 8 warps x 4 k-steps x (2 x 2 x 4 mma.sync, 2 + 4 ldmatrix.x4), or (sm80)
+    8 warps x 2 halves x 8 k16-steps x (8 bf16 mma.sync, 1 + 4 ldmatrix.x4)."""
     H, T, S = 32, 5, 2 * TILE_KEYS           # 2 query blocks (4 + 1 rows), full rows: 2 tiles
     args = _prefill_inputs(T, S, H, 128, gen, "cpu", "full")
     lib.emu_clear_counters()
@@ -231,9 +239,12 @@ def test_counters(lib, mma, gen):
     assert c["launches"] == 1 and c["ctas"] == ctas and c["threads"] == ctas * THREADS
     if mma == "wgmma":
         assert c["wgmma"] == cta_tiles * 2 * 4 and c["mma_sync"] == 0 and c["ldmatrix"] == 0
-    else:
+    elif mma == "sync":
         assert c["wgmma"] == 0 and c["mma_sync"] == cta_tiles * 8 * 4 * 16
         assert c["ldmatrix"] == cta_tiles * 8 * 4 * 6
+    else:
+        assert c["wgmma"] == 0 and c["mma_sync"] == cta_tiles * 8 * 2 * 8 * 8
+        assert c["ldmatrix"] == cta_tiles * 8 * 2 * 8 * 5
     # Every CTA copies its Q block (128 columns of 128 B, zero-filled past the last query) and
     # each of its tiles' keys (128 x 128 B) and scales (4 B each, for readable keys).
     assert c["cp_async_bytes"] >= ctas * COLS * 128 + cta_tiles * TILE_KEYS * 128
@@ -242,7 +253,99 @@ def test_counters(lib, mma, gen):
     # The XOR-swizzled 128-byte rows make ldmatrix and the fills conflict-free; these are the
     # wavefronts of that layout at this shape (a swizzle on row & 3 instead of row & 7 still
     # computes the right logits on the mma.sync path, but takes 8168 wavefronts there).
-    assert c["smem_wavefronts"] <= {"wgmma": 3560, "sync": 5096}[mma]
+    assert c["smem_wavefronts"] <= {"wgmma": 3560, "sync": 5096, "sm80": 15336}[mma]
+
+
+def _one_hot_inputs(H, positions):
+    """Keys 0..255 whose byte at dim d is (s + d) mod 256, so every finite e4m3 code (the
+    subnormals included) occurs at every dim, NaN codes (0x7f, 0xff) replaced by 0 (a NaN
+    anywhere in a key makes its whole dot product NaN); keys 256, 257: zero but for a NaN
+    (0x7f, 0xff) at dim positions[0]. Query rows 2i / 2i + 1: head 0 is +1 / -1 at dim
+    positions[i], every other head zero. Head 0's weight 1 and k_scale 1 make each logit exactly
+    relu(+-k[s, d]): the e4m3 -> bf16 conversion, bit for bit."""
+    S, T = 258, 2 * len(positions)
+    s, d = torch.arange(256)[:, None], torch.arange(128)[None, :]
+    codes = (s + d) % 256
+    codes[(codes == 0x7F) | (codes == 0xFF)] = 0
+    k = torch.zeros(S, 128, dtype=torch.uint8)
+    k[:256] = codes.to(torch.uint8)
+    k[256, positions[0]], k[257, positions[0]] = 0x7F, 0xFF
+    q = torch.zeros(T, H, 128, dtype=torch.uint8)
+    for i, p in enumerate(positions):
+        q[2 * i, 0, p], q[2 * i + 1, 0, p] = 0x38, 0xB8     # e4m3 +1.0, -1.0
+    w = torch.full((T, H), 0.5)
+    w[:, 0] = 1.0
+    ks = torch.zeros(T, dtype=torch.int32)
+    ke = torch.full((T,), S, dtype=torch.int32)
+    return q.view(torch.float8_e4m3fn), k.view(torch.float8_e4m3fn), torch.ones(S), w, ks, ke
+
+
+@pytest.mark.parametrize("path", ["sm80", "sync"])
+def test_every_e4m3_code_exact(lib, path):
+    """Each finite code of k scores exactly its value (the sm80 path's software conversion, and
+    the e4m3 MMA), and a key holding a NaN code scores as on the e4m3 path: a NaN dot product,
+    relu's fmaxf -> 0; without the conversion's NaN fix-up the bits 0x7f would score 480."""
+    E.set_env(lib, "DSA_EMU_IMAGE_LEVEL", 1 if path == "sm80" else None)
+    E.set_env(lib, "DSA_INDEXER_MMA", "sync" if path == "sync" else None)
+    try:
+        positions = [0, 5, 63, 127]
+        args = _one_hot_inputs(32, positions)
+        out, reports = run_dense(lib, *args, True)
+    finally:
+        E.set_env(lib, "DSA_EMU_IMAGE_LEVEL", None)
+        E.set_env(lib, "DSA_INDEXER_MMA", None)
+    assert reports == []
+    kv = args[1].float()
+    assert torch.equal(out[:, 256:], torch.zeros(len(positions) * 2, 2))
+    for i, p in enumerate(positions):
+        for sign, row in ((1.0, 2 * i), (-1.0, 2 * i + 1)):
+            assert torch.equal(out[row, :256], (sign * kv[:256, p]).clamp_min(0)), (path, p, sign)
+    assert ((kv[:256, positions].abs() < 2.0 ** -6) & (kv[:256, positions] != 0)).any()   # subnormals
+
+
+def test_bf16_path_forced_on_an_fp8_image(lib, gen):
+    """DSA_INDEXER_MMA=bf16 takes the dequantising kernel on an sm_90a image too (so a GPU run
+    can time and cross-check it next to wgmma): the same counters as the sm80 dispatch, and
+    the same logits bit for bit (one kernel), within the tolerance of the reference."""
+    H, T, S = 64, 6, 2 * TILE_KEYS + 17
+    args = _prefill_inputs(T, S, H, 128, gen, "cpu", "full")
+    results = {}
+    for name, env in (("forced", ("DSA_INDEXER_MMA", "bf16")), ("sm80", ("DSA_EMU_IMAGE_LEVEL", 1))):
+        E.set_env(lib, *env)
+        lib.emu_clear_counters()
+        try:
+            out, reports = run_dense(lib, *args, True)
+        finally:
+            E.set_env(lib, env[0], None)
+        assert reports == []
+        results[name] = (out, _kernel_counters(lib))
+    (a, ca), (b, cb) = results["forced"], results["sm80"]
+    assert torch.equal(a, b) and ca == cb
+    cta_tiles = -(-T // 2) * -(-S // TILE_KEYS)
+    assert ca["mma_sync"] == cta_tiles * 8 * 2 * 8 * 8 and ca["wgmma"] == 0
+    check_dense(a, args, True)
+
+
+def test_mxfp4_keys_refused_without_fp8_mma(lib, gen):
+    """MXFP4 keys score on the e4m3 MMA only: an image without it returns
+    cudaErrorNoKernelImageForDevice (209; the glue names the device and the archs built) and
+    launches nothing."""
+    if not hasattr(lib, "emu_indexer_logits_mxfp4"):
+        pytest.skip("no MXFP4 entry point in this emulator build")
+    lib.emu_indexer_logits_mxfp4.argtypes = [ctypes.c_void_p] * 7 + [I64, I64, I64, ctypes.c_int]
+    E.set_env(lib, "DSA_EMU_IMAGE_LEVEL", 1)
+    try:
+        q, _, _, w, ks, ke = _prefill_inputs(4, 64, 32, 128, gen, "cpu", "full")
+        kp = torch.randint(0, 256, (64, 64), dtype=torch.uint8, generator=gen)
+        ksc = torch.full((64, 4), 127, dtype=torch.uint8)
+        out = _nan_out(4, 64)
+        lib.emu_clear_counters()
+        reports, rc = E.run(lib.emu_indexer_logits_mxfp4, P(q), P(kp), P(ksc), P(w), P(ks), P(ke), P(out),
+                            4, 64, 32, 1, buffers=[q, kp, ksc, w, ks, ke, out], lib=lib)
+    finally:
+        E.set_env(lib, "DSA_EMU_IMAGE_LEVEL", None)
+    assert rc == 209 and reports == []
+    assert not any(KERNEL in n for n in E.counters(lib))
 
 
 def test_launcher_refuses_what_the_kernels_do_not_serve(lib, gen):
@@ -401,3 +504,30 @@ def test_mxfp4_quantize_and_cache_write(mxlib, gen, dtype):
     keep = (slots >= 0) & (slots < nb * bs)
     ref.mxfp4_indexer_k_cache_write(x[keep], slots[keep], want)
     assert torch.equal(cache, want)
+
+
+def test_mxfp4_reads_half_the_key_bytes(mxlib, gen):
+    """Same shape, FP8 keys (132 B a key) vs MXFP4 keys (68 B): the copies differ by exactly
+    64 bytes a key tile row (the Q block and scales are the same), and MXFP4 takes mma.sync."""
+    E.set_env(mxlib, "DSA_INDEXER_MMA", "sync")
+    try:
+        H, T, S = 32, 5, 2 * TILE_KEYS
+        fp8_args = _prefill_inputs(T, S, H, 128, gen, "cpu", "full")
+        mxlib.emu_clear_counters()
+        out, reports = run_dense(mxlib, *fp8_args, True)
+        assert reports == []
+        c8 = _kernel_counters(mxlib)
+        q, kp, ksc, w, ks, ke = _mx_prefill(T, S, H, 128, gen, "cpu", "full")
+        q = fp8_args[0]
+        mxlib.emu_clear_counters()
+        out, reports = run_dense_mx(mxlib, q, kp, ksc, w, ks, ke, True)
+        assert reports == []
+        c4 = _kernel_counters(mxlib)
+    finally:
+        E.set_env(mxlib, "DSA_INDEXER_MMA", None)
+    qb, splits, _ = _grid(2, S, 132)
+    cta_tiles = qb * -(-S // TILE_KEYS)
+    assert c8["ctas"] == c4["ctas"] == qb * splits
+    assert c8["cp_async_bytes"] - c4["cp_async_bytes"] == cta_tiles * TILE_KEYS * 64
+    assert c4["mma_sync"] == c8["mma_sync"] and c4["wgmma"] == 0
+    print(f"\nFP8 keys: {c8['cp_async_bytes']} B copied, MXFP4 keys: {c4['cp_async_bytes']} B")

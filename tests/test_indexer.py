@@ -372,12 +372,13 @@ def test_cuda_rejects_unsupported_shapes(gen):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("mma", ["sync", "default"])
+@pytest.mark.parametrize("mma", ["sync", "bf16", "default"])
 def test_cuda_mma_paths(gen, monkeypatch, mma):
-    """Both tensor-core paths (sm_90a wgmma by default, mma.sync with DSA_INDEXER_MMA=sync)
-    against the oracle, prefill and paged, long enough to run many pipeline stages."""
-    if mma == "sync":
-        monkeypatch.setenv("DSA_INDEXER_MMA", "sync")
+    """Every tensor-core path (sm_90a wgmma by default, e4m3 mma.sync with DSA_INDEXER_MMA=sync,
+    the sm_80 kernel's bf16 mma.sync after dequantisation with DSA_INDEXER_MMA=bf16) against the
+    oracle, prefill and paged, long enough to run many pipeline stages."""
+    if mma in ("sync", "bf16"):
+        monkeypatch.setenv("DSA_INDEXER_MMA", mma)
     else:
         monkeypatch.delenv("DSA_INDEXER_MMA", raising=False)
     for H in (32, 64):

@@ -21,14 +21,6 @@ void check_cuda_indexer_shape(int64_t heads, int64_t head_dim) {
                     heads, ", D = ", head_dim, " (the CPU kernels accept any H and D)");
 }
 
-void check_fp8_mma_device(const at::Tensor& q) {
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index());
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index());
-  TORCH_CHECK(major * 10 + minor >= 89, "q: the CUDA indexer kernels need FP8 tensor cores (sm_89 or newer), got sm_",
-              major, minor);
-}
-
 void check_aligned(const at::Tensor& t, const char* name) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
               " must start on a 16-byte boundary (got a view with an unaligned storage offset)");
@@ -40,7 +32,6 @@ at::Tensor indexer_logits_cuda(const at::Tensor& q, const at::Tensor& k, const a
   const auto sh = check_indexer_logits_inputs(q, k, k_scale, weights, ks, ke);
   check_cuda_indexer_shape(sh.H, sh.D);
   c10::cuda::CUDAGuard guard(q.device());
-  check_fp8_mma_device(q);
   check_aligned(q, "q");
   check_aligned(k, "k");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(k_scale.data_ptr()) % 4 == 0, "k_scale must be 4-byte aligned");
@@ -74,7 +65,6 @@ at::Tensor paged_indexer_logits_cuda(const at::Tensor& q, const at::Tensor& kv_c
                     "max_context_len must fit int32 on CUDA (32-bit key addressing), got ",
                     max_context_len);
   c10::cuda::CUDAGuard guard(q.device());
-  check_fp8_mma_device(q);
   check_aligned(q, "q");
   check_aligned(kv_cache, "kv_cache");
   at::Tensor out = at::empty({sh.B * sh.N, max_context_len}, q.options().dtype(at::kFloat));

@@ -19,6 +19,12 @@
 // - otherwise (sm_89, or DSA_INDEXER_MMA=sync): mma.sync m16n8k32 e4m3 with ldmatrix fragments;
 //   8 warps = 4 (keys, 32 each) x 2 (columns, 64 each). (On sm_90 ptxas lowers it to F2FP
 //   unpacks + HMMA.16816: there is no native FP8 mma.sync there.)
+// - images without FP8 MMA (sm_80 / sm_86 cubins or their PTX; DSA_INDEXER_MMA=bf16 anywhere):
+//   kBf16Mma. The same FP8 tiles, dequantised to bf16 in shared memory (exact, see
+//   indexer_sm80.cuh), then mma.sync m16n8k16 bf16 with fp32 accumulation into the same
+//   accumulator pattern. The Q block is converted once, in place (32 KB); each key tile in two
+//   64-key halves through one 16 KB bf16 buffer (per half, warp (m, n): 16 keys x 64 columns);
+//   2 FP8 stages: 85 KB, within the 99 KB a block may have on sm_86 / sm_89.
 // Either way a warp's columns hold all heads of whole query rows, so the head reduction never
 // leaves the warp: ReLU, per-head weight, sum over the thread's heads, then shfl_xor over the 4
 // lanes of a quad (which hold the remaining heads of the same key row). The key scale is
@@ -45,6 +51,7 @@
 #include "common/cuda_utils.cuh"
 #include "common/mma_sm80.cuh"
 #include "common/wgmma_sm90.cuh"
+#include "indexer/indexer_sm80.cuh"
 #include "indexer/indexer_rules.h"
 #include "indexer/mxfp4.h"
 
@@ -80,6 +87,13 @@ constexpr int smem_bytes() { return kSmemBytes + (kMx ? kSmemKBytes : 0); }
 // Two CTAs per SM on the wgmma path (__launch_bounds__ below): 2 x (dynamic + 1 KB reserved)
 // must fit the SM's 228 KB.
 static_assert(2 * (kSmemBytes + 1024) <= 228 * 1024, "indexer: two CTAs per SM no longer fit");
+// The dequantising path (kBf16Mma): Q block twice as wide, 2 FP8 stages, one bf16 half tile.
+constexpr int kBf16Stages = 2;
+constexpr int kBf16HalfKeys = kTileKeys / 2;
+constexpr int kSmemBf16KBytes = kBf16HalfKeys * kHeadDim * 2;
+constexpr int kSmemBytesBf16 = 2 * kSmemQBytes + kBf16Stages * (kSmemKBytes + kSmemScaleBytes) +
+                               kSmemOutBytes + kSmemRangeBytes + kSmemWeightBytes + kSmemBf16KBytes + 1024;
+static_assert(kSmemBytesBf16 <= 99 * 1024, "indexer: the bf16 path no longer fits an sm_86 block");
 
 // Everything both ops need; the fields of the other op are unused.
 struct LogitsParams {
@@ -281,16 +295,20 @@ __device__ __forceinline__ void reduce_heads(const float (&acc)[kMT][kNT][4], co
 
 // kAllowWgmma: use wgmma where this is an sm_90a compile (else, and when false, mma.sync).
 // kMx: MXFP4 keys (always mma.sync; see the file comment).
-template <int kHeads, bool kPaged, bool kAllowWgmma, bool kMx = false>
+// kBf16Mma: the dequantising bf16 path (images without FP8 MMA; see the file comment).
+template <int kHeads, bool kPaged, bool kAllowWgmma, bool kMx = false, bool kBf16Mma = false>
 __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMMA && !kMx) ? 2 : 1) indexer_logits_kernel(const LogitsParams p) {
   static_assert(kHeads == 32 || kHeads == 64, "CUDA indexer serves H in {32, 64}");
   constexpr int kQueriesPerCta = kCols / kHeads;
   constexpr bool kWgmmaPath = kAllowWgmma && DSA_INDEXER_HAS_WGMMA && !kMx;
+  static_assert(!kBf16Mma || (!kAllowWgmma && !kMx), "the bf16 path is its own mma.sync path, FP8 keys only");
+  // The pipeline depth of this path (shadows the FP8 MMA paths' namespace constant).
+  constexpr int kStages = kBf16Mma ? kBf16Stages : indexer::kStages;
 
   DSA_DYNAMIC_SMEM(smem_raw, 16);
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   uint8_t* q_smem = smem;
-  uint8_t* k_smem = smem + kSmemQBytes;
+  uint8_t* k_smem = smem + kSmemQBytes * (kBf16Mma ? 2 : 1);   // bf16 Q rows are 256 bytes
   float* scale_smem = reinterpret_cast<float*>(k_smem + kStages * kSmemKBytes);
   float* out_smem = scale_smem + kStages * kTileKeys;   // [kQueriesPerCta][kTileKeys] head sums
   int64_t* range_lo = reinterpret_cast<int64_t*>(out_smem + kMaxQueriesPerCta * kTileKeys);
@@ -424,10 +442,19 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
     w_smem[tid] = q < nq ? p.weights[(row0 + q) * kHeads + h] : 0.f;
   }
 
+  // kBf16Mma: the Q block is a group of its own, converted to bf16 (in place) as soon as it
+  // has landed, while the first key tile is still in flight.
+  if constexpr (kBf16Mma) cp_async_commit();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < num_tiles) load_tile(s, s);
     cp_async_commit();   // group 0 also carries the Q block
+  }
+  if constexpr (kBf16Mma) {
+    cp_async_wait<kStages - 1>();
+    __syncthreads();
+    dequant_rows_e4m3_to_bf16_in_place<kCols, kThreads>(q_smem, tid);   // a barrier inside;
+    // the loop's first barrier orders the stores before the MMAs read them.
   }
 
   const uint32_t q_base = smem_u32(q_smem);
@@ -468,6 +495,20 @@ __global__ void __launch_bounds__(kThreads, (kAllowWgmma && DSA_INDEXER_HAS_WGMM
       // pattern as one m16 tile of mma.sync over 16 n8 tiles.
       reduce_heads<kHeads, 1, 16>(reinterpret_cast<const float(&)[1][16][4]>(acc), w_smem,
                                   out_smem, warp * 16, 0, lane, nq);
+    } else if constexpr (kBf16Mma) {
+      // Two 64-key halves of the FP8 stage through the bf16 buffer (wide_smem): per half, warp
+      // (warp_m, warp_n) takes keys [16 warp_m, +16) x columns [64 warp_n, +64).
+      const uint8_t* k_fp8 = k_smem + stage * kSmemKBytes;
+#pragma unroll 1
+      for (int half = 0; half < kTileKeys / kBf16HalfKeys; ++half) {
+        if (half > 0) __syncthreads();   // everyone is done reading the previous half
+        dequant_rows_e4m3_to_bf16<kBf16HalfKeys, kThreads>(k_fp8, half * kBf16HalfKeys, wide_smem, tid);
+        __syncthreads();
+        float acc[1][8][4];
+        tile_mma_bf16(acc[0], smem_u32(wide_smem), q_base, warp_m * 16, warp_n * 64, lane);
+        reduce_heads<kHeads, 1, 8>(acc, w_smem, out_smem, half * kBf16HalfKeys + warp_m * 16, warp_n * 64,
+                                   lane, nq);
+      }
     } else {
       float acc[kWarpMTiles][8][4];
       tile_mma_sync<kMx>(acc, k_base, q_base, warp_m, warp_n, lane,

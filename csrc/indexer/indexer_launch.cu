@@ -26,11 +26,12 @@ int64_t split_cols(int64_t query_blocks, int64_t num_cols) {
   return chunk_tiles * kTileKeys;
 }
 
-template <int kHeads, bool kPaged, bool kAllowWgmma, bool kMx = false>
+template <int kHeads, bool kPaged, bool kAllowWgmma, bool kMx = false, bool kBf16 = false>
 cudaError_t launch(const indexer::LogitsParams& p, int64_t query_blocks, cudaStream_t stream) {
-  auto kernel = indexer::indexer_logits_kernel<kHeads, kPaged, kAllowWgmma, kMx>;
-  constexpr int smem = indexer::smem_bytes<kMx>();
-  cudaError_t err = ensure_max_dynamic_smem<indexer::indexer_logits_kernel<kHeads, kPaged, kAllowWgmma, kMx>>(smem);
+  auto kernel = indexer::indexer_logits_kernel<kHeads, kPaged, kAllowWgmma, kMx, kBf16>;
+  constexpr int smem = kBf16 ? indexer::kSmemBytesBf16 : indexer::smem_bytes<kMx>();
+  cudaError_t err =
+      ensure_max_dynamic_smem<indexer::indexer_logits_kernel<kHeads, kPaged, kAllowWgmma, kMx, kBf16>>(smem);
   if (err != cudaSuccess) return err;
   const int64_t splits = ceil_div<int64_t>(p.num_cols, p.chunk_cols);
   if (query_blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
@@ -40,19 +41,30 @@ cudaError_t launch(const indexer::LogitsParams& p, int64_t query_blocks, cudaStr
 }
 
 // DSA_INDEXER_MMA=sync forces the mma.sync path on sm_90a (a fallback and a cross-check of the
-// wgmma path); the default uses wgmma wherever the build has sm_90a code.
-// Read on every call (a getenv costs far less than a launch) so tests can switch paths.
-bool allow_wgmma() {
+// wgmma path); the default uses wgmma wherever the build has sm_90a code. DSA_INDEXER_MMA=bf16
+// takes the dequantising bf16 path on any image (the sm_80 kernel, timed or cross-checked on
+// newer GPUs). Read on every call (a getenv costs far less than a launch) so tests can switch.
+bool mma_env_is(const char* value) {
   const char* v = std::getenv("DSA_INDEXER_MMA");
-  return !(v != nullptr && std::strcmp(v, "sync") == 0);
+  return v != nullptr && std::strcmp(v, value) == 0;
 }
+bool allow_wgmma() { return !mma_env_is("sync"); }
 
 template <bool kPaged, bool kMx = false>
 cudaError_t dispatch_heads(const indexer::LogitsParams& p, int64_t heads, int64_t query_blocks,
                            cudaStream_t stream) {
-  // The glue checks the device (sm_89+); an image compiled below sm_89 (an sm_80 cubin on a
-  // cc 8.9 GPU, compute_80 PTX JIT-compiled on an H100) still has only the trap for e4m3 MMA.
-  if (const cudaError_t err = require_loaded_image(ImageLevel::kFp8Mma); err != cudaSuccess) return err;
+  // Which image the driver loaded decides, not the device: an image compiled below sm_89 (an
+  // sm_80 / sm_86 cubin, also on a cc 8.9 GPU; compute_80 PTX JIT-compiled on an H100 or B200)
+  // has only a trap for e4m3 MMA, so it takes the kernel that dequantises to bf16.
+  ImageLevel level = ImageLevel::kBasic;
+  if (const cudaError_t err = loaded_image_level(&level); err != cudaSuccess) return err;
+  const bool fp8_mma = static_cast<int>(level) >= static_cast<int>(ImageLevel::kFp8Mma);
+  if (kMx && !fp8_mma) return kNoKernelImage;   // MXFP4 keys: e4m3 MMA only
+  if (!kMx && (!fp8_mma || mma_env_is("bf16"))) {
+    if (heads == 64) return launch<64, kPaged, false, false, true>(p, query_blocks, stream);
+    if (heads == 32) return launch<32, kPaged, false, false, true>(p, query_blocks, stream);
+    return cudaErrorInvalidValue;
+  }
   if constexpr (kMx) {   // MXFP4 keys: the mma.sync path only (indexer_kernels.cuh)
     if (heads == 64) return launch<64, kPaged, false, true>(p, query_blocks, stream);
     if (heads == 32) return launch<32, kPaged, false, true>(p, query_blocks, stream);
