@@ -33,10 +33,17 @@ SCALE = 576 ** -0.5
 # test_sparse_mla.py's CUDA tolerances: check_fwd (out rel. error; lse atol / rtol) and
 # check_bwd (dq, dkv rel. error).
 OUT_TOL, LSE_ATOL, LSE_RTOL, GRAD_TOL = 1e-2, 1e-3, 1e-4, 2e-2
-WGMMA_ENV = "DSA_SPARSE_MLA_WGMMA"
+WGMMA_ENV = "DSA_SPARSE_MLA_WGMMA"   # the earlier opt-in (= DSA_SPARSE_MLA_FWD=wgmma)
+FWD_ENV = "DSA_SPARSE_MLA_FWD"       # ws (default for 64-head blocks on sm_90a) | wgmma | mma
 BUDGET_ENV = "DSA_SPARSE_MLA_DET_SCRATCH_MB"   # the deterministic scratch budget (MiB; 0 = none)
-DETERMINISTIC_KERNELS = ("count_rows_kernel", "scan_rows_kernel", "fill_rows_kernel",
-                         "reduce_rows_kernel")  # the last one instantiated per d_qk
+REDUCE_ENV = "DSA_SPARSE_MLA_DET_REDUCE"  # the deterministic inverse index: list (default) | bitmap
+# the deterministic reduction's kernels per mode (the reduce kernels instantiated per d_qk)
+DETERMINISTIC_KERNELS = {
+    "list": ("count_rows_kernel", "alloc_rows_kernel", "fill_rows_kernel", "reduce_rows_kernel<{d}>",
+             "reduce_big_rows_kernel<{d}>"),
+    "bitmap": ("count_rows_kernel", "scan_rows_kernel", "fill_rows_kernel",
+               "reduce_rows_bitmap_kernel<{d}>"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +57,9 @@ def lib():
     lib.emu_sparse_mla_bwd.argtypes = [VP] * 12 + [I64] * 5 + [ctypes.c_float, ctypes.c_int]
     yield lib
     E.set_env(lib, WGMMA_ENV, None)
+    E.set_env(lib, FWD_ENV, None)
     E.set_env(lib, BUDGET_ENV, None)
+    E.set_env(lib, REDUCE_ENV, None)
 
 
 def make_inputs(T, H, S, K, gen, invalid_frac=0.1, scale_q=1.0, d_qk=576):
@@ -71,17 +80,23 @@ def kernels_launched(lib):
             for name, c in E.counters(lib).items() if c["launches"]}
 
 
-def run_fwd(lib, q, kv, idx, sm_scale, sink=None, tl=None, wgmma=False):
-    """The emulated sparse_mla_fwd: (out, lse, reports)."""
+def run_fwd(lib, q, kv, idx, sm_scale, sink=None, tl=None, kernel="mma", legacy=False):
+    """The emulated sparse_mla_fwd: (out, lse, reports). kernel: DSA_SPARSE_MLA_FWD (None: unset,
+    the launcher's default); legacy: DSA_SPARSE_MLA_WGMMA=1 instead. True / False (the earlier
+    wgmma flag) mean "wgmma" / "mma"."""
+    if kernel is True or kernel is False:
+        kernel = "wgmma" if kernel else "mma"
     T, H, D = q.shape
     S, K = kv.shape[0], idx.shape[2]
     out = torch.full((T, H, D_V), float("nan"), dtype=torch.bfloat16)
     lse = torch.full((T, H), float("nan"))
-    E.set_env(lib, WGMMA_ENV, "1" if wgmma else None)
+    E.set_env(lib, FWD_ENV, None if legacy else kernel)
+    E.set_env(lib, WGMMA_ENV, "1" if legacy else None)
     try:
         reports, rc = E.run(lib.emu_sparse_mla_fwd, P(q), P(kv), P(idx), P(sink), P(tl), P(out), P(lse),
                             T, S, H, K, D, sm_scale, buffers=[q, kv, idx, sink, tl, out, lse], lib=lib)
     finally:
+        E.set_env(lib, FWD_ENV, None)
         E.set_env(lib, WGMMA_ENV, None)
     assert rc == 0, (rc, reports[:3])
     return out, lse, reports
@@ -137,26 +152,43 @@ def bwd_case(lib, gen, q, kv, idx, sm_scale, sink=None, tl=None, deterministic=F
 
 # ---- forward ---------------------------------------------------------------------------------
 
-def fwd_kernel(hb, d_qk, wgmma):
-    """The forward kernel's name as the emulator counts it."""
-    return f"sparse_mla_fwd_wgmma_kernel<{d_qk}>" if wgmma else f"sparse_mla_fwd_kernel<{hb}, {d_qk}>"
+def fwd_kernel(hb, d_qk, kern):
+    """The kernel the launcher runs for a head block of hb and the switch's kernel."""
+    if hb == 64 and kern in ("wgmma", "legacy"):
+        return f"sparse_mla_fwd_wgmma_kernel<{d_qk}>"
+    if hb == 64 and kern in ("ws", None):
+        return f"sparse_mla_fwd_ws_kernel<{d_qk}>"
+    return f"sparse_mla_fwd_kernel<{hb}, {d_qk}>"
 
 
-# name -> (H, wgmma opt-in, head block). H = 8 is one 16-row block with rows 8..15 masked; H = 48
-# (kernel-level only: the glue admits {8, 16, 32, 64, 128}) and 128 give several head blocks per
-# token; wgmma with H = 32 is not a 64-head block: the launcher falls back to mma.sync.
+# name -> (H, DSA_SPARSE_MLA_FWD (None: unset; "legacy": DSA_SPARSE_MLA_WGMMA=1), head block).
+# H = 8 is one 16-row block with rows 8..15 masked; H = 48 (kernel-level only: the glue admits
+# {8, 16, 32, 64, 128}) and 128 give several head blocks per token; wgmma / ws with H = 32 or 8
+# is not a 64-head block: the launcher falls back to mma.sync. Unset: ws for 64-head blocks.
 FWD_VARIANTS = {
-    "h8": (8, False, 16),
-    "hb16": (16, False, 16),
-    "hb16x3": (48, False, 16),
-    "hb32": (32, False, 32),
-    "hb64": (64, False, 64),
-    "hb64x2": (128, False, 64),
-    "wgmma": (64, True, 64),
-    "wgmma-x2": (128, True, 64),
-    "wgmma-fallback-hb32": (32, True, 32),
-    "wgmma-fallback-h8": (8, True, 16),
+    "h8": (8, "mma", 16),
+    "hb16": (16, "mma", 16),
+    "hb16x3": (48, "mma", 16),
+    "hb32": (32, "mma", 32),
+    "hb64": (64, "mma", 64),
+    "hb64x2": (128, "mma", 64),
+    "wgmma": (64, "wgmma", 64),
+    "wgmma-x2": (128, "wgmma", 64),
+    "wgmma-legacy-env": (64, "legacy", 64),
+    "wgmma-fallback-hb32": (32, "wgmma", 32),
+    "wgmma-fallback-h8": (8, "wgmma", 16),
+    "ws": (64, "ws", 64),
+    "ws-x2": (128, "ws", 64),
+    "ws-fallback-hb32": (32, "ws", 32),
+    "default-h64": (64, None, 64),
+    "default-h16": (16, None, 16),
 }
+
+
+def run_variant(lib, variant, q, kv, idx, sm_scale, sink=None, tl=None):
+    kern = FWD_VARIANTS[variant][1]
+    return run_fwd(lib, q, kv, idx, sm_scale, sink, tl, kernel=None if kern == "legacy" else kern,
+                   legacy=kern == "legacy")
 
 
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "sink+topk_length"])
@@ -166,14 +198,14 @@ def test_fwd_every_kernel(lib, gen, variant, extras, d_qk):
     """T = 3, K = 150: three 64-token blocks, the last ragged (entries past K are skipped);
     -1 and S among the indices. With extras: a sink and lengths 0 (empty row), 65 (a block
     and one entry) and 500 (clamped to K)."""
-    H, wgmma, hb = FWD_VARIANTS[variant]
-    kernel = fwd_kernel(hb, d_qk, wgmma and hb == 64)
+    H, kern, hb = FWD_VARIANTS[variant]
+    kernel = fwd_kernel(hb, d_qk, kern)
     T, S, K = 3, 200, 150
     q, kv, idx = make_inputs(T, H, S, K, gen, scale_q=3.0, d_qk=d_qk)
     sink = randn(H, gen=gen) * 2 if extras else None
     tl = torch.tensor([0, 65, 500], dtype=torch.int32) if extras else None
     lib.emu_clear_counters()
-    out, lse, reports = run_fwd(lib, q, kv, idx, SCALE, sink, tl, wgmma)
+    out, lse, reports = run_variant(lib, variant, q, kv, idx, SCALE, sink, tl)
     assert reports == []
     check_fwd(out, lse, q, kv, idx, SCALE, sink, tl)
     if extras:
@@ -185,26 +217,34 @@ def test_fwd_every_kernel(lib, gen, variant, extras, d_qk):
     limits = [K] * T if tl is None else tl.clamp(0, K).tolist()
     nhb = -(-H // hb)
     assert c["ctas"] == T * nhb
-    assert {k: c[k] for k in FWD_WORK} == fwd_work(hb, wgmma and hb == 64, limits, nhb, d_qk)
+    assert {k: c[k] for k in FWD_WORK} == fwd_work(kernel, limits, nhb, d_qk)
 
 
 FWD_WORK = ("cp_async_bytes", "mma_sync", "ldmatrix", "wgmma", "barriers")
 
 
-def fwd_work(hb, wgmma, limits, head_blocks, d_qk):
+def fwd_work(kernel, limits, head_blocks, d_qk):
     """What the forward kernel issues for rows of these lengths (each row once per head block):
     the Q tile (masked head rows zero-filled: copies too) and one 64-row gather per KV block
     (zero-filled entries are copies too); per block and warp d_qk / 16 = 36 or 32 k-steps of S
     (4 mma, 1 + 2 ldmatrix) and 4 of P·V (32 mma per warp's tile of O;
     ldmatrix: one P fragment per 16-row tile, one V fragment per two n-tiles); 4 barriers per
     block and the epilogue's (wgmma: per block 36 wgmma of S and 4 of P·V per warpgroup, the
-    barriers after the softmax and at the block's end, the prologue's and the epilogue's)."""
+    barriers after the softmax and at the block's end, the prologue's and the epilogue's; ws:
+    the same wgmma, no CTA barrier per block (mbarriers between the warpgroups, named barriers
+    within each), the prologue's and epilogue's)."""
+    hb = int(re.search(r"<(\d+)", kernel).group(1)) if "wgmma" not in kernel and "ws" not in kernel else 64
     k_steps = d_qk // 16
     blocks = head_blocks * sum((n + 63) // 64 for n in limits)
     ctas = head_blocks * len(limits)
     work = {"cp_async_bytes": (ctas * hb + blocks * 64) * d_qk * 2}
-    if wgmma:
+    if "wgmma" in kernel:
         work.update(mma_sync=0, ldmatrix=0, wgmma=blocks * (k_steps + 2 * 4), barriers=2 * blocks + 2 * ctas)
+    elif "_ws_" in kernel:
+        # named barriers: consumer 0's two per block (around the softmax), the producer's one
+        # per block with a successor (its warps done with the stage it refills)
+        named = head_blocks * sum(3 * ((n + 63) // 64) - 1 for n in limits if n > 0)
+        work.update(mma_sync=0, ldmatrix=0, wgmma=blocks * (k_steps + 2 * 4), barriers=2 * ctas + named)
     else:
         warps, pv_tiles = hb // 8, 2 if hb >= 32 else 1
         work.update(mma_sync=blocks * warps * (4 * k_steps + 4 * 32),
@@ -214,12 +254,12 @@ def fwd_work(hb, wgmma, limits, head_blocks, d_qk):
 
 
 @pytest.mark.parametrize("d_qk", D_QKS)
-@pytest.mark.parametrize("wgmma", [False, True], ids=["mma.sync", "wgmma"])
-def test_fwd_adversarial_indices(lib, gen, wgmma, d_qk):
+@pytest.mark.parametrize("kern", ["mma", "wgmma", "ws"])
+def test_fwd_adversarial_indices(lib, gen, kern, d_qk):
     """test_sparse_mla.test_fwd_adversarial_indices on the emulator: runs of -1, S, other
     negatives, 2^31 - 1, an empty row, one row repeated K times, a half-invalid row, ties.
     mma.sync at H = 8 (the masked head block)."""
-    T, H, S, K = 6, 64 if wgmma else 8, 200, 128
+    T, H, S, K = 6, 8 if kern == "mma" else 64, 200, 128
     q, kv, idx = make_inputs(T, H, S, K, gen, invalid_frac=0.0, d_qk=d_qk)
     idx[0, 0, 10:70] = -1
     idx[1, 0, ::3] = S
@@ -229,7 +269,7 @@ def test_fwd_adversarial_indices(lib, gen, wgmma, d_qk):
     idx[3, 0, :] = 7
     idx[4, 0, 64:] = S + 1000
     idx[5, 0, :] = idx[5, 0, torch.arange(K) % 5]
-    out, lse, reports = run_fwd(lib, q, kv, idx, SCALE, wgmma=wgmma)
+    out, lse, reports = run_fwd(lib, q, kv, idx, SCALE, kernel=kern)
     assert reports == []
     check_fwd(out, lse, q, kv, idx, SCALE)
     assert torch.isneginf(lse[2]).all() and (out[2] == 0).all()
@@ -237,8 +277,8 @@ def test_fwd_adversarial_indices(lib, gen, wgmma, d_qk):
 
 
 @pytest.mark.parametrize("d_qk", D_QKS)
-@pytest.mark.parametrize("wgmma", [False, True], ids=["mma.sync", "wgmma"])
-def test_fwd_empty_rows(lib, gen, wgmma, d_qk):
+@pytest.mark.parametrize("kern", ["mma", "wgmma", "ws"])
+def test_fwd_empty_rows(lib, gen, kern, d_qk):
     """Every row empty, three ways: all indices -1; all out of range; lengths 0 and negative
     (valid indices never read). Also a sink, which must not make an empty row non-empty."""
     T, H, S, K = 3, 64, 50, 64
@@ -247,7 +287,7 @@ def test_fwd_empty_rows(lib, gen, wgmma, d_qk):
     for case_idx, tl in ((torch.full_like(idx, -1), None),
                          (torch.tensor([S, 2**31 - 1, -7], dtype=torch.int32).repeat_interleave(K).view(T, 1, K), None),
                          (idx, torch.tensor([0, -3, 0], dtype=torch.int32))):
-        out, lse, reports = run_fwd(lib, q, kv, case_idx.contiguous(), 0.1, sink, tl, wgmma)
+        out, lse, reports = run_fwd(lib, q, kv, case_idx.contiguous(), 0.1, sink, tl, kern)
         assert reports == []
         assert (out == 0).all() and torch.isneginf(lse).all()
 
@@ -265,34 +305,47 @@ BWD_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("mode", ["atomic", "list", "bitmap"])
 @pytest.mark.parametrize("variant", list(BWD_VARIANTS))
 @pytest.mark.parametrize("d_qk", D_QKS)
-def test_bwd_every_kernel(lib, gen, variant, deterministic, d_qk):
+def test_bwd_every_kernel(lib, gen, variant, mode, d_qk):
     """T = 3, K = 70 (three 32-token blocks, the last ragged), S = 40 < K so dkv rows collect
     many contributions across tokens and head blocks; a sink, lengths 70, 33 and 0. At
-    d_qk = 512 every dkv column sums the key and the value role."""
+    d_qk = 512 every dkv column sums the key and the value role. Deterministic: both inverse
+    index builds ("list": grids sized by the 173 entries, never by S; "bitmap": S reduce CTAs)."""
     H, hb = BWD_VARIANTS[variant]
+    deterministic = mode != "atomic"
     kernel = f"sparse_mla_bwd_kernel<{hb}, {d_qk}>"
     T, S, K = 3, 40, 70
     q, kv, idx = make_inputs(T, H, S, K, gen, scale_q=2.0, d_qk=d_qk)
     sink = randn(H, gen=gen)
     tl = torch.tensor([70, 33, 0], dtype=torch.int32)
     lib.emu_clear_counters()
-    dq, _ = bwd_case(lib, gen, q, kv, idx, SCALE, sink, tl, deterministic)
+    E.set_env(lib, REDUCE_ENV, mode if deterministic else None)
+    try:
+        dq, _ = bwd_case(lib, gen, q, kv, idx, SCALE, sink, tl, deterministic)
+    finally:
+        E.set_env(lib, REDUCE_ENV, None)
     assert (dq[2] == 0).all()
 
     kernels = kernels_launched(lib)
     main = kernels.pop(f"dsa::sparse_mla::{kernel}")
     assert main["ctas"] == T * -(-H // hb) and main["mma_sync"] > 0 and main["ldmatrix"] > 0
-    reduce = f"reduce_rows_kernel<{d_qk}>"
-    expected = sorted(DETERMINISTIC_KERNELS[:3] + (reduce,))
-    assert sorted(k.split("::")[-1] for k in kernels) == (expected if deterministic else [])
-    if deterministic:  # one chunk: a thread per entry, one 1024-thread scan, a CTA per kv row
+    expected = sorted(k.format(d=d_qk) for k in DETERMINISTIC_KERNELS[mode]) if deterministic else []
+    assert sorted(k.split("::")[-1] for k in kernels) == expected
+    if deterministic:  # one chunk of T * K = 210 entries: a thread per entry in count / fill
         ctas = {k.split("::")[-1]: (c["ctas"], c["threads"]) for k, c in kernels.items()}
         per_entry = (-(-T * K // 256), -(-T * K // 256) * 256)
-        assert ctas == {"count_rows_kernel": per_entry, "scan_rows_kernel": (1, 1024),
-                        "fill_rows_kernel": per_entry, reduce: (S, 160 * S)}
+        if mode == "bitmap":  # one 1024-thread scan, a CTA per kv row
+            assert ctas == {"count_rows_kernel": per_entry, "scan_rows_kernel": (1, 1024),
+                            "fill_rows_kernel": per_entry,
+                            f"reduce_rows_bitmap_kernel<{d_qk}>": (S, 160 * S)}
+        else:  # a warp per entry (capped), a big-row CTA per 33 entries: nothing sized by S
+            warps, big = -(-T * K // 8), T * K // 33 + 1
+            assert ctas == {"count_rows_kernel": per_entry, "alloc_rows_kernel": per_entry,
+                            "fill_rows_kernel": per_entry,
+                            f"reduce_rows_kernel<{d_qk}>": (warps, 256 * warps),
+                            f"reduce_big_rows_kernel<{d_qk}>": (big, 160 * big)}
 
 
 @pytest.mark.parametrize("d_qk", D_QKS)
@@ -390,6 +443,58 @@ def test_bwd_deterministic_any_budget_same_bits(lib, gen, d_qk):
             assert torch.equal(dkv, results[0][1])
 
 
+@pytest.mark.parametrize("d_qk", D_QKS)
+def test_bwd_det_list_reduce_same_bits_as_bitmap(lib, gen, d_qk):
+    """The "list" inverse index (work proportional to the entries) and the earlier "bitmap" one
+    sum every dkv row in the same order: bitwise equal dkv (and dq), over several chunks (1 MiB
+    budget) with rows of more than 32 entries in a chunk (a kv row repeated 40 times in one
+    token and picked by every token: the big-row kernel) beside rows of a few entries, H = 128
+    (two head blocks), -1 / out-of-range entries and a ragged topk_length."""
+    T, H, S, K = 6, 128, 50, 70
+    q, kv, idx = make_inputs(T, H, S, K, gen, d_qk=d_qk)
+    idx[1, 0, :40] = 7
+    idx[:, 0, 60] = 7
+    tl = torch.tensor([70, 69, 0, 61, 70, 33], dtype=torch.int32)
+    out, lse = ref.sparse_mla_fwd(q, kv, idx, SCALE, D_V, None, tl)
+    dout = randn(*out.shape, gen=gen, dtype=torch.bfloat16)
+    results = {}
+    for mode in ("list", "bitmap"):
+        E.set_env(lib, REDUCE_ENV, mode)
+        E.set_env(lib, BUDGET_ENV, "1")
+        try:
+            sizes = (ctypes.c_int64 * 4)()
+            lib.emu_sparse_mla_bwd_workspace(T, S, H, K, d_qk, sizes)
+            lib.emu_clear_counters()
+            dq, dkv, reports = run_bwd(lib, q, kv, out, dout, idx, lse, SCALE, None, tl, True)
+        finally:
+            E.set_env(lib, REDUCE_ENV, None)
+            E.set_env(lib, BUDGET_ENV, None)
+        assert reports == []
+        launched = kernels_launched(lib)
+        chunks = -(-T // sizes[3])   # 1 MiB holds 3 tokens of 2 x 70 x d_qk fp32 rows: 2 chunks
+        assert chunks >= 2
+        assert launched[f"dsa::sparse_mla::sparse_mla_bwd_kernel<64, {d_qk}>"]["launches"] == chunks
+        results[mode] = (dq, dkv)
+    assert torch.equal(results["list"][0], results["bitmap"][0])
+    assert torch.equal(results["list"][1], results["bitmap"][1])
+    r_dq, r_dkv = ref.sparse_mla_bwd(q, kv, out, dout, idx, lse, SCALE, D_V, None, tl)
+    assert rel_err(results["list"][1].to(torch.bfloat16), r_dkv.view(S, d_qk)) < GRAD_TOL
+
+
+def test_bwd_det_list_reduce_work_is_not_sized_by_s(lib, gen):
+    """Rows never touched cost nothing: with S = 20000 kv rows and 2 x 16 entries, the "list"
+    reduction launches grids sized by the 32 entries (one count / alloc / fill CTA, 4 reduce
+    CTAs, one big-row CTA), where the "bitmap" one launches a reduce CTA per kv row."""
+    T, H, S, K = 2, 16, 20000, 16
+    q, kv, idx = make_inputs(T, H, S, K, gen, invalid_frac=0.0)
+    lib.emu_clear_counters()
+    bwd_case(lib, gen, q, kv, idx, SCALE, deterministic=True)
+    ctas = {k.split("::")[-1]: c["ctas"] for k, c in kernels_launched(lib).items()}
+    assert ctas == {"sparse_mla_bwd_kernel<16, 576>": 2, "count_rows_kernel": 1,
+                    "alloc_rows_kernel": 1, "fill_rows_kernel": 1, "reduce_rows_kernel<576>": 4,
+                    "reduce_big_rows_kernel<576>": 1}
+
+
 def test_bwd_deterministic_scratch_within_64mib(lib):
     """SPEC section 6: the deterministic backward's scratch stays <= 64 MiB for any T and S,
     H <= 128 and K <= 2048 (both widths), with the chunking the workspace helper chooses (the
@@ -425,14 +530,14 @@ def infinite_sink(H, gen):
     return sink
 
 
-@pytest.mark.parametrize("variant", ["h8", "hb16", "hb32", "hb64", "wgmma"])
+@pytest.mark.parametrize("variant", ["h8", "hb16", "hb32", "hb64", "wgmma", "ws"])
 def test_fwd_infinite_sink(lib, gen, variant):
-    H, wgmma, _ = FWD_VARIANTS[variant]
+    H = FWD_VARIANTS[variant][0]
     T, S, K = 3, 100, 80
     q, kv, idx = make_inputs(T, H, S, K, gen)
     idx[1] = -1                                                  # an empty row
     sink = infinite_sink(H, gen)
-    out, lse, reports = run_fwd(lib, q, kv, idx, SCALE, sink, None, wgmma)
+    out, lse, reports = run_variant(lib, variant, q, kv, idx, SCALE, sink, None)
     assert reports == []
     check_fwd(out, lse, q, kv, idx, SCALE, sink)
     assert (out[:, torch.isposinf(sink)] == 0).all()
@@ -451,12 +556,12 @@ def test_bwd_infinite_sink(lib, gen, deterministic, H):
     assert (dq[:, torch.isposinf(sink)] == 0).all()
 
 
-@pytest.mark.parametrize("variant", ["h8", "hb16", "hb64", "wgmma"])
+@pytest.mark.parametrize("variant", ["h8", "hb16", "hb64", "wgmma", "ws"])
 def test_fwd_nan_score_propagates(lib, gen, variant):
     """A NaN score makes that row's out and lse NaN (as in the reference), never an "empty"
     row: row 0 selects one NaN latent row among finite ones, row 1 selects only it, row 2
     never selects it."""
-    H, wgmma, _ = FWD_VARIANTS[variant]
+    H = FWD_VARIANTS[variant][0]
     T, S, K = 3, 100, 80
     q, kv, idx = make_inputs(T, H, S, K, gen, invalid_frac=0.0)
     kv[7, 0, 3] = float("nan")
@@ -464,7 +569,7 @@ def test_fwd_nan_score_propagates(lib, gen, variant):
     idx[1, 0, :] = -1
     idx[1, 0, 5] = 7
     idx[2][idx[2] == 7] = 8
-    out, lse, reports = run_fwd(lib, q, kv, idx, SCALE, None, None, wgmma)
+    out, lse, reports = run_variant(lib, variant, q, kv, idx, SCALE, None, None)
     assert reports == []
     assert out[:2].float().isnan().all() and lse[:2].isnan().all()
     r_out, r_lse = ref.sparse_mla_fwd(q, kv, idx, SCALE, D_V)

@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_fwd_cuda(const at::Tensor& q, cons
   a.K = static_cast<int>(sz.K);
   a.D = static_cast<int>(sz.D);
   a.sm_scale = static_cast<float>(sm_scale);
-  DSA_CHECK_CUDA(sparse_mla::wgmma_opted_in(q.get_device(), &a.use_wgmma));
+  DSA_CHECK_CUDA(sparse_mla::fwd_kernel_selected(q.get_device(), a.H, &a.kernel));
   DSA_CHECK_CUDA(sparse_mla::sparse_mla_fwd_launch(a, current_stream(q)));
   return {out, lse};
 }
@@ -121,13 +121,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_cuda(
     const auto w = sparse_mla::sparse_mla_bwd_workspace(sz.T, a.H, a.K, a.D, a.scratch_budget);
     scratch = at::empty({w.scratch_rows, sz.D}, kv.options().dtype(at::kFloat));
     const int64_t list = w.list_len;
-    ints = at::empty({list + 3 * (sz.S + 1)}, kv.options().dtype(at::kInt));
-    int32_t* p = ints.data_ptr<int32_t>();
+    ints = at::empty({sparse_mla::bwd_int_words(sz.S, list)}, kv.options().dtype(at::kInt));
     a.scratch = scratch.data_ptr<float>();
-    a.entry_list = p;
-    a.row_counts = p + list;
-    a.row_offsets = a.row_counts + (sz.S + 1);
-    a.row_cursor = a.row_offsets + (sz.S + 1);
+    sparse_mla::bind_bwd_ints(a, ints.data_ptr<int32_t>(), sz.S, list);
   }
   DSA_CHECK_CUDA(sparse_mla::sparse_mla_bwd_launch(a, current_stream(q)));
   at::Tensor dkv = dkv_acc.to(kv.scalar_type()).view({sz.S, 1, sz.D});

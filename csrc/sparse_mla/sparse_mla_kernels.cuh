@@ -608,26 +608,77 @@ __global__ void __launch_bounds__(BwdCfg<HB, D>::kThreads, 1)
 }
 
 // ======================= deterministic dKV reduction (inverse index) ===========================
-// Entries e = tl * K + j of one token chunk. row_counts / row_offsets / row_cursor: [S + 1].
+// Entries e = tl * K + j of one token chunk (tl: token within the chunk, j: slot). Every dkv row
+// r sums, per column, its previous value and then the scratch rows of its entries in ascending e
+// (token, then slot) with the head blocks inner: that order is what the result's bits depend on,
+// and it is the same for any chunking, since a chunk continues the sums of the previous ones.
+//
+// Two ways to build the per-row entry lists, selected by DSA_SPARSE_MLA_DET_REDUCE (launcher):
+//  * "list" (default): work proportional to the chunk's entries n, never to S. count_rows_kernel
+//    counts with atomics and appends a row to the touched list the first time it is hit;
+//    alloc_rows_kernel gives each touched row a segment of entry_list (segment placement is
+//    arrival order: it only says where a row's ids live, never the order they are summed in)
+//    and zeroes its count for the next chunk; fill_rows_kernel drops each entry id into its
+//    row's segment (unordered); reduce_rows_kernel: one warp per touched row of <= 32 entries
+//    ranks the ids in registers (32 shuffles), then sums in rank order; rows of more entries
+//    (a kv row picked by more than 32 of the chunk's slots) go to reduce_big_rows_kernel, a CTA
+//    each, ordering the ids through a bitmap over the chunk's entries (n / 32 words; there are
+//    at most n / 33 such rows). Rows never touched cost nothing; the count array is cleared
+//    once per call (S words), not per chunk.
+//  * "bitmap" (the earlier path, kept so a GPU run can time both): counts, a one-CTA exclusive
+//    scan of S counts, the unordered fill, then reduce_rows_bitmap_kernel with one CTA per dkv
+//    row (S CTAs per chunk), each clearing and scanning the n / 32-word bitmap.
+// Both give bitwise identical results (same per-column addition order).
 
 constexpr int kMaxChunkEntries = 131072;  // bitmap of 4096 words (= kBwdDeterministicMaxK)
 constexpr int kReduceThreads = 160;       // 144 (D = 576) or 128 (D = 512) float4 column owners
 constexpr int kReduceSmemBytes = (kMaxChunkEntries / 32 + kMaxChunkEntries / 1024) * 4;
 constexpr int kScanThreads = 1024;
 constexpr int kScanSmemBytes = kScanThreads * 4;
+// "list" path: lists = {header [kListHeader] | touched rows [list_len] | big rows [big_len]}.
+constexpr int kSmallRowEntries = 32;      // a warp ranks up to one id per lane
+constexpr int kListHeader = 4;            // n_touched, entries allocated, n_big, (pad)
+constexpr int kListReduceThreads = 256;   // 8 warps, a touched row each per step
+__host__ __device__ constexpr int64_t big_rows_capacity(int64_t list_len) {
+  return list_len / (kSmallRowEntries + 1) + 1;
+}
 
+// Counts the chunk's entries per row; with `lists` (the "list" path) a row's first entry also
+// appends it to the touched list.
 __global__ void count_rows_kernel(const int32_t* __restrict__ indices,
                                   const int32_t* __restrict__ topk_length, int64_t t_begin,
-                                  int64_t n_entries, int K, int64_t S, int32_t* row_counts) {
+                                  int64_t n_entries, int K, int64_t S, int32_t* row_counts,
+                                  int32_t* lists) {
   const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (e >= n_entries) return;
   const int64_t t = t_begin + e / K;
   const int64_t r = entry_row(indices + t * K, static_cast<int>(e % K), row_limit(topk_length, t, K), S);
-  if (r >= 0) atomicAdd(row_counts + r, 1);
+  if (r < 0) return;
+  const int32_t before = atomicAdd(row_counts + r, 1);
+  if (lists && before == 0) lists[kListHeader + atomicAdd(lists, 1)] = static_cast<int32_t>(r);
+}
+
+// "list" path: a segment of entry_list per touched row ([row_offsets[r], +count)), the cursor
+// the fill advances, the count reset to 0 for the next chunk, rows of > kSmallRowEntries entries
+// listed for the big-row kernel. Grid-stride over the touched rows (the grid is sized by n).
+__global__ void alloc_rows_kernel(int32_t* __restrict__ row_counts, int32_t* __restrict__ row_offsets,
+                                  int32_t* __restrict__ row_cursor, int32_t* lists,
+                                  int64_t list_len) {
+  const int n_touched = lists[0];
+  int32_t* big = lists + kListHeader + list_len;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_touched; i += gridDim.x * blockDim.x) {
+    const int32_t r = lists[kListHeader + i];
+    const int32_t c = row_counts[r];
+    row_counts[r] = 0;
+    const int32_t off = atomicAdd(lists + 1, c);
+    row_offsets[r] = off;
+    row_cursor[r] = off;
+    if (c > kSmallRowEntries) big[atomicAdd(lists + 2, 1)] = r;
+  }
 }
 
 // Exclusive scan of row_counts[0, S) into row_offsets[0, S] (one CTA of 1024 threads) and a
-// copy into row_cursor.
+// copy into row_cursor ("bitmap" path).
 __global__ void __launch_bounds__(kScanThreads) scan_rows_kernel(const int32_t* __restrict__ row_counts,
                                                          int64_t S, int32_t* row_offsets,
                                                          int32_t* row_cursor) {
@@ -655,6 +706,8 @@ __global__ void __launch_bounds__(kScanThreads) scan_rows_kernel(const int32_t* 
   if (tid == kScanThreads - 1) row_offsets[S] = part[kScanThreads - 1];
 }
 
+// Each entry id into its row's segment, in arrival order (both paths; the reductions order).
+// Afterwards row_cursor[r] is the segment's end.
 __global__ void fill_rows_kernel(const int32_t* __restrict__ indices,
                                  const int32_t* __restrict__ topk_length, int64_t t_begin,
                                  int64_t n_entries, int K, int64_t S, int32_t* row_cursor,
@@ -666,20 +719,17 @@ __global__ void fill_rows_kernel(const int32_t* __restrict__ indices,
   if (r >= 0) entry_list[atomicAdd(row_cursor + r, 1)] = static_cast<int32_t>(e);
 }
 
-
-// One CTA per dkv row: the row's entries (unordered in entry_list) are put in ascending order
-// through a bitmap over the chunk's entry ids, then summed in that order (head blocks inner).
+// One CTA (kReduceThreads) sums dkv row `row` over the entry ids entry_list[begin, end)
+// (unordered) in ascending id order, through a bitmap over the chunk's n_entries ids and a
+// summary word per 32 bitmap words. Uniform per CTA (it has __syncthreads); the smem is free
+// again on return.
 template <int D>
-__global__ void reduce_rows_kernel(
-    const float* __restrict__ scratch, const int32_t* __restrict__ row_offsets,
-    const int32_t* __restrict__ entry_list, int64_t n_entries, int64_t chunk_entries, int nhb,
-    float* __restrict__ dkv_acc) {
-  DSA_DYNAMIC_SMEM(smem, 128);  // kReduceSmemBytes
-  uint32_t* bits = reinterpret_cast<uint32_t*>(smem);                // [kMaxChunkEntries / 32]
-  uint32_t* summary = bits + kMaxChunkEntries / 32;                   // [kMaxChunkEntries / 1024]
-  const int64_t row = blockIdx.x;
-  const int begin = row_offsets[row], end = row_offsets[row + 1];
-  if (begin == end) return;
+__device__ __forceinline__ void bitmap_sorted_sum(uint32_t* bits, const float* __restrict__ scratch,
+                                                  const int32_t* __restrict__ entry_list, int begin,
+                                                  int end, int64_t row, int64_t n_entries,
+                                                  int64_t chunk_entries, int nhb,
+                                                  float* __restrict__ dkv_acc) {
+  uint32_t* summary = bits + kMaxChunkEntries / 32;  // [kMaxChunkEntries / 1024]
   const int nwords = static_cast<int>((n_entries + 31) / 32);
   const int nsum = (nwords + 31) / 32;
   for (int w = threadIdx.x; w < nwords; w += kReduceThreads) bits[w] = 0u;
@@ -696,23 +746,105 @@ __global__ void reduce_rows_kernel(
   }
   __syncthreads();
   static_assert(D / 4 <= kReduceThreads, "a float4 column owner per thread");
-  if (threadIdx.x >= D / 4) return;
-  float4* dst = reinterpret_cast<float4*>(dkv_acc + row * D) + threadIdx.x;
-  float4 acc = *dst;
-  for (int sw = 0; sw < nsum; ++sw) {
-    for (uint32_t m = summary[sw]; m; m &= m - 1) {
-      const int w = sw * 32 + __ffs(m) - 1;
-      for (uint32_t bw = bits[w]; bw; bw &= bw - 1) {
-        const int64_t e = static_cast<int64_t>(w) * 32 + __ffs(bw) - 1;
-        for (int h = 0; h < nhb; ++h) {
-          const float4 v =
-              reinterpret_cast<const float4*>(scratch + (h * chunk_entries + e) * D)[threadIdx.x];
-          acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
+  if (threadIdx.x < D / 4) {
+    float4* dst = reinterpret_cast<float4*>(dkv_acc + row * D) + threadIdx.x;
+    float4 acc = *dst;
+    for (int sw = 0; sw < nsum; ++sw) {
+      for (uint32_t m = summary[sw]; m; m &= m - 1) {
+        const int w = sw * 32 + __ffs(m) - 1;
+        for (uint32_t bw = bits[w]; bw; bw &= bw - 1) {
+          const int64_t e = static_cast<int64_t>(w) * 32 + __ffs(bw) - 1;
+          for (int h = 0; h < nhb; ++h) {
+            const float4 v =
+                reinterpret_cast<const float4*>(scratch + (h * chunk_entries + e) * D)[threadIdx.x];
+            acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
+          }
         }
       }
     }
+    *dst = acc;
   }
-  *dst = acc;
+  __syncthreads();
+}
+
+// No __launch_bounds__ on the three reduce kernels: with them ptxas (CUDA 13.0, sm_90a) kept
+// them at 32-48 registers and spilled 4-16 bytes; without, 38-56 registers and no spill.
+// "bitmap" path: one CTA per dkv row (S CTAs), entries [row_offsets[row], row_offsets[row + 1]).
+template <int D>
+__global__ void reduce_rows_bitmap_kernel(
+    const float* __restrict__ scratch, const int32_t* __restrict__ row_offsets,
+    const int32_t* __restrict__ entry_list, int64_t n_entries, int64_t chunk_entries, int nhb,
+    float* __restrict__ dkv_acc) {
+  DSA_DYNAMIC_SMEM(smem, 128);  // kReduceSmemBytes
+  const int64_t row = blockIdx.x;
+  const int begin = row_offsets[row], end = row_offsets[row + 1];
+  if (begin == end) return;
+  bitmap_sorted_sum<D>(reinterpret_cast<uint32_t*>(smem), scratch, entry_list, begin, end, row,
+                       n_entries, chunk_entries, nhb, dkv_acc);
+}
+
+// "list" path, rows of more than kSmallRowEntries entries: a CTA per row (grid-stride over the
+// big list), ordered through the bitmap.
+template <int D>
+__global__ void reduce_big_rows_kernel(
+    const float* __restrict__ scratch, const int32_t* __restrict__ row_offsets,
+    const int32_t* __restrict__ row_cursor, const int32_t* __restrict__ entry_list,
+    const int32_t* __restrict__ lists, int64_t list_len, int64_t n_entries, int64_t chunk_entries,
+    int nhb, float* __restrict__ dkv_acc) {
+  DSA_DYNAMIC_SMEM(smem, 128);  // kReduceSmemBytes
+  const int n_big = lists[2];
+  const int32_t* big = lists + kListHeader + list_len;
+  for (int i = blockIdx.x; i < n_big; i += gridDim.x) {
+    const int32_t row = big[i];
+    bitmap_sorted_sum<D>(reinterpret_cast<uint32_t*>(smem), scratch, entry_list, row_offsets[row],
+                         row_cursor[row], row, n_entries, chunk_entries, nhb, dkv_acc);
+  }
+}
+
+// "list" path, rows of at most kSmallRowEntries entries: one warp per touched row (grid-stride
+// over the touched list). Lane i holds the segment's i-th id; its rank is the number of smaller
+// ids (ids are distinct), so step k sums the id of rank k: the ascending order. Each lane owns
+// D / 64 float2 columns (coalesced 256-byte row reads).
+template <int D>
+__global__ void reduce_rows_kernel(
+    const float* __restrict__ scratch, const int32_t* __restrict__ row_offsets,
+    const int32_t* __restrict__ row_cursor, const int32_t* __restrict__ entry_list,
+    const int32_t* __restrict__ lists, int64_t chunk_entries, int nhb,
+    float* __restrict__ dkv_acc) {
+  constexpr int kWarps = kListReduceThreads / 32;
+  constexpr int kCols2 = D / 64;  // float2 per lane
+  static_assert(kCols2 * 64 == D, "a row is a whole number of warp-wide float2 strips");
+  const int n_touched = lists[0];
+  const int lane = threadIdx.x & 31;
+  for (int i = blockIdx.x * kWarps + (threadIdx.x >> 5); i < n_touched; i += gridDim.x * kWarps) {
+    const int32_t row = lists[kListHeader + i];
+    const int begin = row_offsets[row];
+    const int c = row_cursor[row] - begin;
+    if (c > kSmallRowEntries) continue;  // reduce_big_rows_kernel's (warp-uniform)
+    const int32_t id = lane < c ? entry_list[begin + lane] : INT32_MAX;
+    int rank = 0;
+#pragma unroll
+    for (int k = 0; k < 32; ++k) rank += __shfl_sync(0xffffffffu, id, k) < id;
+    float2* dst = reinterpret_cast<float2*>(dkv_acc + static_cast<int64_t>(row) * D) + lane;
+    float2 acc[kCols2];
+#pragma unroll
+    for (int j = 0; j < kCols2; ++j) acc[j] = dst[32 * j];
+    for (int k = 0; k < c; ++k) {
+      const int src = __ffs(__ballot_sync(0xffffffffu, rank == k)) - 1;
+      const int64_t e = __shfl_sync(0xffffffffu, id, src);
+      for (int h = 0; h < nhb; ++h) {
+        const float2* v = reinterpret_cast<const float2*>(scratch + (h * chunk_entries + e) * D) + lane;
+#pragma unroll
+        for (int j = 0; j < kCols2; ++j) {
+          const float2 x = v[32 * j];
+          acc[j].x += x.x;
+          acc[j].y += x.y;
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kCols2; ++j) dst[32 * j] = acc[j];
+  }
 }
 
 }  // namespace dsa::sparse_mla

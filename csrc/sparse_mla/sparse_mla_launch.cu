@@ -4,8 +4,11 @@
 #include "sparse_mla/sparse_mla_kernels.cuh"
 #include "sparse_mla/sparse_mla_launch.h"
 #include "sparse_mla/sparse_mla_wgmma.cuh"
+#include "sparse_mla/sparse_mla_ws.cuh"
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 
@@ -65,6 +68,20 @@ cudaError_t launch_fwd_wgmma(const FwdArgs& a, cudaStream_t stream) {
   return last_launch_error();
 }
 
+template <int D>
+cudaError_t launch_fwd_ws(const FwdArgs& a, cudaStream_t stream) {
+  using C = WsFwdCfg<D>;
+  auto kernel = sparse_mla_fwd_ws_kernel<D>;
+  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_fwd_ws_kernel<D>>(C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int64_t grid = a.T * (a.H / C::kHB);
+  kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
+      static_cast<const __nv_bfloat16*>(a.q), static_cast<const __nv_bfloat16*>(a.kv), a.indices,
+      a.attn_sink, a.topk_length, static_cast<__nv_bfloat16*>(a.out), a.lse, a.S, a.H, a.K,
+      a.sm_scale);
+  return last_launch_error();
+}
+
 template <int HB, int D>
 cudaError_t launch_bwd_main(const BwdArgs& a, int64_t t_begin, int64_t tokens,
                             int64_t chunk_tokens, float* scratch, cudaStream_t stream) {
@@ -90,23 +107,62 @@ cudaError_t launch_bwd_main_any(const BwdArgs& a, int64_t t_begin, int64_t token
 }
 
 template <int D>
-void launch_reduce_rows(const BwdArgs& a, int64_t n_entries, int64_t chunk_entries, int nhb,
-                        cudaStream_t stream) {
-  reduce_rows_kernel<D><<<static_cast<unsigned>(a.S), kReduceThreads, kReduceSmemBytes, stream>>>(
+void launch_reduce_rows_bitmap(const BwdArgs& a, int64_t n_entries, int64_t chunk_entries, int nhb,
+                               cudaStream_t stream) {
+  reduce_rows_bitmap_kernel<D><<<static_cast<unsigned>(a.S), kReduceThreads, kReduceSmemBytes, stream>>>(
       a.scratch, a.row_offsets, a.entry_list, n_entries, chunk_entries, nhb, a.dkv_acc);
+}
+
+// Grid caps of the "list" path's grid-stride kernels (the touched / big row counts are only
+// known on the device): enough CTAs to fill an H100 (132 SMs), never more than the entries need.
+constexpr int64_t kListReduceMaxCtas = 264;
+constexpr int64_t kBigReduceMaxCtas = 132;
+
+template <int D>
+void launch_reduce_rows_list(const BwdArgs& a, int64_t n_entries, int64_t chunk_entries,
+                             int64_t list_len, int nhb, cudaStream_t stream) {
+  constexpr int64_t kWarps = kListReduceThreads / 32;
+  const int64_t small = std::min(ceil_div<int64_t>(n_entries, kWarps), kListReduceMaxCtas);
+  reduce_rows_kernel<D><<<static_cast<unsigned>(small), kListReduceThreads, 0, stream>>>(
+      a.scratch, a.row_offsets, a.row_cursor, a.entry_list, a.lists, chunk_entries, nhb, a.dkv_acc);
+  const int64_t big = std::min(n_entries / (kSmallRowEntries + 1) + 1, kBigReduceMaxCtas);
+  reduce_big_rows_kernel<D><<<static_cast<unsigned>(big), kReduceThreads, kReduceSmemBytes, stream>>>(
+      a.scratch, a.row_offsets, a.row_cursor, a.entry_list, a.lists, list_len, n_entries,
+      chunk_entries, nhb, a.dkv_acc);
 }
 
 }  // namespace
 
-cudaError_t wgmma_opted_in(int device, bool* use_wgmma) {
-  return sm90a_wgmma_opted_in("DSA_SPARSE_MLA_WGMMA", device, use_wgmma);
+cudaError_t fwd_kernel_selected(int device, int H, FwdKernel* kernel) {
+  *kernel = FwdKernel::kMma;
+  const char* env = std::getenv("DSA_SPARSE_MLA_FWD");
+  const char* legacy = std::getenv("DSA_SPARSE_MLA_WGMMA");
+  FwdKernel want = FwdKernel::kWs;  // unset: ws where it applies
+  bool asked = false;
+  if (env != nullptr && *env != '\0') {
+    asked = true;
+    if (std::strcmp(env, "ws") == 0) want = FwdKernel::kWs;
+    else if (std::strcmp(env, "wgmma") == 0) want = FwdKernel::kWgmma;
+    else return cudaSuccess;  // "mma" (or anything else): mma.sync
+  } else if (legacy != nullptr && std::strcmp(legacy, "1") == 0) {
+    asked = true;
+    want = FwdKernel::kWgmma;
+  }
+  if (H % kWgmmaHeadBlock != 0) return cudaSuccess;
+  int major = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess || major != 9) return err;
+  err = require_loaded_image(ImageLevel::kSm90a);
+  if (err == cudaSuccess) *kernel = want;
+  return asked ? err : cudaSuccess;
 }
 
 cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
-  if (a.use_wgmma && a.H % kWgmmaHeadBlock == 0) {
-    if (a.D == 512) return launch_fwd_wgmma<512>(a, stream);
-    if (a.D == 576) return launch_fwd_wgmma<576>(a, stream);
+  if (a.kernel != FwdKernel::kMma && a.H % kWgmmaHeadBlock == 0 && (a.D == 512 || a.D == 576)) {
+    if (a.kernel == FwdKernel::kWs)
+      return a.D == 512 ? launch_fwd_ws<512>(a, stream) : launch_fwd_ws<576>(a, stream);
+    return a.D == 512 ? launch_fwd_wgmma<512>(a, stream) : launch_fwd_wgmma<576>(a, stream);
   }
   return with_head_block_and_width(a.H, a.D, [&](auto hb, auto d) {
     return launch_fwd<decltype(hb)::value, decltype(d)::value>(a, stream);
@@ -139,30 +195,69 @@ BwdWorkspace sparse_mla_bwd_workspace(int64_t T, int H, int K, int D, int64_t bu
   return w;
 }
 
+bool det_reduce_bitmap() {
+  const char* env = std::getenv("DSA_SPARSE_MLA_DET_REDUCE");
+  return env != nullptr && std::strcmp(env, "bitmap") == 0;
+}
+
+int64_t bwd_int_words(int64_t S, int64_t list_len) {
+  return list_len + 3 * (S + 1) + kListHeader + list_len + big_rows_capacity(list_len);
+}
+
+void bind_bwd_ints(BwdArgs& a, int32_t* ints, int64_t S, int64_t list_len) {
+  a.entry_list = ints;
+  a.row_counts = ints + list_len;
+  a.row_offsets = a.row_counts + (S + 1);
+  a.row_cursor = a.row_offsets + (S + 1);
+  a.lists = a.row_cursor + (S + 1);
+}
+
 cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
   if (!a.deterministic) return launch_bwd_main_any(a, 0, a.T, a.T, nullptr, stream);
-  const int64_t chunk = sparse_mla_bwd_workspace(a.T, a.H, a.K, a.D, a.scratch_budget).chunk_tokens;
+  const BwdWorkspace w = sparse_mla_bwd_workspace(a.T, a.H, a.K, a.D, a.scratch_budget);
+  const int64_t chunk = w.chunk_tokens;
   const int64_t chunk_entries = chunk * a.K;
   const int nhb = head_blocks(a.H, head_block(a.H));
+  const bool bitmap = det_reduce_bitmap();
   constexpr int kThreads = 256;
+  cudaError_t err = cudaSuccess;
+  if (!bitmap) {  // once per call: counts (each chunk's alloc re-zeroes the rows it touched)
+    err = cudaMemsetAsync(a.row_counts, 0, (a.S + 1) * sizeof(int32_t), stream);
+    if (err == cudaSuccess) err = cudaMemsetAsync(a.lists, 0, kListHeader * sizeof(int32_t), stream);
+    if (err != cudaSuccess) return err;
+  }
   for (int64_t t0 = 0; t0 < a.T; t0 += chunk) {
     const int64_t tokens = a.T - t0 < chunk ? a.T - t0 : chunk;
     const int64_t n_entries = tokens * a.K;
-    cudaError_t err = launch_bwd_main_any(a, t0, tokens, chunk, a.scratch, stream);
+    err = launch_bwd_main_any(a, t0, tokens, chunk, a.scratch, stream);
     if (err != cudaSuccess) return err;
     if (n_entries == 0) continue;
-    err = cudaMemsetAsync(a.row_counts, 0, (a.S + 1) * sizeof(int32_t), stream);
-    if (err != cudaSuccess) return err;
     const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(n_entries, kThreads));
-    count_rows_kernel<<<blocks, kThreads, 0, stream>>>(a.indices, a.topk_length, t0, n_entries,
-                                                       a.K, a.S, a.row_counts);
-    scan_rows_kernel<<<1, kScanThreads, kScanSmemBytes, stream>>>(a.row_counts, a.S, a.row_offsets, a.row_cursor);
+    if (bitmap) {
+      err = cudaMemsetAsync(a.row_counts, 0, (a.S + 1) * sizeof(int32_t), stream);
+      if (err != cudaSuccess) return err;
+      count_rows_kernel<<<blocks, kThreads, 0, stream>>>(a.indices, a.topk_length, t0, n_entries,
+                                                         a.K, a.S, a.row_counts, nullptr);
+      scan_rows_kernel<<<1, kScanThreads, kScanSmemBytes, stream>>>(a.row_counts, a.S,
+                                                                    a.row_offsets, a.row_cursor);
+    } else {
+      count_rows_kernel<<<blocks, kThreads, 0, stream>>>(a.indices, a.topk_length, t0, n_entries,
+                                                         a.K, a.S, a.row_counts, a.lists);
+      alloc_rows_kernel<<<blocks, kThreads, 0, stream>>>(a.row_counts, a.row_offsets, a.row_cursor,
+                                                         a.lists, w.list_len);
+    }
     fill_rows_kernel<<<blocks, kThreads, 0, stream>>>(a.indices, a.topk_length, t0, n_entries,
                                                       a.K, a.S, a.row_cursor, a.entry_list);
-    if (a.S > 0) {
-      if (a.D == 512) launch_reduce_rows<512>(a, n_entries, chunk_entries, nhb, stream);
-      else launch_reduce_rows<576>(a, n_entries, chunk_entries, nhb, stream);
+    if (bitmap) {
+      if (a.D == 512) launch_reduce_rows_bitmap<512>(a, n_entries, chunk_entries, nhb, stream);
+      else launch_reduce_rows_bitmap<576>(a, n_entries, chunk_entries, nhb, stream);
+    } else {
+      if (a.D == 512) launch_reduce_rows_list<512>(a, n_entries, chunk_entries, w.list_len, nhb, stream);
+      else launch_reduce_rows_list<576>(a, n_entries, chunk_entries, w.list_len, nhb, stream);
+      // the next chunk's touched list starts empty (counts were re-zeroed by alloc_rows_kernel)
+      err = cudaMemsetAsync(a.lists, 0, kListHeader * sizeof(int32_t), stream);
+      if (err != cudaSuccess) return err;
     }
     err = last_launch_error();
     if (err != cudaSuccess) return err;

@@ -11,6 +11,8 @@ namespace dsa::sparse_mla {
 // fp32 or null, topk_length [T] int32 or null, out [T, H, 512] bf16, lse [T, H] fp32.
 // H is any positive count (the glue admits {8, 16, 32, 64, 128}): heads are processed in blocks
 // of 64, 32 or 16, the last one partial when 16 does not divide H (masked rows, no padding).
+enum class FwdKernel { kMma, kWgmma, kWs };
+
 struct FwdArgs {
   const void* q;
   const void* kv;
@@ -23,17 +25,19 @@ struct FwdArgs {
   int H, K;
   int D = 576;  // d_qk: 576 or 512 (d_v is 512 for both)
   float sm_scale;
-  // H % 64 == 0 on sm_90a: the wgmma kernel (sparse_mla_wgmma.cuh) instead of mma.sync.
-  bool use_wgmma = false;
+  // The forward kernel (fwd_kernel_selected); kWgmma / kWs apply to H % 64 == 0 only.
+  FwdKernel kernel = FwdKernel::kMma;
 };
 
-// The wgmma forward (64-head blocks, sm_90a) is opt-in with DSA_SPARSE_MLA_WGMMA=1 until it has
-// been validated on hardware; the mma.sync kernel is the default. Read per call (host only, no
-// data dependence), so tests can exercise both. Torch-free so the emulator's entry points
-// (csrc/emu/families/sparse_mla_emu.cpp) decide exactly as the glue does.
-// On Hopper with no sm_90a image loaded (a build without 9.0a in TORCH_CUDA_ARCH_LIST) the
-// opt-in returns cudaErrorNoKernelImageForDevice: see common/loaded_image.cuh.
-cudaError_t wgmma_opted_in(int device, bool* use_wgmma);
+// The forward kernel for 64-head blocks (H = 64, 128) on sm_90a: DSA_SPARSE_MLA_FWD = ws (the
+// warp-specialised wgmma kernel, sparse_mla_ws.cuh) | wgmma (sparse_mla_wgmma.cuh) | mma
+// (mma.sync, sparse_mla_kernels.cuh); DSA_SPARSE_MLA_WGMMA=1 (the earlier opt-in) is "wgmma".
+// Unset: ws on a compute capability 9 device running this unit's sm_90a image, else mma. Other
+// H, and every H off Hopper, take mma.sync whatever the switch says. An explicit ws / wgmma on
+// Hopper without the sm_90a image (a build without 9.0a in TORCH_CUDA_ARCH_LIST) returns
+// cudaErrorNoKernelImageForDevice (common/loaded_image.cuh), not a silent fallback. Read per call
+// (host only), torch-free so the emulator's entry points decide exactly as the glue does.
+cudaError_t fwd_kernel_selected(int device, int H, FwdKernel* kernel);
 
 cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream);
 
@@ -69,7 +73,20 @@ struct BwdArgs {
   int32_t* row_counts;  // [S + 1]
   int32_t* row_offsets; // [S + 1]
   int32_t* row_cursor;  // [S + 1]
+  int32_t* lists;       // "list" reduction: header, touched rows, big rows (bwd_int_words)
 };
+
+// The deterministic reduction's inverse index (sparse_mla_kernels.cuh, "deterministic dKV
+// reduction"): "list" (default; work proportional to each chunk's entries) or "bitmap" (the
+// earlier S-CTA reduction, kept selectable) by DSA_SPARSE_MLA_DET_REDUCE. Both sum every row in
+// the same order: the bits agree.
+bool det_reduce_bitmap();
+
+// The int32 workspace of the deterministic backward: entry_list [list_len], row_counts,
+// row_offsets, row_cursor [S + 1] each, lists [header + list_len + big rows]. bwd_int_words is
+// its length; bind_bwd_ints points a's int32 fields into `ints` (glue and emulator alike).
+int64_t bwd_int_words(int64_t S, int64_t list_len);
+void bind_bwd_ints(BwdArgs& a, int32_t* ints, int64_t S, int64_t list_len);
 
 // Largest K the deterministic backward serves (one token's entries must fit one chunk).
 constexpr int64_t kBwdDeterministicMaxK = 131072;

@@ -76,6 +76,94 @@ __device__ __forceinline__ void wgmma_gather_kv_block(int tid, uint32_t tile, fl
   }
 }
 
+// S[64 heads x 64 tokens] = Q Kᵀ: D / 16 (36 or 32) wgmma m64n64k16, Q and the KV tile K-major
+// core-matrix tiles in shared memory (a k step of 16 = two 8-column groups of each tile).
+// Issues only: the caller fences before and commits / waits after.
+template <int D>
+__device__ __forceinline__ void wgmma_issue_scores(float (&s)[32], const uint8_t* q_s,
+                                                   const uint8_t* kv_s) {
+  using C = WgmmaFwdCfg<D>;
+  const uint64_t a0 = wg::wgmma_desc(q_s, C::kHB * 16, C::kRowGroupBytes);
+  const uint64_t b0 = wg::wgmma_desc(kv_s, C::kColGroupBytes, C::kRowGroupBytes);
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks)
+    wg::wgmma_m64n64k16_kmajor_b(s, a0 + ((ks * 2 * C::kHB * 16) >> 4),
+                                 b0 + ((ks * 2 * C::kColGroupBytes) >> 4), ks > 0);
+}
+
+// O[:, 256 wgi, +256) += P V: 4 wgmma m64n256k16, P a 64 x 64 K-major tile, V = KV[:, :512]
+// as B[k = token][n = column], MN-major (LBO = between 8-token groups, SBO = between 8-column
+// groups; V is not copied). Issues only. (The KV row stride is D but a core-matrix tile's
+// column groups are R * 16 bytes apart whatever D is, so the descriptors do not depend on D.)
+__device__ __forceinline__ void wgmma_issue_pv(float (&o)[128], const uint8_t* p_s,
+                                               const uint8_t* kv_s, int wgi) {
+  using C = WgmmaFwdCfg<576>;
+  const uint64_t a0 = wg::wgmma_desc(p_s, C::kHB * 16, C::kRowGroupBytes);
+  const uint64_t b0 = wg::wgmma_desc(kv_s + core_byte_offset<C::kBN>(0, wgi * (kDv / 2)),
+                                     C::kRowGroupBytes, C::kColGroupBytes);
+#pragma unroll
+  for (int ks = 0; ks < C::kBN / 16; ++ks)
+    wg::wgmma_m64n256k16_nmajor_b(o, a0 + ((ks * 2 * C::kHB * 16) >> 4),
+                                  b0 + ((ks * 2 * C::kRowGroupBytes) >> 4), 1);
+}
+
+// The online softmax of one 64 x 64 score tile in a warpgroup's m64n64 accumulator layout
+// (s[i]: row row0 + 8 ((i % 4) >= 2), token 8 (i / 4) + 2 c4 + (i & 1); a row lives in the 4
+// lanes of a quad, so the row max needs two shuffles and no shared memory): masks skipped
+// entries to -inf, scales into the log2 domain, updates the running max / sum of the thread's
+// two rows, returns their rescale factors and stores P (bf16) into the 64 x 64 core-matrix tile
+// at p_addr. Shared by the wgmma and the warp-specialised forward.
+__device__ __forceinline__ void wgmma_online_softmax(float (&s)[32], const float* valid, float scale2,
+                                                     int c4, int row0, float (&m_run)[2],
+                                                     float (&l_run)[2], float (&alpha)[2],
+                                                     uint32_t p_addr) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    const int tok = 8 * (i >> 2) + 2 * c4 + (i & 1);
+    s[i] = valid[tok] != 0.f ? s[i] * scale2 : -INFINITY;
+    mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+  }
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 1));
+    mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 2));
+    const float m_new = fmaxf(m_run[hf], mx[hf]);
+    alpha[hf] = exp2f(m_run[hf] - m_new);
+    m_run[hf] = m_new;
+    l_run[hf] *= alpha[hf];
+  }
+#pragma unroll
+  for (int i = 0; i < 32; i += 2) {
+    const int hf = (i >> 1) & 1;
+    const float p0 = exp2f(s[i] - m_run[hf]), p1 = exp2f(s[i + 1] - m_run[hf]);
+    l_run[hf] += p0 + p1;
+    st_shared_u32(p_addr + core_byte_offset<64>(row0 + 8 * hf, 8 * (i >> 2) + 2 * c4),
+                  pack_bf16x2(p0, p1));
+  }
+}
+
+// Adds a finished head block's row sums across the quad, then writes out (bf16, normalised,
+// the sink in the denominator) and lse for the thread's two rows of the 256 columns
+// [256 wgi, +256) held in o (m64n256 accumulator layout). l / m: the row's sum and max.
+__device__ __forceinline__ void wgmma_store_rows(const float (&o)[128], const float* sum_s,
+                                                 const float* max_s, const float* attn_sink,
+                                                 __nv_bfloat16* out, float* lse, int64_t t, int H,
+                                                 int h0, int wgi, int row0, int c4) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int r = row0 + 8 * hf;
+    const int h = h0 + r;
+    const RowNorm norm = finish_row(sum_s[r], max_s[r], attn_sink, h);
+    __nv_bfloat16* orow = out + (t * H + h) * kDv + wgi * (kDv / 2) + 2 * c4;
+#pragma unroll
+    for (int j = 0; j < 32; ++j)  // o[4 j + 2 hf + e]: column 8 j + 2 c4 + e
+      *reinterpret_cast<uint32_t*>(orow + 8 * j) =
+          pack_bf16x2(o[4 * j + 2 * hf] * norm.inv, o[4 * j + 2 * hf + 1] * norm.inv);
+    if (wgi == 0 && c4 == 0) lse[t * H + h] = norm.lse;
+  }
+}
+
 template <int D>
 __global__ void __launch_bounds__(WgmmaFwdCfg<D>::kThreads, 1)
     sparse_mla_fwd_wgmma_kernel(const __nv_bfloat16* __restrict__ q,
@@ -145,42 +233,16 @@ __global__ void __launch_bounds__(WgmmaFwdCfg<D>::kThreads, 1)
       float s[32];
 #pragma unroll
       for (int i = 0; i < 32; ++i) s[i] = 0.f;
-      const uint64_t a0 = wg::wgmma_desc(q_s, C::kHB * 16, C::kRowGroupBytes);
-      const uint64_t b0 = wg::wgmma_desc(kv_s, C::kColGroupBytes, C::kRowGroupBytes);
       wg::wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks)  // k step 16 = two 8-column groups of each tile
-        wg::wgmma_m64n64k16_kmajor_b(s, a0 + ((ks * 2 * C::kHB * 16) >> 4),
-                                     b0 + ((ks * 2 * C::kColGroupBytes) >> 4), ks > 0);
+      wgmma_issue_scores<D>(s, q_s, kv_s);
       wg::wgmma_commit();
       wg::wgmma_wait_all();
 
-      // s[i]: row row0 + 8 ((i % 4) >= 2), token 8 (i / 4) + 2 c4 + (i & 1).
-      float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        const int tok = 8 * (i >> 2) + 2 * c4 + (i & 1);
-        s[i] = valid[tok] != 0.f ? s[i] * scale2 : -INFINITY;
-        mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
-      }
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 1));
-        mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 2));
-        const float m_new = fmaxf(m_run[hf], mx[hf]);
-        const float alpha = exp2f(m_run[hf] - m_new);
-        m_run[hf] = m_new;
-        l_run[hf] *= alpha;
-        if (c4 == 0) alpha_s[row0 + 8 * hf] = alpha;
-      }
-      const uint32_t p_addr = smem_u32(p_s);
-#pragma unroll
-      for (int i = 0; i < 32; i += 2) {
-        const int hf = (i >> 1) & 1;
-        const float p0 = exp2f(s[i] - m_run[hf]), p1 = exp2f(s[i + 1] - m_run[hf]);
-        l_run[hf] += p0 + p1;
-        st_shared_u32(p_addr + core_byte_offset<C::kHB>(row0 + 8 * hf, 8 * (i >> 2) + 2 * c4),
-                      pack_bf16x2(p0, p1));
+      float alpha[2];
+      wgmma_online_softmax(s, valid, scale2, c4, row0, m_run, l_run, alpha, smem_u32(p_s));
+      if (c4 == 0) {
+        alpha_s[row0] = alpha[0];
+        alpha_s[row0 + 8] = alpha[1];
       }
       wg::fence_proxy_async_smem();  // P stores -> wgmma reads
     }
@@ -193,16 +255,8 @@ __global__ void __launch_bounds__(WgmmaFwdCfg<D>::kThreads, 1)
         o[i] *= a_lo; o[i + 1] *= a_lo;
         o[i + 2] *= a_hi; o[i + 3] *= a_hi;
       }
-      const uint64_t a0 = wg::wgmma_desc(p_s, C::kHB * 16, C::kRowGroupBytes);
-      // V = KV[:, :512] as B[k = token][n = column], MN-major: LBO = between 8-token groups,
-      // SBO = between 8-column groups.
-      const uint64_t b0 = wg::wgmma_desc(kv_s + core_byte_offset<C::kBN>(0, wgi * (kDv / 2)),
-                                         C::kRowGroupBytes, C::kColGroupBytes);
       wg::wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < C::kBN / 16; ++ks)
-        wg::wgmma_m64n256k16_nmajor_b(o, a0 + ((ks * 2 * C::kHB * 16) >> 4),
-                                      b0 + ((ks * 2 * C::kRowGroupBytes) >> 4), 1);
+      wgmma_issue_pv(o, p_s, kv_s, wgi);
       wg::wgmma_commit();
       wg::wgmma_wait_all();
     }
@@ -226,20 +280,7 @@ __global__ void __launch_bounds__(WgmmaFwdCfg<D>::kThreads, 1)
     }
   }
   __syncthreads();
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int r = row0 + 8 * hf;
-    const int h = h0 + r;
-    const float l = sum_s[r], m = max_s[r];
-    const RowNorm norm = finish_row(l, m, attn_sink, h);
-    const float inv = norm.inv, row_lse = norm.lse;
-    __nv_bfloat16* orow = out + (t * H + h) * kDv + wgi * (kDv / 2) + 2 * c4;
-#pragma unroll
-    for (int j = 0; j < 32; ++j)  // o[4 j + 2 hf + e]: column 8 j + 2 c4 + e
-      *reinterpret_cast<uint32_t*>(orow + 8 * j) =
-          pack_bf16x2(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv);
-    if (wgi == 0 && c4 == 0) lse[t * H + h] = row_lse;
-  }
+  wgmma_store_rows(o, sum_s, max_s, attn_sink, out, lse, t, H, h0, wgi, row0, c4);
 #else
   __trap();  // sm_90a only; the launcher never selects this kernel elsewhere
 #endif

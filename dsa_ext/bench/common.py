@@ -7,6 +7,7 @@ small shapes (the CPU default). Inputs are built once, outside the timed callabl
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -23,3 +24,21 @@ class Case:
     flops_dtype: str = "bf16"         # "bf16" | "fp8" | "fp32": which peak the compute roofline uses
     baselines: Dict[str, Callable[[], object]] = field(default_factory=dict)  # what a user would run instead
     note: Optional[str] = None
+
+
+def with_env(fn: Callable[[], object], name: str, value: str) -> Callable[[], object]:
+    """fn run with environment variable `name` = value, restored after (also on raise). The
+    kernel switches (DSA_SPARSE_MLA_FWD, DSA_MLA_DECODE_KERNEL, DSA_TOPK_SYNC, ...) are read by
+    the glue or the launcher per call, so a case can time one kernel beside another, and under
+    --graphs the kernel chosen at capture is the one the graph replays."""
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+    return run

@@ -1,8 +1,9 @@
 """Benchmark cases of sparse_mla_fwd (family "attn_fwd") and sparse_mla_bwd ("attn_bwd").
 
 CUDA (SPEC section 6): forward at T=4096, H=128, K=2048, S in {8K, 32K, 128K}; backward at
-T=4096, S=8192, H=128, K=2048 (atomic and deterministic dKV); the forward again with the opt-in
-sm_90a wgmma kernel (DSA_SPARSE_MLA_WGMMA=1) at S in {8K, 128K}; the DeepSeek-V4 width
+T=4096, S=8192, H=128, K=2048 (atomic, and deterministic dKV with each reduction: `[list]`,
+`[bitmap]`); the forward again with each kernel named by DSA_SPARSE_MLA_FWD (`[ws]`, the
+sm_90a default for 64-head blocks; `[wgmma]`; `[mma]`) at S in {8K, 128K}; the DeepSeek-V4 width
 d_qk = 512 (K == V) forward and backward at T=4096, H=64, K=640, S=32K (SPEC section 6's
 d_qk = 512 row; names end in `[d512]`). FLOPs: forward 2*T*H*K*(d_qk+512) over valid entries
 (all entries are valid here), backward 2.5x that; both
@@ -16,12 +17,11 @@ CPU / quick: tiny shapes that run in well under a second; d_qk 512 at H = 8 (the
 """
 from __future__ import annotations
 
-import os
 from typing import List
 
 import torch
 
-from .common import Case
+from .common import Case, with_env
 
 __all__ = ["cases"]
 
@@ -88,28 +88,13 @@ def _dense_attention(q, kv, scale, chunk, dtype=torch.bfloat16):
     return torch.cat(outs)
 
 
-def _with_wgmma(fn):
-    """Run fn with the opt-in sm_90a wgmma forward selected (the glue reads DSA_SPARSE_MLA_WGMMA
-    per call, so under --graphs the choice is captured too)."""
-    def run():
-        old = os.environ.get("DSA_SPARSE_MLA_WGMMA")
-        os.environ["DSA_SPARSE_MLA_WGMMA"] = "1"
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ["DSA_SPARSE_MLA_WGMMA"]
-            else:
-                os.environ["DSA_SPARSE_MLA_WGMMA"] = old
-    return run
-
-
-def _suffix(wgmma: bool, d_qk: int) -> str:
-    tags = (["wgmma"] if wgmma else []) + (["d512"] if d_qk == 512 else [])
+def _suffix(kernel: str, d_qk: int, tag: str = "") -> str:
+    tags = ([kernel] if kernel else []) + (["d512"] if d_qk == 512 else []) + ([tag] if tag else [])
     return f"[{','.join(tags)}]" if tags else ""
 
 
-def _fwd_case(device, T, H, S, K, gen, dense: bool, wgmma: bool = False, d_qk: int = D_QK) -> Case:
+def _fwd_case(device, T, H, S, K, gen, dense: bool, kernel: str = "", d_qk: int = D_QK) -> Case:
+    """kernel: DSA_SPARSE_MLA_FWD for this case ("ws", "wgmma", "mma"; "" = the default)."""
     import dsa_ext
 
     q, kv, idx = _inputs(device, T, H, S, K, gen, d_qk)
@@ -125,14 +110,15 @@ def _fwd_case(device, T, H, S, K, gen, dense: bool, wgmma: bool = False, d_qk: i
     flops = 2.0 * T * H * K * (d_qk + D_V)
     nbytes = (q.numel() + kv.numel()) * 2 + idx.numel() * 4 + T * H * D_V * 2 + T * H * 4
     op = lambda: dsa_ext.sparse_mla_fwd(q, kv, idx, scale)  # noqa: E731
-    return Case(family="attn_fwd", name="sparse_mla_fwd" + _suffix(wgmma, d_qk),
+    return Case(family="attn_fwd", name="sparse_mla_fwd" + _suffix(kernel, d_qk),
                 shape={"T": T, "H": H, "S": S, "K": K, "d_qk": d_qk},
-                fn=_with_wgmma(op) if wgmma else op,
+                fn=with_env(op, "DSA_SPARSE_MLA_FWD", kernel) if kernel else op,
                 flops=flops, bytes=float(nbytes), bound="compute", flops_dtype="bf16",
                 baselines=baselines, note="random indices, all valid")
 
 
-def _bwd_case(device, T, H, S, K, gen, deterministic: bool, d_qk: int = D_QK) -> Case:
+def _bwd_case(device, T, H, S, K, gen, deterministic: bool, d_qk: int = D_QK, reduce: str = "") -> Case:
+    """reduce: DSA_SPARSE_MLA_DET_REDUCE for a deterministic case ("list", "bitmap"; "" = default)."""
     import dsa_ext
 
     q, kv, idx = _inputs(device, T, H, S, K, gen, d_qk)
@@ -144,10 +130,10 @@ def _bwd_case(device, T, H, S, K, gen, deterministic: bool, d_qk: int = D_QK) ->
     flops = 2.5 * 2.0 * T * H * K * (d_qk + D_V)
     nbytes = ((q.numel() + kv.numel() + 2 * out.numel()) * 2 + idx.numel() * 4 + lse.numel() * 4
               + (q.numel() + kv.numel()) * 2)
-    name = ("sparse_mla_bwd_deterministic" if deterministic else "sparse_mla_bwd") + _suffix(False, d_qk)
+    name = ("sparse_mla_bwd_deterministic" if deterministic else "sparse_mla_bwd") + _suffix("", d_qk, reduce)
+    op = lambda: dsa_ext.sparse_mla_bwd(q, kv, out, dout, idx, lse, scale, deterministic=deterministic)  # noqa: E731
     return Case(family="attn_bwd", name=name, shape={"T": T, "H": H, "S": S, "K": K, "d_qk": d_qk},
-                fn=lambda: dsa_ext.sparse_mla_bwd(q, kv, out, dout, idx, lse, scale,
-                                                  deterministic=deterministic),
+                fn=with_env(op, "DSA_SPARSE_MLA_DET_REDUCE", reduce) if reduce else op,
                 flops=flops, bytes=float(nbytes), bound="compute", flops_dtype="bf16",
                 baselines={"gather + torch attention autograd bf16":
                            lambda: _gathered_attention_bwd(q, kv, idx, scale, dout, chunk),
@@ -164,14 +150,18 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     if device.type == "cuda" and not quick:
         for S in (8192, 32768, 131072):
             out.append(_fwd_case(device, 4096, 128, S, 2048, gen, dense=S == 8192))
-        # the opt-in sm_90a wgmma forward (64-head blocks), SPEC shapes
+        # each forward kernel by name at the SPEC shapes (the default on sm_90a is ws): the
+        # first GPU run times the warp-specialised kernel beside the earlier two
         for S in (8192, 131072):
-            out.append(_fwd_case(device, 4096, 128, S, 2048, gen, dense=False, wgmma=True))
+            for kernel in ("ws", "wgmma", "mma"):
+                out.append(_fwd_case(device, 4096, 128, S, 2048, gen, dense=False, kernel=kernel))
         out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=False))
-        out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=True))
+        for reduce in ("list", "bitmap"):   # the deterministic reductions: O(entries) vs O(S)
+            out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=True, reduce=reduce))
         # DeepSeek-V4 width (SPEC section 6, d_qk = 512 row): T=4096, H=64, K=640, S=32K
         out.append(_fwd_case(device, 4096, 64, 32768, 640, gen, dense=False, d_qk=512))
-        out.append(_fwd_case(device, 4096, 64, 32768, 640, gen, dense=False, wgmma=True, d_qk=512))
+        for kernel in ("ws", "mma"):
+            out.append(_fwd_case(device, 4096, 64, 32768, 640, gen, dense=False, kernel=kernel, d_qk=512))
         out.append(_bwd_case(device, 4096, 64, 32768, 640, gen, deterministic=False, d_qk=512))
         out.append(_bwd_case(device, 4096, 64, 32768, 640, gen, deterministic=True, d_qk=512))
     else:

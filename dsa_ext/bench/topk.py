@@ -13,12 +13,11 @@ sm_90 both modes run the same single-CTA kernel. On the CPU nothing changes (no 
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .common import Case
+from .common import Case, with_env
 
 __all__ = ["cases", "SYNC", "SYNC_CHOICES", "sync_variants", "with_sync"]
 
@@ -28,19 +27,8 @@ _ENV = "DSA_TOPK_SYNC"
 
 
 def with_sync(mode: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """fn run with DSA_TOPK_SYNC=mode (restored after): the launcher reads it at every launch,
-    and under --graphs the kernel chosen at capture is the one the graph replays."""
-    def run():
-        old = os.environ.get(_ENV)
-        os.environ[_ENV] = mode
-        try:
-            return fn()
-        finally:
-            if old is None:
-                os.environ.pop(_ENV, None)
-            else:
-                os.environ[_ENV] = old
-    return run
+    """fn run with DSA_TOPK_SYNC=mode (restored after; the launcher reads it at every launch)."""
+    return with_env(fn, _ENV, mode)
 
 
 def sync_variants(device_type: str, sync: str) -> Tuple[Optional[str], List[str]]:

@@ -2,9 +2,9 @@
 // launchers of sparse_mla_launch.cu (rewritten for the host by launch_rewrite.py), called with
 // raw pointers exactly as sparse_mla_cuda.cpp calls them once its checks have passed (so the
 // caller, like the glue, handles S == 0 or K == 0 without a launch and zeroes dkv_acc). The
-// forward kernel is the launcher's choice: DSA_SPARSE_MLA_WGMMA=1 through emu_set_env opts into
-// wgmma for 64-head blocks, else mma.sync with the largest head block dividing H (16 with a
-// partial last block otherwise). D is d_qk (576 or 512); d_v is 512.
+// forward kernel is the launcher's choice (the emulator plays an sm_90a device): for 64-head
+// blocks DSA_SPARSE_MLA_FWD (emu_set_env) = ws (the default) | wgmma | mma, else mma.sync with
+// the largest head block dividing H (16 with a partial last block otherwise). D is d_qk (576 or 512); d_v is 512.
 #include "sparse_mla_launch.gen.cu"
 
 extern "C" {
@@ -26,21 +26,21 @@ int emu_sparse_mla_fwd(const void* q, const void* kv, const int32_t* indices, co
   a.K = static_cast<int>(K);
   a.D = static_cast<int>(D);
   a.sm_scale = sm_scale;
-  const cudaError_t err = dsa::sparse_mla::wgmma_opted_in(0, &a.use_wgmma);
+  const cudaError_t err = dsa::sparse_mla::fwd_kernel_selected(0, a.H, &a.kernel);
   if (err != cudaSuccess) return err;
   return dsa::sparse_mla::sparse_mla_fwd_launch(a, nullptr);
 }
 
 // The deterministic backward's workspace as the glue sizes it (the budget from
 // DSA_SPARSE_MLA_DET_SCRATCH_MB, default 64 MiB): sizes[0] = scratch floats ([rows, D], at
-// least one row), sizes[1] = int32 words (entry list, then row counts, offsets and cursor of
-// S + 1 each), sizes[2] = the entry list's length, sizes[3] = tokens per chunk.
+// least one row), sizes[1] = int32 words (bwd_int_words: entry list, row counts, offsets and
+// cursor of S + 1 each, the "list" reduction's row lists), sizes[2] = the entry list's length, sizes[3] = tokens per chunk.
 void emu_sparse_mla_bwd_workspace(int64_t T, int64_t S, int64_t H, int64_t K, int64_t D, int64_t* sizes) {
   const auto w = dsa::sparse_mla::sparse_mla_bwd_workspace(
       T, static_cast<int>(H), static_cast<int>(K), static_cast<int>(D),
       dsa::sparse_mla::sparse_mla_bwd_scratch_budget());
   sizes[0] = w.scratch_rows * D;
-  sizes[1] = w.list_len + 3 * (S + 1);
+  sizes[1] = dsa::sparse_mla::bwd_int_words(S, w.list_len);
   sizes[2] = w.list_len;
   sizes[3] = w.chunk_tokens;
 }
@@ -85,10 +85,7 @@ int emu_sparse_mla_bwd(const void* q, const void* kv, const void* out, const voi
     int64_t sizes[4];
     emu_sparse_mla_bwd_workspace(T, S, H, K, D, sizes);
     a.scratch = scratch;
-    a.entry_list = ints;
-    a.row_counts = ints + sizes[2];
-    a.row_offsets = a.row_counts + (S + 1);
-    a.row_cursor = a.row_offsets + (S + 1);
+    dsa::sparse_mla::bind_bwd_ints(a, ints, S, sizes[2]);
   }
   return dsa::sparse_mla::sparse_mla_bwd_launch(a, nullptr);
 }

@@ -1,0 +1,334 @@
+// Warp-specialised sparse MLA forward on Hopper (wgmma, sm_90a only) for 64-head blocks
+// (H = 64, 128) at d_qk 576 or 512. Selected by DSA_SPARSE_MLA_FWD=ws (sparse_mla_launch.cu).
+//
+// One CTA per (token, 64 heads), 256 threads = two warpgroups with distinct roles, synchronised
+// by mbarriers only (no CTA barrier inside the block loop):
+//   producer (warpgroup 1): gathers the indexed latent rows of 64-token block b + 1 into KV
+//     stage (b + 1) & 1 (16-byte cp.async, zero-fill for skipped entries, a valid flag per row)
+//     once consumer 0 released the stage (empty[], 128 arrivals), then runs the right half
+//     O[:, 256:512) += P(b) V(b) once P(b) is ready (pready[], 128 arrivals), and publishes
+//     block b + 1 (cp.async.wait_group, fence.proxy.async, full[], 128 arrivals) while its P V
+//     runs: the gather of b + 1 overlaps the scores and softmax of b.
+//   consumer 0 (warpgroup 0): S = Q Kᵀ (m64n64k16 x D/16), the online softmax, P (bf16) into
+//     the stage's P tile with the rows' rescale factors, and the left half O[:, 0:256) += P V.
+//     Software-pipelined as in FA3: in iteration b it issues S(b + 1) and then P(b) V(b) back
+//     to back (one wgmma.fence, two commit groups), waits for S(b + 1) only
+//     (wgmma.wait_group 1) and runs the softmax of block b + 1 while P(b) V(b) is still on the
+//     tensor cores, then waits for it and releases the stage.
+// P lives in the KV stage's rope columns 512..575 when D = 576 (S has read them by then; the
+// producer refills the stage only after consumer 0 released it), in two separate 8 KB tiles
+// when D = 512: 222,768 / 213,552 bytes of shared memory.
+// Why not a separate producer warp / warpgroup (FlashMLA: 384 threads, setmaxnreg 216/72): the
+// CPU emulator does not model setmaxnreg (csrc/emu/ptx.cpp has none), and without it a
+// 288-thread CTA (2 warpgroups + 1 warp) is capped at 168 registers per thread like a
+// 384-thread one (9 warps on 4 SM sub-partitions: 3 warps share one sub-partition's 16K
+// registers), below O's 128 + S's 32 accumulators plus the softmax (ptxas spilled 576 bytes).
+// So the warpgroup with the lighter MMA load (the right P V: 4 of the block's 44 wgmma per
+// warpgroup pair) is the producer, and both keep up to 255 registers.
+//
+// MODEL (H100 SXM, 132 SMs at 1.83 GHz boost; not measured; T = 4096, K = 2048, H = 128, S = 32K,
+// d_qk = 576; per CTA = per (token, 64 heads), 32 blocks of 64 tokens):
+//   MMA: per block 36 m64n64k16 (S) + 2 x 4 m64n256k16 (P V) = 64 x 64 x (576 + 512) x 2 =
+//     8.9 MFLOP; at the dense bf16 rate of 1024 FLOP/clk per SM sub-partition (4096 per SM)
+//     2176 clocks per block. SPEC FLOPs (2 H K (d_qk + d_v)) = 4.67 TFLOP per call: 4.7 ms at
+//     the 989 TFLOP/s peak, 6.7 ms at the 700 TFLOP/s target.
+//   Shared-memory operand traffic (wgmma reads its SS operands from shared memory through the
+//     async proxy; the emulator counts wavefronts of the generic accesses only): per block
+//     S reads Q (73.7 KB) + K (73.7 KB), P V reads P twice (16 KB) + V once per warpgroup half
+//     (64 KB): 227 KB, at 128 B/clk = 1780 clocks < 2176: under the MMA time, not the bound.
+//     Generic accesses per block (emulator counters of the wgmma kernel at this tile: 64 x 64
+//     P stores of 4 bytes by 128 threads = 32 wavefronts, 64 rescale-factor stores/loads, the
+//     valid flags): < 100 wavefronts, negligible.
+//   Gathers: 73.7 KB per block per CTA = 33.9 B/clk per SM at the MMA rate; both head blocks of a
+//     token gather the same rows, so L2 -> SM traffic is 2 x 4096 x 2048 x 1152 B = 19.3 GB per
+//     call: 4.1 TB/s at the 4.7 ms MMA time, above the ~3.5-4 TB/s an H100 L2 sustains to SMs
+//     for scattered 1152-byte rows (HBM: each of the S = 32K rows (37.7 MB, fits the 50 MB L2)
+//     is read from HBM about once). Bound: L2 bandwidth, ~4.8-5.5 ms = 850-970 TFLOP/s if the
+//     producer keeps 2 blocks (147 KB) in flight (Little's law: 147 KB per ~1.5 us L2 latency
+//     under load = 98 B/clk, enough).
+//   Softmax: 64 x 64 exp2 per block on 128 threads = 32 MUFU ops per thread + ~150 FP32/ALU
+//     instructions: ~400 issue clocks per block, hidden behind P(b) V(b) and S(b + 1) by the
+//     pipelining above (the mma.sync and plain wgmma kernels serialise it: 15-20% of a block).
+//   Estimate: min(MMA 2176, L2 ~2400 clocks per block) plus the per-CTA prologue (Q 73.7 KB
+//     load, first gather latency ~2 us without overlap across CTAs at 1 CTA / SM) = 2 us x
+//     (8192 CTAs / 132 SMs) = 0.12 ms: ~5.5 ms = ~850 TFLOP/s upper estimate; realistic
+//     (wgmma issue gaps, mbarrier round trips ~ 10%): 650-750 TFLOP/s against the SPEC 700.
+//     Shortfall risks: the L2 gather bandwidth (no TMA gather on Hopper) and the lack of
+//     setmaxnreg (the producer warp could feed more copies with more registers: it issues
+//     144 cp.async per lane per block, 2.3 issue clocks each, 330 clocks of 2176: fine).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/cluster_sync.cuh"
+#include "common/mma_sm80.cuh"
+#include "common/wgmma_sm90.cuh"
+#include "sparse_mla/sparse_mla_kernels.cuh"
+#include "sparse_mla/sparse_mla_wgmma.cuh"
+
+#if defined(DSA_EMULATOR)
+#include "emu/ptx.h"
+#endif
+
+namespace dsa::sparse_mla {
+
+namespace ws {
+// CTA-scope mbarrier arrive / wait (PTX 9.7.13.15.13, .15.16) and wgmma.wait_group 1
+// (PTX 9.7.15.8), the pieces common/cluster_sync.cuh and common/wgmma_sm90.cuh do not have.
+__device__ __forceinline__ void arrive(uint32_t bar) {
+#if defined(DSA_EMULATOR)
+  (void)::emu::ptx::mbarrier_arrive(bar);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+#endif
+}
+__device__ __forceinline__ void wait(uint32_t bar, uint32_t parity) {
+#if defined(DSA_EMULATOR)
+  while (!::emu::ptx::mbarrier_try_wait_parity(bar, parity)) {
+  }
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+#endif
+}
+__device__ __forceinline__ void wgmma_wait_1() {
+#if defined(DSA_EMULATOR)
+  ::emu::ptx::wgmma_wait(1);
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+#endif
+}
+// bar.sync id, count (PTX 9.7.13.4): a named barrier over `count` threads (whole warps).
+__device__ __forceinline__ void named_sync(int id, int count) {
+#if defined(DSA_EMULATOR)
+  ::emu::bar_sync(id, count);
+#else
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) wg::fence_operand(r[i]);
+}
+}  // namespace ws
+
+template <int D>
+struct WsFwdCfg {
+  static constexpr int kHB = kWgmmaHeadBlock;
+  static constexpr int kBN = 64;
+  static constexpr int kThreads = 256;  // two warpgroups
+  static constexpr int kQBytes = kHB * D * 2;
+  static constexpr int kKVBytes = kBN * D * 2;
+  static constexpr int kPBytes = kHB * kBN * 2;
+  static constexpr bool kPInRope = D == 576;  // P over the stage's rope columns 512..575
+  static constexpr int kQOff = 0;
+  static constexpr int kKVOff = kQOff + kQBytes;  // two stages
+  static constexpr int kPOff = kKVOff + 2 * kKVBytes;  // two P tiles (D = 512 only)
+  static constexpr int kAlphaOff = kPOff + (kPInRope ? 0 : 2 * kPBytes);  // float [2][64]
+  static constexpr int kSumOff = kAlphaOff + 2 * kHB * 4;   // float [64]
+  static constexpr int kMaxOff = kSumOff + kHB * 4;         // float [64]
+  static constexpr int kValidOff = kMaxOff + kHB * 4;       // float [2][64]
+  static constexpr int kBarOff = kValidOff + 2 * kBN * 4;   // uint64 full[2], empty[2], pready[2]
+  static constexpr int kSmemBytes = kBarOff + 6 * 8;        // 222,768 (576), 213,552 (512)
+  static_assert(kSmemBytes <= kMaxSmemPerBlock, "ws forward tiles exceed shared memory");
+  static_assert(kBarOff % 8 == 0, "mbarriers 8-aligned");
+  // P tile of stage s, byte offset in shared memory (16-aligned, a 64 x 64 core-matrix tile)
+  static constexpr int p_off(int stage) {
+    return kPInRope ? kKVOff + stage * kKVBytes + static_cast<int>(core_byte_offset<kBN>(0, kDv))
+                    : kPOff + stage * kPBytes;
+  }
+};
+
+template <int D>
+__global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
+    sparse_mla_fwd_ws_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
+                             const int32_t* __restrict__ indices, const float* __restrict__ attn_sink,
+                             const int32_t* __restrict__ topk_length, __nv_bfloat16* __restrict__ out,
+                             float* __restrict__ lse, int64_t S, int H, int K, float sm_scale) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = WsFwdCfg<D>;
+  DSA_DYNAMIC_SMEM(smem, 128);
+  uint8_t* q_s = smem + C::kQOff;
+  uint8_t* kv_s0 = smem + C::kKVOff;
+  float* alpha_s = reinterpret_cast<float*>(smem + C::kAlphaOff);
+  float* sum_s = reinterpret_cast<float*>(smem + C::kSumOff);
+  float* max_s = reinterpret_cast<float*>(smem + C::kMaxOff);
+  float* valid_s = reinterpret_cast<float*>(smem + C::kValidOff);
+  const uint32_t bars = csync::smem_addr(smem + C::kBarOff);
+  const auto full = [&](int st) { return bars + 8 * st; };         // producer -> consumer 0
+  const auto empty = [&](int st) { return bars + 16 + 8 * st; };   // consumer 0 -> producer
+  const auto pready = [&](int st) { return bars + 32 + 8 * st; };  // consumer 0 -> producer's P V
+
+  const int nhb = H / C::kHB;
+  const int64_t t = blockIdx.x / nhb;
+  const int h0 = static_cast<int>(blockIdx.x % nhb) * C::kHB;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wgi = warp >> 2;  // 0: scores / softmax / left P V; 1: gathers / right P V
+  const int row0 = 16 * (warp & 3) + (lane >> 2);  // accumulator rows row0 and row0 + 8
+  const int c4 = lane & 3;
+  const int32_t* idx_row = indices + t * K;
+  const int limit = row_limit(topk_length, t, K);
+  const int nblocks = (limit + C::kBN - 1) / C::kBN;
+
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < 2; ++st) {
+      csync::mbar_init(full(st), 128);
+      csync::mbar_init(empty(st), 128);
+      csync::mbar_init(pready(st), 128);
+    }
+  }
+  {  // Q [64 x D] by every thread (as in the wgmma kernel)
+    const __nv_bfloat16* qsrc = q + (t * H + h0) * D;
+    const uint32_t q_addr = smem_u32(q_s);
+    for (int c = threadIdx.x; c < C::kHB * Latent<D>::kChunks; c += C::kThreads) {
+      const int r = (c >> 1) & (C::kHB - 1), ch = 2 * (c >> 7) + (c & 1);
+      cp_async_16_zfill(q_addr + core_byte_offset<C::kHB>(r, ch * 8), qsrc + r * D + ch * 8, true);
+    }
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  wg::fence_proxy_async_smem();  // Q -> wgmma reads
+  __syncthreads();               // Q and the mbarrier inits visible to all
+
+  float o[128];  // O[:, 256 wgi, +256)
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  if (wgi == 0) {  // ---- consumer: S, softmax, left P V
+    const float scale2 = sm_scale * kLog2e;
+    float m_run[2] = {kMaxInit, kMaxInit}, l_run[2] = {0.f, 0.f};
+    float alpha[2] = {1.f, 1.f}, alpha_next[2] = {1.f, 1.f};
+    float s[32];
+    const auto softmax = [&](int blk, float (&a)[2]) {
+      const int st = blk & 1;
+      // wgmma.wait_group covers this warp's part of a warpgroup MMA only: before P overwrites
+      // the rope columns S just read (D = 576) or the P tile the previous P V of this stage
+      // read (D = 512), the warpgroup agrees that every warp's part is done.
+      ws::named_sync(1, 128);
+      wgmma_online_softmax(s, valid_s + st * C::kBN, scale2, c4, row0, m_run, l_run, a,
+                           smem_u32(smem + C::p_off(st)));
+      if (c4 == 0) {
+        alpha_s[st * C::kHB + row0] = a[0];
+        alpha_s[st * C::kHB + row0 + 8] = a[1];
+      }
+      wg::fence_proxy_async_smem();  // P stores -> wgmma reads (both warpgroups)
+      ws::arrive(pready(st));        // the producer's right P V
+      ws::named_sync(1, 128);        // this warpgroup's own P V reads every warp's P rows
+    };
+    if (nblocks > 0) {
+      ws::wait(full(0), 0);
+      wg::wgmma_fence();
+      wgmma_issue_scores<D>(s, q_s, kv_s0);
+      wg::wgmma_commit();
+      wg::wgmma_wait_all();
+      ws::fence_regs(s);
+      softmax(0, alpha);
+    }
+    // Blocks with a successor: S(b + 1) and P(b) V(b) issued back to back, the softmax of
+    // b + 1 while P(b) V(b) runs. (Straight-line wgmma issue: a wgmma under a data-dependent
+    // branch makes ptxas serialise them, warning C7520.)
+    for (int blk = 0; blk + 1 < nblocks; ++blk) {
+      const int st = blk & 1;
+      ws::wait(full(st ^ 1), ((blk + 1) >> 1) & 1);
+#pragma unroll
+      for (int i = 0; i < 128; i += 4) {
+        o[i] *= alpha[0]; o[i + 1] *= alpha[0];
+        o[i + 2] *= alpha[1]; o[i + 3] *= alpha[1];
+      }
+      wg::wgmma_fence();
+      wgmma_issue_scores<D>(s, q_s, kv_s0 + (st ^ 1) * C::kKVBytes);
+      wg::wgmma_commit();
+      wgmma_issue_pv(o, smem + C::p_off(st), kv_s0 + st * C::kKVBytes, 0);
+      wg::wgmma_commit();
+      ws::wgmma_wait_1();
+      ws::fence_regs(s);
+      softmax(blk + 1, alpha_next);
+      wg::wgmma_wait_all();
+      ws::fence_regs(o);
+      ws::arrive(empty(st));
+      alpha[0] = alpha_next[0];
+      alpha[1] = alpha_next[1];
+    }
+    if (nblocks > 0) {  // the last block: P V only
+      const int st = (nblocks - 1) & 1;
+#pragma unroll
+      for (int i = 0; i < 128; i += 4) {
+        o[i] *= alpha[0]; o[i + 1] *= alpha[0];
+        o[i + 2] *= alpha[1]; o[i + 3] *= alpha[1];
+      }
+      wg::wgmma_fence();
+      wgmma_issue_pv(o, smem + C::p_off(st), kv_s0 + st * C::kKVBytes, 0);
+      wg::wgmma_commit();
+      wg::wgmma_wait_all();
+      ws::fence_regs(o);
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 1);
+      l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 2);
+      if (c4 == 0) {
+        sum_s[row0 + 8 * hf] = l_run[hf];
+        max_s[row0 + 8 * hf] = m_run[hf];
+      }
+    }
+  } else {  // ---- producer: gathers block b + 1 while block b is scored, then right P V of b
+    const int ptid = threadIdx.x - 128;
+    const auto gather = [&](int blk) {
+      wgmma_gather_kv_block<128, D>(ptid, smem_u32(kv_s0 + (blk & 1) * C::kKVBytes),
+                                    valid_s + (blk & 1) * C::kBN, kv, idx_row, blk, limit, S);
+      cp_async_commit();
+    };
+    const auto publish = [&](int blk) {  // this thread's copies of blk have landed
+      cp_async_wait<0>();
+      wg::fence_proxy_async_smem();
+      ws::arrive(full(blk & 1));
+    };
+    if (nblocks > 0) {
+      gather(0);
+      publish(0);
+    }
+    for (int blk = 0; blk < nblocks; ++blk) {
+      const int st = blk & 1;
+      const bool next = blk + 1 < nblocks;
+      if (next) {
+        // stage st ^ 1 held block b - 1: consumer 0 released it, and every warp of this
+        // warpgroup has finished its part of P(b - 1) V(b - 1) (named barrier 2)
+        if (blk >= 1) ws::wait(empty(st ^ 1), ((blk - 1) >> 1) & 1);
+        ws::named_sync(2, 128);
+        gather(blk + 1);
+      }
+      ws::wait(pready(st), (blk >> 1) & 1);
+      const float a_lo = alpha_s[st * C::kHB + row0], a_hi = alpha_s[st * C::kHB + row0 + 8];
+#pragma unroll
+      for (int i = 0; i < 128; i += 4) {
+        o[i] *= a_lo; o[i + 1] *= a_lo;
+        o[i + 2] *= a_hi; o[i + 3] *= a_hi;
+      }
+      wg::wgmma_fence();
+      wgmma_issue_pv(o, smem + C::p_off(st), kv_s0 + st * C::kKVBytes, 1);
+      wg::wgmma_commit();
+      if (next) publish(blk + 1);
+      wg::wgmma_wait_all();
+      ws::fence_regs(o);
+    }
+  }
+  __syncthreads();  // row sums and maxima (consumer 0) -> both warpgroups
+  wgmma_store_rows(o, sum_s, max_s, attn_sink, out, lse, t, H, h0, wgi, row0, c4);
+#else
+  __trap();  // sm_90a only; the launcher never selects this kernel elsewhere
+#endif
+}
+
+}  // namespace dsa::sparse_mla
