@@ -144,7 +144,9 @@ __device__ __forceinline__ bool issue_tile_copy(const RowList& list, int tile, u
   } else {
     const auto* row = reinterpret_cast<const __nv_bfloat16*>(src);
     constexpr int kCols = F::kDqk / 4;   // 144 / 128 features, 18 / 16 chunks per thread
-#pragma unroll
+    // Not unrolled fully: this copy is issued while the 64-head kernel's accumulators are live,
+    // and 16 precomputed addresses spilled it on sm_80.
+#pragma unroll 2
     for (int c = 0; c < kCols / 8; ++c) {
       const int col = part * kCols + 8 * c;
       cp_async_16(kv + core_offset<kTokensPerTile>(token, col), row + col, valid);
