@@ -54,11 +54,12 @@ cudaError_t launch_fwd(const FwdArgs& a, cudaStream_t stream) {
   return last_launch_error();
 }
 
-template <int D>
-cudaError_t launch_fwd_wgmma(const FwdArgs& a, cudaStream_t stream) {
-  using C = WgmmaFwdCfg<D>;
-  auto kernel = sparse_mla_fwd_wgmma_kernel<D>;
-  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_fwd_wgmma_kernel<D>>(C::kSmemBytes);
+// The two sm_90a forward kernels of 64-head blocks (sparse_mla_wgmma.cuh, sparse_mla_ws.cuh):
+// same arguments, a CTA per (token, 64 heads); C is the kernel's tile configuration.
+template <class C, auto Kernel>
+cudaError_t launch_fwd_64(const FwdArgs& a, cudaStream_t stream) {
+  auto kernel = Kernel;
+  cudaError_t err = ensure_max_dynamic_smem<Kernel>(C::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t grid = a.T * (a.H / C::kHB);
   kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
@@ -69,17 +70,13 @@ cudaError_t launch_fwd_wgmma(const FwdArgs& a, cudaStream_t stream) {
 }
 
 template <int D>
+cudaError_t launch_fwd_wgmma(const FwdArgs& a, cudaStream_t stream) {
+  return launch_fwd_64<WgmmaFwdCfg<D>, sparse_mla_fwd_wgmma_kernel<D>>(a, stream);
+}
+
+template <int D>
 cudaError_t launch_fwd_ws(const FwdArgs& a, cudaStream_t stream) {
-  using C = WsFwdCfg<D>;
-  auto kernel = sparse_mla_fwd_ws_kernel<D>;
-  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_fwd_ws_kernel<D>>(C::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  const int64_t grid = a.T * (a.H / C::kHB);
-  kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
-      static_cast<const __nv_bfloat16*>(a.q), static_cast<const __nv_bfloat16*>(a.kv), a.indices,
-      a.attn_sink, a.topk_length, static_cast<__nv_bfloat16*>(a.out), a.lse, a.S, a.H, a.K,
-      a.sm_scale);
-  return last_launch_error();
+  return launch_fwd_64<WsFwdCfg<D>, sparse_mla_fwd_ws_kernel<D>>(a, stream);
 }
 
 template <int HB, int D>
@@ -137,7 +134,8 @@ cudaError_t fwd_kernel_selected(int device, int H, FwdKernel* kernel) {
   *kernel = FwdKernel::kMma;
   const char* env = std::getenv("DSA_SPARSE_MLA_FWD");
   const char* legacy = std::getenv("DSA_SPARSE_MLA_WGMMA");
-  FwdKernel want = FwdKernel::kWs;  // unset: ws where it applies
+  // Unset: mma.sync. ws stays opt-in while ptxas serialises its wgmma (C7520 at -O3).
+  FwdKernel want = FwdKernel::kMma;
   bool asked = false;
   if (env != nullptr && *env != '\0') {
     asked = true;
@@ -148,6 +146,7 @@ cudaError_t fwd_kernel_selected(int device, int H, FwdKernel* kernel) {
     asked = true;
     want = FwdKernel::kWgmma;
   }
+  if (want == FwdKernel::kMma) return cudaSuccess;
   if (H % kWgmmaHeadBlock != 0) return cudaSuccess;
   int major = 0;
   cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);

@@ -32,7 +32,7 @@ struct FwdArgs {
 // The forward kernel for 64-head blocks (H = 64, 128) on sm_90a: DSA_SPARSE_MLA_FWD = ws (the
 // warp-specialised wgmma kernel, sparse_mla_ws.cuh) | wgmma (sparse_mla_wgmma.cuh) | mma
 // (mma.sync, sparse_mla_kernels.cuh); DSA_SPARSE_MLA_WGMMA=1 (the earlier opt-in) is "wgmma".
-// Unset: ws on a compute capability 9 device running this unit's sm_90a image, else mma. Other
+// Unset: mma (ws is opt-in until ptxas stops serialising its wgmma, C7520, and a GPU has timed it). Other
 // H, and every H off Hopper, take mma.sync whatever the switch says. An explicit ws / wgmma on
 // Hopper without the sm_90a image (a build without 9.0a in TORCH_CUDA_ARCH_LIST) returns
 // cudaErrorNoKernelImageForDevice (common/loaded_image.cuh), not a silent fallback. Read per call
