@@ -143,6 +143,21 @@ __device__ __forceinline__ void wgmma_online_softmax(float (&s)[32], const float
   }
 }
 
+// The consumer's final row sums (added across the quad) and maxima into shared memory, for
+// wgmma_store_rows of both warpgroups. Shared by the wgmma and the warp-specialised forward.
+__device__ __forceinline__ void wgmma_publish_row_stats(float (&l_run)[2], const float (&m_run)[2],
+                                                        float* sum_s, float* max_s, int row0, int c4) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 1);
+    l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 2);
+    if (c4 == 0) {
+      sum_s[row0 + 8 * hf] = l_run[hf];
+      max_s[row0 + 8 * hf] = m_run[hf];
+    }
+  }
+}
+
 // Adds a finished head block's row sums across the quad, then writes out (bf16, normalised,
 // the sink in the denominator) and lse for the thread's two rows of the 256 columns
 // [256 wgi, +256) held in o (m64n256 accumulator layout). l / m: the row's sum and max.
@@ -269,15 +284,7 @@ __global__ void __launch_bounds__(WgmmaFwdCfg<D>::kThreads, 1)
   }
 
   if (wgi == 0) {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 1);
-      l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 2);
-      if (c4 == 0) {
-        sum_s[row0 + 8 * hf] = l_run[hf];
-        max_s[row0 + 8 * hf] = m_run[hf];
-      }
-    }
+    wgmma_publish_row_stats(l_run, m_run, sum_s, max_s, row0, c4);
   }
   __syncthreads();
   wgmma_store_rows(o, sum_s, max_s, attn_sink, out, lse, t, H, h0, wgi, row0, c4);

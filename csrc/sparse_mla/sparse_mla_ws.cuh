@@ -274,15 +274,7 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
       wg::wgmma_wait_all();
       ws::fence_regs(o);
     }
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 1);
-      l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 2);
-      if (c4 == 0) {
-        sum_s[row0 + 8 * hf] = l_run[hf];
-        max_s[row0 + 8 * hf] = m_run[hf];
-      }
-    }
+    wgmma_publish_row_stats(l_run, m_run, sum_s, max_s, row0, c4);
   } else {  // ---- producer: gathers block b + 1 while block b is scored, then right P V of b
     const int ptid = threadIdx.x - 128;
     const auto gather = [&](int blk) {
