@@ -106,7 +106,7 @@ def kernel_plan(capability: Optional[Tuple[int, int]], arch_list: str = "",
     mma = f"mma.sync bf16 ({image})"
     if fwd in ("ws", "wgmma") and capability[0] == 9 and not sm90a:
         plan["sparse_mla"] = f"refused with DSA_SPARSE_MLA_FWD={fwd}: needs the sm_90a image (image {image})"
-    elif sm90a and fwd == "ws":
+    elif sm90a and fwd in ("", "ws"):
         plan["sparse_mla"] = f"CUDA fwd: warp-specialised wgmma (ws) for H = 64 / 128, {mma} for other H; bwd {mma}{det}"
     elif sm90a and fwd == "wgmma":
         plan["sparse_mla"] = f"CUDA fwd: wgmma bf16 for 64-head blocks, {mma} otherwise; bwd {mma}{det}"

@@ -34,7 +34,7 @@ SCALE = 576 ** -0.5
 # check_bwd (dq, dkv rel. error).
 OUT_TOL, LSE_ATOL, LSE_RTOL, GRAD_TOL = 1e-2, 1e-3, 1e-4, 2e-2
 WGMMA_ENV = "DSA_SPARSE_MLA_WGMMA"   # the earlier opt-in (= DSA_SPARSE_MLA_FWD=wgmma)
-FWD_ENV = "DSA_SPARSE_MLA_FWD"       # ws | wgmma | mma (unset: mma)
+FWD_ENV = "DSA_SPARSE_MLA_FWD"       # ws | wgmma | mma (unset: ws for 64-head blocks)
 BUDGET_ENV = "DSA_SPARSE_MLA_DET_SCRATCH_MB"   # the deterministic scratch budget (MiB; 0 = none)
 REDUCE_ENV = "DSA_SPARSE_MLA_DET_REDUCE"  # the deterministic inverse index: list (default) | bitmap
 # the deterministic reduction's kernels per mode (the reduce kernels instantiated per d_qk)
@@ -156,7 +156,7 @@ def fwd_kernel(hb, d_qk, kern):
     """The kernel the launcher runs for a head block of hb and the switch's kernel."""
     if hb == 64 and kern in ("wgmma", "legacy"):
         return f"sparse_mla_fwd_wgmma_kernel<{d_qk}>"
-    if hb == 64 and kern == "ws":
+    if hb == 64 and kern in ("ws", None):  # unset: ws for 64-head blocks (the sm_90a default)
         return f"sparse_mla_fwd_ws_kernel<{d_qk}>"
     return f"sparse_mla_fwd_kernel<{hb}, {d_qk}>"
 
@@ -164,7 +164,8 @@ def fwd_kernel(hb, d_qk, kern):
 # name -> (H, DSA_SPARSE_MLA_FWD (None: unset; "legacy": DSA_SPARSE_MLA_WGMMA=1), head block).
 # H = 8 is one 16-row block with rows 8..15 masked; H = 48 (kernel-level only: the glue admits
 # {8, 16, 32, 64, 128}) and 128 give several head blocks per token; wgmma / ws with H = 32 or 8
-# is not a 64-head block: the launcher falls back to mma.sync. Unset: mma.sync.
+# is not a 64-head block: the launcher falls back to mma.sync. Unset: ws for H = 64 / 128 (the
+# emulator plays an sm_90a device), mma.sync for the other H.
 FWD_VARIANTS = {
     "h8": (8, "mma", 16),
     "hb16": (16, "mma", 16),
@@ -181,6 +182,7 @@ FWD_VARIANTS = {
     "ws-x2": (128, "ws", 64),
     "ws-fallback-hb32": (32, "ws", 32),
     "default-h64": (64, None, 64),
+    "default-h128": (128, None, 64),
     "default-h16": (16, None, 16),
 }
 

@@ -30,8 +30,10 @@ def test_parse_archs():
 
 def test_kernel_plan_rules():
     h100 = kernel_plan((9, 0), "9.0a", env={})
-    assert "wgmma" in h100["indexer"] and h100["sparse_mla"].startswith("CUDA mma.sync")
+    assert "wgmma" in h100["indexer"] and "fwd: warp-specialised wgmma (ws)" in h100["sparse_mla"]
     assert "warp-specialised wgmma (ws)" in kernel_plan((9, 0), "9.0a", env={"DSA_SPARSE_MLA_FWD": "ws"})["sparse_mla"]
+    # a 9.0 (no 'a') build on an H100 serves the default with mma.sync, without refusing
+    assert kernel_plan((9, 0), "9.0", env={})["sparse_mla"].startswith("CUDA mma.sync")
     assert "overlap kernel" in h100["mla_decode"]
     assert "mma.sync" in kernel_plan((9, 0), "9.0a", env={"DSA_INDEXER_MMA": "sync"})["indexer"]
     assert "fwd: wgmma bf16" in kernel_plan((9, 0), "9.0a", env={"DSA_SPARSE_MLA_WGMMA": "1"})["sparse_mla"]

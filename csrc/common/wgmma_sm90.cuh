@@ -82,6 +82,13 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 #endif
 }
 
+// This thread's warpgroup (threadIdx.x / 128) as a value ptxas can prove warp-uniform (a
+// shuffle from lane 0, as CUTLASS's canonical_warp_group_idx does): a branch on threadIdx.x
+// itself is a divergent path to ptxas, and wgmma issued inside one is serialised (C7520).
+__device__ __forceinline__ int uniform_warpgroup_index() {
+  return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
+}
+
 // D[64 x N] (+)= A[64 x 16] * B[16 x N]; A K-major. The _kmajor_b form takes B K-major (S = Q K^T,
 // keys' features contiguous), the _nmajor_b form N-major (O += P V, V's features contiguous).
 __device__ __forceinline__ void wgmma_m64n64k16_kmajor_b(float (&d)[32], uint64_t desc_a, uint64_t desc_b,

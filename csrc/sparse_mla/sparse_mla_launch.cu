@@ -134,8 +134,10 @@ cudaError_t fwd_kernel_selected(int device, int H, FwdKernel* kernel) {
   *kernel = FwdKernel::kMma;
   const char* env = std::getenv("DSA_SPARSE_MLA_FWD");
   const char* legacy = std::getenv("DSA_SPARSE_MLA_WGMMA");
-  // Unset: mma.sync. ws stays opt-in while ptxas serialises its wgmma (C7520 at -O3).
-  FwdKernel want = FwdKernel::kMma;
+  // Unset: the warp-specialised wgmma kernel where it can run (H a multiple of 64, cc 9 with
+  // the sm_90a image loaded), mma.sync elsewhere; a kernel asked for by name and unavailable
+  // is an error instead.
+  FwdKernel want = FwdKernel::kWs;
   bool asked = false;
   if (env != nullptr && *env != '\0') {
     asked = true;

@@ -32,8 +32,8 @@ struct FwdArgs {
 // The forward kernel for 64-head blocks (H = 64, 128) on sm_90a: DSA_SPARSE_MLA_FWD = ws (the
 // warp-specialised wgmma kernel, sparse_mla_ws.cuh) | wgmma (sparse_mla_wgmma.cuh) | mma
 // (mma.sync, sparse_mla_kernels.cuh); DSA_SPARSE_MLA_WGMMA=1 (the earlier opt-in) is "wgmma".
-// Unset: mma (ws is opt-in until ptxas stops serialising its wgmma, C7520, and a GPU has timed it). Other
-// H, and every H off Hopper, take mma.sync whatever the switch says. An explicit ws / wgmma on
+// Unset: ws where it can run (H % 64 == 0 on a cc 9 device with the sm_90a image), mma.sync
+// elsewhere, silently. Other H, and every H off Hopper, take mma.sync whatever the switch says. An explicit ws / wgmma on
 // Hopper without the sm_90a image (a build without 9.0a in TORCH_CUDA_ARCH_LIST) returns
 // cudaErrorNoKernelImageForDevice (common/loaded_image.cuh), not a silent fallback. Read per call
 // (host only), torch-free so the emulator's entry points decide exactly as the glue does.

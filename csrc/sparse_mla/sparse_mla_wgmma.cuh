@@ -1,7 +1,8 @@
 // Sparse MLA forward on Hopper warpgroup MMA (wgmma, sm_90a only), for 64-head blocks and a
 // latent width D of 576 or 512 (template parameter, as in sparse_mla_kernels.cuh: only the
 // score loop's k steps and the row strides depend on it; V is the first 512 columns either way).
-// Opt-in (DSA_SPARSE_MLA_WGMMA=1, see sparse_mla_cuda.cpp) until validated on hardware.
+// Selected by DSA_SPARSE_MLA_FWD=wgmma (or the earlier DSA_SPARSE_MLA_WGMMA=1); the default
+// 64-head forward on sm_90a is the warp-specialised one (sparse_mla_ws.cuh).
 //
 // One CTA per (token, 64 heads), 256 threads = two warpgroups, per 64-token block:
 //   warpgroup 1 gathers the next block's 64 latent rows (16-byte cp.async, zero-fill for skipped
@@ -89,6 +90,20 @@ __device__ __forceinline__ void wgmma_issue_scores(float (&s)[32], const uint8_t
   for (int ks = 0; ks < D / 16; ++ks)
     wg::wgmma_m64n64k16_kmajor_b(s, a0 + ((ks * 2 * C::kHB * 16) >> 4),
                                  b0 + ((ks * 2 * C::kColGroupBytes) >> 4), ks > 0);
+}
+
+// O rows row0 / row0 + 8 scaled by the online softmax's rescale factors before the next P V
+// accumulates into them. The operand fence keeps the multiplies above the following
+// wgmma.fence: moved below it (ptxas may, they touch registers only), they would make ptxas
+// inject a warpgroup.arrive of its own before the wgmma (C7519).
+__device__ __forceinline__ void wgmma_rescale_rows(float (&o)[128], float a_lo, float a_hi) {
+#pragma unroll
+  for (int i = 0; i < 128; i += 4) {
+    o[i] *= a_lo; o[i + 1] *= a_lo;
+    o[i + 2] *= a_hi; o[i + 3] *= a_hi;
+  }
+#pragma unroll
+  for (int i = 0; i < 128; ++i) wg::fence_operand(o[i]);
 }
 
 // O[:, 256 wgi, +256) += P V: 4 wgmma m64n256k16, P a 64 x 64 K-major tile, V = KV[:, :512]
@@ -265,11 +280,7 @@ __global__ void __launch_bounds__(WgmmaFwdCfg<D>::kThreads, 1)
 
     {  // O[:, 256 wgi, +256) = alpha O + P V
       const float a_lo = alpha_s[row0], a_hi = alpha_s[row0 + 8];
-#pragma unroll
-      for (int i = 0; i < 128; i += 4) {
-        o[i] *= a_lo; o[i + 1] *= a_lo;
-        o[i + 2] *= a_hi; o[i + 3] *= a_hi;
-      }
+      wgmma_rescale_rows(o, a_lo, a_hi);
       wg::wgmma_fence();
       wgmma_issue_pv(o, p_s, kv_s, wgi);
       wg::wgmma_commit();

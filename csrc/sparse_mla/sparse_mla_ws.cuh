@@ -176,7 +176,10 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
   const int64_t t = blockIdx.x / nhb;
   const int h0 = static_cast<int>(blockIdx.x % nhb) * C::kHB;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int wgi = warp >> 2;  // 0: scores / softmax / left P V; 1: gathers / right P V
+  // 0: scores / softmax / left P V; 1: gathers / right P V. Broadcast from lane 0 so that the
+  // compiler sees a warp-uniform value: a role branch on threadIdx.x itself is a divergent path
+  // to ptxas, which then serialises the wgmma inside it (C7520, "WG.AR in divergent path").
+  const int wgi = uniform_warpgroup_index();
   const int row0 = 16 * (warp & 3) + (lane >> 2);  // accumulator rows row0 and row0 + 8
   const int c4 = lane & 3;
   const int32_t* idx_row = indices + t * K;
@@ -242,11 +245,7 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
     for (int blk = 0; blk + 1 < nblocks; ++blk) {
       const int st = blk & 1;
       ws::wait(full(st ^ 1), ((blk + 1) >> 1) & 1);
-#pragma unroll
-      for (int i = 0; i < 128; i += 4) {
-        o[i] *= alpha[0]; o[i + 1] *= alpha[0];
-        o[i + 2] *= alpha[1]; o[i + 3] *= alpha[1];
-      }
+      wgmma_rescale_rows(o, alpha[0], alpha[1]);
       wg::wgmma_fence();
       wgmma_issue_scores<D>(s, q_s, kv_s0 + (st ^ 1) * C::kKVBytes);
       wg::wgmma_commit();
@@ -263,11 +262,7 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
     }
     if (nblocks > 0) {  // the last block: P V only
       const int st = (nblocks - 1) & 1;
-#pragma unroll
-      for (int i = 0; i < 128; i += 4) {
-        o[i] *= alpha[0]; o[i + 1] *= alpha[0];
-        o[i + 2] *= alpha[1]; o[i + 3] *= alpha[1];
-      }
+      wgmma_rescale_rows(o, alpha[0], alpha[1]);
       wg::wgmma_fence();
       wgmma_issue_pv(o, smem + C::p_off(st), kv_s0 + st * C::kKVBytes, 0);
       wg::wgmma_commit();
@@ -303,11 +298,7 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
       }
       ws::wait(pready(st), (blk >> 1) & 1);
       const float a_lo = alpha_s[st * C::kHB + row0], a_hi = alpha_s[st * C::kHB + row0 + 8];
-#pragma unroll
-      for (int i = 0; i < 128; i += 4) {
-        o[i] *= a_lo; o[i + 1] *= a_lo;
-        o[i + 2] *= a_hi; o[i + 3] *= a_hi;
-      }
+      wgmma_rescale_rows(o, a_lo, a_hi);
       wg::wgmma_fence();
       wgmma_issue_pv(o, smem + C::p_off(st), kv_s0 + st * C::kKVBytes, 1);
       wg::wgmma_commit();

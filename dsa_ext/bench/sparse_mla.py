@@ -2,8 +2,8 @@
 
 CUDA (SPEC section 6): forward at T=4096, H=128, K=2048, S in {8K, 32K, 128K}; backward at
 T=4096, S=8192, H=128, K=2048 (atomic, and deterministic dKV with each reduction: `[list]`,
-`[bitmap]`); the forward again with each kernel named by DSA_SPARSE_MLA_FWD (`[ws]`, opt-in;
-`[wgmma]`; `[mma]`, the default) at S in {8K, 128K}; the DeepSeek-V4 width
+`[bitmap]`); the forward again with each kernel named by DSA_SPARSE_MLA_FWD (`[ws]`, the sm_90a default
+for H = 64 / 128; `[wgmma]`; `[mma]`) at S in {8K, 128K}; the DeepSeek-V4 width
 d_qk = 512 (K == V) forward and backward at T=4096, H=64, K=640, S=32K (SPEC section 6's
 d_qk = 512 row; names end in `[d512]`). FLOPs: forward 2*T*H*K*(d_qk+512) over valid entries
 (all entries are valid here), backward 2.5x that; both
@@ -150,8 +150,8 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     if device.type == "cuda" and not quick:
         for S in (8192, 32768, 131072):
             out.append(_fwd_case(device, 4096, 128, S, 2048, gen, dense=S == 8192))
-        # each forward kernel by name at the SPEC shapes (the default is mma.sync): the
-        # first GPU run times the warp-specialised kernel beside the earlier two
+        # each forward kernel by name at the SPEC shapes (the default is ws): the first GPU
+        # run times the warp-specialised kernel beside the earlier two
         for S in (8192, 131072):
             for kernel in ("ws", "wgmma", "mma"):
                 out.append(_fwd_case(device, 4096, 128, S, 2048, gen, dense=False, kernel=kernel))
