@@ -104,14 +104,19 @@ def kernel_plan(capability: Optional[Tuple[int, int]], arch_list: str = "",
         " (bitmap: DSA_SPARSE_MLA_DET_REDUCE)" if env.get("DSA_SPARSE_MLA_DET_REDUCE") != "bitmap"
         else " replaced by the bitmap one (DSA_SPARSE_MLA_DET_REDUCE=bitmap)")
     mma = f"mma.sync bf16 ({image})"
-    if fwd in ("ws", "wgmma") and capability[0] == 9 and not sm90a:
+    bwd_env = env.get("DSA_SPARSE_MLA_BWD") or ""
+    bwd = (f"wgmma bf16 for H = 64 / 128, {mma} for other H" if sm90a and bwd_env in ("", "wgmma")
+           else mma)
+    if bwd_env == "wgmma" and capability[0] == 9 and not sm90a:
+        plan["sparse_mla"] = f"refused with DSA_SPARSE_MLA_BWD=wgmma: needs the sm_90a image (image {image})"
+    elif fwd in ("ws", "wgmma") and capability[0] == 9 and not sm90a:
         plan["sparse_mla"] = f"refused with DSA_SPARSE_MLA_FWD={fwd}: needs the sm_90a image (image {image})"
     elif sm90a and fwd in ("", "ws"):
-        plan["sparse_mla"] = f"CUDA fwd: warp-specialised wgmma (ws) for H = 64 / 128, {mma} for other H; bwd {mma}{det}"
+        plan["sparse_mla"] = f"CUDA fwd: warp-specialised wgmma (ws) for H = 64 / 128, {mma} for other H; bwd {bwd}{det}"
     elif sm90a and fwd == "wgmma":
-        plan["sparse_mla"] = f"CUDA fwd: wgmma bf16 for 64-head blocks, {mma} otherwise; bwd {mma}{det}"
+        plan["sparse_mla"] = f"CUDA fwd: wgmma bf16 for 64-head blocks, {mma} otherwise; bwd {bwd}{det}"
     else:
-        plan["sparse_mla"] = f"CUDA {mma}{det}"
+        plan["sparse_mla"] = f"CUDA {mma}{det}" if bwd == mma else f"CUDA fwd: {mma}; bwd {bwd}{det}"
     dec = env.get("DSA_MLA_DECODE_KERNEL") or ("wgmma" if env.get("DSA_MLA_DECODE_WGMMA") == "1" else "")
     if dec in ("overlap", "wgmma") and capability[0] == 9 and not sm90a:
         plan["mla_decode"] = f"refused with DSA_MLA_DECODE_KERNEL={dec}: needs the sm_90a image (image {image})"

@@ -35,6 +35,7 @@ SCALE = 576 ** -0.5
 OUT_TOL, LSE_ATOL, LSE_RTOL, GRAD_TOL = 1e-2, 1e-3, 1e-4, 2e-2
 WGMMA_ENV = "DSA_SPARSE_MLA_WGMMA"   # the earlier opt-in (= DSA_SPARSE_MLA_FWD=wgmma)
 FWD_ENV = "DSA_SPARSE_MLA_FWD"       # ws | wgmma | mma (unset: ws for 64-head blocks)
+BWD_ENV = "DSA_SPARSE_MLA_BWD"       # wgmma | mma (unset: wgmma for 64-head blocks)
 BUDGET_ENV = "DSA_SPARSE_MLA_DET_SCRATCH_MB"   # the deterministic scratch budget (MiB; 0 = none)
 REDUCE_ENV = "DSA_SPARSE_MLA_DET_REDUCE"  # the deterministic inverse index: list (default) | bitmap
 # the deterministic reduction's kernels per mode (the reduce kernels instantiated per d_qk)
@@ -58,6 +59,7 @@ def lib():
     yield lib
     E.set_env(lib, WGMMA_ENV, None)
     E.set_env(lib, FWD_ENV, None)
+    E.set_env(lib, BWD_ENV, None)
     E.set_env(lib, BUDGET_ENV, None)
     E.set_env(lib, REDUCE_ENV, None)
 
@@ -113,9 +115,11 @@ def check_fwd(out, lse, q, kv, idx, sm_scale, sink=None, tl=None):
     assert (out[empty] == 0).all(), "empty rows must give out = 0"
 
 
-def run_bwd(lib, q, kv, out, dout, idx, lse, sm_scale, sink=None, tl=None, deterministic=False):
+def run_bwd(lib, q, kv, out, dout, idx, lse, sm_scale, sink=None, tl=None, deterministic=False,
+            kernel=None):
     """The emulated sparse_mla_bwd: (dq, dkv_acc fp32 [S, d_qk], reports). The deterministic
-    workspace is sized as the glue sizes it and starts as NaN / garbage."""
+    workspace is sized as the glue sizes it and starts as NaN / garbage. kernel:
+    DSA_SPARSE_MLA_BWD (None: unset)."""
     T, H, D = q.shape
     S, K = kv.shape[0], idx.shape[2]
     dq = torch.full_like(q, float("nan"))
@@ -126,21 +130,26 @@ def run_bwd(lib, q, kv, out, dout, idx, lse, sm_scale, sink=None, tl=None, deter
         lib.emu_sparse_mla_bwd_workspace(T, S, H, K, D, sizes)
         scratch = torch.full((sizes[0],), float("nan"))
         ints = torch.full((sizes[1],), -12345, dtype=torch.int32)
-    reports, rc = E.run(lib.emu_sparse_mla_bwd, P(q), P(kv), P(out), P(dout), P(idx), P(lse), P(sink),
-                        P(tl), P(dq), P(dkv_acc), P(scratch), P(ints), T, S, H, K, D, sm_scale,
-                        int(deterministic),
-                        buffers=[q, kv, out, dout, idx, lse, sink, tl, dq, dkv_acc, scratch, ints],
-                        lib=lib)
+    E.set_env(lib, BWD_ENV, kernel)
+    try:
+        reports, rc = E.run(lib.emu_sparse_mla_bwd, P(q), P(kv), P(out), P(dout), P(idx), P(lse),
+                            P(sink), P(tl), P(dq), P(dkv_acc), P(scratch), P(ints), T, S, H, K, D,
+                            sm_scale, int(deterministic),
+                            buffers=[q, kv, out, dout, idx, lse, sink, tl, dq, dkv_acc, scratch, ints],
+                            lib=lib)
+    finally:
+        E.set_env(lib, BWD_ENV, None)
     assert rc == 0, (rc, reports[:3])
     return dq, dkv_acc, reports
 
 
-def bwd_case(lib, gen, q, kv, idx, sm_scale, sink=None, tl=None, deterministic=False):
+def bwd_case(lib, gen, q, kv, idx, sm_scale, sink=None, tl=None, deterministic=False, kernel=None):
     """Forward by the reference, backward emulated with no report and compared with the
     reference backward (test_sparse_mla.check_bwd at its CUDA tolerance). Returns (dq, dkv_acc)."""
     out, lse = ref.sparse_mla_fwd(q, kv, idx, sm_scale, D_V, sink, tl)
     dout = randn(*out.shape, gen=gen, dtype=torch.bfloat16)
-    dq, dkv_acc, reports = run_bwd(lib, q, kv, out, dout, idx, lse, sm_scale, sink, tl, deterministic)
+    dq, dkv_acc, reports = run_bwd(lib, q, kv, out, dout, idx, lse, sm_scale, sink, tl, deterministic,
+                                   kernel)
     assert reports == []
     r_dq, r_dkv = ref.sparse_mla_bwd(q, kv, out, dout, idx, lse, sm_scale, D_V, sink, tl)
     assert not torch.isnan(dq.float()).any() and not torch.isnan(dkv_acc).any(), "unwritten outputs"
@@ -296,15 +305,35 @@ def test_fwd_empty_rows(lib, gen, kern, d_qk):
 
 # ---- backward --------------------------------------------------------------------------------
 
-# name -> (H, head block of the main kernel the launcher must pick)
+# name -> (H, head block, DSA_SPARSE_MLA_BWD (None: unset)). Unset, 64-head blocks take the
+# wgmma kernel (the emulator plays an sm_90a device); "mma" the mma.sync one; wgmma asked for
+# with H = 32 is not a 64-head block: mma.sync.
 BWD_VARIANTS = {
-    "h8": (8, 16),
-    "hb16": (16, 16),
-    "hb16x3": (48, 16),
-    "hb32": (32, 32),
-    "hb64": (64, 64),
-    "hb64x2": (128, 64),
+    "h8": (8, 16, None),
+    "hb16": (16, 16, None),
+    "hb16x3": (48, 16, None),
+    "hb32": (32, 32, None),
+    "hb64": (64, 64, "mma"),
+    "hb64x2": (128, 64, "mma"),
+    "wgmma": (64, 64, None),
+    "wgmma-x2": (128, 64, None),
+    "wgmma-named": (64, 64, "wgmma"),
+    "wgmma-fallback-hb32": (32, 32, "wgmma"),
 }
+
+
+def bwd_kernel(hb, d_qk, kern):
+    """The main backward kernel the launcher runs for a head block of hb and the switch."""
+    if hb == 64 and kern in (None, "wgmma"):
+        return f"sparse_mla_bwd_wgmma_kernel<{d_qk}>"
+    return f"sparse_mla_bwd_kernel<{hb}, {d_qk}>"
+
+
+def bwd_wgmma_per_step(d_qk):
+    """wgmma instructions (one per warpgroup) of a 32-row step of the wgmma backward: S and dP
+    by each warpgroup (d_qk / 16 + 32), dQ (2 k steps, n256 + n32 at 576), 8 value tiles of
+    dKVᵀ (4 + 4), the rope tile's 4 at 576."""
+    return 2 * (d_qk // 16 + 32) + 2 * 2 * (2 if d_qk == 576 else 1) + 8 * 8 + (4 if d_qk == 576 else 0)
 
 
 @pytest.mark.parametrize("mode", ["atomic", "list", "bitmap"])
@@ -315,9 +344,9 @@ def test_bwd_every_kernel(lib, gen, variant, mode, d_qk):
     many contributions across tokens and head blocks; a sink, lengths 70, 33 and 0. At
     d_qk = 512 every dkv column sums the key and the value role. Deterministic: both inverse
     index builds ("list": grids sized by the 173 entries, never by S; "bitmap": S reduce CTAs)."""
-    H, hb = BWD_VARIANTS[variant]
+    H, hb, kern = BWD_VARIANTS[variant]
     deterministic = mode != "atomic"
-    kernel = f"sparse_mla_bwd_kernel<{hb}, {d_qk}>"
+    kernel = bwd_kernel(hb, d_qk, kern)
     T, S, K = 3, 40, 70
     q, kv, idx = make_inputs(T, H, S, K, gen, scale_q=2.0, d_qk=d_qk)
     sink = randn(H, gen=gen)
@@ -325,14 +354,19 @@ def test_bwd_every_kernel(lib, gen, variant, mode, d_qk):
     lib.emu_clear_counters()
     E.set_env(lib, REDUCE_ENV, mode if deterministic else None)
     try:
-        dq, _ = bwd_case(lib, gen, q, kv, idx, SCALE, sink, tl, deterministic)
+        dq, _ = bwd_case(lib, gen, q, kv, idx, SCALE, sink, tl, deterministic, kern)
     finally:
         E.set_env(lib, REDUCE_ENV, None)
     assert (dq[2] == 0).all()
 
     kernels = kernels_launched(lib)
     main = kernels.pop(f"dsa::sparse_mla::{kernel}")
-    assert main["ctas"] == T * -(-H // hb) and main["mma_sync"] > 0 and main["ldmatrix"] > 0
+    assert main["ctas"] == T * -(-H // hb)
+    if "wgmma" in kernel:  # steps of 32 rows: lengths 70 and 33 -> 3 + 2 per head block
+        assert main["mma_sync"] == 0 and main["ldmatrix"] == 0
+        assert main["wgmma"] == (H // 64) * 5 * bwd_wgmma_per_step(d_qk)
+    else:
+        assert main["mma_sync"] > 0 and main["ldmatrix"] > 0
     expected = sorted(k.format(d=d_qk) for k in DETERMINISTIC_KERNELS[mode]) if deterministic else []
     assert sorted(k.split("::")[-1] for k in kernels) == expected
     if deterministic:  # one chunk of T * K = 210 entries: a thread per entry in count / fill
@@ -475,7 +509,7 @@ def test_bwd_det_list_reduce_same_bits_as_bitmap(lib, gen, d_qk):
         launched = kernels_launched(lib)
         chunks = -(-T // sizes[3])   # 1 MiB holds 3 tokens of 2 x 70 x d_qk fp32 rows: 2 chunks
         assert chunks >= 2
-        assert launched[f"dsa::sparse_mla::sparse_mla_bwd_kernel<64, {d_qk}>"]["launches"] == chunks
+        assert launched[f"dsa::sparse_mla::sparse_mla_bwd_wgmma_kernel<{d_qk}>"]["launches"] == chunks
         results[mode] = (dq, dkv)
     assert torch.equal(results["list"][0], results["bitmap"][0])
     assert torch.equal(results["list"][1], results["bitmap"][1])

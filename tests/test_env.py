@@ -32,13 +32,17 @@ def test_kernel_plan_rules():
     h100 = kernel_plan((9, 0), "9.0a", env={})
     assert "wgmma" in h100["indexer"] and "fwd: warp-specialised wgmma (ws)" in h100["sparse_mla"]
     assert "warp-specialised wgmma (ws)" in kernel_plan((9, 0), "9.0a", env={"DSA_SPARSE_MLA_FWD": "ws"})["sparse_mla"]
+    assert "bwd wgmma bf16 for H = 64 / 128" in h100["sparse_mla"]
+    assert "bwd mma.sync" in kernel_plan((9, 0), "9.0a", env={"DSA_SPARSE_MLA_BWD": "mma"})["sparse_mla"]
+    assert kernel_plan((9, 0), "9.0", env={"DSA_SPARSE_MLA_BWD": "wgmma"})["sparse_mla"].startswith("refused")
     # a 9.0 (no 'a') build on an H100 serves the default with mma.sync, without refusing
     assert kernel_plan((9, 0), "9.0", env={})["sparse_mla"].startswith("CUDA mma.sync")
     assert "overlap kernel" in h100["mla_decode"]
     assert "mma.sync" in kernel_plan((9, 0), "9.0a", env={"DSA_INDEXER_MMA": "sync"})["indexer"]
     assert "fwd: wgmma bf16" in kernel_plan((9, 0), "9.0a", env={"DSA_SPARSE_MLA_WGMMA": "1"})["sparse_mla"]
     assert "fwd: wgmma bf16" in kernel_plan((9, 0), "9.0a", env={"DSA_SPARSE_MLA_FWD": "wgmma"})["sparse_mla"]
-    old = kernel_plan((9, 0), "9.0a", env={"DSA_SPARSE_MLA_FWD": "mma", "DSA_MLA_DECODE_KERNEL": "mma",
+    old = kernel_plan((9, 0), "9.0a", env={"DSA_SPARSE_MLA_FWD": "mma", "DSA_SPARSE_MLA_BWD": "mma",
+                                           "DSA_MLA_DECODE_KERNEL": "mma",
                                            "DSA_SPARSE_MLA_DET_REDUCE": "bitmap"})
     assert old["sparse_mla"].startswith("CUDA mma.sync bf16 (90a)") and "bitmap" in old["sparse_mla"]
     assert old["mla_decode"] == "CUDA mma.sync bf16 (90a)"

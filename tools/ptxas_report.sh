@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ptxas resource report (registers, spills, shared memory, stack) for every CUDA kernel, for
-# sm_90a, without a GPU. Exits 1 if any kernel spills or uses local memory for spills.
+# sm_90a, without a GPU. Exits 1 if any kernel spills, uses local memory for spills, or has
+# its wgmma serialised by ptxas (C7520).
 #   tools/ptxas_report.sh [file.cu ...]     (default: csrc/*/*_launch.cu)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,11 @@ for f in "${files[@]}"; do
     c++filt 2>/dev/null || true
   if echo "$out" | grep -E "[1-9][0-9]* bytes spill (stores|loads)" >/dev/null; then
     echo "SPILLS in $f"; status=1
+  fi
+  # ptxas reports serialised wgmma as an "info" (C7520), not a warning: a kernel whose wgmma
+  # run one at a time loses most of its MMA rate, so it fails here like a spill.
+  if echo "$out" | grep -q "C7520"; then
+    echo "$out" | grep "C7520" | c++filt 2>/dev/null; echo "WGMMA SERIALISED (C7520) in $f"; status=1
   fi
   if echo "$out" | grep -qi "warning.*\(spill\|local memory\)"; then
     echo "local-memory warning in $f"; status=1

@@ -114,6 +114,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_cuda(
   a.D = static_cast<int>(sz.D);
   a.sm_scale = static_cast<float>(sm_scale);
   a.deterministic = deterministic;
+  DSA_CHECK_CUDA(sparse_mla::bwd_kernel_selected(q.get_device(), a.H, &a.kernel));
   at::Tensor scratch, ints;
   if (deterministic && sz.T > 0) {
     // scratch <= the budget (64 MiB unless DSA_SPARSE_MLA_DET_SCRATCH_MB): see BwdWorkspace

@@ -330,6 +330,48 @@ __global__ void __launch_bounds__(FwdCfg<HB, D>::kThreads, 1)
     }
 }
 
+// Per head row r of the block: Delta = rowsum(out * dout) into sDelta[r], and the log2-domain
+// normaliser of P (lse, with the sink added when present; +inf for an empty row, so P = 0
+// there) into sLse[r]. A warp per row; rows >= live (padding of the last head block) get 0 and
+// +inf. Shared by the mma.sync and the wgmma backward.
+template <int HB, int kWarps>
+__device__ __forceinline__ void bwd_row_stats(const __nv_bfloat16* __restrict__ out,
+                                              const __nv_bfloat16* __restrict__ dout,
+                                              const float* __restrict__ lse,
+                                              const float* __restrict__ attn_sink, int64_t t, int H,
+                                              int h0, int live, float* sDelta, float* sLse) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int r = warp; r < HB; r += kWarps) {
+    if (r >= live) {
+      if (lane == 0) {
+        sDelta[r] = 0.f;
+        sLse[r] = INFINITY;
+      }
+      continue;
+    }
+    const int64_t base = (t * H + h0 + r) * kDv;
+    float acc = 0.f;
+    for (int d = lane * 2; d < kDv; d += 64) {
+      const float2 o2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(out + base + d));
+      const float2 g2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dout + base + d));
+      acc += o2.x * g2.x + o2.y * g2.y;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) {
+      sDelta[r] = acc;
+      const float l = __ldg(lse + t * H + h0 + r);
+      float norm = l;
+      if (attn_sink) {
+        const float sk = __ldg(attn_sink + h0 + r);
+        const float m = fmaxf(l, sk);
+        norm = m + log1pf(exp2f((fminf(l, sk) - m) * kLog2e));
+      }
+      sLse[r] = (l == -INFINITY || l != l) ? INFINITY : norm * kLog2e;
+    }
+  }
+}
+
 // ================================ backward =====================================================
 // One CTA per (token, block of HB heads), 32 selected rows per step. Warps form a
 // (HB/16) x 4 grid. Per step:
@@ -421,37 +463,7 @@ __global__ void __launch_bounds__(BwdCfg<HB, D>::kThreads, 1)
     gather_kv_block<C::kBN, C::kThreads, D>(sKV0, sValid, sRows, kv, idx_row, 0, limit, S);
   cp_async_commit();
 
-  // Delta = rowsum(out * dout) and the log2-domain normaliser of P (lse, with the sink added
-  // when present; +inf for an empty row so that P = 0 there).
-  for (int r = warp; r < HB; r += C::kWarps) {
-    if (r >= live) {  // a padding row: P = dS = 0 (stage A also masks it: 0 * inf scores)
-      if (lane == 0) {
-        sDelta[r] = 0.f;
-        sLse[r] = INFINITY;
-      }
-      continue;
-    }
-    const int64_t base = (t * H + h0 + r) * kDv;
-    float acc = 0.f;
-    for (int d = lane * 2; d < kDv; d += 64) {
-      const float2 o2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(out + base + d));
-      const float2 g2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dout + base + d));
-      acc += o2.x * g2.x + o2.y * g2.y;
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) {
-      sDelta[r] = acc;
-      const float l = __ldg(lse + t * H + h0 + r);
-      float norm = l;
-      if (attn_sink) {
-        const float sk = __ldg(attn_sink + h0 + r);
-        const float m = fmaxf(l, sk);
-        norm = m + log1pf(exp2f((fminf(l, sk) - m) * kLog2e)) ;
-      }
-      sLse[r] = (l == -INFINITY || l != l) ? INFINITY : norm * kLog2e;
-    }
-  }
+  bwd_row_stats<HB, C::kWarps>(out, dout, lse, attn_sink, t, H, h0, live, sDelta, sLse);
 
   float dqa[C::kDqNt][4];
 #pragma unroll

@@ -1,6 +1,7 @@
 // sparse_mla family: torch-free host launchers (see sparse_mla_launch.h).
 #include "common/cuda_utils.cuh"
 #include "common/loaded_image.cuh"
+#include "sparse_mla/sparse_mla_bwd_wgmma.cuh"
 #include "sparse_mla/sparse_mla_kernels.cuh"
 #include "sparse_mla/sparse_mla_launch.h"
 #include "sparse_mla/sparse_mla_wgmma.cuh"
@@ -95,8 +96,29 @@ cudaError_t launch_bwd_main(const BwdArgs& a, int64_t t_begin, int64_t tokens,
   return last_launch_error();
 }
 
+// The sm_90a backward of 64-head blocks (sparse_mla_bwd_wgmma.cuh): the same arguments and
+// deterministic entries as sparse_mla_bwd_kernel.
+template <int D>
+cudaError_t launch_bwd_wgmma(const BwdArgs& a, int64_t t_begin, int64_t tokens,
+                             int64_t chunk_tokens, float* scratch, cudaStream_t stream) {
+  using C = WgmmaBwdCfg<D>;
+  auto kernel = sparse_mla_bwd_wgmma_kernel<D>;
+  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_bwd_wgmma_kernel<D>>(C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int64_t grid = tokens * (a.H / C::kHB);
+  kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
+      static_cast<const __nv_bfloat16*>(a.q), static_cast<const __nv_bfloat16*>(a.kv),
+      static_cast<const __nv_bfloat16*>(a.out), static_cast<const __nv_bfloat16*>(a.dout),
+      a.indices, a.lse, a.attn_sink, a.topk_length, static_cast<__nv_bfloat16*>(a.dq),
+      a.dkv_acc, scratch, t_begin, chunk_tokens, a.S, a.H, a.K, a.sm_scale);
+  return last_launch_error();
+}
+
 cudaError_t launch_bwd_main_any(const BwdArgs& a, int64_t t_begin, int64_t tokens,
                                 int64_t chunk_tokens, float* scratch, cudaStream_t stream) {
+  if (a.kernel == BwdKernel::kWgmma && a.H % kWgmmaHeadBlock == 0)
+    return a.D == 512 ? launch_bwd_wgmma<512>(a, t_begin, tokens, chunk_tokens, scratch, stream)
+                      : launch_bwd_wgmma<576>(a, t_begin, tokens, chunk_tokens, scratch, stream);
   return with_head_block_and_width(a.H, a.D, [&](auto hb, auto d) {
     return launch_bwd_main<decltype(hb)::value, decltype(d)::value>(a, t_begin, tokens,
                                                                      chunk_tokens, scratch, stream);
@@ -130,13 +152,27 @@ void launch_reduce_rows_list(const BwdArgs& a, int64_t n_entries, int64_t chunk_
 
 }  // namespace
 
+namespace {
+// The rule both switches share: a named sm_90a kernel (`want`) runs for H % 64 == 0 on a cc 9
+// device whose loaded image is sm_90a. Asked for by name and unavailable there: an error (no
+// silent fallback); by default: *use stays false and the mma.sync kernel runs.
+cudaError_t sm90a_kernel_usable(int device, int H, bool asked, bool* use) {
+  *use = false;
+  if (H % kWgmmaHeadBlock != 0) return cudaSuccess;
+  int major = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess || major != 9) return err;
+  err = require_loaded_image(ImageLevel::kSm90a);
+  *use = err == cudaSuccess;
+  return asked ? err : cudaSuccess;
+}
+}  // namespace
+
 cudaError_t fwd_kernel_selected(int device, int H, FwdKernel* kernel) {
   *kernel = FwdKernel::kMma;
   const char* env = std::getenv("DSA_SPARSE_MLA_FWD");
   const char* legacy = std::getenv("DSA_SPARSE_MLA_WGMMA");
-  // Unset: the warp-specialised wgmma kernel where it can run (H a multiple of 64, cc 9 with
-  // the sm_90a image loaded), mma.sync elsewhere; a kernel asked for by name and unavailable
-  // is an error instead.
+  // Unset: the warp-specialised wgmma kernel where it can run, mma.sync elsewhere.
   FwdKernel want = FwdKernel::kWs;
   bool asked = false;
   if (env != nullptr && *env != '\0') {
@@ -148,14 +184,21 @@ cudaError_t fwd_kernel_selected(int device, int H, FwdKernel* kernel) {
     asked = true;
     want = FwdKernel::kWgmma;
   }
-  if (want == FwdKernel::kMma) return cudaSuccess;
-  if (H % kWgmmaHeadBlock != 0) return cudaSuccess;
-  int major = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess || major != 9) return err;
-  err = require_loaded_image(ImageLevel::kSm90a);
-  if (err == cudaSuccess) *kernel = want;
-  return asked ? err : cudaSuccess;
+  bool use = false;
+  const cudaError_t err = sm90a_kernel_usable(device, H, asked, &use);
+  if (use) *kernel = want;
+  return err;
+}
+
+cudaError_t bwd_kernel_selected(int device, int H, BwdKernel* kernel) {
+  *kernel = BwdKernel::kMma;
+  const char* env = std::getenv("DSA_SPARSE_MLA_BWD");
+  const bool asked = env != nullptr && *env != '\0';
+  if (asked && std::strcmp(env, "wgmma") != 0) return cudaSuccess;  // "mma": mma.sync
+  bool use = false;
+  const cudaError_t err = sm90a_kernel_usable(device, H, asked, &use);
+  if (use) *kernel = BwdKernel::kWgmma;
+  return err;
 }
 
 cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream) {
@@ -213,6 +256,19 @@ void bind_bwd_ints(BwdArgs& a, int32_t* ints, int64_t S, int64_t list_len) {
   a.lists = a.row_cursor + (S + 1);
 }
 
+// Time model of the deterministic mode (MODEL, not measured; H100 SXM, T = 4096, S = 8192,
+// H = 128, K = 2048, d_qk = 576, the 64 MiB budget): a token's contributions are nhb x K x D x 4
+// = 9.4 MB of scratch, so a chunk holds 7 tokens (66 MB) and there are 586 chunks. Per token the
+// main kernel stores 9.4 MB (the atomic mode sends the same 9.4 MB as red.global to L2), the
+// list reduction reads it back (9.4 MB), reads and writes the touched dkv rows (up to 2 x 4.7 MB)
+// and the index kernels touch 4 x K int32 per token (negligible). The chunk's scratch does not fit
+// the 50 MB L2, so the stores and the re-read go to HBM: ~28 MB per token at ~3 TB/s = 9.4 us,
+// 38 ms per call against the atomic mode's ~10 ms (sparse_mla_bwd_wgmma.cuh MODEL), plus
+// 586 x 5 launches (~3 ms unless graph-captured). The SPEC asks for 80% of the atomic speed; by
+// this model the deterministic mode reaches ~25%: it moves 3x the atomic mode's bytes, and
+// through HBM. Levers not built: a budget that keeps the chunk in L2 (<= ~32 MB: 3 tokens,
+// L2-bound ~5 us per token, ~45%), one CTA per token over both head blocks (summing them in
+// registers halves the scratch), and a per-row owner that accumulates in shared memory.
 cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
   if (!a.deterministic) return launch_bwd_main_any(a, 0, a.T, a.T, nullptr, stream);

@@ -41,6 +41,13 @@ cudaError_t fwd_kernel_selected(int device, int H, FwdKernel* kernel);
 
 cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream);
 
+enum class BwdKernel { kMma, kWgmma };
+// The backward kernel for 64-head blocks on sm_90a: DSA_SPARSE_MLA_BWD = wgmma
+// (sparse_mla_bwd_wgmma.cuh) | mma (sparse_mla_bwd_kernel, mma.sync). Unset: wgmma where it can
+// run, mma.sync elsewhere; the same rules as fwd_kernel_selected (an explicit wgmma on Hopper
+// without the sm_90a image: cudaErrorNoKernelImageForDevice).
+cudaError_t bwd_kernel_selected(int device, int H, BwdKernel* kernel);
+
 // Backward. dq [T, H, D] bf16 is written; dkv_acc [S, D] fp32 must be zeroed by the caller
 // and receives the sum of every contribution (cast to bf16 by the caller).
 // deterministic == false: contributions are added with fp32 atomics.
@@ -66,6 +73,7 @@ struct BwdArgs {
   int D = 576;  // d_qk: 576 or 512
   float sm_scale;
   bool deterministic;
+  BwdKernel kernel = BwdKernel::kMma;  // bwd_kernel_selected; kWgmma applies to H % 64 == 0 only
   // deterministic workspace
   int64_t scratch_budget = 0;  // bytes of `scratch` the chunking keeps to (<= 0: no budget)
   float* scratch;       // [scratch_rows, D] fp32

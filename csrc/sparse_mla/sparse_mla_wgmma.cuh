@@ -60,21 +60,38 @@ struct WgmmaFwdCfg {
   static_assert(kQOff % 16 == 0 && kKVOff % 16 == 0 && kPOff % 16 == 0, "wgmma operands 16-aligned");
 };
 
-// Gather a 64-row block into a core-matrix tile. Thread pairs copy 32 contiguous bytes of one
-// row (one full sector); consecutive pairs take consecutive rows.
-template <int kNThreads, int D>
+// Copies a kRows-row bf16 matrix (kChunks 16-byte chunks a row, even) into a kRows-row
+// core-matrix tile. Thread pairs copy 32 contiguous bytes of one row (one full sector);
+// consecutive pairs take consecutive rows. src_of(r) is row r's first element, or nullptr
+// for a row to zero-fill without reading (`any` is then the never-read source address).
+template <int kNThreads, int kRows, int kChunks, class Src>
+__device__ __forceinline__ void copy_core_tile(int tid, uint32_t tile, const __nv_bfloat16* any,
+                                               Src&& src_of) {
+  static_assert((kRows & (kRows - 1)) == 0 && kChunks % 2 == 0, "row pairs of chunks");
+  for (int c = tid; c < kRows * kChunks; c += kNThreads) {
+    const int r = (c >> 1) & (kRows - 1), ch = 2 * (c / (2 * kRows)) + (c & 1);
+    const __nv_bfloat16* row = src_of(r);
+    cp_async_16_zfill(tile + core_byte_offset<kRows>(r, ch * 8), row != nullptr ? row + ch * 8 : any,
+                      row != nullptr);
+  }
+}
+
+// Gather a kBN-row block (block blk of the token's indices) into a core-matrix tile; a valid
+// flag per row, and with `rows` the latent row index (-1: skipped entry, zero-filled).
+template <int kNThreads, int D, int kBN = 64>
 __device__ __forceinline__ void wgmma_gather_kv_block(int tid, uint32_t tile, float* valid,
                                                       const __nv_bfloat16* kv,
                                                       const int32_t* idx_row, int blk, int limit,
-                                                      int64_t S) {
-  using C = WgmmaFwdCfg<D>;
-  for (int c = tid; c < C::kBN * Latent<D>::kChunks; c += kNThreads) {
-    const int r = (c >> 1) & (C::kBN - 1), ch = 2 * (c >> 7) + (c & 1);
-    const int64_t row = entry_row(idx_row, blk * C::kBN + r, limit, S);
-    const __nv_bfloat16* src = kv + (row >= 0 ? row * D + ch * 8 : 0);
-    cp_async_16_zfill(tile + core_byte_offset<C::kBN>(r, ch * 8), src, row >= 0);
-    if (c < 2 * C::kBN && (c & 1) == 0) valid[r] = row >= 0 ? 1.f : 0.f;
+                                                      int64_t S, int32_t* rows = nullptr) {
+  for (int r = tid; r < kBN; r += kNThreads) {
+    const int64_t row = entry_row(idx_row, blk * kBN + r, limit, S);
+    valid[r] = row >= 0 ? 1.f : 0.f;
+    if (rows != nullptr) rows[r] = static_cast<int32_t>(row);
   }
+  copy_core_tile<kNThreads, kBN, Latent<D>::kChunks>(tid, tile, kv, [&](int r) -> const __nv_bfloat16* {
+    const int64_t row = entry_row(idx_row, blk * kBN + r, limit, S);
+    return row >= 0 ? kv + row * D : nullptr;
+  });
 }
 
 // S[64 heads x 64 tokens] = Q Kᵀ: D / 16 (36 or 32) wgmma m64n64k16, Q and the KV tile K-major
@@ -102,8 +119,7 @@ __device__ __forceinline__ void wgmma_rescale_rows(float (&o)[128], float a_lo, 
     o[i] *= a_lo; o[i + 1] *= a_lo;
     o[i + 2] *= a_hi; o[i + 3] *= a_hi;
   }
-#pragma unroll
-  for (int i = 0; i < 128; ++i) wg::fence_operand(o[i]);
+  wg::fence_operands(o);
 }
 
 // O[:, 256 wgi, +256) += P V: 4 wgmma m64n256k16, P a 64 x 64 K-major tile, V = KV[:, :512]
@@ -226,14 +242,9 @@ __global__ void __launch_bounds__(WgmmaFwdCfg<D>::kThreads, 1)
   const int nblocks = (limit + C::kBN - 1) / C::kBN;
   const float scale2 = sm_scale * kLog2e;
 
-  {  // Q [64 x D] (same pair-per-row order as the gather)
-    const __nv_bfloat16* qsrc = q + (t * H + h0) * D;
-    const uint32_t q_addr = smem_u32(q_s);
-    for (int c = threadIdx.x; c < C::kHB * Latent<D>::kChunks; c += C::kThreads) {
-      const int r = (c >> 1) & (C::kHB - 1), ch = 2 * (c >> 7) + (c & 1);
-      cp_async_16_zfill(q_addr + core_byte_offset<C::kHB>(r, ch * 8), qsrc + r * D + ch * 8, true);
-    }
-  }
+  // Q [64 x D] by every thread
+  copy_core_tile<C::kThreads, C::kHB, Latent<D>::kChunks>(
+      threadIdx.x, smem_u32(q_s), q, [&](int r) { return q + (t * H + h0 + r) * D; });
   if (nblocks > 0)
     wgmma_gather_kv_block<C::kThreads, D>(threadIdx.x, smem_u32(kv_s0), valid_s, kv, idx_row, 0, limit, S);
   cp_async_commit();

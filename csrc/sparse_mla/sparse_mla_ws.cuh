@@ -118,11 +118,6 @@ __device__ __forceinline__ void named_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
 #endif
 }
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) wg::fence_operand(r[i]);
-}
 }  // namespace ws
 
 template <int D>
@@ -193,14 +188,9 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
       csync::mbar_init(pready(st), 128);
     }
   }
-  {  // Q [64 x D] by every thread (as in the wgmma kernel)
-    const __nv_bfloat16* qsrc = q + (t * H + h0) * D;
-    const uint32_t q_addr = smem_u32(q_s);
-    for (int c = threadIdx.x; c < C::kHB * Latent<D>::kChunks; c += C::kThreads) {
-      const int r = (c >> 1) & (C::kHB - 1), ch = 2 * (c >> 7) + (c & 1);
-      cp_async_16_zfill(q_addr + core_byte_offset<C::kHB>(r, ch * 8), qsrc + r * D + ch * 8, true);
-    }
-  }
+  // Q [64 x D] by every thread
+  copy_core_tile<C::kThreads, C::kHB, Latent<D>::kChunks>(
+      threadIdx.x, smem_u32(q_s), q, [&](int r) { return q + (t * H + h0 + r) * D; });
   cp_async_commit();
   cp_async_wait<0>();
   wg::fence_proxy_async_smem();  // Q -> wgmma reads
@@ -236,7 +226,7 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
       wgmma_issue_scores<D>(s, q_s, kv_s0);
       wg::wgmma_commit();
       wg::wgmma_wait_all();
-      ws::fence_regs(s);
+      wg::fence_operands(s);
       softmax(0, alpha);
     }
     // Blocks with a successor: S(b + 1) and P(b) V(b) issued back to back, the softmax of
@@ -252,10 +242,10 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
       wgmma_issue_pv(o, smem + C::p_off(st), kv_s0 + st * C::kKVBytes, 0);
       wg::wgmma_commit();
       ws::wgmma_wait_1();
-      ws::fence_regs(s);
+      wg::fence_operands(s);
       softmax(blk + 1, alpha_next);
       wg::wgmma_wait_all();
-      ws::fence_regs(o);
+      wg::fence_operands(o);
       ws::arrive(empty(st));
       alpha[0] = alpha_next[0];
       alpha[1] = alpha_next[1];
@@ -267,7 +257,7 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
       wgmma_issue_pv(o, smem + C::p_off(st), kv_s0 + st * C::kKVBytes, 0);
       wg::wgmma_commit();
       wg::wgmma_wait_all();
-      ws::fence_regs(o);
+      wg::fence_operands(o);
     }
     wgmma_publish_row_stats(l_run, m_run, sum_s, max_s, row0, c4);
   } else {  // ---- producer: gathers block b + 1 while block b is scored, then right P V of b
@@ -304,7 +294,7 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
       wg::wgmma_commit();
       if (next) publish(blk + 1);
       wg::wgmma_wait_all();
-      ws::fence_regs(o);
+      wg::fence_operands(o);
     }
   }
   __syncthreads();  // row sums and maxima (consumer 0) -> both warpgroups

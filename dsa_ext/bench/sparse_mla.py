@@ -2,8 +2,9 @@
 
 CUDA (SPEC section 6): forward at T=4096, H=128, K=2048, S in {8K, 32K, 128K}; backward at
 T=4096, S=8192, H=128, K=2048 (atomic, and deterministic dKV with each reduction: `[list]`,
-`[bitmap]`); the forward again with each kernel named by DSA_SPARSE_MLA_FWD (`[ws]`, the sm_90a default
-for H = 64 / 128; `[wgmma]`; `[mma]`) at S in {8K, 128K}; the DeepSeek-V4 width
+`[bitmap]`; each backward kernel by DSA_SPARSE_MLA_BWD: `[wgmma]`, the sm_90a default,
+`[mma]`); the forward again with each kernel named by DSA_SPARSE_MLA_FWD (`[ws]`, the sm_90a
+default for H = 64 / 128; `[wgmma]`; `[mma]`) at S in {8K, 128K}; the DeepSeek-V4 width
 d_qk = 512 (K == V) forward and backward at T=4096, H=64, K=640, S=32K (SPEC section 6's
 d_qk = 512 row; names end in `[d512]`). FLOPs: forward 2*T*H*K*(d_qk+512) over valid entries
 (all entries are valid here), backward 2.5x that; both
@@ -117,8 +118,10 @@ def _fwd_case(device, T, H, S, K, gen, dense: bool, kernel: str = "", d_qk: int 
                 baselines=baselines, note="random indices, all valid")
 
 
-def _bwd_case(device, T, H, S, K, gen, deterministic: bool, d_qk: int = D_QK, reduce: str = "") -> Case:
-    """reduce: DSA_SPARSE_MLA_DET_REDUCE for a deterministic case ("list", "bitmap"; "" = default)."""
+def _bwd_case(device, T, H, S, K, gen, deterministic: bool, d_qk: int = D_QK, reduce: str = "",
+              kernel: str = "") -> Case:
+    """reduce: DSA_SPARSE_MLA_DET_REDUCE for a deterministic case ("list", "bitmap"; "" = default);
+    kernel: DSA_SPARSE_MLA_BWD ("wgmma", "mma"; "" = the default)."""
     import dsa_ext
 
     q, kv, idx = _inputs(device, T, H, S, K, gen, d_qk)
@@ -130,10 +133,12 @@ def _bwd_case(device, T, H, S, K, gen, deterministic: bool, d_qk: int = D_QK, re
     flops = 2.5 * 2.0 * T * H * K * (d_qk + D_V)
     nbytes = ((q.numel() + kv.numel() + 2 * out.numel()) * 2 + idx.numel() * 4 + lse.numel() * 4
               + (q.numel() + kv.numel()) * 2)
-    name = ("sparse_mla_bwd_deterministic" if deterministic else "sparse_mla_bwd") + _suffix("", d_qk, reduce)
+    name = ("sparse_mla_bwd_deterministic" if deterministic else "sparse_mla_bwd") + _suffix(kernel, d_qk, reduce)
     op = lambda: dsa_ext.sparse_mla_bwd(q, kv, out, dout, idx, lse, scale, deterministic=deterministic)  # noqa: E731
+    fn = with_env(op, "DSA_SPARSE_MLA_DET_REDUCE", reduce) if reduce else op
+    fn = with_env(fn, "DSA_SPARSE_MLA_BWD", kernel) if kernel else fn
     return Case(family="attn_bwd", name=name, shape={"T": T, "H": H, "S": S, "K": K, "d_qk": d_qk},
-                fn=with_env(op, "DSA_SPARSE_MLA_DET_REDUCE", reduce) if reduce else op,
+                fn=fn,
                 flops=flops, bytes=float(nbytes), bound="compute", flops_dtype="bf16",
                 baselines={"gather + torch attention autograd bf16":
                            lambda: _gathered_attention_bwd(q, kv, idx, scale, dout, chunk),
@@ -158,6 +163,8 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
         out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=False))
         for reduce in ("list", "bitmap"):   # the deterministic reductions: O(entries) vs O(S)
             out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=True, reduce=reduce))
+        for kernel in ("wgmma", "mma"):     # the backward kernels by name (default: wgmma)
+            out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=False, kernel=kernel))
         # DeepSeek-V4 width (SPEC section 6, d_qk = 512 row): T=4096, H=64, K=640, S=32K
         out.append(_fwd_case(device, 4096, 64, 32768, 640, gen, dense=False, d_qk=512))
         for kernel in ("ws", "mma"):

@@ -80,6 +80,8 @@ int emu_sparse_mla_bwd(const void* q, const void* kv, const void* out, const voi
   a.D = static_cast<int>(D);
   a.sm_scale = sm_scale;
   a.deterministic = deterministic != 0;
+  const cudaError_t err = dsa::sparse_mla::bwd_kernel_selected(0, a.H, &a.kernel);
+  if (err != cudaSuccess) return err;
   if (a.deterministic && T > 0) {
     a.scratch_budget = dsa::sparse_mla::sparse_mla_bwd_scratch_budget();
     int64_t sizes[4];
