@@ -80,12 +80,13 @@ cudaError_t launch_fwd_ws(const FwdArgs& a, cudaStream_t stream) {
   return launch_fwd_64<WsFwdCfg<D>, sparse_mla_fwd_ws_kernel<D>>(a, stream);
 }
 
-template <int HB, int D>
-cudaError_t launch_bwd_main(const BwdArgs& a, int64_t t_begin, int64_t tokens,
-                            int64_t chunk_tokens, float* scratch, cudaStream_t stream) {
-  using C = BwdCfg<HB, D>;
-  auto kernel = sparse_mla_bwd_kernel<HB, D>;
-  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_bwd_kernel<HB, D>>(C::kSmemBytes);
+// A backward main kernel (sparse_mla_bwd_kernel<HB, D> or sparse_mla_bwd_wgmma_kernel<D>, same
+// arguments) over `tokens` tokens from t_begin, HB heads a CTA; C is its tile configuration.
+template <int HB, class C, auto Kernel>
+cudaError_t launch_bwd_kernel(const BwdArgs& a, int64_t t_begin, int64_t tokens,
+                              int64_t chunk_tokens, float* scratch, cudaStream_t stream) {
+  auto kernel = Kernel;
+  cudaError_t err = ensure_max_dynamic_smem<Kernel>(C::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t grid = tokens * head_blocks(a.H, HB);
   kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
@@ -96,22 +97,20 @@ cudaError_t launch_bwd_main(const BwdArgs& a, int64_t t_begin, int64_t tokens,
   return last_launch_error();
 }
 
+template <int HB, int D>
+cudaError_t launch_bwd_main(const BwdArgs& a, int64_t t_begin, int64_t tokens,
+                            int64_t chunk_tokens, float* scratch, cudaStream_t stream) {
+  return launch_bwd_kernel<HB, BwdCfg<HB, D>, sparse_mla_bwd_kernel<HB, D>>(a, t_begin, tokens,
+                                                                          chunk_tokens, scratch, stream);
+}
+
 // The sm_90a backward of 64-head blocks (sparse_mla_bwd_wgmma.cuh): the same arguments and
 // deterministic entries as sparse_mla_bwd_kernel.
 template <int D>
 cudaError_t launch_bwd_wgmma(const BwdArgs& a, int64_t t_begin, int64_t tokens,
                              int64_t chunk_tokens, float* scratch, cudaStream_t stream) {
-  using C = WgmmaBwdCfg<D>;
-  auto kernel = sparse_mla_bwd_wgmma_kernel<D>;
-  cudaError_t err = ensure_max_dynamic_smem<sparse_mla_bwd_wgmma_kernel<D>>(C::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  const int64_t grid = tokens * (a.H / C::kHB);
-  kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
-      static_cast<const __nv_bfloat16*>(a.q), static_cast<const __nv_bfloat16*>(a.kv),
-      static_cast<const __nv_bfloat16*>(a.out), static_cast<const __nv_bfloat16*>(a.dout),
-      a.indices, a.lse, a.attn_sink, a.topk_length, static_cast<__nv_bfloat16*>(a.dq),
-      a.dkv_acc, scratch, t_begin, chunk_tokens, a.S, a.H, a.K, a.sm_scale);
-  return last_launch_error();
+  return launch_bwd_kernel<kWgmmaHeadBlock, WgmmaBwdCfg<D>, sparse_mla_bwd_wgmma_kernel<D>>(
+      a, t_begin, tokens, chunk_tokens, scratch, stream);
 }
 
 cudaError_t launch_bwd_main_any(const BwdArgs& a, int64_t t_begin, int64_t tokens,
