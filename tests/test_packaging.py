@@ -96,3 +96,39 @@ def test_check_wheel_excludes_what_build_wheel_excludes():
     for lib in ("libstdc++.so.6", "libnuma.so.1"):
         assert not any(fnmatch.fnmatch(lib, g) for g in globs)
         assert not any(re.fullmatch(p, lib) for p in ns["EXCLUDED"])
+
+
+def test_readme_gpu_table_is_kernel_plan():
+    """README's 'Supported GPUs' table says what dsa_ext.env.kernel_plan says for the release list."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dsa_env_for_readme", os.path.join(ROOT, "dsa_ext", "env.py"))
+    env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(env)
+    wheel = "8.0;8.9;9.0a;10.0+PTX"
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    table = readme.split("### Supported GPUs (release wheel)", 1)[1].split("\n\n| GPU |", 1)[1].split("\n\n")[0]
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in ("| GPU |" + table).splitlines()[2:]]
+    caps = {"A100": [(8, 0)], "A10": [(8, 6)], "L40S": [(8, 9)], "H100": [(9, 0)], "B200": [(10, 0), (10, 3)],
+            "newer": [(12, 0)]}
+    seen = set()
+    for gpu, image, indexer, topk, mla, decode, simt in rows:
+        key = next(k for k in caps if gpu.startswith(k))
+        seen.add(key)
+        for cap in caps[key]:
+            plan, got = env.kernel_plan(cap, wheel, env={}), env.loaded_image(cap, wheel)
+            want = re.search(r"compute_(\d+) PTX", image)
+            assert got == (f"ptx{want.group(1)}" if want else re.search(r"sm_(\w+) cubin", image).group(1)), (gpu, got)
+            if indexer == "as A100":
+                assert plan == env.kernel_plan((8, 0), wheel, env={}), gpu
+                continue
+            assert ("wgmma" in indexer) == ("wgmma" in plan["indexer"]), gpu
+            assert ("refused" in indexer) == ("refused" in plan["indexer"]), gpu
+            assert ("bf16 in shared memory" in indexer) == ("bf16 in shared memory" in plan["indexer"]), gpu
+            assert ("clusters of up to 16" in topk) == ("clusters of up to 16" in plan["topk"]), gpu
+            assert ("one CTA per row" in topk) == ("one CTA per row" in plan["topk"]), gpu
+            assert ("warp-specialised" in mla) == ("warp-specialised" in plan["sparse_mla"]), gpu
+            assert ("wgmma` bwd" in mla) == ("bwd wgmma" in plan["sparse_mla"]), gpu
+            assert ("overlap kernel" in decode) == ("overlap kernel" in plan["mla_decode"]), gpu
+            assert simt == "SIMT" and all(plan[f].startswith("CUDA SIMT") for f in ("cache", "hadamard", "training", "compress"))
+    assert seen == set(caps)
+    assert env.loaded_image((7, 0), wheel) is None   # V100: no image, as the README says
