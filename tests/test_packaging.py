@@ -132,3 +132,31 @@ def test_readme_gpu_table_is_kernel_plan():
             assert simt == "SIMT" and all(plan[f].startswith("CUDA SIMT") for f in ("cache", "hadamard", "training", "compress"))
     assert seen == set(caps)
     assert env.loaded_image((7, 0), wheel) is None   # V100: no image, as the README says
+
+
+def test_release_arch_list_configures(tmp_path):
+    """CMake splits a compile definition at ';': the release list "8.0;8.9;9.0a;10.0+PTX" once
+    became -D8.9 -D9.0a ... and the wheel build failed at the first C++ file. Configure only
+    (no compile): the definition is one string, and _build_info.py records the list as given."""
+    nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    if not (shutil.which("cmake") and shutil.which("ninja") and os.access(nvcc, os.X_OK)):
+        pytest.skip("needs cmake, ninja and nvcc")
+    import torch
+    if not torch.version.cuda:
+        pytest.skip("a CPU-only torch configures without CUDA")
+    archs = "8.0;8.9;9.0a;10.0+PTX"
+    env = {**os.environ, "CUDACXX": nvcc, "CUDA_HOME": os.path.dirname(os.path.dirname(nvcc)),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    r = subprocess.run(["cmake", "-S", ROOT, "-B", str(tmp_path / "b"), "-G", "Ninja", f"-DPython_EXECUTABLE={sys.executable}",
+                        f"-DDSA_OUTPUT_DIR={tmp_path / 'out'}", "-DDSA_WITH_CUDA=ON", f"-DTORCH_CUDA_ARCH_LIST={archs}"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ninja = (tmp_path / "b" / "build.ninja").read_text()
+    defines = [l for l in ninja.splitlines() if l.strip().startswith("DEFINES") and "DSA_CUDA_ARCHS" in l]
+    assert defines
+    for l in defines:
+        assert '-DDSA_CUDA_ARCHS="\\"8.0 8.9 9.0a 10.0+PTX\\""' in l, l
+        assert " -D8.9 " not in l and "-D10.0+PTX" not in l, l
+    ns = {}
+    exec((tmp_path / "out" / "_build_info.py").read_text(), ns)
+    assert ns["CUDA_ARCHS"] == archs

@@ -38,6 +38,8 @@ mkdir -p "$OUT"
 cuobjdump=$("$PY" -c "import triton, os; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))" 2>/dev/null || command -v cuobjdump)
 for w in "$raw"/repaired/*.whl; do
   "$PY" -m auditwheel show "$w"
+  echo "(auditwheel show's 'consistent with linux_x86_64' counts torch's and CUDA's libraries, left out"
+  echo " on purpose; tools/check_wheel.py checks that they are the only ones between the wheel and its tag)"
   "$PY" tools/check_wheel.py "$w" --archs "$TORCH_CUDA_ARCH_LIST" --cuobjdump "$cuobjdump"
 done
 cp "$raw"/dist/*.tar.gz "$raw"/repaired/*.whl "$OUT"/
