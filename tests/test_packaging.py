@@ -34,8 +34,8 @@ def _tracked(*dirs):
 def sdist_names(tmp_path_factory):
     pytest.importorskip("build")
     out = tmp_path_factory.mktemp("sdist")
-    # From outside the tree: there `python -m build` would import the CMake build/ folder as the
-    # package `build` (tools/build_wheel.sh does the same). cmake / ninja are looked up by setup.py.
+    # From outside the tree, as tools/build_wheel.sh (the CMake build/ folder there is no
+    # stand-in for the package `build`). cmake / ninja are looked up by setup.py.
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     r = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(out), ROOT],
                        cwd=out, capture_output=True, text=True, env=env, timeout=600)

@@ -27,8 +27,10 @@ export CCACHE_BASEDIR=${CCACHE_BASEDIR:-${TMPDIR:-/tmp}}
 raw=$(mktemp -d)
 trap 'rm -rf "$raw"' EXIT
 # --no-isolation: compile against (and pin) the torch of $PY, not one pip fetches for the build.
-# Run from outside the source tree: there `python -m build` would import its build/ folder (the
-# CMake build directory) as the package `build`.
+# Run from outside the source tree, where the CMake build/ folder does not stand in for the package
+# `build`: without `build` installed, `python -m build` in the tree says "'build' is a package and
+# cannot be directly executed" rather than "No module named build" (requirements-test.txt has it).
+"$PY" -c "import build.__main__" 2>/dev/null || { echo "build_wheel.sh: $PY lacks the package 'build' (pip install -r requirements-test.txt)"; exit 1; }
 (cd "$raw" && "$PY" -m build --no-isolation -o "$raw/dist" "$ROOT")
 mkdir -p "$OUT"
 # torch's libraries (and the libgomp it ships in torch/lib) and CUDA's runtime come with the torch
