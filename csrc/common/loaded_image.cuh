@@ -120,21 +120,28 @@ inline cudaError_t loaded_image_has_clusters(bool* has) {
 #endif
 }
 
-// The decision of an opt-in wgmma kernel (`env_name`=1): *use_wgmma only on a compute
-// capability 9 device whose loaded image is sm_90a. Off Hopper the opt-in is ignored, as the
-// kernel does not exist there; on Hopper with an image built without sm_90a it is an error
-// (cudaErrorNoKernelImageForDevice), not a silent fallback to mma.sync, because whoever opts in
-// is validating the wgmma kernel and must not be shown a result of the other one.
-inline cudaError_t sm90a_wgmma_opted_in(const char* env_name, int device, bool* use_wgmma) {
-  *use_wgmma = false;
-  const char* env = std::getenv(env_name);
-  if (env == nullptr || std::strcmp(env, "1") != 0) return cudaSuccess;
+// Whether an sm_90a-only kernel can run: *use only on a compute capability 9 device whose
+// loaded image is sm_90a. Off Hopper: false, no error (the kernel does not exist there). On
+// Hopper with an image built without sm_90a: false, and when the kernel was asked for by name
+// (`asked`) the error cudaErrorNoKernelImageForDevice rather than a silent fallback to mma.sync,
+// because whoever names a kernel is validating it and must not be shown a result of another;
+// a default choice falls back silently.
+inline cudaError_t sm90a_kernel_usable(int device, bool asked, bool* use) {
+  *use = false;
   int major = 0;
   cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err != cudaSuccess || major != 9) return err;
   err = require_loaded_image(ImageLevel::kSm90a);
-  *use_wgmma = err == cudaSuccess;
-  return err;
+  *use = err == cudaSuccess;
+  return asked ? err : cudaSuccess;
+}
+
+// The decision of an opt-in wgmma kernel (`env_name`=1): sm90a_kernel_usable, asked by name.
+inline cudaError_t sm90a_wgmma_opted_in(const char* env_name, int device, bool* use_wgmma) {
+  *use_wgmma = false;
+  const char* env = std::getenv(env_name);
+  if (env == nullptr || std::strcmp(env, "1") != 0) return cudaSuccess;
+  return sm90a_kernel_usable(device, true, use_wgmma);
 }
 
 }  // namespace

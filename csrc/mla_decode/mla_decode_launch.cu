@@ -87,13 +87,9 @@ cudaError_t overlap_selected(const DecodeParams& p, bool* use) {
   // The overlap kernel reads V3.2 656-byte records over one list; V4 caches (d_qk 512) and a
   // second list (extra_kv_cache) take the templated kernels.
   if (p.layout.kind != cache::MlaCacheKind::kV32Fp8 || p.extra_kv_cache != nullptr) return cudaSuccess;
-  int dev = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  if (err != cudaSuccess || major != 9) return err;
-  err = require_loaded_image(ImageLevel::kSm90a);
-  *use = err == cudaSuccess;
-  return asked ? err : cudaSuccess;
+  int dev = 0;
+  const cudaError_t err = cudaGetDevice(&dev);
+  return err == cudaSuccess ? sm90a_kernel_usable(dev, asked, use) : err;
 }
 
 }  // namespace

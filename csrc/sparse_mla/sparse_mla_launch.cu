@@ -151,22 +151,6 @@ void launch_reduce_rows_list(const BwdArgs& a, int64_t n_entries, int64_t chunk_
 
 }  // namespace
 
-namespace {
-// The rule both switches share: a named sm_90a kernel (`want`) runs for H % 64 == 0 on a cc 9
-// device whose loaded image is sm_90a. Asked for by name and unavailable there: an error (no
-// silent fallback); by default: *use stays false and the mma.sync kernel runs.
-cudaError_t sm90a_kernel_usable(int device, int H, bool asked, bool* use) {
-  *use = false;
-  if (H % kWgmmaHeadBlock != 0) return cudaSuccess;
-  int major = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess || major != 9) return err;
-  err = require_loaded_image(ImageLevel::kSm90a);
-  *use = err == cudaSuccess;
-  return asked ? err : cudaSuccess;
-}
-}  // namespace
-
 cudaError_t fwd_kernel_selected(int device, int H, FwdKernel* kernel) {
   *kernel = FwdKernel::kMma;
   const char* env = std::getenv("DSA_SPARSE_MLA_FWD");
@@ -183,8 +167,9 @@ cudaError_t fwd_kernel_selected(int device, int H, FwdKernel* kernel) {
     asked = true;
     want = FwdKernel::kWgmma;
   }
+  if (H % kWgmmaHeadBlock != 0) return cudaSuccess;  // not a 64-head block: mma.sync
   bool use = false;
-  const cudaError_t err = sm90a_kernel_usable(device, H, asked, &use);
+  const cudaError_t err = sm90a_kernel_usable(device, asked, &use);
   if (use) *kernel = want;
   return err;
 }
@@ -194,8 +179,9 @@ cudaError_t bwd_kernel_selected(int device, int H, BwdKernel* kernel) {
   const char* env = std::getenv("DSA_SPARSE_MLA_BWD");
   const bool asked = env != nullptr && *env != '\0';
   if (asked && std::strcmp(env, "wgmma") != 0) return cudaSuccess;  // "mma": mma.sync
+  if (H % kWgmmaHeadBlock != 0) return cudaSuccess;
   bool use = false;
-  const cudaError_t err = sm90a_kernel_usable(device, H, asked, &use);
+  const cudaError_t err = sm90a_kernel_usable(device, asked, &use);
   if (use) *kernel = BwdKernel::kWgmma;
   return err;
 }
