@@ -100,9 +100,12 @@ def kernel_plan(capability: Optional[Tuple[int, int]], arch_list: str = "",
     # is refused (cudaErrorNoKernelImageForDevice); off Hopper every switch falls back to mma.sync.
     sm90a = hopper and capability[0] == 9
     fwd = env.get("DSA_SPARSE_MLA_FWD") or ("wgmma" if env.get("DSA_SPARSE_MLA_WGMMA") == "1" else "")
-    det = "; deterministic bwd: list reduction" + (
-        " (bitmap: DSA_SPARSE_MLA_DET_REDUCE)" if env.get("DSA_SPARSE_MLA_DET_REDUCE") != "bitmap"
-        else " replaced by the bitmap one (DSA_SPARSE_MLA_DET_REDUCE=bitmap)")
+    # sparse_mla_launch.cu det_reduce_mode / sparse_mla_bwd_workspace
+    det_env = env.get("DSA_SPARSE_MLA_DET_REDUCE") or ""
+    det = ("; deterministic bwd: " + det_env + " reduction of token chunks (DSA_SPARSE_MLA_DET_REDUCE)"
+           if det_env in ("list", "bitmap") else
+           "; deterministic bwd: fixed-point integer atomics where S x d_qk x 8 bytes fit the scratch"
+           " budget, else the list reduction of token chunks")
     mma = f"mma.sync bf16 ({image})"
     bwd_env = env.get("DSA_SPARSE_MLA_BWD") or ""
     bwd = (f"wgmma bf16 for H = 64 / 128, {mma} for other H" if sm90a and bwd_env in ("", "wgmma")

@@ -37,9 +37,12 @@ WGMMA_ENV = "DSA_SPARSE_MLA_WGMMA"   # the earlier opt-in (= DSA_SPARSE_MLA_FWD=
 FWD_ENV = "DSA_SPARSE_MLA_FWD"       # ws | wgmma | mma (unset: ws for 64-head blocks)
 BWD_ENV = "DSA_SPARSE_MLA_BWD"       # wgmma | mma (unset: wgmma for 64-head blocks)
 BUDGET_ENV = "DSA_SPARSE_MLA_DET_SCRATCH_MB"   # the deterministic scratch budget (MiB; 0 = none)
-REDUCE_ENV = "DSA_SPARSE_MLA_DET_REDUCE"  # the deterministic inverse index: list (default) | bitmap
-# the deterministic reduction's kernels per mode (the reduce kernels instantiated per d_qk)
+# the deterministic design: fixed (default: fixed point where S x d_qk x 8 <= the budget) | list |
+# bitmap (chunked, inverse index)
+REDUCE_ENV = "DSA_SPARSE_MLA_DET_REDUCE"
+# the deterministic reduction's kernels per mode (instantiated per d_qk where templated)
 DETERMINISTIC_KERNELS = {
+    "fixed": ("fixed_point_bound_kernel<{d}>", "fixed_point_finish_kernel"),
     "list": ("count_rows_kernel", "alloc_rows_kernel", "fill_rows_kernel", "reduce_rows_kernel<{d}>",
              "reduce_big_rows_kernel<{d}>"),
     "bitmap": ("count_rows_kernel", "scan_rows_kernel", "fill_rows_kernel",
@@ -53,7 +56,7 @@ def lib():
     lib.emu_sparse_mla_fwd.argtypes = [VP] * 7 + [I64] * 5 + [ctypes.c_float]
     lib.emu_sparse_mla_bwd_workspace.argtypes = [I64] * 5 + [VP]
     lib.emu_sparse_mla_bwd_workspace.restype = None
-    lib.emu_sparse_mla_bwd_workspace_for.argtypes = [I64] * 5 + [VP]
+    lib.emu_sparse_mla_bwd_workspace_for.argtypes = [I64] * 6 + [VP]
     lib.emu_sparse_mla_bwd_workspace_for.restype = None
     lib.emu_sparse_mla_bwd.argtypes = [VP] * 12 + [I64] * 5 + [ctypes.c_float, ctypes.c_int]
     yield lib
@@ -336,14 +339,15 @@ def bwd_wgmma_per_step(d_qk):
     return 2 * (d_qk // 16 + 32) + 2 * 2 * (2 if d_qk == 576 else 1) + 8 * 8 + (4 if d_qk == 576 else 0)
 
 
-@pytest.mark.parametrize("mode", ["atomic", "list", "bitmap"])
+@pytest.mark.parametrize("mode", ["atomic", "fixed", "list", "bitmap"])
 @pytest.mark.parametrize("variant", list(BWD_VARIANTS))
 @pytest.mark.parametrize("d_qk", D_QKS)
 def test_bwd_every_kernel(lib, gen, variant, mode, d_qk):
     """T = 3, K = 70 (three 32-token blocks, the last ragged), S = 40 < K so dkv rows collect
     many contributions across tokens and head blocks; a sink, lengths 70, 33 and 0. At
     d_qk = 512 every dkv column sums the key and the value role. Deterministic: both inverse
-    index builds ("list": grids sized by the 173 entries, never by S; "bitmap": S reduce CTAs)."""
+    index builds ("list": grids sized by the 173 entries, never by S; "bitmap": S reduce CTAs)
+    and the fixed-point design (one main launch between the bound and finish passes)."""
     H, hb, kern = BWD_VARIANTS[variant]
     deterministic = mode != "atomic"
     kernel = bwd_kernel(hb, d_qk, kern)
@@ -369,7 +373,12 @@ def test_bwd_every_kernel(lib, gen, variant, mode, d_qk):
         assert main["mma_sync"] > 0 and main["ldmatrix"] > 0
     expected = sorted(k.format(d=d_qk) for k in DETERMINISTIC_KERNELS[mode]) if deterministic else []
     assert sorted(k.split("::")[-1] for k in kernels) == expected
-    if deterministic:  # one chunk of T * K = 210 entries: a thread per entry in count / fill
+    if mode == "fixed":  # grid-stride passes, at most 1024 CTAs of 256 threads
+        ctas = {k.split("::")[-1]: c["ctas"] for k, c in kernels.items()}
+        groups = max(T * H * d_qk // 8, S * 64)
+        assert ctas == {f"fixed_point_bound_kernel<{d_qk}>": -(-groups // 256),
+                        "fixed_point_finish_kernel": -(-S * d_qk // 256)}
+    elif deterministic:  # one chunk of T * K = 210 entries: a thread per entry in count / fill
         ctas = {k.split("::")[-1]: (c["ctas"], c["threads"]) for k, c in kernels.items()}
         per_entry = (-(-T * K // 256), -(-T * K // 256) * 256)
         if mode == "bitmap":  # one 1024-thread scan, a CTA per kv row
@@ -428,11 +437,13 @@ def test_bwd_deterministic_several_chunks(lib, gen, budget_mb, chunks):
     q, kv, idx = make_inputs(T, H, S, K, gen)
     tl = torch.tensor([40, 0, 70], dtype=torch.int32)
     E.set_env(lib, BUDGET_ENV, budget_mb)
+    E.set_env(lib, REDUCE_ENV, "list")
     try:
         lib.emu_clear_counters()
         dq, _ = bwd_case(lib, gen, q, kv, idx, SCALE, None, tl, deterministic=True)
     finally:
         E.set_env(lib, BUDGET_ENV, None)
+        E.set_env(lib, REDUCE_ENV, None)
     assert (dq[1] == 0).all()
     kernels = kernels_launched(lib)
     assert kernels["dsa::sparse_mla::sparse_mla_bwd_kernel<16, 576>"]["launches"] == chunks
@@ -453,6 +464,7 @@ def test_bwd_deterministic_any_budget_same_bits(lib, gen, d_qk):
         results = []
         for budget in ("1", None, "0"):
             E.set_env(lib, BUDGET_ENV, budget)
+            E.set_env(lib, REDUCE_ENV, "list")
             try:
                 sizes = (ctypes.c_int64 * 4)()
                 lib.emu_sparse_mla_bwd_workspace(T, S, H, K, d_qk, sizes)
@@ -460,6 +472,7 @@ def test_bwd_deterministic_any_budget_same_bits(lib, gen, d_qk):
                 dq, dkv, reports = run_bwd(lib, q, kv, out, dout, idx, lse, SCALE, deterministic=True)
             finally:
                 E.set_env(lib, BUDGET_ENV, None)
+                E.set_env(lib, REDUCE_ENV, None)
             assert reports == []
             chunks = -(-T // sizes[3])
             if budget == "1":
@@ -524,7 +537,11 @@ def test_bwd_det_list_reduce_work_is_not_sized_by_s(lib, gen):
     T, H, S, K = 2, 16, 20000, 16
     q, kv, idx = make_inputs(T, H, S, K, gen, invalid_frac=0.0)
     lib.emu_clear_counters()
-    bwd_case(lib, gen, q, kv, idx, SCALE, deterministic=True)
+    E.set_env(lib, REDUCE_ENV, "list")
+    try:
+        bwd_case(lib, gen, q, kv, idx, SCALE, deterministic=True)
+    finally:
+        E.set_env(lib, REDUCE_ENV, None)
     ctas = {k.split("::")[-1]: c["ctas"] for k, c in kernels_launched(lib).items()}
     assert ctas == {"sparse_mla_bwd_kernel<16, 576>": 2, "count_rows_kernel": 1,
                     "alloc_rows_kernel": 1, "fill_rows_kernel": 1, "reduce_rows_kernel<576>": 4,
@@ -533,29 +550,120 @@ def test_bwd_det_list_reduce_work_is_not_sized_by_s(lib, gen):
 
 def test_bwd_deterministic_scratch_within_64mib(lib):
     """SPEC section 6: the deterministic backward's scratch stays <= 64 MiB for any T and S,
-    H <= 128 and K <= 2048 (both widths), with the chunking the workspace helper chooses (the
-    same host code the launcher and the glue call). At H = 128, K = 2048, d_qk = 576 that is
-    7 tokens per chunk (63 MiB) where the budget-free chunking held 64 (604 MB). Also: a
-    token never splits (chunk >= 1) and the chunk never exceeds T or the 131072-entry bitmap."""
-    out = (ctypes.c_int64 * 4)()
+    H <= 128 and K <= 2048 (both widths), with the design the workspace helper chooses (the same
+    host code the launcher and the glue call): fixed point exactly when its int64 [S, d_qk]
+    accumulator fits (S <= 14563 at 576, 16384 at 512), else the chunked design. At H = 128,
+    K = 2048, d_qk = 576 the chunk is 7 tokens (63 MiB) where the budget-free chunking held 64
+    (604 MB). Also: a token never splits (chunk >= 1) and the chunk never exceeds T or the
+    131072-entry bitmap."""
+    out = (ctypes.c_int64 * 5)()
     budget = 64 << 20
     for d_qk in D_QKS:
-        for H in (1, 8, 16, 24, 32, 48, 64, 96, 128):
-            for K in (1, 2, 63, 64, 100, 512, 640, 1000, 1024, 2047, 2048):
-                for T in (1, 2, 7, 100, 4096, 1 << 17, 1 << 20, 1 << 31):
-                    lib.emu_sparse_mla_bwd_workspace_for(T, H, K, d_qk, budget, out)
-                    chunk, rows, list_len, nbytes = list(out)
-                    assert nbytes <= budget, (T, H, K, d_qk, chunk, nbytes)
-                    assert 1 <= chunk <= T and chunk * K <= 131072
-                    assert rows == -(-H // (64 if H % 64 == 0 else 32 if H % 32 == 0 else 16)) * chunk * K
-                    assert list_len == chunk * K
-    lib.emu_sparse_mla_bwd_workspace_for(4096, 128, 2048, 576, budget, out)
-    assert out[0] == 7 and out[3] == 7 * 2 * 2048 * 576 * 4
-    lib.emu_sparse_mla_bwd_workspace_for(4096, 128, 2048, 576, 0, out)      # no budget
-    assert out[0] == 64 and out[3] == 64 * 2 * 2048 * 576 * 4              # 604 MB
-    # above the bound (one token's contributions exceed it) a chunk is one token
-    lib.emu_sparse_mla_bwd_workspace_for(5, 128, 16384, 576, budget, out)
-    assert out[0] == 1
+        s_fit = budget // (d_qk * 8)
+        for S in (1, 100, 8192, s_fit, s_fit + 1, 131072, 1 << 24):
+            for H in (1, 8, 16, 24, 32, 48, 64, 96, 128):
+                for K in (1, 2, 63, 100, 640, 1024, 2047, 2048):
+                    for T in (1, 7, 4096, 1 << 17, 1 << 31):
+                        lib.emu_sparse_mla_bwd_workspace_for(T, S, H, K, d_qk, budget, out)
+                        chunk, rows, list_len, nbytes, fixed = list(out)
+                        assert nbytes <= budget, (T, S, H, K, d_qk, chunk, nbytes)
+                        assert fixed == (S <= s_fit)
+                        if fixed:  # one launch over all tokens, [S, d_qk] int64
+                            assert (chunk, rows, list_len, nbytes) == (T, 2 * S, 1, S * d_qk * 8)
+                            continue
+                        assert 1 <= chunk <= T and chunk * K <= 131072
+                        assert rows == -(-H // (64 if H % 64 == 0 else 32 if H % 32 == 0 else 16)) * chunk * K
+                        assert list_len == chunk * K
+    lib.emu_sparse_mla_bwd_workspace_for(4096, 8192, 128, 2048, 576, budget, out)   # SPEC shape
+    assert out[4] == 1 and out[3] == 8192 * 576 * 8                                  # 37.7 MB
+    lib.emu_sparse_mla_bwd_workspace_for(4096, 131072, 128, 2048, 576, budget, out)
+    assert out[4] == 0 and out[0] == 7 and out[3] == 7 * 2 * 2048 * 576 * 4
+    lib.emu_sparse_mla_bwd_workspace_for(4096, 131072, 128, 2048, 576, 0, out)      # no budget: fixed
+    assert out[4] == 1 and out[3] == 131072 * 576 * 8
+    E.set_env(lib, REDUCE_ENV, "list")
+    try:
+        lib.emu_sparse_mla_bwd_workspace_for(4096, 8192, 128, 2048, 576, budget, out)
+        assert out[4] == 0 and out[0] == 7
+        lib.emu_sparse_mla_bwd_workspace_for(4096, 8192, 128, 2048, 576, 0, out)    # no budget
+        assert out[0] == 64 and out[3] == 64 * 2 * 2048 * 576 * 4                  # 604 MB
+        # above the bound (one token's contributions exceed it) a chunk is one token
+        lib.emu_sparse_mla_bwd_workspace_for(5, 8192, 128, 16384, 576, budget, out)
+        assert out[0] == 1
+    finally:
+        E.set_env(lib, REDUCE_ENV, None)
+
+
+# ---- the fixed-point deterministic design ------------------------------------------------------
+
+@pytest.mark.parametrize("d_qk", D_QKS)
+@pytest.mark.parametrize("H", [16, 128])
+def test_bwd_fixed_point_order_free(lib, gen, H, d_qk):
+    """Integer sums do not depend on the order of the additions: permuting the tokens (with
+    their q, out, dout and lse) and the slots within each token's list leaves the fixed-point
+    dkv bitwise unchanged, where the fp32 atomic sums (arrival order) are not guaranteed to be;
+    it agrees with the atomic mode to fp32 rounding and with the reference. S < K: rows shared
+    by many tokens and both head blocks at H = 128, repeated rows, -1 entries."""
+    T, S, K = 5, 30, 70
+    q, kv, idx = make_inputs(T, H, S, K, gen, d_qk=d_qk)
+    idx[1, 0, :10] = 4
+    out, lse = ref.sparse_mla_fwd(q, kv, idx, SCALE)
+    dout = randn(*out.shape, gen=gen, dtype=torch.bfloat16)
+    dq, dkv, rep = run_bwd(lib, q, kv, out, dout, idx, lse, SCALE, deterministic=True)
+    tp = torch.randperm(T, generator=gen)
+    sp = torch.randperm(K, generator=gen)
+    idx_p = idx[tp][:, :, sp].contiguous()
+    dq_p, dkv_p, rep_p = run_bwd(lib, q[tp].contiguous(), kv, out[tp].contiguous(), dout[tp].contiguous(),
+                                 idx_p, lse[tp].contiguous(), SCALE, deterministic=True)
+    assert rep == [] and rep_p == []
+    assert torch.equal(dkv_p, dkv)
+    assert rel_err(dq_p, dq[tp]) < GRAD_TOL   # dq sums over the slots in fp32: order matters there
+    _, dkv_a, _ = run_bwd(lib, q, kv, out, dout, idx, lse, SCALE, deterministic=False)
+    torch.testing.assert_close(dkv, dkv_a, atol=1e-5, rtol=1e-5)
+    _, r_dkv = ref.sparse_mla_bwd(q, kv, out, dout, idx, lse, SCALE)
+    assert rel_err(dkv.to(torch.bfloat16), r_dkv.view(S, d_qk)) < GRAD_TOL
+
+
+@pytest.mark.parametrize("magnitude", [1e-25, 1e25])
+def test_bwd_fixed_point_scale_follows_the_inputs(lib, gen, magnitude):
+    """The scale 2^s comes from the inputs' maxima: gradients of 1e-25 keep their precision (a
+    fixed scale would round them to 0) and gradients of 1e25 do not overflow the int64 sums."""
+    T, H, S, K = 3, 64, 40, 70
+    q, kv, idx = make_inputs(T, H, S, K, gen)
+    out, lse = ref.sparse_mla_fwd(q, kv, idx, SCALE)
+    dout = (randn(*out.shape, gen=gen) * magnitude).to(torch.bfloat16)
+    _, dkv, rep = run_bwd(lib, q, kv, out, dout, idx, lse, SCALE, deterministic=True)
+    assert rep == []
+    _, r_dkv = ref.sparse_mla_bwd(q, kv, out, dout, idx, lse, SCALE)
+    r = r_dkv.view(S, 576).double()
+    assert torch.isfinite(dkv).all() and (dkv != 0).any()
+    assert ((dkv.double() - r).norm() / r.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("bad", ["nan_dout", "inf_dout", "nan_kv"])
+def test_bwd_fixed_point_non_finite(lib, gen, bad):
+    """Non-finite values land where the atomic mode puts them: the same NaN / inf pattern in dkv,
+    the same finite values to fp32 rounding elsewhere, and the bound ignores them (the finite
+    entries keep their precision)."""
+    T, H, S, K = 3, 16, 40, 50
+    q, kv, idx = make_inputs(T, H, S, K, gen, invalid_frac=0.0)
+    if bad == "nan_kv":
+        kv[7, 0, 3] = float("nan")
+        idx[0, 0, 4] = 7
+        idx[1:][idx[1:] == 7] = 8
+    out, lse = ref.sparse_mla_fwd(q, kv, idx, SCALE)
+    dout = randn(*out.shape, gen=gen, dtype=torch.bfloat16)
+    if bad == "nan_dout":
+        dout[1, 2, 5] = float("nan")
+    elif bad == "inf_dout":
+        dout[1, 2, 5] = float("inf")
+    _, dkv_f, rep_f = run_bwd(lib, q, kv, out, dout, idx, lse, SCALE, deterministic=True)
+    _, dkv_a, rep_a = run_bwd(lib, q, kv, out, dout, idx, lse, SCALE, deterministic=False)
+    assert rep_f == [] and rep_a == []
+    assert not torch.isfinite(dkv_a).all()
+    assert torch.equal(dkv_f.isnan(), dkv_a.isnan())
+    assert torch.equal(dkv_f.isposinf(), dkv_a.isposinf()) and torch.equal(dkv_f.isneginf(), dkv_a.isneginf())
+    fin = torch.isfinite(dkv_a)
+    torch.testing.assert_close(dkv_f[fin], dkv_a[fin], atol=1e-5, rtol=1e-5)
 
 
 # ---- infinite sinks: +inf -> the head's output (and gradient) is 0, lse unaffected; -inf -> none

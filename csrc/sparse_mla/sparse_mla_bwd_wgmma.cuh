@@ -1,5 +1,6 @@
 // Sparse MLA backward on Hopper warpgroup MMA (wgmma, sm_90a only) for 64-head blocks (H = 64,
-// 128) at d_qk 576 or 512: dQ and dKV, atomic or into the deterministic scratch (the same
+// 128) at d_qk 576 or 512: dQ and dKV, atomic (fp32, or fixed-point int64 for the deterministic
+// mode) or into the chunked deterministic scratch (the same
 // entries as sparse_mla_bwd_kernel, so the reductions of sparse_mla_kernels.cuh serve both).
 // Selected by DSA_SPARSE_MLA_BWD (sparse_mla_launch.h).
 //
@@ -40,8 +41,10 @@
 //     Realistic (no producer / consumer overlap: the gather wait, three barriers and the dKV
 //     atomics after each wait serialise): 350-450. Risks: red.global throughput on rows
 //     shared by many tokens (hot rows serialise in L2), the n16 wgmma issue rate.
-//   Deterministic mode: the same kernel with plain stores to the scratch (same count), then the
-//     reduction (sparse_mla_launch.cu, "time model of the deterministic mode").
+//   Deterministic mode: fixed point (the default where [S, D] int64 fits the budget) is this
+//     kernel with 64-bit integer reds in place of the fp32 ones (same count); the chunked mode
+//     is this kernel with plain stores to the scratch, then the reduction (sparse_mla_launch.cu,
+//     "time models of the deterministic designs").
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -93,9 +96,8 @@ __global__ void __launch_bounds__(WgmmaBwdCfg<D>::kThreads, 1)
                                 const int32_t* __restrict__ indices, const float* __restrict__ lse,
                                 const float* __restrict__ attn_sink,
                                 const int32_t* __restrict__ topk_length, __nv_bfloat16* __restrict__ dq,
-                                float* __restrict__ dkv_acc, float* __restrict__ scratch,
-                                int64_t t_begin, int64_t chunk_tokens, int64_t S, int H, int K,
-                                float sm_scale) {
+                                DkvTarget dkv, int64_t t_begin, int64_t chunk_tokens, int64_t S,
+                                int H, int K, float sm_scale) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = WgmmaBwdCfg<D>;
   DSA_DYNAMIC_SMEM(smem, 128);
@@ -113,6 +115,7 @@ __global__ void __launch_bounds__(WgmmaBwdCfg<D>::kThreads, 1)
   const int64_t t = t_begin + tl;
   const int hb = static_cast<int>(blockIdx.x % nhb);
   const int h0 = hb * C::kHB;
+  const DkvAdder adder(dkv, sm_scale);
   const int lane = threadIdx.x & 31;
   const int wgi = uniform_warpgroup_index();
   const int row0 = 16 * ((threadIdx.x >> 5) & 3) + (lane >> 2);  // accumulator rows row0, row0 + 8
@@ -236,11 +239,11 @@ __global__ void __launch_bounds__(WgmmaBwdCfg<D>::kThreads, 1)
         const int tok = 8 * (i >> 2) + 2 * c4 + (i & 1);
         if (valid[tok] == 0.f) continue;
         const int f = 64 * mt + row0 + 8 * ((i >> 1) & 1);
-        if (scratch) {
+        if (dkv.scratch) {
           const int64_t entry = (static_cast<int64_t>(hb) * chunk_tokens + tl) * K + blk * C::kBN + tok;
-          scratch[entry * D + f] = acc[i];
+          dkv.scratch[entry * D + f] = acc[i];
         } else {
-          atomicAdd(dkv_acc + static_cast<int64_t>(rows[tok]) * D + f, acc[i]);
+          adder.add(static_cast<int64_t>(rows[tok]) * D + f, acc[i]);
         }
       }
     };

@@ -118,8 +118,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_bwd_cuda(
   at::Tensor scratch, ints;
   if (deterministic && sz.T > 0) {
     // scratch <= the budget (64 MiB unless DSA_SPARSE_MLA_DET_SCRATCH_MB): see BwdWorkspace
+    // (fixed point: the [S, D] int64 sums; chunked: the contributions of a token chunk)
     a.scratch_budget = sparse_mla::sparse_mla_bwd_scratch_budget();
-    const auto w = sparse_mla::sparse_mla_bwd_workspace(sz.T, a.H, a.K, a.D, a.scratch_budget);
+    const auto w = sparse_mla::sparse_mla_bwd_workspace(sz.T, sz.S, a.H, a.K, a.D,
+                                                          a.scratch_budget);
     scratch = at::empty({w.scratch_rows, sz.D}, kv.options().dtype(at::kFloat));
     const int64_t list = w.list_len;
     ints = at::empty({sparse_mla::bwd_int_words(sz.S, list)}, kv.options().dtype(at::kInt));

@@ -373,6 +373,69 @@ __device__ __forceinline__ void bwd_row_stats(const __nv_bfloat16* __restrict__ 
 }
 
 // ================================ backward =====================================================
+// Where the backward kernels send dKV: fp32 atomics into `acc` (the atomic mode), plain stores
+// into the chunked deterministic scratch, or 64-bit integer atomics into `fixed` (the
+// fixed-point deterministic mode, "deterministic dKV in fixed point" below).
+struct DkvTarget {
+  float* acc;                   // [S, D] fp32; in the fixed-point mode only non-finite values
+  float* scratch;               // chunked deterministic mode: [nhb x chunk x K, D], or nullptr
+  unsigned long long* fixed;    // fixed-point mode: [S, D] two's-complement sums, or nullptr
+  const uint32_t* fixed_stats;  // fixed_point_bound_kernel's maxima (fixed-point mode)
+  int64_t fixed_terms;          // T x H: the (token, head) pairs whose weights bound a sum
+};
+
+// 2^s of the fixed-point mode: the largest power of two for which no dkv sum can leave
+// (-2^61, 2^61). A contribution of head h of token t to row j's column d is
+// dS·q[d] (+ P·dout[d] for d < 512) with dS = P (dP - Delta) sm_scale, |dP| <= 512 |dout|max
+// |v|max, |Delta| <= 512 |dout|max |out|max, so it is at most P·M with
+// M = |dout|max (1 + sm_scale |q|max 512 (|v|max + |out|max)); a (t, h) pair's P over its
+// slots sums to <= 1 (softmax, a sink only lowers it), so a column's sum is at most T·H·M.
+// Against the bf16 rounding of P / dS and the fp32 rounding of the MMAs the int64 range keeps
+// 4x headroom beyond 2^61. The exponent is clamped so that 2^s stays a normal float.
+__device__ __forceinline__ int fixed_point_exponent(const uint32_t* stats, float sm_scale,
+                                                    int64_t terms) {
+  const double q = __uint_as_float(stats[0]), o = __uint_as_float(stats[1]);
+  const double g = __uint_as_float(stats[2]), v = __uint_as_float(stats[3]);
+  const double per_term = g * (1.0 + static_cast<double>(sm_scale) * q * kDv * (v + o));
+  const double bound = per_term * static_cast<double>(terms);
+  if (!(bound > 0.0)) return 0;  // every contribution is 0
+  const int s = 60 - ilogb(bound);  // bound < 2^(ilogb + 1), so bound 2^s < 2^61
+  return s < -126 ? -126 : (s > 126 ? 126 : s);
+}
+
+// One CTA's view of a DkvTarget's accumulating modes. It keeps only the scale in a register
+// (computed once per CTA, the same in every CTA: a pure function of the same four words); the
+// pointers stay in the kernel's parameter space (the 64-head mma.sync backward at 576 has no
+// registers to spare at 512 threads).
+class DkvAdder {
+ public:
+  __device__ DkvAdder(const DkvTarget& t, float sm_scale)
+      : t_(t), scale_(t.fixed ? ldexpf(1.f, fixed_point_exponent(t.fixed_stats, sm_scale, t.fixed_terms)) : 0.f) {}
+
+  // A non-finite value goes to `acc` in the fixed-point mode too: sums of infinities and NaNs
+  // are the same in any order, and the finish kernel lets them override the integer sum.
+  __device__ __forceinline__ void add(int64_t i, float v) const {
+    if (t_.fixed != nullptr && fabsf(v) <= 3.402823466e38f)
+      atomicAdd(t_.fixed + i, static_cast<unsigned long long>(__float2ll_rn(v * scale_)));
+    else
+      atomicAdd(t_.acc + i, v);
+  }
+  __device__ __forceinline__ void add2(int64_t i, float2 v) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (t_.fixed == nullptr) {
+      atomicAdd(reinterpret_cast<float2*>(t_.acc + i), v);
+      return;
+    }
+#endif
+    add(i, v.x);
+    add(i + 1, v.y);
+  }
+
+ private:
+  const DkvTarget& t_;
+  float scale_;
+};
+
 // One CTA per (token, block of HB heads), 32 selected rows per step. Warps form a
 // (HB/16) x 4 grid. Per step:
 //   A: the first half of the warps computes S and dP in 16-row x 16-token tiles; P is
@@ -404,14 +467,9 @@ struct BwdCfg {
   // n-tiles per dKV group: 48 (D = 576) or 64 (D = 512) columns where registers allow (fewer
   // reloads of the dSᵀ / Pᵀ fragments), half that at 512 threads (128 registers per thread). A
   // group must divide D: 576 = 12 x 48, 512 = 8 x 64.
-  // Below sm_90 the dKV atomics are scalar (no float2 atomicAdd) and the 64-head, 576-wide
-  // kernel spilled at 24 columns: 16 there. (The emulator compiles sm_90, so it runs the
-  // sm_90 group widths; 16 columns is the same loop with a smaller constant.)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  // The 64-head, 576-wide kernel spilled at 24 columns where the dKV adds are scalar (below
+  // sm_90: no float2 atomicAdd; everywhere: the fixed-point mode's 64-bit integer adds): 16.
   static constexpr int kGroupTiles = (D == 576 ? 6 : 8) / (HB == 64 ? (D == 576 ? 3 : 2) : 1);
-#else
-  static constexpr int kGroupTiles = (D == 576 ? 6 : 8) / (HB == 64 ? 2 : 1);
-#endif
   static constexpr int kGroupsPerM = D / (8 * kGroupTiles);
   static_assert(kGroupsPerM * 8 * kGroupTiles == D, "dKV groups tile the row");
   // dQ n-tiles per warp: the 4 column warps split D.
@@ -427,9 +485,8 @@ __global__ void __launch_bounds__(BwdCfg<HB, D>::kThreads, 1)
                           const int32_t* __restrict__ indices, const float* __restrict__ lse,
                           const float* __restrict__ attn_sink,
                           const int32_t* __restrict__ topk_length, __nv_bfloat16* __restrict__ dq,
-                          float* __restrict__ dkv_acc, float* __restrict__ scratch,
-                          int64_t t_begin, int64_t chunk_tokens, int64_t S, int H, int K,
-                          float sm_scale) {
+                          DkvTarget dkv, int64_t t_begin, int64_t chunk_tokens, int64_t S, int H,
+                          int K, float sm_scale) {
   using C = BwdCfg<HB, D>;
   constexpr int kQkChunks = Latent<D>::kChunks;
   DSA_DYNAMIC_SMEM(smem, 128);
@@ -455,6 +512,7 @@ __global__ void __launch_bounds__(BwdCfg<HB, D>::kThreads, 1)
   const int32_t* idx_row = indices + t * K;
   const int limit = row_limit(topk_length, t, K);
   const int nblocks = (limit + C::kBN - 1) / C::kBN;
+  const DkvAdder adder(dkv, sm_scale);
   const float scale2 = sm_scale * kLog2e;
 
   load_rows<C::kThreads>(sQ, q + (t * H + h0) * D, HB, live, kQkChunks, D);
@@ -580,27 +638,18 @@ __global__ void __launch_bounds__(BwdCfg<HB, D>::kThreads, 1)
       for (int hf = 0; hf < 2; ++hf) {
         const int tok = 16 * mt + g + 8 * hf;
         if (valid[tok] == 0.f) continue;
-        float* dst;
-        if (scratch) {
+        if (dkv.scratch) {
           const int64_t entry = (static_cast<int64_t>(hb) * chunk_tokens + tl) * K + blk * C::kBN + tok;
-          dst = scratch + entry * D;
-        } else {
-          dst = dkv_acc + static_cast<int64_t>(rows[tok]) * D;
-        }
+          float* dst = dkv.scratch + entry * D;
 #pragma unroll
-        for (int i = 0; i < C::kGroupTiles; ++i) {
-          const int col = col0 + 8 * i + 2 * c4;
-          const float2 v = make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]);
-          if (scratch) {
-            *reinterpret_cast<float2*>(dst + col) = v;
-          } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-            atomicAdd(reinterpret_cast<float2*>(dst + col), v);
-#else
-            atomicAdd(dst + col, v.x);
-            atomicAdd(dst + col + 1, v.y);
-#endif
-          }
+          for (int i = 0; i < C::kGroupTiles; ++i)
+            *reinterpret_cast<float2*>(dst + col0 + 8 * i + 2 * c4) =
+                make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]);
+        } else {
+          const int64_t base = static_cast<int64_t>(rows[tok]) * D + col0 + 2 * c4;
+#pragma unroll
+          for (int i = 0; i < C::kGroupTiles; ++i)
+            adder.add2(base + 8 * i, make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]));
         }
       }
     }
@@ -856,6 +905,75 @@ __global__ void reduce_rows_kernel(
     }
 #pragma unroll
     for (int j = 0; j < kCols2; ++j) dst[32 * j] = acc[j];
+  }
+}
+
+// ======================= deterministic dKV in fixed point ======================================
+// The deterministic mode used where its accumulator fits the scratch budget (S x D x 8 bytes <=
+// 64 MiB: S <= 14563 at d_qk 576, 16384 at 512; DSA_SPARSE_MLA_DET_REDUCE, launcher). Every
+// contribution v (one head block's sum for a (token, slot, column)) is added as the integer
+// round(v 2^s) by a 64-bit integer atomic. Integer addition is associative, so the sums, and
+// dkv = sum 2^-s, do not depend on the order in which CTAs arrive: bitwise the same run to run,
+// in one launch over all tokens with the atomic mode's red.global count (8 bytes each, not 4),
+// where the chunked modes below hold only budget / (nhb K D 4) tokens in flight (7 at the SPEC
+// shape: 14 CTAs on 132 SMs). 2^s comes from a bound on every sum (fixed_point_exponent), so no
+// sum overflows; each addition rounds to 2^-(s+1), at most T nhb of them a column: an absolute
+// error <= T nhb 2^-(s+1) <= 2^-61 T nhb (T H M) (M: fixed_point_exponent), e.g. 2^-29 M at
+// T = 4096, H = 128. Non-finite contributions go to the fp32 buffer (DkvAdder::add) and win in
+// the finish kernel, so NaN / inf land where the atomic mode puts them.
+//
+// stats[0..3] = max |x| over the finite elements of q [rows x D], out, dout [rows x 512] and the
+// value columns kv[:, :512] ([S x D] rows), as float bits (non-negative floats order as their
+// bits, so atomicMax on uint32 is a float max). 16-byte loads of 8 bf16, grid-stride.
+__device__ __forceinline__ float finite_abs_max8(const __nv_bfloat16* p, float m) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    const float a = fabsf(f.x), b = fabsf(f.y);
+    if (a <= 3.402823466e38f) m = fmaxf(m, a);  // NaN and inf fail the test
+    if (b <= 3.402823466e38f) m = fmaxf(m, b);
+  }
+  return m;
+}
+
+constexpr int kFixedStatsWords = 4;
+constexpr int kFixedThreads = 256;
+
+template <int D>
+__global__ void fixed_point_bound_kernel(const __nv_bfloat16* __restrict__ q,
+                                         const __nv_bfloat16* __restrict__ out,
+                                         const __nv_bfloat16* __restrict__ dout,
+                                         const __nv_bfloat16* __restrict__ kv, int64_t rows, int64_t S,
+                                         uint32_t* stats) {
+  float m[kFixedStatsWords] = {0.f, 0.f, 0.f, 0.f};
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  for (int64_t i = first; i < rows * (D / 8); i += stride) m[0] = finite_abs_max8(q + 8 * i, m[0]);
+  for (int64_t i = first; i < rows * kVChunks; i += stride) {
+    m[1] = finite_abs_max8(out + 8 * i, m[1]);
+    m[2] = finite_abs_max8(dout + 8 * i, m[2]);
+  }
+  for (int64_t i = first; i < S * kVChunks; i += stride)
+    m[3] = finite_abs_max8(kv + (i / kVChunks) * D + 8 * (i % kVChunks), m[3]);
+#pragma unroll
+  for (int k = 0; k < kFixedStatsWords; ++k) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m[k] = fmaxf(m[k], __shfl_xor_sync(0xffffffffu, m[k], o));
+    if ((threadIdx.x & 31) == 0) atomicMax(stats + k, __float_as_uint(m[k]));
+  }
+}
+
+// dkv_acc[i] = its non-finite sum if a non-finite value reached it (the buffer starts at 0 and
+// receives nothing else), else fixed[i] 2^-s.
+__global__ void fixed_point_finish_kernel(const unsigned long long* __restrict__ fixed,
+                                          const uint32_t* __restrict__ stats, float sm_scale,
+                                          int64_t terms, int64_t n, float* __restrict__ dkv_acc) {
+  const float unit = ldexpf(1.f, -fixed_point_exponent(stats, sm_scale, terms));
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
+    if (dkv_acc[i] == 0.f) dkv_acc[i] = __ll2float_rn(static_cast<long long>(fixed[i])) * unit;
   }
 }
 

@@ -84,7 +84,7 @@ cudaError_t launch_fwd_ws(const FwdArgs& a, cudaStream_t stream) {
 // arguments) over `tokens` tokens from t_begin, HB heads a CTA; C is its tile configuration.
 template <int HB, class C, auto Kernel>
 cudaError_t launch_bwd_kernel(const BwdArgs& a, int64_t t_begin, int64_t tokens,
-                              int64_t chunk_tokens, float* scratch, cudaStream_t stream) {
+                              int64_t chunk_tokens, const DkvTarget& dkv, cudaStream_t stream) {
   auto kernel = Kernel;
   cudaError_t err = ensure_max_dynamic_smem<Kernel>(C::kSmemBytes);
   if (err != cudaSuccess) return err;
@@ -93,34 +93,34 @@ cudaError_t launch_bwd_kernel(const BwdArgs& a, int64_t t_begin, int64_t tokens,
       static_cast<const __nv_bfloat16*>(a.q), static_cast<const __nv_bfloat16*>(a.kv),
       static_cast<const __nv_bfloat16*>(a.out), static_cast<const __nv_bfloat16*>(a.dout),
       a.indices, a.lse, a.attn_sink, a.topk_length, static_cast<__nv_bfloat16*>(a.dq),
-      a.dkv_acc, scratch, t_begin, chunk_tokens, a.S, a.H, a.K, a.sm_scale);
+      dkv, t_begin, chunk_tokens, a.S, a.H, a.K, a.sm_scale);
   return last_launch_error();
 }
 
 template <int HB, int D>
 cudaError_t launch_bwd_main(const BwdArgs& a, int64_t t_begin, int64_t tokens,
-                            int64_t chunk_tokens, float* scratch, cudaStream_t stream) {
+                            int64_t chunk_tokens, const DkvTarget& dkv, cudaStream_t stream) {
   return launch_bwd_kernel<HB, BwdCfg<HB, D>, sparse_mla_bwd_kernel<HB, D>>(a, t_begin, tokens,
-                                                                          chunk_tokens, scratch, stream);
+                                                                          chunk_tokens, dkv, stream);
 }
 
 // The sm_90a backward of 64-head blocks (sparse_mla_bwd_wgmma.cuh): the same arguments and
 // deterministic entries as sparse_mla_bwd_kernel.
 template <int D>
 cudaError_t launch_bwd_wgmma(const BwdArgs& a, int64_t t_begin, int64_t tokens,
-                             int64_t chunk_tokens, float* scratch, cudaStream_t stream) {
+                             int64_t chunk_tokens, const DkvTarget& dkv, cudaStream_t stream) {
   return launch_bwd_kernel<kWgmmaHeadBlock, WgmmaBwdCfg<D>, sparse_mla_bwd_wgmma_kernel<D>>(
-      a, t_begin, tokens, chunk_tokens, scratch, stream);
+      a, t_begin, tokens, chunk_tokens, dkv, stream);
 }
 
 cudaError_t launch_bwd_main_any(const BwdArgs& a, int64_t t_begin, int64_t tokens,
-                                int64_t chunk_tokens, float* scratch, cudaStream_t stream) {
+                                int64_t chunk_tokens, const DkvTarget& dkv, cudaStream_t stream) {
   if (a.kernel == BwdKernel::kWgmma && a.H % kWgmmaHeadBlock == 0)
-    return a.D == 512 ? launch_bwd_wgmma<512>(a, t_begin, tokens, chunk_tokens, scratch, stream)
-                      : launch_bwd_wgmma<576>(a, t_begin, tokens, chunk_tokens, scratch, stream);
+    return a.D == 512 ? launch_bwd_wgmma<512>(a, t_begin, tokens, chunk_tokens, dkv, stream)
+                      : launch_bwd_wgmma<576>(a, t_begin, tokens, chunk_tokens, dkv, stream);
   return with_head_block_and_width(a.H, a.D, [&](auto hb, auto d) {
     return launch_bwd_main<decltype(hb)::value, decltype(d)::value>(a, t_begin, tokens,
-                                                                     chunk_tokens, scratch, stream);
+                                                                     chunk_tokens, dkv, stream);
   });
 }
 
@@ -207,7 +207,12 @@ int64_t sparse_mla_bwd_scratch_budget() {
   return mb == 0 ? 0 : static_cast<int64_t>(mb) << 20;
 }
 
-BwdWorkspace sparse_mla_bwd_workspace(int64_t T, int H, int K, int D, int64_t budget_bytes) {
+BwdWorkspace sparse_mla_bwd_workspace(int64_t T, int64_t S, int H, int K, int D,
+                                      int64_t budget_bytes) {
+  if (det_reduce_mode() == DetReduce::kFixed && (budget_bytes <= 0 || S * D * 8 <= budget_bytes)) {
+    const int64_t rows = 2 * S;  // int64 [S, D] in fp32 rows of D
+    return BwdWorkspace{T < 1 ? 1 : T, rows > 0 ? rows : 1, 1, true};
+  }
   const int64_t nhb = head_blocks(H, head_block(H));
   int64_t c = K > 0 ? kMaxChunkEntries / K : kMaxChunkEntries;
   if (budget_bytes > 0 && K > 0) {
@@ -221,16 +226,20 @@ BwdWorkspace sparse_mla_bwd_workspace(int64_t T, int H, int K, int D, int64_t bu
   w.chunk_tokens = c;
   w.scratch_rows = nhb * c * K > 0 ? nhb * c * K : 1;
   w.list_len = c * K > 0 ? c * K : 1;
+  w.fixed_point = false;
   return w;
 }
 
-bool det_reduce_bitmap() {
+DetReduce det_reduce_mode() {
   const char* env = std::getenv("DSA_SPARSE_MLA_DET_REDUCE");
-  return env != nullptr && std::strcmp(env, "bitmap") == 0;
+  if (env != nullptr && std::strcmp(env, "bitmap") == 0) return DetReduce::kBitmap;
+  if (env != nullptr && std::strcmp(env, "list") == 0) return DetReduce::kList;
+  return DetReduce::kFixed;
 }
 
 int64_t bwd_int_words(int64_t S, int64_t list_len) {
-  return list_len + 3 * (S + 1) + kListHeader + list_len + big_rows_capacity(list_len);
+  return list_len + 3 * (S + 1) + kListHeader + list_len + big_rows_capacity(list_len) +
+         kFixedStatsWords;
 }
 
 void bind_bwd_ints(BwdArgs& a, int32_t* ints, int64_t S, int64_t list_len) {
@@ -239,29 +248,69 @@ void bind_bwd_ints(BwdArgs& a, int32_t* ints, int64_t S, int64_t list_len) {
   a.row_offsets = a.row_counts + (S + 1);
   a.row_cursor = a.row_offsets + (S + 1);
   a.lists = a.row_cursor + (S + 1);
+  a.fixed_stats = reinterpret_cast<uint32_t*>(a.lists + kListHeader + list_len + big_rows_capacity(list_len));
 }
 
-// Time model of the deterministic mode (MODEL, not measured; H100 SXM, T = 4096, S = 8192,
-// H = 128, K = 2048, d_qk = 576, the 64 MiB budget): a token's contributions are nhb x K x D x 4
-// = 9.4 MB of scratch, so a chunk holds 7 tokens (66 MB) and there are 586 chunks. Per token the
-// main kernel stores 9.4 MB (the atomic mode sends the same 9.4 MB as red.global to L2), the
-// list reduction reads it back (9.4 MB), reads and writes the touched dkv rows (up to 2 x 4.7 MB)
-// and the index kernels touch 4 x K int32 per token (negligible). The chunk's scratch does not fit
-// the 50 MB L2, so the stores and the re-read go to HBM: ~28 MB per token at ~3 TB/s = 9.4 us,
-// 38 ms per call against the atomic mode's ~10 ms (sparse_mla_bwd_wgmma.cuh MODEL), plus
-// 586 x 5 launches (~3 ms unless graph-captured). The SPEC asks for 80% of the atomic speed; by
-// this model the deterministic mode reaches ~25%: it moves 3x the atomic mode's bytes, and
-// through HBM. Levers not built: a budget that keeps the chunk in L2 (<= ~32 MB: 3 tokens,
-// L2-bound ~5 us per token, ~45%), one CTA per token over both head blocks (summing them in
-// registers halves the scratch), and a per-row owner that accumulates in shared memory.
+// Time models of the deterministic designs (MODEL, not measured; H100 SXM, SPEC shape T = 4096,
+// S = 8192, H = 128, K = 2048, d_qk = 576; the atomic mode ~10 ms, sparse_mla_bwd_wgmma.cuh).
+// Fixed point (the default here: its [S, D] int64 accumulator is 37.7 MB <= 64 MiB): the bound
+// pass reads q, out and dout once (T H (576 + 512 + 512) x 2 = 1.68 GB, ~0.56 ms at ~3 TB/s) and
+// kv's value columns (8 MB); the main kernel is the atomic one with the same red.global count,
+// 8-byte integer instead of 4-byte float (the wgmma kernel's 18,432 reds a step: ~1,150 of its
+// ~4,500 clocks if L2 takes ~16 B/clk per SM slice; even fully serialised after each wait,
+// +~580 clocks a step, ~13%); memset and finish touch 38 + 38 + 19 MB (~0.03 ms). Model:
+// 10.6-11.9 ms, 84-94% of the atomic mode (SPEC: >= 80%). Risk: integer red throughput in L2 on
+// hot rows, unmeasured. Its cost grows with T K (the reds) and S D (the accumulator), never
+// with the chunking.
+// Chunked (S x D x 8 above the budget, e.g. S = 128K: 604 MB): a token's contributions are
+// nhb x K x D x 4 = 9.4 MB of scratch, so a chunk holds 7 tokens (66 MB) and there are 586
+// chunks; each main launch runs 7 x 2 = 14 CTAs on 132 SMs, so the chunks serialise: ~586 x
+// 64 steps x 2.46 us = 92 ms, plus the scratch round trip through HBM (~28 MB a token, 38 ms)
+// and 586 x 5 launches: ~10x the atomic mode. Levers not built: split a token's slots over
+// CTAs (dQ then needs a second reduction), a budget that keeps the chunk in L2.
+namespace {
+
+// The fixed-point deterministic backward: bound pass, one main launch, finish.
+cudaError_t launch_bwd_fixed_point(const BwdArgs& a, cudaStream_t stream) {
+  auto* fixed = reinterpret_cast<unsigned long long*>(a.scratch);
+  cudaError_t err = cudaMemsetAsync(fixed, 0, a.S * a.D * sizeof(unsigned long long), stream);
+  if (err == cudaSuccess) err = cudaMemsetAsync(a.fixed_stats, 0, kFixedStatsWords * sizeof(uint32_t), stream);
+  if (err != cudaSuccess) return err;
+  const int64_t rows = a.T * a.H;
+  const int64_t groups = std::max(rows * (a.D / 8), a.S * int64_t{kVChunks});
+  const auto ctas = [](int64_t n) {
+    return static_cast<unsigned>(std::min<int64_t>(ceil_div<int64_t>(n, kFixedThreads), 1024));
+  };
+  const auto* q = static_cast<const __nv_bfloat16*>(a.q);
+  const auto* out = static_cast<const __nv_bfloat16*>(a.out);
+  const auto* dout = static_cast<const __nv_bfloat16*>(a.dout);
+  const auto* kv = static_cast<const __nv_bfloat16*>(a.kv);
+  if (a.D == 512)
+    fixed_point_bound_kernel<512><<<ctas(groups), kFixedThreads, 0, stream>>>(q, out, dout, kv, rows, a.S, a.fixed_stats);
+  else
+    fixed_point_bound_kernel<576><<<ctas(groups), kFixedThreads, 0, stream>>>(q, out, dout, kv, rows, a.S, a.fixed_stats);
+  err = last_launch_error();
+  if (err != cudaSuccess) return err;
+  const DkvTarget dkv{a.dkv_acc, nullptr, fixed, a.fixed_stats, rows};
+  err = launch_bwd_main_any(a, 0, a.T, a.T, dkv, stream);
+  if (err != cudaSuccess) return err;
+  fixed_point_finish_kernel<<<ctas(a.S * a.D), kFixedThreads, 0, stream>>>(
+      fixed, a.fixed_stats, a.sm_scale, rows, a.S * a.D, a.dkv_acc);
+  return last_launch_error();
+}
+
+}  // namespace
+
 cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
-  if (!a.deterministic) return launch_bwd_main_any(a, 0, a.T, a.T, nullptr, stream);
-  const BwdWorkspace w = sparse_mla_bwd_workspace(a.T, a.H, a.K, a.D, a.scratch_budget);
+  if (!a.deterministic)
+    return launch_bwd_main_any(a, 0, a.T, a.T, DkvTarget{a.dkv_acc, nullptr, nullptr, nullptr, 0}, stream);
+  const BwdWorkspace w = sparse_mla_bwd_workspace(a.T, a.S, a.H, a.K, a.D, a.scratch_budget);
+  if (w.fixed_point) return launch_bwd_fixed_point(a, stream);
   const int64_t chunk = w.chunk_tokens;
   const int64_t chunk_entries = chunk * a.K;
   const int nhb = head_blocks(a.H, head_block(a.H));
-  const bool bitmap = det_reduce_bitmap();
+  const bool bitmap = det_reduce_mode() == DetReduce::kBitmap;
   constexpr int kThreads = 256;
   cudaError_t err = cudaSuccess;
   if (!bitmap) {  // once per call: counts (each chunk's alloc re-zeroes the rows it touched)
@@ -272,7 +321,8 @@ cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream) {
   for (int64_t t0 = 0; t0 < a.T; t0 += chunk) {
     const int64_t tokens = a.T - t0 < chunk ? a.T - t0 : chunk;
     const int64_t n_entries = tokens * a.K;
-    err = launch_bwd_main_any(a, t0, tokens, chunk, a.scratch, stream);
+    err = launch_bwd_main_any(a, t0, tokens, chunk, DkvTarget{a.dkv_acc, a.scratch, nullptr, nullptr, 0},
+                              stream);
     if (err != cudaSuccess) return err;
     if (n_entries == 0) continue;
     const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(n_entries, kThreads));

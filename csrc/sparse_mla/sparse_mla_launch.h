@@ -52,11 +52,17 @@ cudaError_t bwd_kernel_selected(int device, int H, BwdKernel* kernel);
 // and receives the sum of every contribution (cast to bf16 by the caller).
 // deterministic == false: contributions are added with fp32 atomics.
 // deterministic == true: the workspace below must be provided (sized by
-// sparse_mla_bwd_workspace with the same T, H, K, D and scratch_budget); tokens are processed in
-// chunks of `chunk_tokens` tokens, each writing its contributions to `scratch`, then every dkv
-// row sums its contributions in (token, slot, head block) order via an inverse index built on
-// the device. The order does not depend on the chunking (each chunk continues the rows' sums),
-// so the result is bitwise the same for any budget.
+// sparse_mla_bwd_workspace with the same T, S, H, K, D and scratch_budget). Two designs:
+//  * fixed point (the default where S x D x 8 bytes fit the budget): `scratch` holds [S, D]
+//    int64 sums; one launch over all tokens adds round(v 2^s) with integer atomics, so the
+//    order of arrival cannot change a bit (sparse_mla_kernels.cuh, "deterministic dKV in fixed
+//    point"); then dkv_acc = sum 2^-s.
+//  * chunked (larger S, or DSA_SPARSE_MLA_DET_REDUCE = list | bitmap): tokens are processed in
+//    chunks of `chunk_tokens` tokens, each writing its contributions to `scratch`, then every
+//    dkv row sums its contributions in (token, slot, head block) order via an inverse index
+//    built on the device. The order does not depend on the chunking (each chunk continues the
+//    rows' sums), so the result is bitwise the same for any budget.
+// The two designs round differently (each is reproducible; they agree to fp32 rounding).
 struct BwdArgs {
   const void* q;
   const void* kv;
@@ -76,7 +82,8 @@ struct BwdArgs {
   BwdKernel kernel = BwdKernel::kMma;  // bwd_kernel_selected; kWgmma applies to H % 64 == 0 only
   // deterministic workspace
   int64_t scratch_budget = 0;  // bytes of `scratch` the chunking keeps to (<= 0: no budget)
-  float* scratch;       // [scratch_rows, D] fp32
+  float* scratch;       // [scratch_rows, D] fp32 (fixed point: [S, D] int64)
+  uint32_t* fixed_stats; // [kFixedStatsWords] (fixed point: the bound's maxima)
   int32_t* entry_list;  // [list_len = chunk_tokens * K]
   int32_t* row_counts;  // [S + 1]
   int32_t* row_offsets; // [S + 1]
@@ -84,15 +91,17 @@ struct BwdArgs {
   int32_t* lists;       // "list" reduction: header, touched rows, big rows (bwd_int_words)
 };
 
-// The deterministic reduction's inverse index (sparse_mla_kernels.cuh, "deterministic dKV
-// reduction"): "list" (default; work proportional to each chunk's entries) or "bitmap" (the
-// earlier S-CTA reduction, kept selectable) by DSA_SPARSE_MLA_DET_REDUCE. Both sum every row in
-// the same order: the bits agree.
-bool det_reduce_bitmap();
+// The deterministic design, DSA_SPARSE_MLA_DET_REDUCE: "fixed" (or unset: fixed point where its
+// accumulator fits the budget, else "list"), "list" (chunked; the inverse index's work
+// proportional to each chunk's entries) or "bitmap" (chunked, the earlier S-CTA reduction, kept
+// selectable). list and bitmap sum every row in the same order: their bits agree.
+enum class DetReduce { kFixed, kList, kBitmap };
+DetReduce det_reduce_mode();
 
 // The int32 workspace of the deterministic backward: entry_list [list_len], row_counts,
-// row_offsets, row_cursor [S + 1] each, lists [header + list_len + big rows]. bwd_int_words is
-// its length; bind_bwd_ints points a's int32 fields into `ints` (glue and emulator alike).
+// row_offsets, row_cursor [S + 1] each, lists [header + list_len + big rows], the fixed-point
+// maxima [kFixedStatsWords]. bwd_int_words is its length; bind_bwd_ints points a's int32 fields
+// into `ints` (glue and emulator alike).
 int64_t bwd_int_words(int64_t S, int64_t list_len);
 void bind_bwd_ints(BwdArgs& a, int32_t* ints, int64_t S, int64_t list_len);
 
@@ -105,7 +114,9 @@ constexpr int64_t kBwdDeterministicMaxK = 131072;
 constexpr int64_t kBwdScratchBudgetBytes = int64_t{64} << 20;
 int64_t sparse_mla_bwd_scratch_budget();
 
-// The deterministic workspace of one shape: tokens per chunk, chosen as the most that keep
+// The deterministic workspace of one shape. Fixed point (det_reduce_mode() kFixed and
+// S x D x 8 <= budget, or no budget): chunk_tokens = T, scratch_rows = 2 S (int64 [S, D] as fp32
+// rows), list_len = 1. Otherwise the chunked design: tokens per chunk, chosen as the most that keep
 // chunk_tokens * K <= 131072 entries (one 16 KB bitmap) and scratch_rows * D * 4 <= budget,
 // but at least one token (so a single token above the budget, K > budget / (nhb * D * 4),
 // e.g. K > 14563 at H = 128, d_qk = 576, 64 MiB, still runs, one token per chunk);
@@ -114,9 +125,11 @@ int64_t sparse_mla_bwd_scratch_budget();
 // ceil(H / head_block) * K * D * 4 <= 64 MiB: every H <= 128 with K <= 14563 (576) / 16384 (512).
 struct BwdWorkspace {
   int64_t chunk_tokens, scratch_rows, list_len;
+  bool fixed_point;
   int64_t scratch_bytes(int D) const { return scratch_rows * D * 4; }
 };
-BwdWorkspace sparse_mla_bwd_workspace(int64_t T, int H, int K, int D, int64_t budget_bytes);
+BwdWorkspace sparse_mla_bwd_workspace(int64_t T, int64_t S, int H, int K, int D,
+                                      int64_t budget_bytes);
 
 cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream);
 

@@ -30,8 +30,9 @@
 // d_qk = 576; per CTA = per (token, 64 heads), 32 blocks of 64 tokens):
 //   MMA: per block 36 m64n64k16 (S) + 2 x 4 m64n256k16 (P V) = 64 x 64 x (576 + 512) x 2 =
 //     8.9 MFLOP; at the dense bf16 rate of 1024 FLOP/clk per SM sub-partition (4096 per SM)
-//     2176 clocks per block. SPEC FLOPs (2 H K (d_qk + d_v)) = 4.67 TFLOP per call: 4.7 ms at
-//     the 989 TFLOP/s peak, 6.7 ms at the 700 TFLOP/s target.
+//     2176 clocks per block. SPEC FLOPs 2 T H K (d_qk + d_v) = 2.34 TFLOP per call (8192 CTAs x
+//     32 blocks x 8.9 MFLOP): 2.36 ms at the 989 TFLOP/s peak, 3.34 ms at the 700 target.
+//     (Corrected 2026-12-03: this model said 4.67 TFLOP and derived its TFLOP/s from that.)
 //   Shared-memory operand traffic (wgmma reads its SS operands from shared memory through the
 //     async proxy; the emulator counts wavefronts of the generic accesses only): per block
 //     S reads Q (73.7 KB) + K (73.7 KB), P V reads P twice (16 KB) + V once per warpgroup half
@@ -39,23 +40,23 @@
 //     Generic accesses per block (emulator counters of the wgmma kernel at this tile: 64 x 64
 //     P stores of 4 bytes by 128 threads = 32 wavefronts, 64 rescale-factor stores/loads, the
 //     valid flags): < 100 wavefronts, negligible.
-//   Gathers: 73.7 KB per block per CTA = 33.9 B/clk per SM at the MMA rate; both head blocks of a
-//     token gather the same rows, so L2 -> SM traffic is 2 x 4096 x 2048 x 1152 B = 19.3 GB per
-//     call: 4.1 TB/s at the 4.7 ms MMA time, above the ~3.5-4 TB/s an H100 L2 sustains to SMs
-//     for scattered 1152-byte rows (HBM: each of the S = 32K rows (37.7 MB, fits the 50 MB L2)
-//     is read from HBM about once). Bound: L2 bandwidth, ~4.8-5.5 ms = 850-970 TFLOP/s if the
-//     producer keeps 2 blocks (147 KB) in flight (Little's law: 147 KB per ~1.5 us L2 latency
-//     under load = 98 B/clk, enough).
+//   Gathers: 73.7 KB per block per CTA; both head blocks of a token gather the same rows, so
+//     L2 -> SM traffic is 2 x 4096 x 2048 x 1152 B = 19.3 GB per call (HBM: each of the S = 32K
+//     rows, 37.7 MB, fits the 50 MB L2 and is read from HBM about once). At the 2.36 ms MMA time
+//     that is 8.2 TB/s, beyond L2. Anchor: FlashMLA's sparse prefill gathers the same 19.3 GB
+//     (64 heads a CTA too) at 640 TFLOP/s on H800, i.e. L2 -> SM sustains >= 5.3 TB/s for these
+//     1152-byte rows. Bound: L2, 3.4-3.9 ms (5.0-5.7 TB/s) = 600-690 TFLOP/s.
 //   Softmax: 64 x 64 exp2 per block on 128 threads = 32 MUFU ops per thread + ~150 FP32/ALU
 //     instructions: ~400 issue clocks per block, hidden behind P(b) V(b) and S(b + 1) by the
 //     pipelining above (the mma.sync and plain wgmma kernels serialise it: 15-20% of a block).
-//   Estimate: min(MMA 2176, L2 ~2400 clocks per block) plus the per-CTA prologue (Q 73.7 KB
-//     load, first gather latency ~2 us without overlap across CTAs at 1 CTA / SM) = 2 us x
-//     (8192 CTAs / 132 SMs) = 0.12 ms: ~5.5 ms = ~850 TFLOP/s upper estimate; realistic
-//     (wgmma issue gaps, mbarrier round trips ~ 10%): 650-750 TFLOP/s against the SPEC 700.
-//     Shortfall risks: the L2 gather bandwidth (no TMA gather on Hopper) and the lack of
-//     setmaxnreg (the producer warp could feed more copies with more registers: it issues
-//     144 cp.async per lane per block, 2.3 issue clocks each, 330 clocks of 2176: fine).
+//   Estimate: the L2 bound plus the per-CTA prologue (Q 73.7 KB load, first gather latency ~2 us
+//     without overlap across CTAs at 1 CTA / SM: 2 us x 8192 / 132 = 0.12 ms) and ~10% issue
+//     gaps / mbarrier round trips: ~3.9-4.4 ms = 530-600 TFLOP/s, short of the SPEC's 700 by
+//     15-25%, about FlashMLA's 640. The lever (not built): one gather per token for both head
+//     blocks (a 2-CTA cluster multicasting each KV block to both CTAs' shared memory, or a
+//     128-head CTA), halving the L2 traffic to 9.65 GB (1.7-1.9 ms), so the MMA (2.36 ms)
+//     binds: ~850 TFLOP/s upper estimate. Other risks: no TMA gather on Hopper; no setmaxnreg
+//     (the producer issues 144 cp.async per lane per block, ~330 of 2176 clocks: fine).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

@@ -1,7 +1,8 @@
 """Benchmark cases of sparse_mla_fwd (family "attn_fwd") and sparse_mla_bwd ("attn_bwd").
 
 CUDA (SPEC section 6): forward at T=4096, H=128, K=2048, S in {8K, 32K, 128K}; backward at
-T=4096, S=8192, H=128, K=2048 (atomic, and deterministic dKV with each reduction: `[list]`,
+T=4096, S=8192, H=128, K=2048 (atomic, and deterministic dKV with each design: `[fixed]`, the
+fixed-point default where its int64 [S, d_qk] sums fit 64 MiB, and the chunked `[list]`,
 `[bitmap]`; each backward kernel by DSA_SPARSE_MLA_BWD: `[wgmma]`, the sm_90a default,
 `[mma]`); the forward again with each kernel named by DSA_SPARSE_MLA_FWD (`[ws]`, the sm_90a
 default for H = 64 / 128; `[wgmma]`; `[mma]`) at S in {8K, 128K}; the DeepSeek-V4 width
@@ -120,7 +121,7 @@ def _fwd_case(device, T, H, S, K, gen, dense: bool, kernel: str = "", d_qk: int 
 
 def _bwd_case(device, T, H, S, K, gen, deterministic: bool, d_qk: int = D_QK, reduce: str = "",
               kernel: str = "") -> Case:
-    """reduce: DSA_SPARSE_MLA_DET_REDUCE for a deterministic case ("list", "bitmap"; "" = default);
+    """reduce: DSA_SPARSE_MLA_DET_REDUCE for a deterministic case ("fixed", "list", "bitmap"; "" = default);
     kernel: DSA_SPARSE_MLA_BWD ("wgmma", "mma"; "" = the default)."""
     import dsa_ext
 
@@ -161,7 +162,8 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
             for kernel in ("ws", "wgmma", "mma"):
                 out.append(_fwd_case(device, 4096, 128, S, 2048, gen, dense=False, kernel=kernel))
         out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=False))
-        for reduce in ("list", "bitmap"):   # the deterministic reductions: O(entries) vs O(S)
+        # the deterministic designs: fixed point (the default at this S), chunked list / bitmap
+        for reduce in ("fixed", "list", "bitmap"):
             out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=True, reduce=reduce))
         for kernel in ("wgmma", "mma"):     # the backward kernels by name (default: wgmma)
             out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=False, kernel=kernel))

@@ -33,11 +33,12 @@ int emu_sparse_mla_fwd(const void* q, const void* kv, const int32_t* indices, co
 
 // The deterministic backward's workspace as the glue sizes it (the budget from
 // DSA_SPARSE_MLA_DET_SCRATCH_MB, default 64 MiB): sizes[0] = scratch floats ([rows, D], at
-// least one row), sizes[1] = int32 words (bwd_int_words: entry list, row counts, offsets and
-// cursor of S + 1 each, the "list" reduction's row lists), sizes[2] = the entry list's length, sizes[3] = tokens per chunk.
+// least one row; fixed point: the int64 [S, D] sums), sizes[1] = int32 words (bwd_int_words:
+// entry list, row counts, offsets and cursor of S + 1 each, the "list" reduction's row lists,
+// the fixed-point maxima), sizes[2] = the entry list's length, sizes[3] = tokens per chunk.
 void emu_sparse_mla_bwd_workspace(int64_t T, int64_t S, int64_t H, int64_t K, int64_t D, int64_t* sizes) {
   const auto w = dsa::sparse_mla::sparse_mla_bwd_workspace(
-      T, static_cast<int>(H), static_cast<int>(K), static_cast<int>(D),
+      T, S, static_cast<int>(H), static_cast<int>(K), static_cast<int>(D),
       dsa::sparse_mla::sparse_mla_bwd_scratch_budget());
   sizes[0] = w.scratch_rows * D;
   sizes[1] = dsa::sparse_mla::bwd_int_words(S, w.list_len);
@@ -46,15 +47,17 @@ void emu_sparse_mla_bwd_workspace(int64_t T, int64_t S, int64_t H, int64_t K, in
 }
 
 // The workspace helper itself for an explicit budget (bytes; <= 0: none): {chunk_tokens,
-// scratch_rows, list_len, scratch bytes}. Host arithmetic only (tests sweep shapes with it).
-void emu_sparse_mla_bwd_workspace_for(int64_t T, int64_t H, int64_t K, int64_t D, int64_t budget,
-                                      int64_t* out) {
-  const auto w = dsa::sparse_mla::sparse_mla_bwd_workspace(T, static_cast<int>(H), static_cast<int>(K),
+// scratch_rows, list_len, scratch bytes, fixed point (0 / 1)} under the current
+// DSA_SPARSE_MLA_DET_REDUCE. Host arithmetic only (tests sweep shapes with it).
+void emu_sparse_mla_bwd_workspace_for(int64_t T, int64_t S, int64_t H, int64_t K, int64_t D,
+                                      int64_t budget, int64_t* out) {
+  const auto w = dsa::sparse_mla::sparse_mla_bwd_workspace(T, S, static_cast<int>(H), static_cast<int>(K),
                                                            static_cast<int>(D), budget);
   out[0] = w.chunk_tokens;
   out[1] = w.scratch_rows;
   out[2] = w.list_len;
   out[3] = w.scratch_bytes(static_cast<int>(D));
+  out[4] = w.fixed_point ? 1 : 0;
 }
 
 // dkv_acc [S, D] fp32 must be zero. scratch / ints: the workspace above (deterministic only).

@@ -196,6 +196,14 @@ inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __frcp_rn(float a) { return 1.0f / a; }
+// cvt.rni.s64.f32: round to nearest even, clamped to the int64 range, NaN -> 0 (PTX 9.7.9.21)
+inline long long __float2ll_rn(float a) {
+  if (a != a) return 0;
+  if (a >= 9.2233720368547758e18f) return INT64_MAX;
+  if (a <= -9.2233720368547758e18f) return INT64_MIN;
+  return static_cast<long long>(std::nearbyint(a));
+}
+inline float __ll2float_rn(long long a) { return static_cast<float>(a); }  // round to nearest
 inline float __saturatef(float a) { return std::isnan(a) ? 0.f : std::min(1.f, std::max(0.f, a)); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 // Device min/max are overloaded for mixed integer types; the host's std versions are not.
