@@ -112,10 +112,13 @@ def kernel_plan(capability: Optional[Tuple[int, int]], arch_list: str = "",
            else mma)
     if bwd_env == "wgmma" and capability[0] == 9 and not sm90a:
         plan["sparse_mla"] = f"refused with DSA_SPARSE_MLA_BWD=wgmma: needs the sm_90a image (image {image})"
-    elif fwd in ("ws", "wgmma") and capability[0] == 9 and not sm90a:
+    elif fwd in ("ws", "ws-pair", "wgmma") and capability[0] == 9 and not sm90a:
         plan["sparse_mla"] = f"refused with DSA_SPARSE_MLA_FWD={fwd}: needs the sm_90a image (image {image})"
-    elif sm90a and fwd in ("", "ws"):
-        plan["sparse_mla"] = f"CUDA fwd: warp-specialised wgmma (ws) for H = 64 / 128, {mma} for other H; bwd {bwd}{det}"
+    elif sm90a and fwd in ("", "ws-pair"):
+        plan["sparse_mla"] = (f"CUDA fwd: warp-specialised wgmma (ws) for H = 64 / 128, H = 128 as 2-CTA clusters"
+                              f" sharing each gather; {mma} for other H; bwd {bwd}{det}")
+    elif sm90a and fwd == "ws":
+        plan["sparse_mla"] = f"CUDA fwd: warp-specialised wgmma (ws) for H = 64 / 128, unpaired; {mma} for other H; bwd {bwd}{det}"
     elif sm90a and fwd == "wgmma":
         plan["sparse_mla"] = f"CUDA fwd: wgmma bf16 for 64-head blocks, {mma} otherwise; bwd {bwd}{det}"
     else:

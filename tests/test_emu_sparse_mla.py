@@ -164,12 +164,14 @@ def bwd_case(lib, gen, q, kv, idx, sm_scale, sink=None, tl=None, deterministic=F
 
 # ---- forward ---------------------------------------------------------------------------------
 
-def fwd_kernel(hb, d_qk, kern):
+def fwd_kernel(hb, d_qk, kern, pair=False):
     """The kernel the launcher runs for a head block of hb and the switch's kernel."""
     if hb == 64 and kern in ("wgmma", "legacy"):
         return f"sparse_mla_fwd_wgmma_kernel<{d_qk}>"
-    if hb == 64 and kern in ("ws", None):  # unset: ws for 64-head blocks (the sm_90a default)
-        return f"sparse_mla_fwd_ws_kernel<{d_qk}>"
+    if hb == 64 and kern in ("ws-pair", None):  # unset: the sm_90a default, paired at H % 128 == 0
+        return f"sparse_mla_fwd_ws_kernel<{d_qk}, {'true' if pair else 'false'}>"
+    if hb == 64 and kern == "ws":
+        return f"sparse_mla_fwd_ws_kernel<{d_qk}, false>"
     return f"sparse_mla_fwd_kernel<{hb}, {d_qk}>"
 
 
@@ -193,6 +195,8 @@ FWD_VARIANTS = {
     "ws": (64, "ws", 64),
     "ws-x2": (128, "ws", 64),
     "ws-fallback-hb32": (32, "ws", 32),
+    "ws-pair": (128, "ws-pair", 64),
+    "ws-pair-h64": (64, "ws-pair", 64),   # no pair at one head block: ws
     "default-h64": (64, None, 64),
     "default-h128": (128, None, 64),
     "default-h16": (16, None, 16),
@@ -213,7 +217,7 @@ def test_fwd_every_kernel(lib, gen, variant, extras, d_qk):
     -1 and S among the indices. With extras: a sink and lengths 0 (empty row), 65 (a block
     and one entry) and 500 (clamped to K)."""
     H, kern, hb = FWD_VARIANTS[variant]
-    kernel = fwd_kernel(hb, d_qk, kern)
+    kernel = fwd_kernel(hb, d_qk, kern, pair=H % 128 == 0)
     T, S, K = 3, 200, 150
     q, kv, idx = make_inputs(T, H, S, K, gen, scale_q=3.0, d_qk=d_qk)
     sink = randn(H, gen=gen) * 2 if extras else None
@@ -234,6 +238,35 @@ def test_fwd_every_kernel(lib, gen, variant, extras, d_qk):
     assert {k: c[k] for k in FWD_WORK} == fwd_work(kernel, limits, nhb, d_qk)
 
 
+@pytest.mark.parametrize("d_qk", D_QKS)
+def test_fwd_ws_pair_equals_ws(lib, gen, d_qk):
+    """The ws pair (2-CTA clusters, each CTA gathering half of every block and forwarding it to
+    its peer by st.async) computes on the same shared-memory contents as the unpaired ws kernel:
+    out and lse bitwise equal, over 7 blocks a row (each ring stage reused 3-4 times: the
+    full / peer_free parities wrap), an empty row, -1 / out-of-range entries, a sink. It gathers
+    half the bytes, and its clusters meet twice (after the barrier inits, before exit)."""
+    T, H, S, K = 3, 128, 300, 400
+    q, kv, idx = make_inputs(T, H, S, K, gen, scale_q=3.0, d_qk=d_qk)
+    sink = randn(H, gen=gen) * 2
+    tl = torch.tensor([400, 0, 333], dtype=torch.int32)
+    runs = {}
+    for kern in ("ws", "ws-pair"):
+        lib.emu_clear_counters()
+        out, lse, reports = run_fwd(lib, q, kv, idx, SCALE, sink, tl, kernel=kern)
+        assert reports == []
+        runs[kern] = (out, lse, kernels_launched(lib))
+    assert torch.equal(runs["ws"][0], runs["ws-pair"][0])
+    assert torch.equal(runs["ws"][1], runs["ws-pair"][1])
+    check_fwd(runs["ws-pair"][0], runs["ws-pair"][1], q, kv, idx, SCALE, sink, tl)
+    one = runs["ws"][2][f"dsa::sparse_mla::sparse_mla_fwd_ws_kernel<{d_qk}, false>"]
+    pair = runs["ws-pair"][2][f"dsa::sparse_mla::sparse_mla_fwd_ws_kernel<{d_qk}, true>"]
+    blocks = 2 * (7 + 0 + 6)                        # per head block: 400 -> 7, 0, 333 -> 6
+    q_bytes = T * H * d_qk * 2
+    assert one["cp_async_bytes"] - q_bytes == blocks * 64 * d_qk * 2
+    assert pair["cp_async_bytes"] - q_bytes == blocks * 32 * d_qk * 2
+    assert one["cluster_barriers"] == 0 and pair["cluster_barriers"] == 2 * T
+
+
 FWD_WORK = ("cp_async_bytes", "mma_sync", "ldmatrix", "wgmma", "barriers")
 
 
@@ -246,12 +279,14 @@ def fwd_work(kernel, limits, head_blocks, d_qk):
     block and the epilogue's (wgmma: per block 36 wgmma of S and 4 of P·V per warpgroup, the
     barriers after the softmax and at the block's end, the prologue's and the epilogue's; ws:
     the same wgmma, no CTA barrier per block (mbarriers between the warpgroups, named barriers
-    within each), the prologue's and epilogue's)."""
+    within each), the prologue's and epilogue's; the ws pair copies 32 rows a block)."""
     hb = int(re.search(r"<(\d+)", kernel).group(1)) if "wgmma" not in kernel and "ws" not in kernel else 64
     k_steps = d_qk // 16
     blocks = head_blocks * sum((n + 63) // 64 for n in limits)
     ctas = head_blocks * len(limits)
-    work = {"cp_async_bytes": (ctas * hb + blocks * 64) * d_qk * 2}
+    # the ws pair (", true>"): each CTA gathers half of every block, the peer forwards the rest
+    gathered = 32 if ", true>" in kernel else 64
+    work = {"cp_async_bytes": (ctas * hb + blocks * gathered) * d_qk * 2}
     if "wgmma" in kernel:
         work.update(mma_sync=0, ldmatrix=0, wgmma=blocks * (k_steps + 2 * 4), barriers=2 * blocks + 2 * ctas)
     elif "_ws_" in kernel:

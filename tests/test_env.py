@@ -32,6 +32,9 @@ def test_kernel_plan_rules():
     h100 = kernel_plan((9, 0), "9.0a", env={})
     assert "wgmma" in h100["indexer"] and "fwd: warp-specialised wgmma (ws)" in h100["sparse_mla"]
     assert "warp-specialised wgmma (ws)" in kernel_plan((9, 0), "9.0a", env={"DSA_SPARSE_MLA_FWD": "ws"})["sparse_mla"]
+    assert "2-CTA clusters" in h100["sparse_mla"]
+    assert "unpaired" in kernel_plan((9, 0), "9.0a", env={"DSA_SPARSE_MLA_FWD": "ws"})["sparse_mla"]
+    assert "2-CTA" in kernel_plan((9, 0), "9.0a", env={"DSA_SPARSE_MLA_FWD": "ws-pair"})["sparse_mla"]
     assert "bwd wgmma bf16 for H = 64 / 128" in h100["sparse_mla"]
     assert "bwd mma.sync" in kernel_plan((9, 0), "9.0a", env={"DSA_SPARSE_MLA_BWD": "mma"})["sparse_mla"]
     assert kernel_plan((9, 0), "9.0", env={"DSA_SPARSE_MLA_BWD": "wgmma"})["sparse_mla"].startswith("refused")

@@ -45,7 +45,7 @@ PROBE_THREADS_PER_LEVEL = 32
 
 # launcher -> (demangled kernel-name regex, level its dispatch requires via require_loaded_image).
 GUARDS = {
-    "sparse_mla_launch": [(r"sparse_mla_(fwd_wgmma|fwd_ws|bwd_wgmma)_kernel<(576|512)>\(", SM90A)],  # fwd_ / bwd_kernel_selected
+    "sparse_mla_launch": [(r"sparse_mla_(fwd_wgmma|fwd_ws|bwd_wgmma)_kernel<(576|512)(, (true|false))?>\(", SM90A)],  # fwd_ / bwd_kernel_selected
     "mla_decode_launch": [(r"sparse_mla_decode_kernel<64, dsa::mla_decode::Fmt<[^>]*>, true>", SM90A),  # same
                           (r"sparse_mla_decode_overlap_kernel<(true|false)>", SM90A)],  # overlap_selected
     # dispatch_heads: the e4m3 kernels (last template argument kBf16Mma = false) need an FP8

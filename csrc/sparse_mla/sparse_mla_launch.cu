@@ -55,18 +55,29 @@ cudaError_t launch_fwd(const FwdArgs& a, cudaStream_t stream) {
   return last_launch_error();
 }
 
-// The two sm_90a forward kernels of 64-head blocks (sparse_mla_wgmma.cuh, sparse_mla_ws.cuh):
-// same arguments, a CTA per (token, 64 heads); C is the kernel's tile configuration.
-template <class C, auto Kernel>
+// The sm_90a forward kernels of 64-head blocks (sparse_mla_wgmma.cuh, sparse_mla_ws.cuh): same
+// arguments, a CTA per (token, 64 heads); C is the kernel's tile configuration. kPair: 2-CTA
+// clusters over the two head blocks of a token (H a multiple of 128; the ws kernel's pair).
+template <class C, auto Kernel, bool kPair = false>
 cudaError_t launch_fwd_64(const FwdArgs& a, cudaStream_t stream) {
-  auto kernel = Kernel;
   cudaError_t err = ensure_max_dynamic_smem<Kernel>(C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int64_t grid = a.T * (a.H / C::kHB);
-  kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(
-      static_cast<const __nv_bfloat16*>(a.q), static_cast<const __nv_bfloat16*>(a.kv), a.indices,
-      a.attn_sink, a.topk_length, static_cast<__nv_bfloat16*>(a.out), a.lse, a.S, a.H, a.K,
-      a.sm_scale);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(a.T * (a.H / C::kHB)));
+  cfg.blockDim = dim3(C::kThreads);
+  cfg.dynamicSmemBytes = C::kSmemBytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = kPair ? 1 : 0;
+  err = cudaLaunchKernelEx(&cfg, Kernel, static_cast<const __nv_bfloat16*>(a.q),
+                           static_cast<const __nv_bfloat16*>(a.kv), a.indices, a.attn_sink, a.topk_length,
+                           static_cast<__nv_bfloat16*>(a.out), a.lse, a.S, a.H, a.K, a.sm_scale);
+  if (err != cudaSuccess) return err;
   return last_launch_error();
 }
 
@@ -75,9 +86,9 @@ cudaError_t launch_fwd_wgmma(const FwdArgs& a, cudaStream_t stream) {
   return launch_fwd_64<WgmmaFwdCfg<D>, sparse_mla_fwd_wgmma_kernel<D>>(a, stream);
 }
 
-template <int D>
+template <int D, bool kPair>
 cudaError_t launch_fwd_ws(const FwdArgs& a, cudaStream_t stream) {
-  return launch_fwd_64<WsFwdCfg<D>, sparse_mla_fwd_ws_kernel<D>>(a, stream);
+  return launch_fwd_64<WsFwdCfg<D>, sparse_mla_fwd_ws_kernel<D, kPair>, kPair>(a, stream);
 }
 
 // A backward main kernel (sparse_mla_bwd_kernel<HB, D> or sparse_mla_bwd_wgmma_kernel<D>, same
@@ -155,12 +166,14 @@ cudaError_t fwd_kernel_selected(int device, int H, FwdKernel* kernel) {
   *kernel = FwdKernel::kMma;
   const char* env = std::getenv("DSA_SPARSE_MLA_FWD");
   const char* legacy = std::getenv("DSA_SPARSE_MLA_WGMMA");
-  // Unset: the warp-specialised wgmma kernel where it can run, mma.sync elsewhere.
-  FwdKernel want = FwdKernel::kWs;
+  // Unset: the warp-specialised wgmma kernel where it can run (paired over 2-CTA clusters when
+  // H is a multiple of 128), mma.sync elsewhere.
+  FwdKernel want = FwdKernel::kWsPair;
   bool asked = false;
   if (env != nullptr && *env != '\0') {
     asked = true;
     if (std::strcmp(env, "ws") == 0) want = FwdKernel::kWs;
+    else if (std::strcmp(env, "ws-pair") == 0) want = FwdKernel::kWsPair;
     else if (std::strcmp(env, "wgmma") == 0) want = FwdKernel::kWgmma;
     else return cudaSuccess;  // "mma" (or anything else): mma.sync
   } else if (legacy != nullptr && std::strcmp(legacy, "1") == 0) {
@@ -189,8 +202,10 @@ cudaError_t bwd_kernel_selected(int device, int H, BwdKernel* kernel) {
 cudaError_t sparse_mla_fwd_launch(const FwdArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
   if (a.kernel != FwdKernel::kMma && a.H % kWgmmaHeadBlock == 0 && (a.D == 512 || a.D == 576)) {
-    if (a.kernel == FwdKernel::kWs)
-      return a.D == 512 ? launch_fwd_ws<512>(a, stream) : launch_fwd_ws<576>(a, stream);
+    if (a.kernel == FwdKernel::kWsPair && a.H % (2 * kWgmmaHeadBlock) == 0)
+      return a.D == 512 ? launch_fwd_ws<512, true>(a, stream) : launch_fwd_ws<576, true>(a, stream);
+    if (a.kernel == FwdKernel::kWs || a.kernel == FwdKernel::kWsPair)
+      return a.D == 512 ? launch_fwd_ws<512, false>(a, stream) : launch_fwd_ws<576, false>(a, stream);
     return a.D == 512 ? launch_fwd_wgmma<512>(a, stream) : launch_fwd_wgmma<576>(a, stream);
   }
   return with_head_block_and_width(a.H, a.D, [&](auto hb, auto d) {

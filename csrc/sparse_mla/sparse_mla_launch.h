@@ -11,7 +11,7 @@ namespace dsa::sparse_mla {
 // fp32 or null, topk_length [T] int32 or null, out [T, H, 512] bf16, lse [T, H] fp32.
 // H is any positive count (the glue admits {8, 16, 32, 64, 128}): heads are processed in blocks
 // of 64, 32 or 16, the last one partial when 16 does not divide H (masked rows, no padding).
-enum class FwdKernel { kMma, kWgmma, kWs };
+enum class FwdKernel { kMma, kWgmma, kWs, kWsPair };
 
 struct FwdArgs {
   const void* q;
@@ -25,14 +25,17 @@ struct FwdArgs {
   int H, K;
   int D = 576;  // d_qk: 576 or 512 (d_v is 512 for both)
   float sm_scale;
-  // The forward kernel (fwd_kernel_selected); kWgmma / kWs apply to H % 64 == 0 only.
+  // The forward kernel (fwd_kernel_selected); kWgmma / kWs apply to H % 64 == 0 only, kWsPair
+  // pairs at H % 128 == 0 (kWs otherwise).
   FwdKernel kernel = FwdKernel::kMma;
 };
 
-// The forward kernel for 64-head blocks (H = 64, 128) on sm_90a: DSA_SPARSE_MLA_FWD = ws (the
-// warp-specialised wgmma kernel, sparse_mla_ws.cuh) | wgmma (sparse_mla_wgmma.cuh) | mma
-// (mma.sync, sparse_mla_kernels.cuh); DSA_SPARSE_MLA_WGMMA=1 (the earlier opt-in) is "wgmma".
-// Unset: ws where it can run (H % 64 == 0 on a cc 9 device with the sm_90a image), mma.sync
+// The forward kernel for 64-head blocks (H = 64, 128) on sm_90a: DSA_SPARSE_MLA_FWD = ws-pair
+// (the warp-specialised wgmma kernel in 2-CTA clusters sharing each gather, H % 128 == 0; H = 64:
+// ws) | ws (the same kernel, one CTA gathering for itself, sparse_mla_ws.cuh) | wgmma
+// (sparse_mla_wgmma.cuh) | mma (mma.sync, sparse_mla_kernels.cuh); DSA_SPARSE_MLA_WGMMA=1 (the
+// earlier opt-in) is "wgmma". Unset: ws-pair where it can run (H % 64 == 0 on a cc 9 device with
+// the sm_90a image), mma.sync
 // elsewhere, silently. Other H, and every H off Hopper, take mma.sync whatever the switch says. An explicit ws / wgmma on
 // Hopper without the sm_90a image (a build without 9.0a in TORCH_CUDA_ARCH_LIST) returns
 // cudaErrorNoKernelImageForDevice (common/loaded_image.cuh), not a silent fallback. Read per call

@@ -49,14 +49,23 @@
 //   Softmax: 64 x 64 exp2 per block on 128 threads = 32 MUFU ops per thread + ~150 FP32/ALU
 //     instructions: ~400 issue clocks per block, hidden behind P(b) V(b) and S(b + 1) by the
 //     pipelining above (the mma.sync and plain wgmma kernels serialise it: 15-20% of a block).
-//   Estimate: the L2 bound plus the per-CTA prologue (Q 73.7 KB load, first gather latency ~2 us
-//     without overlap across CTAs at 1 CTA / SM: 2 us x 8192 / 132 = 0.12 ms) and ~10% issue
-//     gaps / mbarrier round trips: ~3.9-4.4 ms = 530-600 TFLOP/s, short of the SPEC's 700 by
-//     15-25%, about FlashMLA's 640. The lever (not built): one gather per token for both head
-//     blocks (a 2-CTA cluster multicasting each KV block to both CTAs' shared memory, or a
-//     128-head CTA), halving the L2 traffic to 9.65 GB (1.7-1.9 ms), so the MMA (2.36 ms)
-//     binds: ~850 TFLOP/s upper estimate. Other risks: no TMA gather on Hopper; no setmaxnreg
-//     (the producer issues 144 cp.async per lane per block, ~330 of 2176 clocks: fine).
+//   Estimate, unpaired (kPair = false; H = 64, or DSA_SPARSE_MLA_FWD=ws): the L2 bound plus the
+//     per-CTA prologue (Q 73.7 KB load, first gather latency ~2 us without overlap across CTAs
+//     at 1 CTA / SM: 2 us x 8192 / 132 = 0.12 ms) and ~10% issue gaps / mbarrier round trips:
+//     ~3.9-4.4 ms = 530-600 TFLOP/s, 15-25% short of the SPEC's 700 (about FlashMLA's 640).
+//   Paired (kPair, the default at H = 128): each CTA gathers 32 of a block's 64 rows and
+//     forwards them to its peer by st.async, so L2 -> SM is 9.65 GB (1.7-1.9 ms at 5-5.7 TB/s)
+//     and as much crosses the SM-to-SM network: 9.65 GB at ~3.3 TB/s aggregate (ASSUMPTION, Luo
+//     et al. arXiv 2402.13499 as recalled; the decode crossover relies on the same) = 2.9 ms.
+//     Shared memory per block grows to 227 KB of operand reads + 36.9 KB of cp.async writes +
+//     36.9 KB read back for forwarding + 36.9 KB arriving from the peer = 338 KB = 2640 clocks
+//     at 128 B/clk (over the 2176 MMA clocks): 2.87 ms. Co-bound DSMEM / shared memory ~2.9 ms
+//     + 0.12 ms prologue + ~10%: ~3.3-3.5 ms = 670-710 TFLOP/s, at the SPEC's 700 only if the
+//     DSMEM figure holds (2x faster: shared-memory bound, ~720; 2x slower: 5.8 ms, worse than
+//     unpaired; the first GPU run times ws-pair beside ws). Producer issue per block per
+//     thread: 18 cp.async + 18 ld.shared + 18 st.async (2304 chunks / 128 threads at 576).
+//     Not built: TMA-multicast gathers (Hopper's bulk copies cannot write the swizzled / core-
+//     matrix layouts row by row), setmaxnreg (the emulator does not model it).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -137,8 +146,14 @@ struct WsFwdCfg {
   static constexpr int kSumOff = kAlphaOff + 2 * kHB * 4;   // float [64]
   static constexpr int kMaxOff = kSumOff + kHB * 4;         // float [64]
   static constexpr int kValidOff = kMaxOff + kHB * 4;       // float [2][64]
-  static constexpr int kBarOff = kValidOff + 2 * kBN * 4;   // uint64 full[2], empty[2], pready[2]
-  static constexpr int kSmemBytes = kBarOff + 6 * 8;        // 222,768 (576), 213,552 (512)
+  // uint64 full[2], empty[2], pready[2], peer_free[2] (kPair: the peer may write our stage)
+  static constexpr int kBarOff = kValidOff + 2 * kBN * 4;
+  static constexpr int kSmemBytes = kBarOff + 8 * 8;        // 222,784 (576), 213,568 (512)
+  // kPair: each CTA of the pair gathers rows [32 rank, +32) of a block and forwards them
+  static constexpr int kHalfRows = kBN / 2;
+  static constexpr int kHalfChunks = kHalfRows * Latent<D>::kChunks;   // 16-byte chunks: 2304 / 2048
+  static constexpr uint32_t kHalfBytes = kHalfChunks * 16;
+  static_assert(kHalfChunks % 128 == 0, "the producer warpgroup splits a half evenly");
   static_assert(kSmemBytes <= kMaxSmemPerBlock, "ws forward tiles exceed shared memory");
   static_assert(kBarOff % 8 == 0, "mbarriers 8-aligned");
   // P tile of stage s, byte offset in shared memory (16-aligned, a 64 x 64 core-matrix tile)
@@ -148,7 +163,23 @@ struct WsFwdCfg {
   }
 };
 
+// Chunk c (0 <= c < kHalfChunks) of CTA `rank`'s half of a block: its row and 16-byte column
+// chunk, in copy_core_tile's order (thread pairs take 32 contiguous bytes of one row).
 template <int D>
+struct HalfChunk {
+  int row, chunk;
+  __device__ __forceinline__ HalfChunk(int rank, int c)
+      : row(WsFwdCfg<D>::kHalfRows * rank + ((c >> 1) & (WsFwdCfg<D>::kHalfRows - 1))),
+        chunk(2 * (c / (2 * WsFwdCfg<D>::kHalfRows)) + (c & 1)) {}
+  __device__ __forceinline__ uint32_t offset() const { return core_byte_offset<64>(row, chunk * 8); }
+};
+
+// kPair (H a multiple of 128, launched as 2-CTA clusters over the two head blocks of a token):
+// both CTAs need every gathered row, so each gathers half of each block by cp.async and
+// forwards it by st.async into the peer's stage (completing on the peer's full barrier, which
+// expects those bytes), halving the L2 -> SM gather traffic of the unpaired kernel (MODEL
+// above). A stage is offered to the peer (peer_free) once this CTA's own readers released it.
+template <int D, bool kPair>
 __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
     sparse_mla_fwd_ws_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
                              const int32_t* __restrict__ indices, const float* __restrict__ attn_sink,
@@ -167,6 +198,8 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
   const auto full = [&](int st) { return bars + 8 * st; };         // producer -> consumer 0
   const auto empty = [&](int st) { return bars + 16 + 8 * st; };   // consumer 0 -> producer
   const auto pready = [&](int st) { return bars + 32 + 8 * st; };  // consumer 0 -> producer's P V
+  const auto peer_free = [&](int st) { return bars + 48 + 8 * st; };  // the peer -> our producer
+  const int rank = static_cast<int>(blockIdx.x & 1);  // kPair: cluster (2, 1, 1), H / 64 even
 
   const int nhb = H / C::kHB;
   const int64_t t = blockIdx.x / nhb;
@@ -184,10 +217,12 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int st = 0; st < 2; ++st) {
-      csync::mbar_init(full(st), 128);
+      csync::mbar_init(full(st), kPair ? 129 : 128);  // kPair: + the expect_tx of the peer's half
       csync::mbar_init(empty(st), 128);
       csync::mbar_init(pready(st), 128);
+      if constexpr (kPair) csync::mbar_init(peer_free(st), 1);
     }
+    if constexpr (kPair) csync::fence_mbar_init();
   }
   // Q [64 x D] by every thread
   copy_core_tile<C::kThreads, C::kHB, Latent<D>::kChunks>(
@@ -195,7 +230,21 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
   cp_async_commit();
   cp_async_wait<0>();
   wg::fence_proxy_async_smem();  // Q -> wgmma reads
-  __syncthreads();               // Q and the mbarrier inits visible to all
+  if constexpr (kPair) {         // ... and the inits cluster-wide before any remote use
+    csync::cluster_arrive_release();
+    csync::cluster_wait();
+  } else {
+    __syncthreads();             // Q and the mbarrier inits visible to all
+  }
+  // a stage's block has landed: this CTA's copies and (kPair) the peer's forwarded half
+  const auto wait_full = [&](int st, uint32_t parity) {
+    if constexpr (kPair) {
+      csync::wait_cluster(full(st), parity);
+      wg::fence_proxy_async_smem();  // the peer's st.async bytes -> this thread's wgmma reads
+    } else {
+      ws::wait(full(st), parity);
+    }
+  };
 
   float o[128];  // O[:, 256 wgi, +256)
 #pragma unroll
@@ -222,7 +271,7 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
       ws::named_sync(1, 128);        // this warpgroup's own P V reads every warp's P rows
     };
     if (nblocks > 0) {
-      ws::wait(full(0), 0);
+      wait_full(0, 0);
       wg::wgmma_fence();
       wgmma_issue_scores<D>(s, q_s, kv_s0);
       wg::wgmma_commit();
@@ -235,7 +284,7 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
     // branch makes ptxas serialise them, warning C7520.)
     for (int blk = 0; blk + 1 < nblocks; ++blk) {
       const int st = blk & 1;
-      ws::wait(full(st ^ 1), ((blk + 1) >> 1) & 1);
+      wait_full(st ^ 1, ((blk + 1) >> 1) & 1);
       wgmma_rescale_rows(o, alpha[0], alpha[1]);
       wg::wgmma_fence();
       wgmma_issue_scores<D>(s, q_s, kv_s0 + (st ^ 1) * C::kKVBytes);
@@ -263,17 +312,48 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
     wgmma_publish_row_stats(l_run, m_run, sum_s, max_s, row0, c4);
   } else {  // ---- producer: gathers block b + 1 while block b is scored, then right P V of b
     const int ptid = threadIdx.x - 128;
+    const uint32_t peer_kv = kPair ? csync::mapa(smem_u32(kv_s0), rank ^ 1) : 0;
     const auto gather = [&](int blk) {
-      wgmma_gather_kv_block<128, D>(ptid, smem_u32(kv_s0 + (blk & 1) * C::kKVBytes),
-                                    valid_s + (blk & 1) * C::kBN, kv, idx_row, blk, limit, S);
+      const uint32_t tile = smem_u32(kv_s0 + (blk & 1) * C::kKVBytes);
+      if constexpr (kPair) {  // every row's flag, this CTA's half of the rows
+        for (int r = ptid; r < C::kBN; r += 128)
+          valid_s[(blk & 1) * C::kBN + r] = entry_row(idx_row, blk * C::kBN + r, limit, S) >= 0 ? 1.f : 0.f;
+        for (int c = ptid; c < C::kHalfChunks; c += 128) {
+          const HalfChunk<D> h(rank, c);
+          const int64_t row = entry_row(idx_row, blk * C::kBN + h.row, limit, S);
+          cp_async_16_zfill(tile + h.offset(), row >= 0 ? kv + row * D + h.chunk * 8 : kv, row >= 0);
+        }
+      } else {
+        wgmma_gather_kv_block<128, D>(ptid, tile, valid_s + (blk & 1) * C::kBN, kv, idx_row, blk, limit, S);
+      }
       cp_async_commit();
     };
     const auto publish = [&](int blk) {  // this thread's copies of blk have landed
       cp_async_wait<0>();
+      if constexpr (kPair) {  // forward them once the peer offered its stage
+        const int st = blk & 1;
+        csync::wait_cluster(peer_free(st), (blk >> 1) & 1);
+        const uint32_t peer_bar = csync::mapa(full(st), rank ^ 1);
+        for (int c = ptid; c < C::kHalfChunks; c += 128) {
+          const uint32_t off = st * C::kKVBytes + HalfChunk<D>(rank, c).offset();
+          csync::st_async_v4(peer_kv + off, *reinterpret_cast<const uint4*>(kv_s0 + off), peer_bar);
+        }
+      }
       wg::fence_proxy_async_smem();
       ws::arrive(full(blk & 1));
     };
+    // kPair: stage st is free here (its readers are done): expect the peer's half of the next
+    // block in it, and let the peer send it
+    const auto offer = [&](int st) {
+      if constexpr (kPair) {
+        if (ptid == 0) {
+          csync::arrive_expect_tx(full(st), C::kHalfBytes);
+          csync::arrive_remote(csync::mapa(peer_free(st), rank ^ 1));
+        }
+      }
+    };
     if (nblocks > 0) {
+      offer(0);
       gather(0);
       publish(0);
     }
@@ -285,9 +365,11 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
         // warpgroup has finished its part of P(b - 1) V(b - 1) (named barrier 2)
         if (blk >= 1) ws::wait(empty(st ^ 1), ((blk - 1) >> 1) & 1);
         ws::named_sync(2, 128);
+        offer(st ^ 1);
         gather(blk + 1);
       }
       ws::wait(pready(st), (blk >> 1) & 1);
+      if constexpr (kPair) wg::fence_proxy_async_smem();  // the peer's half -> this P V
       const float a_lo = alpha_s[st * C::kHB + row0], a_hi = alpha_s[st * C::kHB + row0 + 8];
       wgmma_rescale_rows(o, a_lo, a_hi);
       wg::wgmma_fence();
@@ -300,6 +382,10 @@ __global__ void __launch_bounds__(WsFwdCfg<D>::kThreads, 1)
   }
   __syncthreads();  // row sums and maxima (consumer 0) -> both warpgroups
   wgmma_store_rows(o, sum_s, max_s, attn_sink, out, lse, t, H, h0, wgi, row0, c4);
+  if constexpr (kPair) {  // no CTA leaves while its peer may still write to it
+    csync::cluster_arrive_release();
+    csync::cluster_wait();
+  }
 #else
   __trap();  // sm_90a only; the launcher never selects this kernel elsewhere
 #endif

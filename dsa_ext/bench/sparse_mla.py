@@ -4,8 +4,9 @@ CUDA (SPEC section 6): forward at T=4096, H=128, K=2048, S in {8K, 32K, 128K}; b
 T=4096, S=8192, H=128, K=2048 (atomic, and deterministic dKV with each design: `[fixed]`, the
 fixed-point default where its int64 [S, d_qk] sums fit 64 MiB, and the chunked `[list]`,
 `[bitmap]`; each backward kernel by DSA_SPARSE_MLA_BWD: `[wgmma]`, the sm_90a default,
-`[mma]`); the forward again with each kernel named by DSA_SPARSE_MLA_FWD (`[ws]`, the sm_90a
-default for H = 64 / 128; `[wgmma]`; `[mma]`) at S in {8K, 128K}; the DeepSeek-V4 width
+`[mma]`); the forward again with each kernel named by DSA_SPARSE_MLA_FWD (`[ws-pair]`, the sm_90a
+default for H = 128: 2-CTA clusters sharing each gather; `[ws]`, unpaired, the default for
+H = 64; `[wgmma]`; `[mma]`) at S in {8K, 128K}; the DeepSeek-V4 width
 d_qk = 512 (K == V) forward and backward at T=4096, H=64, K=640, S=32K (SPEC section 6's
 d_qk = 512 row; names end in `[d512]`). FLOPs: forward 2*T*H*K*(d_qk+512) over valid entries
 (all entries are valid here), backward 2.5x that; both
@@ -96,7 +97,7 @@ def _suffix(kernel: str, d_qk: int, tag: str = "") -> str:
 
 
 def _fwd_case(device, T, H, S, K, gen, dense: bool, kernel: str = "", d_qk: int = D_QK) -> Case:
-    """kernel: DSA_SPARSE_MLA_FWD for this case ("ws", "wgmma", "mma"; "" = the default)."""
+    """kernel: DSA_SPARSE_MLA_FWD for this case ("ws-pair", "ws", "wgmma", "mma"; "" = the default)."""
     import dsa_ext
 
     q, kv, idx = _inputs(device, T, H, S, K, gen, d_qk)
@@ -159,7 +160,7 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
         # each forward kernel by name at the SPEC shapes (the default is ws): the first GPU
         # run times the warp-specialised kernel beside the earlier two
         for S in (8192, 131072):
-            for kernel in ("ws", "wgmma", "mma"):
+            for kernel in ("ws-pair", "ws", "wgmma", "mma"):
                 out.append(_fwd_case(device, 4096, 128, S, 2048, gen, dense=False, kernel=kernel))
         out.append(_bwd_case(device, 4096, 128, 8192, 2048, gen, deterministic=False))
         # the deterministic designs: fixed point (the default at this S), chunked list / bitmap
