@@ -382,14 +382,47 @@ def test_large_kv_64bit_offsets_cuda(gen):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_bwd_deterministic_several_chunks_cuda(gen):
-    """T * K above one deterministic chunk (131072 entries): chunks reduce in order."""
+def test_bwd_deterministic_several_chunks_cuda(gen, monkeypatch):
+    """T * K above one deterministic chunk (131072 entries): chunks reduce in order (the
+    chunked design, forced: at this S the default is fixed point)."""
+    monkeypatch.setenv("DSA_SPARSE_MLA_DET_REDUCE", "list")
     T, H, S, K = 80, 64, 1024, 2048
     q, kv, idx = make_inputs(T, H, S, K, gen=gen, device="cuda")
     dq, dkv, out, lse, dout = check_bwd(q, kv, idx, scale_for(D_QK), deterministic=True)
     dq2, dkv2 = dsa_ext.sparse_mla_bwd(q, kv, out, dout, idx, lse, scale_for(D_QK),
                                        deterministic=True)
     assert torch.equal(dq, dq2) and torch.equal(dkv.view(torch.int16), dkv2.view(torch.int16))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("mode", ["fixed", "list", "bitmap"])
+def test_bwd_deterministic_designs_cuda(gen, monkeypatch, mode):
+    """Each deterministic design at H = 128 (the sm_90a wgmma backward, two head blocks):
+    bitwise the same over three runs, equal to the atomic mode to fp32 rounding, and the
+    reference's gradients."""
+    T, H, S, K = 24, 128, 300, 512
+    q, kv, idx = make_inputs(T, H, S, K, gen=gen, device="cuda")
+    monkeypatch.setenv("DSA_SPARSE_MLA_DET_REDUCE", mode)
+    dq, dkv, out, lse, dout = check_bwd(q, kv, idx, scale_for(D_QK), deterministic=True)
+    for _ in range(2):
+        dq2, dkv2 = dsa_ext.sparse_mla_bwd(q, kv, out, dout, idx, lse, scale_for(D_QK), deterministic=True)
+        assert torch.equal(dq, dq2) and torch.equal(dkv.view(torch.int16), dkv2.view(torch.int16))
+    _, dkv_a = dsa_ext.sparse_mla_bwd(q, kv, out, dout, idx, lse, scale_for(D_QK))
+    torch.testing.assert_close(dkv.float(), dkv_a.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_fwd_ws_pair_equals_ws_cuda(gen, monkeypatch):
+    """At H = 128 the default forward on sm_90a is the ws pair (2-CTA clusters): bitwise the
+    unpaired ws kernel's result (the same math on the same shared-memory contents)."""
+    q, kv, idx = make_inputs(16, 128, 700, 1000, gen=gen, device="cuda")
+    monkeypatch.setenv("DSA_SPARSE_MLA_FWD", "ws-pair")
+    out_p, lse_p = check_fwd(q, kv, idx, scale_for(D_QK))
+    monkeypatch.setenv("DSA_SPARSE_MLA_FWD", "ws")
+    out_1, lse_1 = dsa_ext.sparse_mla_fwd(q, kv, idx, scale_for(D_QK))
+    assert torch.equal(out_p, out_1) and torch.equal(lse_p, lse_1)
 
 
 # ---- the opt-in sm_90a wgmma forward (DSA_SPARSE_MLA_WGMMA=1, 64-head blocks) --------------------
