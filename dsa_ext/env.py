@@ -104,8 +104,8 @@ def kernel_plan(capability: Optional[Tuple[int, int]], arch_list: str = "",
     det_env = env.get("DSA_SPARSE_MLA_DET_REDUCE") or ""
     det = ("; deterministic bwd: " + det_env + " reduction of token chunks (DSA_SPARSE_MLA_DET_REDUCE)"
            if det_env in ("list", "bitmap") else
-           "; deterministic bwd: fixed-point integer atomics where S x d_qk x 8 bytes fit the scratch"
-           " budget, else the list reduction of token chunks")
+           "; deterministic bwd: fixed-point integer atomics (one pass where S x d_qk x 8 bytes fit"
+           " the scratch budget, else passes over row ranges)")
     mma = f"mma.sync bf16 ({image})"
     bwd_env = env.get("DSA_SPARSE_MLA_BWD") or ""
     bwd = (f"wgmma bf16 for H = 64 / 128, {mma} for other H" if sm90a and bwd_env in ("", "wgmma")

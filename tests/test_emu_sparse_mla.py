@@ -56,7 +56,7 @@ def lib():
     lib.emu_sparse_mla_fwd.argtypes = [VP] * 7 + [I64] * 5 + [ctypes.c_float]
     lib.emu_sparse_mla_bwd_workspace.argtypes = [I64] * 5 + [VP]
     lib.emu_sparse_mla_bwd_workspace.restype = None
-    lib.emu_sparse_mla_bwd_workspace_for.argtypes = [I64] * 6 + [VP]
+    lib.emu_sparse_mla_bwd_workspace_for.argtypes = [I64] * 6 + [VP]   # out: 6 words
     lib.emu_sparse_mla_bwd_workspace_for.restype = None
     lib.emu_sparse_mla_bwd.argtypes = [VP] * 12 + [I64] * 5 + [ctypes.c_float, ctypes.c_int]
     yield lib
@@ -585,40 +585,42 @@ def test_bwd_det_list_reduce_work_is_not_sized_by_s(lib, gen):
 
 def test_bwd_deterministic_scratch_within_64mib(lib):
     """SPEC section 6: the deterministic backward's scratch stays <= 64 MiB for any T and S,
-    H <= 128 and K <= 2048 (both widths), with the design the workspace helper chooses (the same
-    host code the launcher and the glue call): fixed point exactly when its int64 [S, d_qk]
-    accumulator fits (S <= 14563 at 576, 16384 at 512), else the chunked design. At H = 128,
-    K = 2048, d_qk = 576 the chunk is 7 tokens (63 MiB) where the budget-free chunking held 64
-    (604 MB). Also: a token never splits (chunk >= 1) and the chunk never exceeds T or the
-    131072-entry bitmap."""
-    out = (ctypes.c_int64 * 5)()
+    H <= 128 and K <= 2048 (both widths), with the workspace the helper chooses (the same host
+    code the launcher and the glue call). Fixed point (the default): int64 sums of
+    min(S, 64 MiB / (d_qk x 8)) dkv rows a pass (S <= 14563 at 576, 16384 at 512 in one pass).
+    The chunked design (list): at H = 128, K = 2048, d_qk = 576 a chunk is 7 tokens (63 MiB)
+    where the budget-free chunking held 64 (604 MB); a token never splits (chunk >= 1) and the
+    chunk never exceeds T or the 131072-entry bitmap."""
+    out = (ctypes.c_int64 * 6)()
     budget = 64 << 20
     for d_qk in D_QKS:
         s_fit = budget // (d_qk * 8)
         for S in (1, 100, 8192, s_fit, s_fit + 1, 131072, 1 << 24):
+            for T in (1, 4096, 1 << 31):
+                lib.emu_sparse_mla_bwd_workspace_for(T, S, 128, 2048, d_qk, budget, out)
+                chunk, rows, list_len, nbytes, fixed, pass_rows = list(out)
+                assert fixed == 1 and pass_rows == min(S, s_fit) and nbytes <= budget
+                assert (chunk, rows, list_len, nbytes) == (T, 2 * pass_rows, 1, pass_rows * d_qk * 8)
+    lib.emu_sparse_mla_bwd_workspace_for(4096, 8192, 128, 2048, 576, budget, out)   # SPEC shape: one pass
+    assert out[5] == 8192 and out[3] == 8192 * 576 * 8                               # 37.7 MB
+    lib.emu_sparse_mla_bwd_workspace_for(4096, 131072, 128, 2048, 576, budget, out)
+    assert out[5] == 14563 and -(-131072 // out[5]) == 10                            # 10 passes
+    lib.emu_sparse_mla_bwd_workspace_for(4096, 131072, 128, 2048, 576, 0, out)      # no budget: one pass
+    assert out[5] == 131072 and out[3] == 131072 * 576 * 8
+    E.set_env(lib, REDUCE_ENV, "list")
+    try:
+        for d_qk in D_QKS:
             for H in (1, 8, 16, 24, 32, 48, 64, 96, 128):
-                for K in (1, 2, 63, 100, 640, 1024, 2047, 2048):
-                    for T in (1, 7, 4096, 1 << 17, 1 << 31):
-                        lib.emu_sparse_mla_bwd_workspace_for(T, S, H, K, d_qk, budget, out)
-                        chunk, rows, list_len, nbytes, fixed = list(out)
-                        assert nbytes <= budget, (T, S, H, K, d_qk, chunk, nbytes)
-                        assert fixed == (S <= s_fit)
-                        if fixed:  # one launch over all tokens, [S, d_qk] int64
-                            assert (chunk, rows, list_len, nbytes) == (T, 2 * S, 1, S * d_qk * 8)
-                            continue
+                for K in (1, 2, 63, 64, 100, 512, 640, 1000, 1024, 2047, 2048):
+                    for T in (1, 2, 7, 100, 4096, 1 << 17, 1 << 20, 1 << 31):
+                        lib.emu_sparse_mla_bwd_workspace_for(T, 8192, H, K, d_qk, budget, out)
+                        chunk, rows, list_len, nbytes, fixed, _ = list(out)
+                        assert fixed == 0 and nbytes <= budget, (T, H, K, d_qk, chunk, nbytes)
                         assert 1 <= chunk <= T and chunk * K <= 131072
                         assert rows == -(-H // (64 if H % 64 == 0 else 32 if H % 32 == 0 else 16)) * chunk * K
                         assert list_len == chunk * K
-    lib.emu_sparse_mla_bwd_workspace_for(4096, 8192, 128, 2048, 576, budget, out)   # SPEC shape
-    assert out[4] == 1 and out[3] == 8192 * 576 * 8                                  # 37.7 MB
-    lib.emu_sparse_mla_bwd_workspace_for(4096, 131072, 128, 2048, 576, budget, out)
-    assert out[4] == 0 and out[0] == 7 and out[3] == 7 * 2 * 2048 * 576 * 4
-    lib.emu_sparse_mla_bwd_workspace_for(4096, 131072, 128, 2048, 576, 0, out)      # no budget: fixed
-    assert out[4] == 1 and out[3] == 131072 * 576 * 8
-    E.set_env(lib, REDUCE_ENV, "list")
-    try:
         lib.emu_sparse_mla_bwd_workspace_for(4096, 8192, 128, 2048, 576, budget, out)
-        assert out[4] == 0 and out[0] == 7
+        assert out[0] == 7 and out[3] == 7 * 2 * 2048 * 576 * 4
         lib.emu_sparse_mla_bwd_workspace_for(4096, 8192, 128, 2048, 576, 0, out)    # no budget
         assert out[0] == 64 and out[3] == 64 * 2 * 2048 * 576 * 4                  # 604 MB
         # above the bound (one token's contributions exceed it) a chunk is one token
@@ -656,6 +658,37 @@ def test_bwd_fixed_point_order_free(lib, gen, H, d_qk):
     torch.testing.assert_close(dkv, dkv_a, atol=1e-5, rtol=1e-5)
     _, r_dkv = ref.sparse_mla_bwd(q, kv, out, dout, idx, lse, SCALE)
     assert rel_err(dkv.to(torch.bfloat16), r_dkv.view(S, d_qk)) < GRAD_TOL
+
+
+@pytest.mark.parametrize("d_qk", D_QKS)
+def test_bwd_fixed_point_passes_same_bits(lib, gen, d_qk):
+    """Above the budget the fixed-point design makes passes over ranges of dkv rows: with a
+    1 MiB budget and S = 600 rows (2.8 / 2.5 MB of int64 sums) that is 3 passes (main kernel and
+    finish launched 3 times), and dq and dkv are bitwise those of the one-pass run (same scale,
+    the same integer sums per element). H = 128: two head blocks."""
+    T, H, S, K = 4, 128, 600, 160
+    q, kv, idx = make_inputs(T, H, S, K, gen, d_qk=d_qk)
+    out, lse = ref.sparse_mla_fwd(q, kv, idx, SCALE)
+    dout = randn(*out.shape, gen=gen, dtype=torch.bfloat16)
+    runs = {}
+    for budget in ("1", "0"):
+        E.set_env(lib, BUDGET_ENV, budget)
+        try:
+            lib.emu_clear_counters()
+            dq, dkv, rep = run_bwd(lib, q, kv, out, dout, idx, lse, SCALE, deterministic=True)
+        finally:
+            E.set_env(lib, BUDGET_ENV, None)
+        assert rep == []
+        runs[budget] = (dq, dkv, kernels_launched(lib))
+    passes = -(-S // ((1 << 20) // (d_qk * 8)))
+    assert passes == 3
+    for name, n in ((f"sparse_mla_bwd_wgmma_kernel<{d_qk}>", passes), ("fixed_point_finish_kernel", passes),
+                    (f"fixed_point_bound_kernel<{d_qk}>", 1)):
+        assert runs["1"][2][f"dsa::sparse_mla::{name}"]["launches"] == n
+        assert runs["0"][2][f"dsa::sparse_mla::{name}"]["launches"] == 1
+    assert torch.equal(runs["1"][0], runs["0"][0]) and torch.equal(runs["1"][1], runs["0"][1])
+    _, r_dkv = ref.sparse_mla_bwd(q, kv, out, dout, idx, lse, SCALE)
+    assert rel_err(runs["1"][1].to(torch.bfloat16), r_dkv.view(S, d_qk)) < GRAD_TOL
 
 
 @pytest.mark.parametrize("magnitude", [1e-25, 1e25])

@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(WgmmaBwdCfg<D>::kThreads, 1)
   const int64_t t = t_begin + tl;
   const int hb = static_cast<int>(blockIdx.x % nhb);
   const int h0 = hb * C::kHB;
-  const DkvAdder adder(dkv, sm_scale);
+  const DkvAdder<D> adder(dkv, sm_scale);
   const int lane = threadIdx.x & 31;
   const int wgi = uniform_warpgroup_index();
   const int row0 = 16 * ((threadIdx.x >> 5) & 3) + (lane >> 2);  // accumulator rows row0, row0 + 8
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(WgmmaBwdCfg<D>::kThreads, 1)
           const int64_t entry = (static_cast<int64_t>(hb) * chunk_tokens + tl) * K + blk * C::kBN + tok;
           dkv.scratch[entry * D + f] = acc[i];
         } else {
-          adder.add(static_cast<int64_t>(rows[tok]) * D + f, acc[i]);
+          adder.add(rows[tok], f, acc[i]);
         }
       }
     };

@@ -379,9 +379,10 @@ __device__ __forceinline__ void bwd_row_stats(const __nv_bfloat16* __restrict__ 
 struct DkvTarget {
   float* acc;                   // [S, D] fp32; in the fixed-point mode only non-finite values
   float* scratch;               // chunked deterministic mode: [nhb x chunk x K, D], or nullptr
-  unsigned long long* fixed;    // fixed-point mode: [S, D] two's-complement sums, or nullptr
+  unsigned long long* fixed;    // fixed-point mode: [row_end - row_begin, D] sums, or nullptr
   const uint32_t* fixed_stats;  // fixed_point_bound_kernel's maxima (fixed-point mode)
   int64_t fixed_terms;          // T x H: the (token, head) pairs whose weights bound a sum
+  int64_t row_begin, row_end;   // fixed-point mode: this pass's dkv rows (others are skipped)
 };
 
 // 2^s of the fixed-point mode: the largest power of two for which no dkv sum can leave
@@ -403,35 +404,52 @@ __device__ __forceinline__ int fixed_point_exponent(const uint32_t* stats, float
   return s < -126 ? -126 : (s > 126 ? 126 : s);
 }
 
-// One CTA's view of a DkvTarget's accumulating modes. It keeps only the scale in a register
-// (computed once per CTA, the same in every CTA: a pure function of the same four words); the
-// pointers stay in the kernel's parameter space (the 64-head mma.sync backward at 576 has no
-// registers to spare at 512 threads).
+// One CTA's view of a DkvTarget's accumulating modes, rows of D columns. It keeps only the
+// scale in a register (computed once per CTA, the same in every CTA: a pure function of the
+// same four words); the pointers stay in the kernel's parameter space (the 64-head mma.sync
+// backward at 576 has no registers to spare at 512 threads).
+template <int D>
 class DkvAdder {
  public:
   __device__ DkvAdder(const DkvTarget& t, float sm_scale)
       : t_(t), scale_(t.fixed ? ldexpf(1.f, fixed_point_exponent(t.fixed_stats, sm_scale, t.fixed_terms)) : 0.f) {}
 
-  // A non-finite value goes to `acc` in the fixed-point mode too: sums of infinities and NaNs
-  // are the same in any order, and the finish kernel lets them override the integer sum.
-  __device__ __forceinline__ void add(int64_t i, float v) const {
-    if (t_.fixed != nullptr && fabsf(v) <= 3.402823466e38f)
-      atomicAdd(t_.fixed + i, static_cast<unsigned long long>(__float2ll_rn(v * scale_)));
-    else
-      atomicAdd(t_.acc + i, v);
-  }
-  __device__ __forceinline__ void add2(int64_t i, float2 v) const {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Fixed point: rows outside this pass are left to another pass, and a non-finite value goes
+  // to `acc` (sums of infinities and NaNs are the same in any order; the finish kernel lets
+  // them override the integer sum).
+  __device__ __forceinline__ void add(int64_t row, int col, float v) const {
     if (t_.fixed == nullptr) {
-      atomicAdd(reinterpret_cast<float2*>(t_.acc + i), v);
-      return;
+      atomicAdd(t_.acc + row * D + col, v);
+    } else if (in_pass(row)) {
+      add_fixed(row, col, v);
     }
+  }
+  __device__ __forceinline__ void add2(int64_t row, int col, float2 v) const {
+    if (t_.fixed == nullptr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      atomicAdd(reinterpret_cast<float2*>(t_.acc + row * D + col), v);
+#else
+      atomicAdd(t_.acc + row * D + col, v.x);
+      atomicAdd(t_.acc + row * D + col + 1, v.y);
 #endif
-    add(i, v.x);
-    add(i + 1, v.y);
+    } else if (in_pass(row)) {
+      add_fixed(row, col, v.x);
+      add_fixed(row, col + 1, v.y);
+    }
   }
 
  private:
+  __device__ __forceinline__ bool in_pass(int64_t row) const {
+    return static_cast<uint64_t>(row - t_.row_begin) < static_cast<uint64_t>(t_.row_end - t_.row_begin);
+  }
+  __device__ __forceinline__ void add_fixed(int64_t row, int col, float v) const {
+    if (fabsf(v) <= 3.402823466e38f)
+      atomicAdd(t_.fixed + (row - t_.row_begin) * D + col,
+                static_cast<unsigned long long>(__float2ll_rn(v * scale_)));
+    else
+      atomicAdd(t_.acc + row * D + col, v);
+  }
+
   const DkvTarget& t_;
   float scale_;
 };
@@ -512,7 +530,7 @@ __global__ void __launch_bounds__(BwdCfg<HB, D>::kThreads, 1)
   const int32_t* idx_row = indices + t * K;
   const int limit = row_limit(topk_length, t, K);
   const int nblocks = (limit + C::kBN - 1) / C::kBN;
-  const DkvAdder adder(dkv, sm_scale);
+  const DkvAdder<D> adder(dkv, sm_scale);
   const float scale2 = sm_scale * kLog2e;
 
   load_rows<C::kThreads>(sQ, q + (t * H + h0) * D, HB, live, kQkChunks, D);
@@ -646,10 +664,9 @@ __global__ void __launch_bounds__(BwdCfg<HB, D>::kThreads, 1)
             *reinterpret_cast<float2*>(dst + col0 + 8 * i + 2 * c4) =
                 make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]);
         } else {
-          const int64_t base = static_cast<int64_t>(rows[tok]) * D + col0 + 2 * c4;
 #pragma unroll
           for (int i = 0; i < C::kGroupTiles; ++i)
-            adder.add2(base + 8 * i, make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]));
+            adder.add2(rows[tok], col0 + 8 * i + 2 * c4, make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]));
         }
       }
     }
@@ -909,8 +926,9 @@ __global__ void reduce_rows_kernel(
 }
 
 // ======================= deterministic dKV in fixed point ======================================
-// The deterministic mode used where its accumulator fits the scratch budget (S x D x 8 bytes <=
-// 64 MiB: S <= 14563 at d_qk 576, 16384 at 512; DSA_SPARSE_MLA_DET_REDUCE, launcher). Every
+// The default deterministic mode (DSA_SPARSE_MLA_DET_REDUCE, launcher): one pass where its
+// accumulator fits the scratch budget (S x D x 8 bytes <= 64 MiB: S <= 14563 at d_qk 576, 16384
+// at 512), else passes over ranges of dkv rows, each keeping only its rows' sums. Every
 // contribution v (one head block's sum for a (token, slot, column)) is added as the integer
 // round(v 2^s) by a 64-bit integer atomic. Integer addition is associative, so the sums, and
 // dkv = sum 2^-s, do not depend on the order in which CTAs arrive: bitwise the same run to run,

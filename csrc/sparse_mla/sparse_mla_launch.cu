@@ -224,9 +224,11 @@ int64_t sparse_mla_bwd_scratch_budget() {
 
 BwdWorkspace sparse_mla_bwd_workspace(int64_t T, int64_t S, int H, int K, int D,
                                       int64_t budget_bytes) {
-  if (det_reduce_mode() == DetReduce::kFixed && (budget_bytes <= 0 || S * D * 8 <= budget_bytes)) {
-    const int64_t rows = 2 * S;  // int64 [S, D] in fp32 rows of D
-    return BwdWorkspace{T < 1 ? 1 : T, rows > 0 ? rows : 1, 1, true};
+  if (det_reduce_mode() == DetReduce::kFixed) {
+    int64_t rows = S;
+    if (budget_bytes > 0 && budget_bytes / (int64_t{D} * 8) < rows) rows = budget_bytes / (int64_t{D} * 8);
+    if (rows < 1) rows = 1;
+    return BwdWorkspace{T < 1 ? 1 : T, 2 * rows, 1, true, rows};  // int64 [rows, D] as fp32 rows of D
   }
   const int64_t nhb = head_blocks(H, head_block(H));
   int64_t c = K > 0 ? kMaxChunkEntries / K : kMaxChunkEntries;
@@ -242,6 +244,7 @@ BwdWorkspace sparse_mla_bwd_workspace(int64_t T, int64_t S, int H, int K, int D,
   w.scratch_rows = nhb * c * K > 0 ? nhb * c * K : 1;
   w.list_len = c * K > 0 ? c * K : 1;
   w.fixed_point = false;
+  w.fixed_rows = 0;
   return w;
 }
 
@@ -268,7 +271,7 @@ void bind_bwd_ints(BwdArgs& a, int32_t* ints, int64_t S, int64_t list_len) {
 
 // Time models of the deterministic designs (MODEL, not measured; H100 SXM, SPEC shape T = 4096,
 // S = 8192, H = 128, K = 2048, d_qk = 576; the atomic mode ~10 ms, sparse_mla_bwd_wgmma.cuh).
-// Fixed point (the default here: its [S, D] int64 accumulator is 37.7 MB <= 64 MiB): the bound
+// Fixed point (the default; one pass here: its [S, D] int64 accumulator is 37.7 MB <= 64 MiB): the bound
 // pass reads q, out and dout once (T H (576 + 512 + 512) x 2 = 1.68 GB, ~0.56 ms at ~3 TB/s) and
 // kv's value columns (8 MB); the main kernel is the atomic one with the same red.global count,
 // 8-byte integer instead of 4-byte float (the wgmma kernel's 18,432 reds a step: ~1,150 of its
@@ -277,7 +280,10 @@ void bind_bwd_ints(BwdArgs& a, int32_t* ints, int64_t S, int64_t list_len) {
 // 10.6-11.9 ms, 84-94% of the atomic mode (SPEC: >= 80%). Risk: integer red throughput in L2 on
 // hot rows, unmeasured. Its cost grows with T K (the reds) and S D (the accumulator), never
 // with the chunking.
-// Chunked (S x D x 8 above the budget, e.g. S = 128K: 604 MB): a token's contributions are
+// Above the budget the fixed-point design runs ceil(S D 8 / budget) passes over the dkv rows,
+// each the whole backward keeping its rows' contributions: ~passes x the atomic time (the
+// d_qk 512 SPEC shape, S = 32K: 2 passes, ~45%; S = 128K at 576: 10 passes, ~10%).
+// Chunked (DSA_SPARSE_MLA_DET_REDUCE = list | bitmap; e.g. S = 128K): a token's contributions are
 // nhb x K x D x 4 = 9.4 MB of scratch, so a chunk holds 7 tokens (66 MB) and there are 586
 // chunks; each main launch runs 7 x 2 = 14 CTAs on 132 SMs, so the chunks serialise: ~586 x
 // 64 steps x 2.46 us = 92 ms, plus the scratch round trip through HBM (~28 MB a token, 38 ms)
@@ -285,11 +291,11 @@ void bind_bwd_ints(BwdArgs& a, int32_t* ints, int64_t S, int64_t list_len) {
 // CTAs (dQ then needs a second reduction), a budget that keeps the chunk in L2.
 namespace {
 
-// The fixed-point deterministic backward: bound pass, one main launch, finish.
-cudaError_t launch_bwd_fixed_point(const BwdArgs& a, cudaStream_t stream) {
+// The fixed-point deterministic backward: the bound pass, then per pass of `pass_rows` dkv rows
+// one main launch over all tokens and the finish of those rows.
+cudaError_t launch_bwd_fixed_point(const BwdArgs& a, int64_t pass_rows, cudaStream_t stream) {
   auto* fixed = reinterpret_cast<unsigned long long*>(a.scratch);
-  cudaError_t err = cudaMemsetAsync(fixed, 0, a.S * a.D * sizeof(unsigned long long), stream);
-  if (err == cudaSuccess) err = cudaMemsetAsync(a.fixed_stats, 0, kFixedStatsWords * sizeof(uint32_t), stream);
+  cudaError_t err = cudaMemsetAsync(a.fixed_stats, 0, kFixedStatsWords * sizeof(uint32_t), stream);
   if (err != cudaSuccess) return err;
   const int64_t rows = a.T * a.H;
   const int64_t groups = std::max(rows * (a.D / 8), a.S * int64_t{kVChunks});
@@ -306,12 +312,19 @@ cudaError_t launch_bwd_fixed_point(const BwdArgs& a, cudaStream_t stream) {
     fixed_point_bound_kernel<576><<<ctas(groups), kFixedThreads, 0, stream>>>(q, out, dout, kv, rows, a.S, a.fixed_stats);
   err = last_launch_error();
   if (err != cudaSuccess) return err;
-  const DkvTarget dkv{a.dkv_acc, nullptr, fixed, a.fixed_stats, rows};
-  err = launch_bwd_main_any(a, 0, a.T, a.T, dkv, stream);
-  if (err != cudaSuccess) return err;
-  fixed_point_finish_kernel<<<ctas(a.S * a.D), kFixedThreads, 0, stream>>>(
-      fixed, a.fixed_stats, a.sm_scale, rows, a.S * a.D, a.dkv_acc);
-  return last_launch_error();
+  for (int64_t r0 = 0; r0 < a.S; r0 += pass_rows) {
+    const int64_t r1 = std::min(a.S, r0 + pass_rows);
+    err = cudaMemsetAsync(fixed, 0, (r1 - r0) * a.D * sizeof(unsigned long long), stream);
+    if (err != cudaSuccess) return err;
+    const DkvTarget dkv{a.dkv_acc, nullptr, fixed, a.fixed_stats, rows, r0, r1};
+    err = launch_bwd_main_any(a, 0, a.T, a.T, dkv, stream);
+    if (err != cudaSuccess) return err;
+    fixed_point_finish_kernel<<<ctas((r1 - r0) * a.D), kFixedThreads, 0, stream>>>(
+        fixed, a.fixed_stats, a.sm_scale, rows, (r1 - r0) * a.D, a.dkv_acc + r0 * a.D);
+    err = last_launch_error();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace
@@ -319,9 +332,9 @@ cudaError_t launch_bwd_fixed_point(const BwdArgs& a, cudaStream_t stream) {
 cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
   if (!a.deterministic)
-    return launch_bwd_main_any(a, 0, a.T, a.T, DkvTarget{a.dkv_acc, nullptr, nullptr, nullptr, 0}, stream);
+    return launch_bwd_main_any(a, 0, a.T, a.T, DkvTarget{a.dkv_acc, nullptr, nullptr, nullptr, 0, 0, 0}, stream);
   const BwdWorkspace w = sparse_mla_bwd_workspace(a.T, a.S, a.H, a.K, a.D, a.scratch_budget);
-  if (w.fixed_point) return launch_bwd_fixed_point(a, stream);
+  if (w.fixed_point) return launch_bwd_fixed_point(a, w.fixed_rows, stream);
   const int64_t chunk = w.chunk_tokens;
   const int64_t chunk_entries = chunk * a.K;
   const int nhb = head_blocks(a.H, head_block(a.H));
@@ -336,7 +349,7 @@ cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream) {
   for (int64_t t0 = 0; t0 < a.T; t0 += chunk) {
     const int64_t tokens = a.T - t0 < chunk ? a.T - t0 : chunk;
     const int64_t n_entries = tokens * a.K;
-    err = launch_bwd_main_any(a, t0, tokens, chunk, DkvTarget{a.dkv_acc, a.scratch, nullptr, nullptr, 0},
+    err = launch_bwd_main_any(a, t0, tokens, chunk, DkvTarget{a.dkv_acc, a.scratch, nullptr, nullptr, 0, 0, 0},
                               stream);
     if (err != cudaSuccess) return err;
     if (n_entries == 0) continue;

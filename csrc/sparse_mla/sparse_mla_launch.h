@@ -56,11 +56,14 @@ cudaError_t bwd_kernel_selected(int device, int H, BwdKernel* kernel);
 // deterministic == false: contributions are added with fp32 atomics.
 // deterministic == true: the workspace below must be provided (sized by
 // sparse_mla_bwd_workspace with the same T, S, H, K, D and scratch_budget). Two designs:
-//  * fixed point (the default where S x D x 8 bytes fit the budget): `scratch` holds [S, D]
-//    int64 sums; one launch over all tokens adds round(v 2^s) with integer atomics, so the
+//  * fixed point (the default): `scratch` holds int64 sums of `fixed_rows` dkv rows; one launch
+//    over all tokens per pass of that many rows adds round(v 2^s) with integer atomics, so the
 //    order of arrival cannot change a bit (sparse_mla_kernels.cuh, "deterministic dKV in fixed
-//    point"); then dkv_acc = sum 2^-s.
-//  * chunked (larger S, or DSA_SPARSE_MLA_DET_REDUCE = list | bitmap): tokens are processed in
+//    point"); then those rows of dkv_acc = sum 2^-s. One pass where S x D x 8 bytes fit the
+//    budget; otherwise ceil(S / fixed_rows) passes, each recomputing the backward (dq is
+//    rewritten with the same values) and keeping only its rows. The bits do not depend on the
+//    number of passes.
+//  * chunked (DSA_SPARSE_MLA_DET_REDUCE = list | bitmap): tokens are processed in
 //    chunks of `chunk_tokens` tokens, each writing its contributions to `scratch`, then every
 //    dkv row sums its contributions in (token, slot, head block) order via an inverse index
 //    built on the device. The order does not depend on the chunking (each chunk continues the
@@ -94,8 +97,8 @@ struct BwdArgs {
   int32_t* lists;       // "list" reduction: header, touched rows, big rows (bwd_int_words)
 };
 
-// The deterministic design, DSA_SPARSE_MLA_DET_REDUCE: "fixed" (or unset: fixed point where its
-// accumulator fits the budget, else "list"), "list" (chunked; the inverse index's work
+// The deterministic design, DSA_SPARSE_MLA_DET_REDUCE: "fixed" (or unset: fixed point, in as
+// many passes over the dkv rows as the budget needs), "list" (chunked; the inverse index's work
 // proportional to each chunk's entries) or "bitmap" (chunked, the earlier S-CTA reduction, kept
 // selectable). list and bitmap sum every row in the same order: their bits agree.
 enum class DetReduce { kFixed, kList, kBitmap };
@@ -117,9 +120,10 @@ constexpr int64_t kBwdDeterministicMaxK = 131072;
 constexpr int64_t kBwdScratchBudgetBytes = int64_t{64} << 20;
 int64_t sparse_mla_bwd_scratch_budget();
 
-// The deterministic workspace of one shape. Fixed point (det_reduce_mode() kFixed and
-// S x D x 8 <= budget, or no budget): chunk_tokens = T, scratch_rows = 2 S (int64 [S, D] as fp32
-// rows), list_len = 1. Otherwise the chunked design: tokens per chunk, chosen as the most that keep
+// The deterministic workspace of one shape. Fixed point (det_reduce_mode() kFixed): fixed_rows =
+// the dkv rows a pass accumulates, min(S, budget / (D x 8)) (at least 1; S without a budget),
+// chunk_tokens = T, scratch_rows = 2 fixed_rows (int64 [fixed_rows, D] as fp32 rows),
+// list_len = 1. Otherwise the chunked design (fixed_rows = 0): tokens per chunk, chosen as the most that keep
 // chunk_tokens * K <= 131072 entries (one 16 KB bitmap) and scratch_rows * D * 4 <= budget,
 // but at least one token (so a single token above the budget, K > budget / (nhb * D * 4),
 // e.g. K > 14563 at H = 128, d_qk = 576, 64 MiB, still runs, one token per chunk);
@@ -129,6 +133,8 @@ int64_t sparse_mla_bwd_scratch_budget();
 struct BwdWorkspace {
   int64_t chunk_tokens, scratch_rows, list_len;
   bool fixed_point;
+  int64_t fixed_rows;  // dkv rows per fixed-point pass (0: chunked)
+  int64_t fixed_passes(int64_t S) const { return fixed_rows > 0 ? (S + fixed_rows - 1) / fixed_rows : 0; }
   int64_t scratch_bytes(int D) const { return scratch_rows * D * 4; }
 };
 BwdWorkspace sparse_mla_bwd_workspace(int64_t T, int64_t S, int H, int K, int D,

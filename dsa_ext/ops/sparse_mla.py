@@ -20,10 +20,10 @@ masked, so tensor-parallel shards need no padding), any K (entries past K's last
 tile, or past topk_length, are masked), tensors 16-byte aligned. The opt-in sm_90a wgmma forward
 (DSA_SPARSE_MLA_WGMMA=1) serves both widths for H a multiple of 64. The CPU kernels accept any
 d_qk / d_v / H and bf16 / float32 / float64. The deterministic CUDA backward keeps its scratch
-within 64 MiB (DSA_SPARSE_MLA_DET_SCRATCH_MB): where the int64 [S, d_qk] sums fit (S <= 14563 at
-d_qk 576, 16384 at 512) it adds fixed-point integers with atomics in one pass (order-free sums:
-the atomic mode's cost); above that it processes token chunks through a scratch and an inverse
-index (far slower: a chunk holds few tokens). It requires K <= 131072.
+within 64 MiB (DSA_SPARSE_MLA_DET_SCRATCH_MB): it adds fixed-point integers with atomics
+(order-free sums: about the atomic mode's cost) in one pass where the int64 [S, d_qk] sums fit
+(S <= 14563 at d_qk 576, 16384 at 512), else in passes over ranges of kv rows (each pass
+recomputes the backward). It requires K <= 131072.
 """
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ void emu_sparse_mla_bwd_workspace(int64_t T, int64_t S, int64_t H, int64_t K, in
 }
 
 // The workspace helper itself for an explicit budget (bytes; <= 0: none): {chunk_tokens,
-// scratch_rows, list_len, scratch bytes, fixed point (0 / 1)} under the current
+// scratch_rows, list_len, scratch bytes, fixed point (0 / 1), dkv rows per fixed-point pass} under the current
 // DSA_SPARSE_MLA_DET_REDUCE. Host arithmetic only (tests sweep shapes with it).
 void emu_sparse_mla_bwd_workspace_for(int64_t T, int64_t S, int64_t H, int64_t K, int64_t D,
                                       int64_t budget, int64_t* out) {
@@ -58,6 +58,7 @@ void emu_sparse_mla_bwd_workspace_for(int64_t T, int64_t S, int64_t H, int64_t K
   out[2] = w.list_len;
   out[3] = w.scratch_bytes(static_cast<int>(D));
   out[4] = w.fixed_point ? 1 : 0;
+  out[5] = w.fixed_rows;
 }
 
 // dkv_acc [S, D] fp32 must be zero. scratch / ints: the workspace above (deterministic only).
