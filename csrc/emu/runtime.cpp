@@ -281,21 +281,27 @@ void fiber_entry() {
 
 // ---- cluster vector clocks -------------------------------------------------------------
 // Elementwise max of two parts; the result of a pair is memoised for the running cluster
-// (thousands of threads acquiring the same phase merge the same pairs).
-std::map<std::pair<const void*, const void*>, Part> g_merge_memo;
+// (thousands of threads acquiring the same phase merge the same pairs). The memo is keyed by
+// the parts' addresses, so it keeps the two parts alive as well: a part freed during the run
+// and a new one allocated at its address would otherwise hit the old pair's entry and get a
+// stale clock (seen as a rare false race in a topk cluster test, depending on heap history).
+struct MergeMemo {
+  Part a, b, result;
+};
+std::map<std::pair<const void*, const void*>, MergeMemo> g_merge_memo;
 
 Part merge(const Part& a, const Part& b) {
   if (!a || a == b) return b ? b : a;
   if (!b) return a;
   auto key = std::make_pair(static_cast<const void*>(a.get()), static_cast<const void*>(b.get()));
   auto it = g_merge_memo.find(key);
-  if (it != g_merge_memo.end()) return it->second;
+  if (it != g_merge_memo.end()) return it->second.result;
   std::vector<uint32_t> m(*a);
   bool from_b = false;
   for (size_t i = 0; i < m.size(); ++i)
     if ((*b)[i] > m[i]) m[i] = (*b)[i], from_b = true;
   Part r = !from_b ? a : (m == *b ? b : std::make_shared<const std::vector<uint32_t>>(std::move(m)));
-  g_merge_memo.emplace(key, r);
+  g_merge_memo.emplace(key, MergeMemo{a, b, r});
   return r;
 }
 

@@ -41,8 +41,9 @@
 //     Realistic (no producer / consumer overlap: the gather wait, three barriers and the dKV
 //     atomics after each wait serialise): 350-450. Risks: red.global throughput on rows
 //     shared by many tokens (hot rows serialise in L2), the n16 wgmma issue rate.
-//   Deterministic mode: fixed point (the default where [S, D] int64 fits the budget) is this
-//     kernel with 64-bit integer reds in place of the fp32 ones (same count); the chunked mode
+//   Deterministic mode: fixed point (the default; one pass where [S, D] int64 fits the budget,
+//     else passes over row ranges) is this kernel with 64-bit integer reds in place of the fp32
+//     ones (same count); the chunked mode
 //     is this kernel with plain stores to the scratch, then the reduction (sparse_mla_launch.cu,
 //     "time models of the deterministic designs").
 #pragma once
