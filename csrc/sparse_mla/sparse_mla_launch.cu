@@ -228,7 +228,7 @@ BwdWorkspace sparse_mla_bwd_workspace(int64_t T, int64_t S, int H, int K, int D,
     int64_t rows = S;
     if (budget_bytes > 0 && budget_bytes / (int64_t{D} * 8) < rows) rows = budget_bytes / (int64_t{D} * 8);
     if (rows < 1) rows = 1;
-    return BwdWorkspace{T < 1 ? 1 : T, 2 * rows, 1, true, rows};  // int64 [rows, D] as fp32 rows of D
+    return BwdWorkspace{T < 1 ? 1 : T, 2 * rows, 1, rows};  // int64 [rows, D] as fp32 rows of D
   }
   const int64_t nhb = head_blocks(H, head_block(H));
   int64_t c = K > 0 ? kMaxChunkEntries / K : kMaxChunkEntries;
@@ -243,7 +243,6 @@ BwdWorkspace sparse_mla_bwd_workspace(int64_t T, int64_t S, int H, int K, int D,
   w.chunk_tokens = c;
   w.scratch_rows = nhb * c * K > 0 ? nhb * c * K : 1;
   w.list_len = c * K > 0 ? c * K : 1;
-  w.fixed_point = false;
   w.fixed_rows = 0;
   return w;
 }
@@ -334,7 +333,7 @@ cudaError_t sparse_mla_bwd_launch(const BwdArgs& a, cudaStream_t stream) {
   if (!a.deterministic)
     return launch_bwd_main_any(a, 0, a.T, a.T, DkvTarget{a.dkv_acc, nullptr, nullptr, nullptr, 0, 0, 0}, stream);
   const BwdWorkspace w = sparse_mla_bwd_workspace(a.T, a.S, a.H, a.K, a.D, a.scratch_budget);
-  if (w.fixed_point) return launch_bwd_fixed_point(a, w.fixed_rows, stream);
+  if (w.fixed_point()) return launch_bwd_fixed_point(a, w.fixed_rows, stream);
   const int64_t chunk = w.chunk_tokens;
   const int64_t chunk_entries = chunk * a.K;
   const int nhb = head_blocks(a.H, head_block(a.H));

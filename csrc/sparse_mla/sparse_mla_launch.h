@@ -132,9 +132,8 @@ int64_t sparse_mla_bwd_scratch_budget();
 // ceil(H / head_block) * K * D * 4 <= 64 MiB: every H <= 128 with K <= 14563 (576) / 16384 (512).
 struct BwdWorkspace {
   int64_t chunk_tokens, scratch_rows, list_len;
-  bool fixed_point;
-  int64_t fixed_rows;  // dkv rows per fixed-point pass (0: chunked)
-  int64_t fixed_passes(int64_t S) const { return fixed_rows > 0 ? (S + fixed_rows - 1) / fixed_rows : 0; }
+  int64_t fixed_rows;  // dkv rows per fixed-point pass (0: the chunked design)
+  bool fixed_point() const { return fixed_rows > 0; }
   int64_t scratch_bytes(int D) const { return scratch_rows * D * 4; }
 };
 BwdWorkspace sparse_mla_bwd_workspace(int64_t T, int64_t S, int H, int K, int D,

@@ -57,7 +57,7 @@ void emu_sparse_mla_bwd_workspace_for(int64_t T, int64_t S, int64_t H, int64_t K
   out[1] = w.scratch_rows;
   out[2] = w.list_len;
   out[3] = w.scratch_bytes(static_cast<int>(D));
-  out[4] = w.fixed_point ? 1 : 0;
+  out[4] = w.fixed_point() ? 1 : 0;
   out[5] = w.fixed_rows;
 }
 
